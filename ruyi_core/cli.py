@@ -1,0 +1,153 @@
+"""`ruyi ...`: the command line. User errors print one line naming the problem and the fix, exit code 2."""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ruyi_core.errors import RuyiError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Ruyi Flow: train familial LLMs and ship one model per tier.")
+family_app = typer.Typer(no_args_is_help=True, help="Build, import and export familial models.")
+app.add_typer(family_app, name="family")
+console = Console()
+
+
+def _quiet_hf() -> None:
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging
+
+    disable_progress_bars()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def _fmt_int(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
+def _table(title: str, rows: list[dict], cols: dict[str, str]) -> Table:
+    t = Table(title=title)
+    for c in cols.values():
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*(str(r[k]) for k in cols))
+    return t
+
+
+@family_app.command("init")
+def family_init(spec: Path = typer.Option(..., help="run spec YAML"),
+                out: Path = typer.Option(..., help="directory for the family checkpoint")):
+    """Build a family from the spec's base (a preset or a Qwen3 checkpoint) and save it."""
+    from ruyi_core.family.io import init_family, save_family
+    from ruyi_core.spec import load_spec
+
+    s = load_spec(spec)
+    _quiet_hf()
+    fam, tok = init_family(s.family)
+    save_family(fam, tok, out)
+    cfg = fam.config
+    rows = [{"tier": t, "exit": p, "depth": p + 1, "params": _fmt_int(fam.tier_parameter_count(p))}
+            for t, p in sorted(cfg.tiers.items(), key=lambda kv: kv[1])]
+    console.print(_table(f"family {s.family.name} ({_fmt_int(fam.num_parameters())} parameters)", rows,
+                         {"tier": "tier", "exit": "exit point", "depth": "depth", "params": "parameters"}))
+    console.print(f"saved to [bold]{out}[/]")
+
+
+@family_app.command("export")
+def family_export(family: Path = typer.Option(..., help="family checkpoint directory"),
+                  tier: str = typer.Option("all", help="tier name, or 'all'"),
+                  out: Path = typer.Option(..., help="output directory (one sub-directory per tier)")):
+    """Export tiers as standalone Qwen3 checkpoints that load in vanilla transformers."""
+    from ruyi_core.family.io import export_tiers, load_family
+
+    _quiet_hf()
+    fam, tok = load_family(family)
+    names = None if tier == "all" else [tier]
+    if names and tier not in fam.config.tiers:
+        raise RuyiError(f"unknown tier {tier!r}: this family has {', '.join(fam.config.tiers)}")
+    rows = export_tiers(fam, tok, out, names)
+    for r in rows:
+        r["params"], r["mb"] = _fmt_int(r["parameters"]), f"{r['weight_bytes'] / 2**20:.1f} MiB"
+        r["sample"] = repr(r["sample"][:48])
+    console.print(_table("exported tiers", rows, {"tier": "tier", "exit_point": "exit point", "depth": "depth",
+                                                  "params": "parameters", "mb": "on disk",
+                                                  "sample": "greedy sample"}))
+    console.print(f"tiers under [bold]{out}[/]")
+
+
+@family_app.command("import-published")
+def family_import(src: Path = typer.Option(..., help="published AI-Flow-Ruyi / Ruyi2 checkpoint directory"),
+                  out: Path = typer.Option(..., help="output family directory")):
+    """Import a checkpoint in the published layout (ruyi_qwen2 / ruyi_qwen3) as a family."""
+    from ruyi_core.family.convert import import_published
+
+    _quiet_hf()
+    fam = import_published(src)
+    fam.save_pretrained(out)
+    for f in src.iterdir():  # tokenizer files travel with the weights
+        if f.name.startswith(("tokenizer", "vocab", "merges", "special_tokens", "chat_template")):
+            shutil.copy(f, out / f.name)
+    console.print(f"imported exits {fam.config.early_exit_points} ({fam.config.base_arch}) to [bold]{out}[/]")
+
+
+@app.command("generate")
+def generate(prompt: str = typer.Argument(..., help="the user message"),
+             model: Path = typer.Option(..., help="a family directory or an exported tier"),
+             tier: str = typer.Option(None, help="tier to run (family directories only)"),
+             max_new_tokens: int = typer.Option(64), temperature: float = typer.Option(0.0),
+             chat: bool = typer.Option(True, help="wrap the prompt in the chat template")):
+    """Generate from one tier (greedy unless --temperature > 0)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import ruyi_core  # noqa: F401  (registers the family with the Auto classes)
+
+    _quiet_hf()
+    if not (model / "config.json").is_file():
+        raise RuyiError(f"{model} is not a model directory (no config.json)")
+    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model)
+    kw = {}
+    if tier is not None:
+        if not hasattr(m.config, "tiers"):
+            raise RuyiError(f"{model} is a single exported tier; drop --tier or point --model at a family")
+        if tier not in m.config.tiers:
+            raise RuyiError(f"unknown tier {tier!r}: this family has {', '.join(m.config.tiers)}")
+        kw["exit_point"] = m.config.tiers[tier]
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                   tokenize=False) if chat and tok.chat_template else prompt
+    ids = tok(text, return_tensors="pt")
+    sample = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+    with torch.no_grad():
+        out = m.generate(**ids, max_new_tokens=max_new_tokens, **sample, **kw)
+    print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except RuyiError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("aborted")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Build, save and load families; export tiers with a summary row each."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from ruyi_core.errors import RuyiError
+from ruyi_core.family.convert import build_preset_base, export_tier, family_from_base, generation_config, load_base
+from ruyi_core.family.modeling import RuyiForCausalLM
+from ruyi_core.family.presets import PRESETS
+from ruyi_core.spec import FamilySpec, check_exit_points
+
+DEMO_PROMPT = "Where does Alice live?"
+
+
+def init_family(spec: FamilySpec) -> tuple[RuyiForCausalLM, PreTrainedTokenizerBase]:
+    if spec.base in PRESETS:
+        base, tok = build_preset_base(spec.base, spec.seed)
+    else:
+        base, tok = load_base(spec.base)
+        if tok is None:
+            raise RuyiError(f"base {spec.base} has no tokenizer files: a family needs the base's tokenizer")
+    try:
+        check_exit_points(spec.exit_points, base.config.num_hidden_layers)
+    except ValueError as e:
+        raise RuyiError(f"family.{e}") from None
+    family = family_from_base(base, spec.exit_points, spec.tiers, spec.shared_heads)
+    return family, tok
+
+
+def save_family(family: RuyiForCausalLM, tok: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    family.save_pretrained(out)
+    tok.save_pretrained(out)
+    generation_config(tok, family.config).save_pretrained(out)
+    return out
+
+
+def load_family(path: str | Path) -> tuple[RuyiForCausalLM, PreTrainedTokenizerBase]:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise RuyiError(f"{path} is not a family directory (no config.json): create one with `ruyi family init`")
+    model = RuyiForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def dir_bytes(path: Path, pattern: str = "*") -> int:
+    return sum(f.stat().st_size for f in path.glob(pattern) if f.is_file())
+
+
+@torch.no_grad()
+def greedy_sample(model, tok, prompt: str = DEMO_PROMPT, max_new_tokens: int = 16, **gen_kw) -> str:
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                   tokenize=False)
+    ids = tok(text, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, **gen_kw)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def export_tiers(family: RuyiForCausalLM, tok, out_dir: str | Path, tiers: list[str] | None = None) -> list[dict]:
+    """Export each tier to out_dir/<tier>; one summary row per tier, shallowest first."""
+    cfg = family.config
+    names = sorted(tiers or cfg.tiers, key=lambda t: cfg.tier_exit(t))
+    rows = []
+    for tier in names:
+        p = cfg.tier_exit(tier)
+        path = export_tier(family, tier, Path(out_dir) / tier, tok)
+        rows.append({"tier": tier, "exit_point": p, "depth": p + 1, "parameters": family.tier_parameter_count(p),
+                     "weight_bytes": dir_bytes(path, "*.safetensors"), "path": str(path),
+                     "sample": greedy_sample(family, tok, exit_point=p)})
+    return rows
