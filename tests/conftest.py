@@ -1,0 +1,40 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import ruyi_core  # noqa: E402,F401
+from ruyi_core.family.convert import build_preset_base  # noqa: E402
+
+TOL = 1e-5
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
+    """Weights far from HF's near-zero init, so a wrong wiring cannot hide inside the tolerance."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * std
+            p.copy_(1.0 + noise if "norm" in name else noise)
+    return model
+
+
+def padded_batch(vocab: int, lengths: list[int], seed: int = 0):
+    """Left-padded random batch (the generation convention) and its attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    n = max(lengths)
+    ids = torch.randint(3, vocab, (len(lengths), n), generator=g)
+    mask = torch.zeros(len(lengths), n, dtype=torch.long)
+    for i, length in enumerate(lengths):
+        mask[i, n - length:] = 1
+        ids[i, : n - length] = 0
+    return ids, mask
+
+
+@pytest.fixture(scope="session")
+def micro_base():
+    base, tok = build_preset_base("micro", seed=0)
+    return randomize_(base, seed=1), tok

@@ -1,0 +1,72 @@
+"""Specs: shipped ones load, bad ones stop with one line naming the field; the CLI end to end on micro."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM
+
+from ruyi_core.cli import main
+from ruyi_core.errors import SpecError
+from ruyi_core.spec import load_spec, parse_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args, capsys):
+    sys.argv = ["ruyi", *map(str, args)]
+    with pytest.raises(SystemExit) as e:
+        main()
+        sys.exit(0)
+    out = capsys.readouterr()
+    return e.value.code, out.out + out.err
+
+
+def test_shipped_specs_load():
+    tiny = load_spec(ROOT / "specs/tiny.yaml")
+    assert tiny.family.exit_points == [1, 6, 11] and tiny.family.tiers == {"end": 1, "edge": 6, "cloud": 11}
+    big = load_spec(ROOT / "specs/ruyi2-14b.yaml")
+    assert big.family.exit_points == [2, 21, 39]
+    assert parse_spec({"family": {"base": "micro", "exit_points": [0, 3]}}).family.tiers == {"end": 0, "cloud": 3}
+
+
+@pytest.mark.parametrize("family,field,words", [
+    ({"exit_points": [1, 6, 6, 11]}, "family.exit_points", "strictly increasing"),
+    ({"exit_points": [1, 6, 10]}, "family", "last exit must be num_layers - 1 = 11"),
+    ({"tiers": {"end": 1, "phone": 3}}, "family", "tiers.phone = 3 is not one of exit_points"),
+    ({"base": "/nowhere/Qwen3-0.6B"}, "family", "neither a preset"),
+    ({"exit_pionts": [1, 11]}, "family.exit_pionts", "Extra inputs are not permitted"),
+])
+def test_bad_specs_one_line(tmp_path, capsys, family, field, words):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(yaml.safe_dump({"family": family}))
+    with pytest.raises(SpecError, match=words):
+        load_spec(spec)
+    code, out = run_cli(["family", "init", "--spec", spec, "--out", tmp_path / "f"], capsys)
+    assert code == 2 and len(out.strip().splitlines()) == 1, out
+    assert out.startswith("error:") and field in out and words in out and "Traceback" not in out
+    assert not (tmp_path / "f").exists()
+
+
+def test_bad_spec_in_a_real_process(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("family:\n  exit_points: [3, 2]\n")
+    r = subprocess.run([sys.executable, "-m", "ruyi_core.cli", "family", "init", "--spec", str(spec), "--out",
+                        str(tmp_path / "f")], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
+    assert "family.exit_points: must be strictly increasing" in r.stdout
+
+
+def test_cli_init_export_generate(tmp_path, capsys):
+    spec = tmp_path / "micro.yaml"
+    spec.write_text(yaml.safe_dump({"family": {"name": "micro", "base": "micro", "exit_points": [1, 3]}}))
+    assert run_cli(["family", "init", "--spec", spec, "--out", tmp_path / "fam"], capsys)[0] == 0
+    code, out = run_cli(["family", "export", "--family", tmp_path / "fam", "--out", tmp_path / "tiers"], capsys)
+    assert code == 0 and "end" in out and "cloud" in out
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "tiers/end").config.num_hidden_layers == 2
+    code, out = run_cli(["generate", "--model", tmp_path / "fam", "--tier", "end", "--max-new-tokens", "4",
+                         "Where does Alice live?"], capsys)
+    assert code == 0 and out.strip()
+    code, out = run_cli(["generate", "--model", tmp_path / "fam", "--tier", "edge", "hi"], capsys)
+    assert code == 2 and "unknown tier 'edge'" in out
