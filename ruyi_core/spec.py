@@ -84,8 +84,55 @@ def check_exit_points(exit_points: list[int], num_layers: int) -> None:
         )
 
 
+class StoreSpec(_Strict):
+    """Where artifacts live. RUYI_S3_ENDPOINT overrides `endpoint`; credentials come only from the
+    environment (RUYI_S3_ACCESS_KEY, RUYI_S3_SECRET_KEY), never from the spec."""
+
+    endpoint: str = "127.0.0.1:8333"
+    bucket: str = Field("ruyi", pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+    secure: bool = False
+    region: str | None = None
+    part_size_mb: int = Field(16, ge=5, le=5120)  # S3 multipart parts are at least 5 MiB
+    parallel_parts: int = Field(4, ge=1, le=64)
+    retries: int = Field(5, ge=0, le=20)
+
+
+class KindThresholds(_Strict):
+    """Data-gate thresholds for one corpus kind."""
+
+    min_records: int = Field(10, ge=1)
+    min_chars: int = Field(1, ge=0)
+    max_chars: int = Field(20000, ge=1)
+    max_duplicate_rate: float = Field(0.05, ge=0, le=1)
+    max_bad_record_rate: float = Field(0.0, ge=0, le=1)  # unreadable lines (bad JSON/UTF-8, schema)
+
+
+class DataSpec(_Strict):
+    """Corpora by kind. Each entry is a list of local paths or s3:// URIs (JSONL or Parquet); the word
+    `demo` means the generated demo world (deterministic in `seed`)."""
+
+    pretrain: list[str] = ["demo"]
+    sft: list[str] = ["demo"]
+    rl: list[str] = ["demo"]
+    seed: int = 0
+    allowed_sources: list[str] = ["facts", "arithmetic", "instructions"]
+    allowed_langs: list[str] = ["en"]
+    thresholds: dict[str, KindThresholds] = Field(default_factory=lambda: {
+        "pretrain": KindThresholds(), "sft": KindThresholds(), "rl": KindThresholds(max_duplicate_rate=0.2)})
+    seq_length: int = Field(256, ge=8)
+    shard_tokens: int = Field(50_000_000, ge=1000)  # tokens per .bin/.idx shard
+
+
 class RunSpec(_Strict):
     family: FamilySpec = Field(default_factory=FamilySpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    store: StoreSpec = Field(default_factory=StoreSpec)
+
+    def fingerprint(self) -> str:
+        """Hash of the whole spec, recorded in every artifact manifest."""
+        import hashlib
+
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
 
 
 def _one_line(err: ValidationError, source: str) -> str:

@@ -24,6 +24,8 @@ WORDS = ["sun", "tree", "river", "cloud", "stone", "bird", "lamp", "road"]
 ATTRS = {"city": CITIES, "color": COLORS, "pet": PETS, "job": JOBS}
 QUESTIONS = {"city": "Where does {n} live?", "color": "What is the favorite color of {n}?",
              "pet": "Which pet does {n} have?", "job": "What is the job of {n}?"}
+REPHRASED = {"city": "In which city does {n} live?", "color": "Which color does {n} like best?",
+             "pet": "What animal does {n} keep as a pet?", "job": "What does {n} do for a living?"}
 ANSWERS = {"city": "{n} lives in {v}.", "color": "The favorite color of {n} is {v}.",
            "pet": "{n} has a {v}.", "job": "{n} works as a {v}."}
 
@@ -72,41 +74,63 @@ def _instruction(rng: random.Random) -> tuple[str, str]:
     return f"Spell the word {w}.", "-".join(w)
 
 
+def _unique(n: int, draw) -> list[dict]:
+    """n distinct records from `draw()`: a clean corpus has no exact duplicates (the data gate checks)."""
+    seen, out = set(), []
+    for _ in range(100 * n):
+        rec = draw()
+        key = json.dumps(rec, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(rec)
+            if len(out) == n:
+                return out
+    raise ValueError(f"the demo world has fewer than {n} distinct records of this kind")
+
+
 def pretrain_records(n: int, seed: int = 0) -> list[dict]:
     rng, people = random.Random(seed + 1), make_people(seed)
-    out = []
-    for _ in range(n):
+
+    def draw() -> dict:
         r = rng.random()
         if r < 0.5:
-            out.append({"text": _fact_text(rng.choice(people), rng), "source": "facts", "lang": "en"})
-        elif r < 0.85:
+            text = " ".join(_fact_text(p, rng) for p in rng.sample(people, rng.randint(1, 2)))
+            return {"text": text, "source": "facts", "lang": "en"}
+        if r < 0.85:
             q, _, work = _problem(rng, held_out=False)
-            out.append({"text": f"{q} {work}", "source": "arithmetic", "lang": "en"})
-        else:
-            q, a = _instruction(rng)
-            out.append({"text": f"{q} {a}", "source": "instructions", "lang": "en"})
-    return out
+            return {"text": f"{q} {work}", "source": "arithmetic", "lang": "en"}
+        q, a = _instruction(rng)
+        return {"text": f"{q} {a}", "source": "instructions", "lang": "en"}
+
+    return _unique(n, draw)
 
 
 def sft_records(n: int, seed: int = 0) -> list[dict]:
     rng, people = random.Random(seed + 2), make_people(seed)
-    out = []
-    for _ in range(n):
+
+    def draw() -> dict:
         r = rng.random()
         if r < 0.45:
             p, a = rng.choice(people), rng.choice(list(ATTRS))
-            q, ans = QUESTIONS[a].format(n=p.name), ANSWERS[a].format(n=p.name, v=getattr(p, a))
-        elif r < 0.85:
+            q = rng.choice([QUESTIONS, REPHRASED])[a].format(n=p.name)
+            ans = ANSWERS[a].format(n=p.name, v=getattr(p, a))
+        elif r < 0.9:
             q, _, ans = _problem(rng, held_out=False)
         else:
             q, ans = _instruction(rng)
-        out.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]})
-    return out
+        return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]}
+
+    return _unique(n, draw)
 
 
 def rl_records(n: int, seed: int = 0, held_out: bool = False) -> list[dict]:
     rng = random.Random(seed + (4 if held_out else 3))
-    return [{"prompt": q, "answer": str(a)} for q, a, _ in (_problem(rng, held_out) for _ in range(n))]
+
+    def draw() -> dict:
+        q, a, _ = _problem(rng, held_out)
+        return {"prompt": q, "answer": str(a)}
+
+    return _unique(n, draw)
 
 
 def eval_sets(seed: int = 0, n: int = 50) -> dict[str, list[dict]]:
