@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench store-stop clean
 
 setup: $(STAMP)
 
@@ -19,15 +19,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The whole pipeline on the tiny preset with KFP's local runner. Without RUYI_S3_ENDPOINT a local
+# SeaweedFS server is started (credentials in .ruyi/s3/s3.env).
 demo: $(STAMP)
-	$(BIN)/ruyi family init --spec specs/tiny.yaml --out runs/demo/family
-	$(BIN)/ruyi family export --family runs/demo/family --tier all --out runs/demo/tiers
+	@if [ -z "$$RUYI_S3_ENDPOINT" ]; then $(BIN)/ruyi store serve; fi
+	@if [ -z "$$RUYI_S3_ENDPOINT" ]; then set -a; . .ruyi/s3/s3.env; set +a; fi; \
+	  $(BIN)/ruyi pipeline run --local --spec specs/tiny.yaml
 
 test: $(STAMP)
 	$(BIN)/pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python bench/tier_speed.py --spec specs/tiny.yaml
+
+store-stop: $(STAMP)
+	$(BIN)/ruyi store stop
 
 clean:
 	rm -rf runs .pytest_cache

@@ -3,19 +3,29 @@ from __future__ import annotations
 
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from ruyi_core.data.cli import data_app
 from ruyi_core.errors import RuyiError
+from ruyi_core.store.cli import lineage_command, store_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Ruyi Flow: train familial LLMs and ship one model per tier.")
 family_app = typer.Typer(no_args_is_help=True, help="Build, import and export familial models.")
 app.add_typer(family_app, name="family")
+pipeline_app = typer.Typer(no_args_is_help=True, help="Compile and run the KFP pipeline.")
+app.add_typer(pipeline_app, name="pipeline")
 console = Console()
+
+
+app.add_typer(data_app, name="data", help="Validate and pack corpora.")
+app.add_typer(store_app, name="store", help="The local S3 server.")
+app.command("lineage", help="The chain from an artifact back to the raw data files, with hashes.")(lineage_command)
 
 
 def _quiet_hf() -> None:
@@ -127,6 +137,45 @@ def generate(prompt: str = typer.Argument(..., help="the user message"),
     with torch.no_grad():
         out = m.generate(**ids, max_new_tokens=max_new_tokens, **sample, **kw)
     print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+@pipeline_app.command("compile")
+def pipeline_compile(spec: Path = typer.Option(..., help="run spec YAML"),
+                     out: Path = typer.Option(..., help="pipeline IR YAML to write")):
+    """Compile the pipeline for a cluster (images, resources, the S3 Secret as env)."""
+    from pipelines.run import compile_pipeline
+
+    console.print(f"wrote [bold]{compile_pipeline(spec, out)}[/]")
+
+
+@pipeline_app.command("run")
+def pipeline_run(spec: Path = typer.Option(..., help="run spec YAML"),
+                 local: bool = typer.Option(False, "--local", help="run with KFP's local SubprocessRunner"),
+                 root: Path = typer.Option(Path(".ruyi/kfp"), help="local pipeline root")):
+    """Run the whole pipeline. --local runs every component here, with the store from the environment."""
+    if not local:
+        raise RuyiError("only --local runs exist so far: add --local (cluster runs take --host, coming with "
+                        "the Kubernetes path)")
+    from pipelines.run import fetch_report, run_local
+    from ruyi_core.spec import load_spec
+
+    _quiet_hf()
+    started = time.perf_counter()
+    live = Console(file=sys.stdout)  # bound now: the runner redirects sys.stdout into its log meanwhile
+    res = run_local(spec, root, show=lambda m: live.print(f"  [dim]{m}[/]", highlight=False))
+    rep = fetch_report(load_spec(spec), res["report_uri"], root / "reports" / res["report_uri"].split("/")[-2])
+    rows = rep["tiers"]
+    for r in rows:
+        r.update(params=_fmt_int(r["parameters"]), mb=f"{r['weight_bytes'] / 2**20:.1f} MiB",
+                 sample=repr(r["sample"][:40]))
+    console.print(_table("tiers", rows, {"tier": "tier", "exit_point": "exit", "depth": "depth",
+                                         "params": "parameters", "mb": "on disk", "sample": "greedy sample"}))
+    for r in rows:
+        console.print(f"{r['tier']:<8}{r['uri']}", highlight=False, soft_wrap=True)
+    cached = "all cached" if res["executed"] == 0 else f"{res['executed']} tasks executed"
+    console.print(f"report  [bold]{rep['html']}[/]\nstore   {res['report_uri']}\n"
+                  f"log     {res['log']}\n{cached} in {time.perf_counter() - started:.0f} s",
+                  highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -119,14 +117,36 @@ class DataSpec(_Strict):
     allowed_langs: list[str] = ["en"]
     thresholds: dict[str, KindThresholds] = Field(default_factory=lambda: {
         "pretrain": KindThresholds(), "sft": KindThresholds(), "rl": KindThresholds(max_duplicate_rate=0.2)})
+    demo_records: dict[str, int] = {"pretrain": 4000, "sft": 1500, "rl": 300}  # sizes of the generated corpus
     seq_length: int = Field(256, ge=8)
     shard_tokens: int = Field(50_000_000, ge=1000)  # tokens per .bin/.idx shard
+
+
+class Resources(_Strict):
+    cpu: str = "2"
+    memory: str = "8Gi"
+
+
+class PipelineSpec(_Strict):
+    """How the KFP pipeline runs on a cluster (ignored by the local runner)."""
+
+    image: str = "ghcr.io/ruyi-flow/ruyi-base:0.1.0"
+    s3_secret: str = "ruyi-s3"  # Kubernetes Secret with keys access_key and secret_key
+    resources: dict[str, Resources] = Field(default_factory=lambda: {
+        "default": Resources(), "validate_data": Resources(cpu="2", memory="4Gi"),
+        "report": Resources(cpu="1", memory="2Gi")})
+    timeout_s: int = Field(6 * 3600, ge=60)
+    retries: int = Field(1, ge=0, le=10)
+
+    def resources_for(self, stage: str) -> Resources:
+        return self.resources.get(stage, self.resources.get("default", Resources()))
 
 
 class RunSpec(_Strict):
     family: FamilySpec = Field(default_factory=FamilySpec)
     data: DataSpec = Field(default_factory=DataSpec)
     store: StoreSpec = Field(default_factory=StoreSpec)
+    pipeline: PipelineSpec = Field(default_factory=PipelineSpec)
 
     def fingerprint(self) -> str:
         """Hash of the whole spec, recorded in every artifact manifest."""
@@ -148,11 +168,15 @@ def load_spec(path: str | Path) -> RunSpec:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"spec file {path} not found: pass --spec with an existing YAML file")
+    return parse_spec_yaml(path.read_text(), source=str(path))
+
+
+def parse_spec_yaml(text: str, source: str = "spec") -> RunSpec:
     try:
-        raw: Any = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise SpecError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return parse_spec(raw, source=str(path))
+        raise SpecError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return parse_spec(raw, source)
 
 
 def parse_spec(raw: dict, source: str = "spec") -> RunSpec:

@@ -38,3 +38,25 @@ def padded_batch(vocab: int, lengths: list[int], seed: int = 0):
 def micro_base():
     base, tok = build_preset_base("micro", seed=0)
     return randomize_(base, seed=1), tok
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A throwaway local S3 server (SeaweedFS) for the whole session; SIGKILLed at the end."""
+    from ruyi_core.store.server import serve
+
+    srv = serve(tmp_path_factory.mktemp("s3"))
+    yield srv
+    srv.kill()
+
+
+@pytest.fixture
+def store(s3_server):
+    """An ArtifactStore on a fresh bucket of the session server, with small (5 MiB) parts."""
+    import uuid
+
+    from ruyi_core.spec import StoreSpec
+    from ruyi_core.store import ArtifactStore
+
+    return ArtifactStore.from_spec(StoreSpec(bucket=f"t-{uuid.uuid4().hex[:16]}", part_size_mb=5),
+                                   env=s3_server.env())

@@ -15,9 +15,11 @@ from ruyi_core.spec import FamilySpec, check_exit_points
 DEMO_PROMPT = "Where does Alice live?"
 
 
-def init_family(spec: FamilySpec) -> tuple[RuyiForCausalLM, PreTrainedTokenizerBase]:
+def init_family(spec: FamilySpec, texts=None) -> tuple[RuyiForCausalLM, PreTrainedTokenizerBase]:
+    """A family from the spec's base. A preset's tokenizer is trained on `texts` (the run's pretraining
+    corpus) when given."""
     if spec.base in PRESETS:
-        base, tok = build_preset_base(spec.base, spec.seed)
+        base, tok = build_preset_base(spec.base, spec.seed, texts)
     else:
         base, tok = load_base(spec.base)
         if tok is None:

@@ -2,6 +2,8 @@
 Qwen-style chat template. Deterministic for a given vocabulary size and seed."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -22,7 +24,8 @@ def _corpus(seed: int):
             yield m["content"]
 
 
-def build_tokenizer(vocab_size: int, seed: int = 0) -> PreTrainedTokenizerFast:
+def build_tokenizer(vocab_size: int, seed: int = 0, texts: Iterable[str] | None = None) -> PreTrainedTokenizerFast:
+    """Train on `texts` (the run's pretraining corpus) or, by default, on the generated demo world."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -31,7 +34,7 @@ def build_tokenizer(vocab_size: int, seed: int = 0) -> PreTrainedTokenizerFast:
         vocab_size=vocab_size, special_tokens=[EOS, IM_START, IM_END], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    tok.train_from_iterator(_corpus(seed) if texts is None else texts, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=EOS, pad_token=EOS, chat_template=CHAT_TEMPLATE,
         model_max_length=1024, padding_side="left",

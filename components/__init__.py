@@ -1,0 +1,12 @@
+"""KFP v2 lightweight components, one per stage. Each parses its inputs, calls one ruyi_core stage and
+writes small outputs (metadata and store URIs); large artifacts live in the object store.
+
+The image set here is a default; the pipeline sets each task's image from the spec."""
+from components.export_tier import export_tier
+from components.init_family import init_family
+from components.plan_run import plan_run
+from components.prepare_data import prepare_data
+from components.report import report
+from components.validate_data import validate_data
+
+__all__ = ["validate_data", "plan_run", "init_family", "prepare_data", "export_tier", "report"]

@@ -1,0 +1,26 @@
+from typing import List
+
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
+
+from components.image import BASE_IMAGE
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def report(spec_yaml: str, run_id: str, tiers: Input[List[Model]], packed: Input[Dataset],
+           markdown: Output[Markdown], page: Output[HTML], metrics: Output[Metrics]) -> str:
+    """Per-tier table, data summary and lineage picture; returns the report's store URI."""
+    import json
+    from pathlib import Path
+
+    from ruyi_core.stages import open_run, report
+
+    with open_run(spec_yaml) as (spec, store):
+        result = report(spec, store, run_id, [dict(t.metadata) for t in tiers], list(packed.metadata["datasets"]))
+        Path(markdown.path).write_text(result["markdown"])
+        Path(page.path).write_text(result["html"])
+        for row in result["tiers"]:
+            metrics.log_metric(f"{row['tier']}_parameters", row["parameters"])
+        # The local runner only caches a Metrics output whose metadata is also in its file.
+        Path(metrics.path).write_text(json.dumps(metrics.metadata))
+        return result["uri"]

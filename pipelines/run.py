@@ -1,0 +1,94 @@
+"""Compile the pipeline, or run it locally with KFP's SubprocessRunner (same components, same code)."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+from ruyi_core.errors import RuyiError
+from ruyi_core.spec import RunSpec, load_spec
+
+ERROR_DIR_ENV = "RUYI_ERROR_DIR"  # components write a failed stage's one-line user error here
+
+
+def compile_pipeline(spec_path: str | Path, out: str | Path) -> Path:
+    from kfp import compiler
+
+    from pipelines.dag import build_pipeline
+
+    spec_path, out = Path(spec_path), Path(out)
+    spec = load_spec(spec_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(spec, spec.model_dump_json(), cluster=True), str(out))
+    return out
+
+
+class _TaskLog(io.TextIOBase):
+    """Tees the local runner's chatty output to a log file and shows one line per task event."""
+
+    _event = re.compile(r"(Executing task|Task .* finished with status|Task .* cache hit|Pipeline .* finished)")
+    _ansi = re.compile(r"\x1b\[[0-9;]*m")
+
+    def __init__(self, log, show):
+        self.log, self.show, self.events = log, show, []
+
+    def write(self, s: str) -> int:
+        self.log.write(s)
+        for line in s.splitlines():
+            clean = self._ansi.sub("", line).strip()
+            if self._event.search(clean) and "INFO" in clean:
+                msg = clean.split(" - INFO - ", 1)[-1]
+                self.events.append(msg)
+                self.show(msg)
+        return len(s)
+
+    def flush(self) -> None:
+        self.log.flush()
+
+
+def run_local(spec_path: str | Path, root: str | Path = ".ruyi/kfp", show=print) -> dict:
+    """Run the whole pipeline locally. Returns the report's store URI, the run log and the task events."""
+    from kfp import local
+
+    from pipelines.dag import build_pipeline
+    from ruyi_core.store import ArtifactStore
+
+    spec_path, root = Path(spec_path), Path(root).resolve()
+    spec = load_spec(spec_path)
+    ArtifactStore.from_spec(spec.store, env=os.environ)  # fail fast, one line, on a bad store/credentials
+    root.mkdir(parents=True, exist_ok=True)
+    errors = root / "errors"
+    errors.mkdir(exist_ok=True)
+    for f in errors.glob("*.txt"):
+        f.unlink()
+    log_path = root / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    os.environ[ERROR_DIR_ENV] = str(errors)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), enable_caching=True,
+               raise_on_error=True)
+    pipeline = build_pipeline(spec, spec.model_dump_json(), cluster=False)
+    with open(log_path, "w") as log:
+        tee = _TaskLog(log, show)
+        try:
+            with contextlib.redirect_stdout(tee), contextlib.redirect_stderr(tee):
+                task = pipeline()
+        except RuntimeError as e:
+            msgs = [f.read_text().strip() for f in sorted(errors.glob("*.txt"))]
+            if msgs:
+                raise RuyiError("; ".join(msgs) + f" (full log: {log_path})") from None
+            raise RuyiError(f"the local pipeline failed: {e} (full log: {log_path})") from None
+    return {"report_uri": task.output, "log": str(log_path), "events": tee.events,
+            "executed": sum(1 for e in tee.events if e.startswith("Executing task"))}
+
+
+def fetch_report(spec: RunSpec, report_uri: str, dest: Path) -> dict:
+    """Download the report artifact; returns the tier rows and the local HTML path."""
+    from ruyi_core.store import ArtifactStore
+
+    store = ArtifactStore.from_spec(spec.store, env=os.environ)
+    store.get_artifact(report_uri, dest)
+    return {"tiers": json.loads((dest / "tiers.json").read_text()), "html": dest / "report.html",
+            "markdown": dest / "report.md"}

@@ -1,0 +1,324 @@
+"""The data gate: great-expectations suites per corpus kind, run over the records the reader could read, plus
+one suite over every line read (the unreadable-line rate). Failures come back as one line per gate.
+
+Each expectation carries `meta.check`, the defect class it guards (see schema.DEFECTS); results are grouped
+by it, so a class checked on several columns (missing_field) is reported once with its total count.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ruyi_core.data.reader import ReadResult, read_corpus
+from ruyi_core.data.schema import DEFECTS, FIELDS, ROLE_ORDER_REGEX, check_kind, dedup_key, roles_string
+from ruyi_core.errors import RuyiError
+from ruyi_core.spec import DataSpec, KindThresholds
+
+DEDUP_FIELD = {"pretrain": "text", "sft": "messages", "rl": "prompt"}
+DOCS_SITE = "ruyi_data_docs"  # not `local_site`: that name is reserved for GX's default site
+N_EXAMPLES = 3
+
+
+class DataGateError(RuyiError):
+    """The corpus failed the data gate; the message lists each failed check with counts and examples."""
+
+
+@dataclass
+class GateResult:
+    kind: str
+    passed: bool
+    summary: dict  # JSON-able: per expectation name, success, observed counts, a few examples
+    failures: list[dict]  # {check, count, unit, examples, detail}
+    docs_index: Path | None
+    n_records: int  # valid records (what would be packed)
+    fingerprint: str  # sha256 over the normalized valid records
+    files: list[str] = field(default_factory=list)
+    read: ReadResult | None = field(default=None, repr=False)  # the records, so prepare reads only once
+
+    @property
+    def records(self) -> list[dict]:
+        return self.read.records if self.read else []
+
+
+def _thresholds(spec: DataSpec, kind: str) -> KindThresholds:
+    return spec.thresholds.get(kind) or KindThresholds()
+
+
+def _chars(s: str | None) -> float:
+    """Length for the bound checks; NaN (skipped by GX) for null or blank text, which other checks own."""
+    return float(len(s)) if s is not None and s.strip() else math.nan
+
+
+def build_frame(read: ReadResult):
+    """One row per valid record: the kind's fields that occur in the input plus derived columns."""
+    import pandas as pd
+
+    kind, recs, cols = read.kind, read.records, {}
+    seen = read.seen_fields if recs else set(FIELDS[kind])  # no records: min_records says it all
+    for f in FIELDS[kind]:
+        if f not in seen:
+            continue  # absent from every record: reported once by missing_columns
+        if kind == "sft":
+            msgs = [r["messages"] for r in recs]
+            cols["messages"] = [None if m is None else json.dumps(m, ensure_ascii=False) for m in msgs]
+            cols["roles"] = [None if m is None else roles_string(m) for m in msgs]
+            cols["blank_contents"] = [math.nan if m is None else sum(not x["content"].strip() for x in m)
+                                      for m in msgs]
+            lens = [[] if m is None else [_chars(x["content"]) for x in m] for m in msgs]
+            cols["shortest"] = [min((n for n in ls if not math.isnan(n)), default=math.nan) for ls in lens]
+            cols["longest"] = [max((n for n in ls if not math.isnan(n)), default=math.nan) for ls in lens]
+        else:
+            cols[f] = [r[f] for r in recs]
+            if f in ("text", "prompt"):
+                cols["chars"] = [_chars(r[f]) for r in recs]
+    if DEDUP_FIELD[kind] in seen:
+        cols["dup_key"] = [dedup_key(r, kind) for r in recs]
+    return pd.DataFrame(cols, index=pd.RangeIndex(len(recs)))
+
+
+def _expectations(kind: str, spec: DataSpec, columns: Iterable[str], n_rows: int) -> list:
+    import great_expectations as gx
+
+    E, th = gx.expectations, _thresholds(spec, kind)
+    m = lambda check: {"check": check}  # noqa: E731
+    length_cols = ("shortest", "longest") if kind == "sft" else ("chars", "chars")
+    exps = [
+        E.ExpectTableColumnsToMatchSet(column_set=list(FIELDS[kind]), exact_match=False,
+                                       meta=m("missing_columns")),
+        E.ExpectTableRowCountToBeBetween(min_value=th.min_records, meta=m("min_records")),
+        E.ExpectColumnProportionOfUniqueValuesToBeBetween(column="dup_key", min_value=1 - th.max_duplicate_rate,
+                                                          meta=m("duplicates")),
+        E.ExpectColumnValuesToBeBetween(column=length_cols[0], min_value=th.min_chars, meta=m("too_short")),
+        E.ExpectColumnValuesToBeBetween(column=length_cols[1], max_value=th.max_chars, meta=m("too_long")),
+    ]
+    for f in FIELDS[kind]:
+        check = "missing_answer" if (kind, f) == ("rl", "answer") else "missing_field"
+        exps.append(E.ExpectColumnValuesToNotBeNull(column=f, meta=m(check)))
+    if kind == "pretrain":
+        exps += [
+            E.ExpectColumnValuesToMatchRegex(column="text", regex=r"\S", meta=m("empty_text")),
+            E.ExpectColumnValuesToBeInSet(column="source", value_set=list(spec.allowed_sources),
+                                          meta=m("unknown_source")),
+            E.ExpectColumnValuesToBeInSet(column="lang", value_set=list(spec.allowed_langs), meta=m("unknown_lang")),
+        ]
+    elif kind == "sft":
+        exps += [
+            E.ExpectColumnValuesToMatchRegex(column="roles", regex=ROLE_ORDER_REGEX, meta=m("bad_chat_roles")),
+            E.ExpectColumnValuesToBeBetween(column="blank_contents", min_value=0, max_value=0, meta=m("empty_text")),
+        ]
+    else:
+        exps += [
+            E.ExpectColumnValuesToMatchRegex(column="prompt", regex=r"\S", meta=m("empty_text")),
+            E.ExpectColumnValuesToMatchRegex(column="answer", regex=r"\S", meta=m("missing_answer")),
+        ]
+    # An expectation on an absent column would raise inside GX; missing_columns already reports it.
+    cols = set(columns) - ({"dup_key"} if n_rows == 0 else set())  # GX fails uniqueness on an empty column
+    return [e for e in exps if getattr(e, "column", None) in cols or getattr(e, "column", None) is None]
+
+
+def _context(docs_dir: Path | None):
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    ctx = gx.get_context(mode="ephemeral")  # in memory: nothing persists, nothing is shared between calls
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    if docs_dir is not None:
+        docs_dir.mkdir(parents=True, exist_ok=True)
+        ctx.add_data_docs_site(DOCS_SITE, {
+            "class_name": "SiteBuilder",
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+        })
+    return ctx
+
+
+def _run_suite(ctx, name: str, df, expectations: list):
+    import great_expectations as gx
+
+    source = ctx.data_sources.add_or_update_pandas("ruyi")
+    batch_def = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
+    suite = ctx.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
+    vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch_def, suite=suite))
+    return vd.run(batch_parameters={"dataframe": df},
+                  result_format={"result_format": "SUMMARY", "partial_unexpected_count": 5})
+
+
+def _loc(where: tuple) -> str:
+    return f"{Path(where[0]).name}:{where[1]}" if where[1] else Path(where[0]).name  # line 0: the whole file
+
+
+def _fmt_value(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "null"
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    s = json.dumps(v, ensure_ascii=False, default=str)
+    return s if len(s) <= 40 else s[:36] + '..."'
+
+
+def _record_examples(r: dict, column: str | None, read: ReadResult) -> list[tuple[str, int, str]]:
+    idx, vals = r.get("partial_unexpected_index_list") or [], r.get("partial_unexpected_list") or []
+    return [(*read.where[int(i)], f"{column}={_fmt_value(v)}") for i, v in zip(idx, vals)]
+
+
+def _duplicate_examples(df, read: ReadResult) -> tuple[int, list[tuple[str, int, str]]]:
+    keys = df["dup_key"]
+    dup = keys.duplicated(keep="first") & keys.notna()
+    first: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        if k is not None and k not in first:
+            first[k] = i
+    ex = [(*read.where[i], f"= {_loc(read.where[first[keys.iat[i]]])}") for i in dup[dup].index[:5]]
+    return int(dup.sum()), ex
+
+
+def _ex_str(e: tuple[str, int, str]) -> str:
+    return f"{_loc(e)} {e[2]}"
+
+
+def _summarize(kind: str, df, read: ReadResult, th: KindThresholds, results: list) -> tuple[list, list]:
+    """(summary rows, failures) from the GX validation results."""
+    rows, by_check = [], {}
+    for suite_result in results:
+        for x in suite_result.results:
+            cfg, res = x.expectation_config, dict(x.result or {})
+            check = (cfg.meta or {}).get("check", cfg.type)
+            row = {"check": check, "expectation": cfg.type, "column": cfg.kwargs.get("column"),
+                   "success": bool(x.success)}
+            for k in ("element_count", "unexpected_count", "unexpected_percent", "missing_count", "observed_value"):
+                if k in res:
+                    row[k] = res[k]
+            if x.exception_info and x.exception_info.get("raised_exception"):
+                row["error"] = x.exception_info.get("exception_message")
+            ex = []
+            if check == "readable":
+                ex = [(*e[:2], f"{d}: {e[2]}") for d, v in read.bad.items() for e in v["examples"]]
+            elif check not in ("duplicates", "min_records", "missing_columns"):
+                ex = _record_examples(res, row["column"], read)
+            row["examples"] = [_ex_str(e) for e in ex]
+            rows.append(row)
+            if not x.success:
+                by_check.setdefault(check, []).append((row, res, ex))
+
+    failures = []
+    for check, items in by_check.items():
+        if check == "readable":
+            # The total unreadable rate is over the limit: every class that occurred is a failure.
+            for d, v in read.bad.items():
+                failures.append({"check": d, "count": v["count"], "unit": "files" if d == "bad_file" else "lines",
+                                 "examples": [_ex_str(e) for e in v["examples"]], "detail": None})
+            continue
+        f = {"check": check, "count": 0, "unit": "records", "examples": [], "detail": None}
+        ex = []
+        for row, res, row_ex in items:
+            f["count"] += int(res.get("unexpected_count") or 0)
+            ex += row_ex
+            if row.get("error"):
+                f["detail"] = f"error: {row['error']}"
+        if check == "duplicates":
+            f["count"], ex = _duplicate_examples(df, read)
+            f["detail"] = f"rate {1 - float(items[0][1].get('observed_value') or 0):.3f} > {th.max_duplicate_rate}"
+        elif check == "min_records":
+            f["count"] = len(df)
+            f["detail"] = f"{len(df)} records < min_records {th.min_records}"
+        elif check == "missing_columns":
+            missing = [c for c in FIELDS[kind] if c not in df.columns]
+            f["count"], f["unit"], f["examples"] = len(missing), "columns", missing
+            f["detail"] = f"no record has {', '.join(missing)}"
+        if check != "missing_columns":  # several expectations may feed one check: show examples in file order
+            f["examples"] = [_ex_str(e) for e in sorted(ex, key=lambda e: (e[0], e[1]))]
+        failures.append(f)
+    order = list(DEFECTS)
+    failures.sort(key=lambda f: order.index(f["check"]) if f["check"] in order else len(order))
+    return rows, failures
+
+
+def validate_corpus(paths: Iterable[str | Path], kind: str, spec: DataSpec | None = None,
+                    docs_dir: str | Path | None = None) -> GateResult:
+    """Read the corpus (streaming), run the kind's suite and the readable-lines suite, and build Data Docs
+    into `docs_dir` when given."""
+    import great_expectations as gx
+    import pandas as pd
+
+    check_kind(kind)
+    spec = spec or DataSpec()
+    th = _thresholds(spec, kind)
+    read = read_corpus(paths, kind)
+    df = build_frame(read)
+    docs = Path(docs_dir) if docs_dir is not None else None
+    ctx = _context(docs)
+    results = [_run_suite(ctx, kind, df, _expectations(kind, spec, df.columns, len(df)))]
+
+    # Every line read, valid or not: GX's `mostly` is exactly "unreadable rate <= max_bad_record_rate".
+    defects = ["ok"] * len(read.records) + [d for d, v in read.bad.items() for _ in range(v["count"])]
+    readable = gx.expectations.ExpectColumnValuesToBeInSet(
+        column="defect", value_set=["ok"], mostly=1 - th.max_bad_record_rate, meta={"check": "readable"})
+    results.append(_run_suite(ctx, f"{kind}_readable", pd.DataFrame({"defect": defects}), [readable]))
+    rows, failures = _summarize(kind, df, read, th, results)
+
+    docs_index = None
+    if docs is not None:
+        ctx.build_data_docs(site_names=[DOCS_SITE])
+        docs_index = docs / "index.html"
+        if not docs_index.is_file():  # GX decides the layout; ask it where the index went
+            from urllib.parse import unquote, urlparse
+
+            urls = ctx.get_docs_sites_urls(site_name=DOCS_SITE)
+            docs_index = Path(unquote(urlparse(urls[0]["site_url"]).path)) if urls else None
+    passed = not failures
+    summary = {
+        "kind": kind, "passed": passed, "files": read.files, "n_read": read.n_read,
+        "n_records": len(read.records), "fingerprint": read.fingerprint,
+        "thresholds": th.model_dump(), "bad_records": read.bad, "checks": rows, "failures": failures,
+        "docs_index": str(docs_index) if docs_index else None,
+    }
+    return GateResult(kind, passed, _jsonable(summary), failures, docs_index, len(read.records), read.fingerprint,
+                      read.files, read)
+
+
+def _jsonable(v):
+    """Strict JSON: numpy scalars to Python, NaN to null (GX reports NaN observations for empty columns)."""
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if hasattr(v, "item") and not isinstance(v, (str, bytes)):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    return str(v)
+
+
+def format_failures(result: GateResult) -> str:
+    """One line: `data gate failed for KIND (F files, N records): check: count unit (examples); ...`."""
+    n_files, n_read = len(result.files), result.summary.get("n_read", result.n_records)
+    parts = []
+    for f in result.failures:
+        ex = ", ".join(f["examples"][:N_EXAMPLES]) + (", ..." if f["count"] > N_EXAMPLES else "")
+        if f["check"] == "duplicates":
+            s = f"duplicates: {f['detail']} ({f['count']} records: {ex})"
+        elif f["check"] == "min_records":
+            s = f"min_records: {f['detail']}"
+        else:
+            unit = f["unit"][:-1] if f["count"] == 1 else f["unit"]
+            s = f"{f['check']}: {f['count']} {unit}" + (f" ({ex})" if ex else "")
+            if f["detail"] and f["check"] != "missing_columns":
+                s += f" [{f['detail']}]"
+        parts.append(s)
+    return (f"data gate failed for {result.kind} ({n_files} file{'s' * (n_files != 1)}, "
+            f"{n_read} record{'s' * (n_read != 1)}): "
+            + "; ".join(parts))
+
+
+def gate_or_raise(result: GateResult) -> GateResult:
+    if not result.passed:
+        raise DataGateError(format_failures(result))
+    return result
+
+
+__all__ = ["DataGateError", "GateResult", "build_frame", "format_failures", "gate_or_raise", "validate_corpus"]

@@ -1,0 +1,94 @@
+"""The run report: per-tier table, data-gate results, and the lineage chain as a picture (Markdown + HTML)."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+
+from ruyi_core.store import Manifest
+
+
+def _label(uri: str) -> str:
+    """The informative tail of an artifact key: run ids and long hashes shortened."""
+    parts = uri.split("/", 3)[-1].split("/")
+    if parts[0] == "runs" and len(parts) > 2:
+        parts = parts[2:]
+    return "/".join(p[:10] if len(p) > 12 else p for p in parts)
+
+
+def lineage_png(chain: list[Manifest]) -> bytes:
+    """The chain drawn left (raw data) to right (the artifact): one box per manifest, arrows for inputs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_uri = {m.uri: m for m in chain}
+    level: dict[str, int] = {}
+
+    def depth(uri: str) -> int:  # longest path from a root
+        if uri not in level:
+            ins = [i.uri for i in by_uri[uri].inputs if i.uri in by_uri]
+            level[uri] = 1 + max((depth(i) for i in ins), default=-1)
+        return level[uri]
+
+    for m in chain:
+        depth(m.uri)
+    cols: dict[int, list[str]] = {}
+    for uri, lv in sorted(level.items(), key=lambda kv: kv[0]):
+        cols.setdefault(lv, []).append(uri)
+    pos = {u: (2.4 * lv, -1.2 * i) for lv, us in cols.items() for i, u in enumerate(us)}
+    fig, ax = plt.subplots(figsize=(3.3 * len(cols), 1.2 + 1.0 * max(len(v) for v in cols.values())))
+    boxes = {}
+    for m in chain:
+        x, y = pos[m.uri]
+        label = f"{m.stage}\n{_label(m.uri)}\nsha {m.sha256()[:10]} · {len(m.files)} files"
+        boxes[m.uri] = ax.text(x, y, label, ha="center", va="center", fontsize=7, family="monospace", zorder=3,
+                               bbox=dict(boxstyle="round,pad=0.4", fc="#eef4fb", ec="#3b6ea5"))
+    for m in chain:  # arrows run between the boxes' edges, from input to output
+        for i in m.inputs:
+            if i.uri in boxes:
+                ax.annotate("", xy=(0, 0.5), xycoords=boxes[m.uri], xytext=(1, 0.5), textcoords=boxes[i.uri],
+                            arrowprops=dict(arrowstyle="-|>", color="#555", shrinkA=4, shrinkB=4), zorder=2)
+    xs, ys = [p[0] for p in pos.values()], [p[1] for p in pos.values()]
+    ax.set_xlim(min(xs) - 1.1, max(xs) + 1.1)
+    ax.set_ylim(min(ys) - 0.7, max(ys) + 0.7)
+    ax.axis("off")
+    ax.set_title("lineage: raw data → tiers", fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+TIER_COLS = [("tier", "tier"), ("exit_point", "exit"), ("depth", "depth"), ("parameters", "parameters"),
+             ("weight_bytes", "bytes"), ("sample", "greedy sample"), ("uri", "store URI")]
+
+
+def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Manifest]) -> tuple[str, str, bytes]:
+    """Markdown, HTML and the lineage PNG for one run."""
+    tiers = sorted(tiers, key=lambda r: r["exit_point"])
+    md = [f"# Ruyi Flow run `{run_id}`", "", "## Tiers", "",
+          "| " + " | ".join(h for _, h in TIER_COLS) + " |", "|" + "---|" * len(TIER_COLS)]
+    md += ["| " + " | ".join(str(r.get(k, "")).replace("|", "\\|").replace("\n", " ") for k, _ in TIER_COLS) + " |"
+           for r in tiers]
+    md += ["", "## Data", "", "| kind | documents | fingerprint | packed tokens | store URI |", "|---|---|---|---|---|"]
+    md += [f"| {d['kind']} | {d.get('n_docs', '')} | {d.get('fingerprint', '')[:16]} | {d.get('n_tokens', '')} "
+           f"| {d['uri']} |" for d in datasets]
+    md += ["", "## Lineage", ""] + [f"- `{m.stage}` {m.uri} (manifest sha256 {m.sha256()[:16]})" for m in chain]
+    png = lineage_png(chain) if chain else b""
+
+    def table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for _, h in cols)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(k, '')))}</td>" for k, _ in cols) + "</tr>"
+                       for r in rows)
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+    data_cols = [("kind", "kind"), ("n_docs", "documents"), ("n_tokens", "packed tokens"), ("uri", "store URI")]
+    img = f'<img alt="lineage" src="data:image/png;base64,{base64.b64encode(png).decode()}">' if png else ""
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Ruyi Flow {html.escape(run_id)}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}th{{background:#f3f6fa}}</style></head><body>
+<h1>Ruyi Flow run <code>{html.escape(run_id)}</code></h1><h2>Tiers</h2>{table(tiers, TIER_COLS)}
+<h2>Data</h2>{table(datasets, data_cols)}<h2>Lineage</h2>{img}</body></html>"""
+    return "\n".join(md) + "\n", page, png

@@ -1,0 +1,352 @@
+"""Artifacts: a prefix of files plus a manifest.json written LAST. Only prefixes with a manifest are trusted,
+so a killed upload stays invisible; every download is checked against the manifest's sha256s."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from minio.error import S3Error
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ruyi_core.spec import StoreSpec
+from ruyi_core.store.client import (
+    IntegrityError, StoreError, Transfer, TransferStats, describe, hash_file, make_client, parse_endpoint,
+)
+
+MANIFEST = "manifest.json"
+_MISSING = ("NoSuchKey", "NoSuchObject", "ResourceNotFound")
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str  # relative to the artifact prefix, '/'-separated
+    size: int
+    sha256: str
+
+
+class InputRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    uri: str
+    manifest_sha256: str
+
+
+class Manifest(BaseModel):
+    # extra="allow": a manifest written by a newer version still parses and hashes to the same value
+    model_config = ConfigDict(extra="allow")
+    uri: str
+    stage: str
+    spec_hash: str
+    code_version: str
+    created_at: str
+    completed_at: str
+    files: list[FileEntry] = []
+    inputs: list[InputRef] = []
+    metadata: dict[str, Any] = {}
+
+    def canonical_json(self) -> bytes:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"),
+                          ensure_ascii=False).encode()
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.canonical_json()).hexdigest()
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def _content(self) -> tuple:
+        return self.stage, self.spec_hash, self.files, self.inputs, self.metadata
+
+
+def clean_key(key: str, what: str = "key") -> str:
+    """A '/'-separated object key without '.', '..' or empty segments (also keeps downloads inside their
+    destination folder)."""
+    k = key.strip("/")
+    if k and ("\\" in k or any(p in ("", ".", "..") for p in k.split("/"))):
+        raise StoreError(f"invalid {what} {key!r}: use '/'-separated names without '.', '..' or '//'")
+    return k
+
+
+def _safe_rel(path: str) -> bool:
+    try:
+        return bool(path) and clean_key(path) == path
+    except StoreError:
+        return False
+
+
+def dataset_prefix(name: str) -> str:
+    return f"datasets/{clean_key(name, 'dataset name')}"
+
+
+def run_prefix(run_id: str, stage: str) -> str:
+    return f"runs/{clean_key(run_id, 'run id')}/{clean_key(stage, 'stage')}"
+
+
+def model_prefix(family: str, version: str, tier: str) -> str:
+    return f"models/{clean_key(family, 'family')}/{clean_key(version, 'version')}/{clean_key(tier, 'tier')}"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def code_version() -> str:
+    """ruyi_core's version, plus the git commit when the code runs from a checkout."""
+    from ruyi_core import __version__
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        sha = out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+g{sha}" if sha else __version__
+
+
+class ArtifactStore:
+    """Artifacts and single files in one bucket of any S3 (MinIO in production, SeaweedFS locally)."""
+
+    def __init__(self, client, spec: StoreSpec, endpoint: str, secret_key: str):
+        self.client, self.spec, self.bucket, self.endpoint = client, spec, spec.bucket, endpoint
+        self._secret = secret_key  # only to refuse metadata that would leak it
+        self.stats = TransferStats()
+        self.part_size = spec.part_size_mb << 20
+        self.transfer = Transfer(client, part_size=self.part_size, parallel=spec.parallel_parts,
+                                 retries=spec.retries, stats=self.stats)
+        self._code_version: str | None = None
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore(endpoint={self.endpoint!r}, bucket={self.bucket!r})"
+
+    @classmethod
+    def from_spec(cls, spec: StoreSpec, env: Mapping[str, str] | None = None, *,
+                  create_bucket: bool = True) -> ArtifactStore:
+        """Connect, check reachability and credentials up front, and create the bucket if missing
+        (create_bucket=False: a missing bucket is an error, for read-only lookups)."""
+        env = os.environ if env is None else env
+        endpoint, secure = parse_endpoint(env.get("RUYI_S3_ENDPOINT") or spec.endpoint, spec.secure)
+        access, secret = env.get("RUYI_S3_ACCESS_KEY"), env.get("RUYI_S3_SECRET_KEY")
+        if not access or not secret:
+            raise StoreError("no object store credentials: set RUYI_S3_ACCESS_KEY and RUYI_S3_SECRET_KEY "
+                             "(for the local server: `set -a; source .ruyi/s3/s3.env; set +a`)")
+        client = make_client(endpoint, access, secret, secure=secure, region=spec.region,
+                             pool_size=2 * spec.parallel_parts + 2)
+        store = cls(client, spec, endpoint, secret)
+        # no retries here: a wrong endpoint or key should fail in seconds, not after minutes of backoff
+        with store._errors(f"opening bucket {spec.bucket!r}"):
+            if not client.bucket_exists(spec.bucket):
+                if not create_bucket:
+                    raise StoreError(f"bucket {spec.bucket!r} does not exist at {endpoint}: "
+                                     "check the URI or store.bucket")
+                try:
+                    client.make_bucket(spec.bucket, location=spec.region)
+                except S3Error as e:
+                    if e.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                        raise
+        return store
+
+    # ---- names ----------------------------------------------------------------------------------------
+    def uri(self, key: str, bucket: str | None = None) -> str:
+        return f"s3://{bucket or self.bucket}/{clean_key(key)}"
+
+    def split(self, uri_or_key: str) -> tuple[str, str]:
+        """(bucket, key) of an s3:// URI, or of a key in this store's bucket."""
+        s = str(uri_or_key)
+        if s.startswith("s3://"):
+            bucket, _, key = s[5:].partition("/")
+            if not bucket:
+                raise StoreError(f"invalid URI {s!r}: expected s3://<bucket>/<key>")
+            return bucket, clean_key(key)
+        if "://" in s:
+            raise StoreError(f"invalid URI {s!r}: only s3://<bucket>/<key> URIs or plain keys are supported")
+        return self.bucket, clean_key(s)
+
+    def normalize_uri(self, uri_or_key: str) -> str:
+        """The canonical s3://bucket/key form (no trailing slash) of a URI or a key in this bucket."""
+        return self.uri(*reversed(self.split(uri_or_key)))
+
+    def _artifact(self, uri_or_key: str) -> tuple[str, str, str]:
+        bucket, key = self.split(uri_or_key)
+        if not key:
+            raise StoreError(f"{uri_or_key!r} names a whole bucket: an artifact needs a prefix "
+                             "such as runs/<id>/<stage>")
+        return bucket, key, self.uri(key, bucket)
+
+    @contextlib.contextmanager
+    def _errors(self, what: str, bucket: str | None = None) -> Iterator[None]:
+        try:
+            yield
+        except StoreError:
+            raise
+        except Exception as e:
+            raise describe(e, self.endpoint, what, bucket or self.bucket) from e
+
+    def _code(self) -> str:
+        if self._code_version is None:
+            self._code_version = code_version()
+        return self._code_version
+
+    # ---- artifacts ------------------------------------------------------------------------------------
+    def read_manifest(self, uri: str) -> Manifest | None:
+        bucket, key, uri = self._artifact(uri)
+        with self._errors(f"reading the manifest of {uri}", bucket):
+            try:
+                resp = self.transfer.retry(self.client.get_object, bucket, f"{key}/{MANIFEST}")
+            except S3Error as e:
+                if e.code in _MISSING:
+                    return None
+                raise
+            try:
+                raw = resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
+        try:
+            return Manifest.model_validate_json(raw)
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise IntegrityError(f"{uri}/{MANIFEST} is not a valid manifest "
+                                 f"({'.'.join(map(str, first['loc'])) or 'json'}: {first['msg']}): "
+                                 "re-upload the artifact") from None
+
+    def has_artifact(self, uri: str) -> bool:
+        bucket, key, uri = self._artifact(uri)
+        with self._errors(f"checking {uri}", bucket):
+            return self.transfer.stat(bucket, f"{key}/{MANIFEST}") is not None
+
+    def list_artifacts(self, prefix: str = "") -> list[str]:
+        """URIs of the artifacts (prefixes holding a manifest.json) at or under `prefix`."""
+        bucket, key = self.split(prefix)
+        with self._errors(f"listing {self.uri(key, bucket) if key else 's3://' + bucket}", bucket):
+            names = self.transfer.retry(lambda: [o.object_name for o in self.client.list_objects(
+                bucket, prefix=f"{key}/" if key else "", recursive=True)])
+        tail = f"/{MANIFEST}"
+        return sorted(self.uri(n[: -len(tail)], bucket) for n in names if n.endswith(tail))
+
+    def put_artifact(self, prefix: str, local_dir: str | Path, *, stage: str, spec_hash: str,
+                     inputs: Iterable[str] = (), metadata: Mapping[str, Any] | None = None) -> Manifest:
+        """Upload every file under `local_dir` to `<prefix>/<relpath>`, then `<prefix>/manifest.json` LAST.
+        Files already stored intact (same sha256 and size) are not sent again; re-putting identical content
+        keeps the existing manifest, so hashes recorded by downstream artifacts stay valid."""
+        bucket, key, uri = self._artifact(prefix)
+        local_dir = Path(local_dir)
+        if not local_dir.is_dir():
+            raise StoreError(f"{local_dir} is not a directory: put_artifact uploads a folder")
+        paths = sorted(p for p in local_dir.rglob("*") if p.is_file())
+        rels = [p.relative_to(local_dir).as_posix() for p in paths]
+        if MANIFEST in rels:
+            raise StoreError(f"{local_dir / MANIFEST} would be overwritten by the artifact's manifest: rename it")
+        meta = self._clean_metadata(metadata)
+        created = _now()
+        with self._errors(f"uploading {uri}", bucket):
+            refs: list[InputRef] = []
+            for u in dict.fromkeys(inputs):
+                m = self.read_manifest(u)
+                if m is None:
+                    raise StoreError(f"input {u} is not an artifact (no {MANIFEST}): upload it before {uri}")
+                refs.append(InputRef(uri=self._artifact(u)[2], manifest_sha256=m.sha256()))
+            with ThreadPoolExecutor(self.spec.parallel_parts, thread_name_prefix="ruyi-hash") as pool:
+                hashed = list(pool.map(hash_file, paths))
+            files = [FileEntry(path=r, size=n, sha256=h) for r, (h, n, _) in zip(rels, hashed)]
+            existing = self.read_manifest(uri)
+            same = existing is not None and existing._content() == (stage, spec_hash, files, refs, meta)
+            if existing is not None and not same:
+                # hide the old artifact first: a crash mid-rewrite must not leave a manifest over mixed files
+                self.transfer.retry(self.client.remove_object, bucket, f"{key}/{MANIFEST}")
+            self._upload_files(bucket, key, list(zip(paths, files, (m for *_, m in hashed))))
+            if same:
+                return existing
+            manifest = Manifest(uri=uri, stage=stage, spec_hash=spec_hash, code_version=self._code(),
+                                created_at=created, completed_at=_now(), files=files, inputs=refs, metadata=meta)
+            body = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True).encode()
+            self.transfer.retry(lambda: self.client.put_object(
+                bucket, f"{key}/{MANIFEST}", BytesIO(body), len(body), content_type="application/json"))
+        return manifest
+
+    def _clean_metadata(self, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+        try:
+            text = json.dumps(dict(metadata or {}), sort_keys=True)
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"artifact metadata must be JSON-serialisable ({e})") from None
+        if self._secret and self._secret in text:
+            raise StoreError("artifact metadata contains the object store's secret key: remove it")
+        return json.loads(text)
+
+    def _upload_one(self, bucket: str, obj: str, path: Path, f: FileEntry, mtime_ns: int) -> None:
+        if self.transfer.is_intact(bucket, obj, f.sha256, f.size):
+            self.stats.add(files_skipped=1)
+            return
+        self.transfer.upload(bucket, obj, path, f.sha256, f.size, mtime_ns)
+        self.stats.add(files_uploaded=1)
+
+    def _upload_files(self, bucket: str, key: str, items: list[tuple[Path, FileEntry, int]]) -> None:
+        # small files side by side (latency-bound); large ones one at a time, each with parallel parts
+        small = [it for it in items if it[1].size <= self.part_size]
+        large = [it for it in items if it[1].size > self.part_size]
+        with ThreadPoolExecutor(self.spec.parallel_parts, thread_name_prefix="ruyi-files") as pool:
+            list(pool.map(lambda it: self._upload_one(bucket, f"{key}/{it[1].path}", *it), small))
+        for p, f, m in large:
+            self._upload_one(bucket, f"{key}/{f.path}", p, f, m)
+
+    def get_artifact(self, uri: str, local_dir: str | Path) -> Manifest:
+        """Download a completed artifact into `local_dir`, verifying every file's size and sha256."""
+        bucket, key, uri = self._artifact(uri)
+        manifest = self.read_manifest(uri)
+        if manifest is None:
+            raise StoreError(f"no artifact at {uri}: it has no {MANIFEST} (never completed, or a wrong URI)")
+        local_dir = Path(local_dir)
+        for f in manifest.files:
+            if not _safe_rel(f.path):
+                raise IntegrityError(f"{uri}/{MANIFEST} lists an unsafe path {f.path!r}: refusing to download")
+            (local_dir / f.path).parent.mkdir(parents=True, exist_ok=True)
+
+        def one(f: FileEntry) -> None:
+            self.transfer.download(bucket, f"{key}/{f.path}", local_dir / f.path, f.size, f.sha256,
+                                   label=f"{uri}/{f.path}")
+
+        with self._errors(f"downloading {uri}", bucket):
+            small = [f for f in manifest.files if f.size <= self.part_size]
+            with ThreadPoolExecutor(self.spec.parallel_parts, thread_name_prefix="ruyi-files") as pool:
+                list(pool.map(one, small))
+            for f in manifest.files:
+                if f.size > self.part_size:
+                    one(f)
+        return manifest
+
+    # ---- single objects -------------------------------------------------------------------------------
+    def put_file(self, local_path: str | Path, key: str) -> FileEntry:
+        """Upload one file (streaming, skipped when already stored intact); returns its entry."""
+        bucket, k = self.split(key)
+        if not k:
+            raise StoreError(f"{key!r} names a whole bucket: put_file needs an object key")
+        local_path = Path(local_path)
+        if not local_path.is_file():
+            raise StoreError(f"{local_path} is not a file")
+        sha, size, mtime = hash_file(local_path)
+        entry = FileEntry(path=k, size=size, sha256=sha)
+        with self._errors(f"uploading {self.uri(k, bucket)}", bucket):
+            self._upload_one(bucket, k, local_path, entry, mtime)
+        return entry
+
+    def get_file(self, key_or_uri: str, local_path: str | Path) -> FileEntry:
+        """Download one object; verified against the sha256 in its metadata when it has one."""
+        bucket, k = self.split(key_or_uri)
+        uri = self.uri(k, bucket)
+        local_path = Path(local_path)
+        with self._errors(f"downloading {uri}", bucket):
+            found = self.transfer.stat(bucket, k) if k else None
+            if found is None:
+                raise StoreError(f"no object at {uri}: check the key")
+            size, sha = found
+            local_path.parent.mkdir(parents=True, exist_ok=True)
+            got = self.transfer.download(bucket, k, local_path, size, sha, label=uri)
+        return FileEntry(path=k, size=size, sha256=got)

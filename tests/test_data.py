@@ -1,0 +1,224 @@
+"""The data stage with the real great-expectations and megatron-core: the gate passes the demo world, names each
+defect class with its count and line numbers (API and CLI), and packing round-trips with exact SFT masks."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ruyi_core.data import world
+from ruyi_core.data.cli import data_app
+from ruyi_core.data.pack import prepare_corpus, read_documents
+from ruyi_core.data.validate import DataGateError, gate_or_raise, validate_corpus
+from ruyi_core.family.tokenizer import IM_END, build_tokenizer
+from ruyi_core.spec import DataSpec, KindThresholds
+
+N = 60  # records in the small corpora the defect tests start from
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return build_tokenizer(512)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return world.write_demo_corpus(tmp_path_factory.mktemp("demo"))
+
+
+def _good(kind: str, n: int = N) -> list[dict]:
+    return {"pretrain": world.pretrain_records, "sft": world.sft_records, "rl": world.rl_records}[kind](n, seed=7)
+
+
+def _write(path: Path, lines: list) -> Path:
+    """Lines as bytes (written raw) or records (dumped as JSON)."""
+    path.write_bytes(b"".join((x if isinstance(x, bytes) else json.dumps(x).encode()) + b"\n" for x in lines))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "sft", "rl"])
+def test_demo_corpus_passes_the_gate(demo, kind, tmp_path):
+    docs = tmp_path / "docs" if kind == "sft" else None
+    res = gate_or_raise(validate_corpus([demo[kind]], kind, DataSpec(), docs))
+    assert res.passed and not res.failures and res.n_records == len(res.records) > 0
+    json.dumps(res.summary, allow_nan=False)  # strict JSON, as promised
+    checks = {r["check"] for r in res.summary["checks"]}
+    assert {"duplicates", "min_records", "missing_field", "empty_text", "readable"} <= checks
+    if kind == "sft":
+        assert "bad_chat_roles" in checks
+        assert res.docs_index.name == "index.html" and res.docs_index.is_file()
+        assert "validations/sft/" in res.docs_index.read_text()
+        assert list(docs.glob("validations/sft/**/*.html")) and list(docs.glob("validations/sft_readable/**/*.html"))
+
+
+def _inject(kind: str, tmp_path: Path, edits: dict[int, object], extra: list | None = None) -> Path:
+    """A good corpus with the 1-based lines in `edits` replaced (and `extra` lines appended)."""
+    lines: list = list(_good(kind))
+    for lineno, x in edits.items():
+        lines[lineno - 1] = x
+    return _write(tmp_path / f"{kind}.jsonl", lines + (extra or []))
+
+
+def _user(c):
+    return {"role": "user", "content": c}
+
+
+def _asst(c):
+    return {"role": "assistant", "content": c}
+
+
+# (defect class, kind, edits, appended lines, expected count, expected line numbers in the message)
+DEFECTS = [
+    ("bad_json", "pretrain", {5: b'{"text": "x", "source": "facts"', 17: b"not json"}, None, 2, [5, 17]),
+    ("bad_utf8", "sft", {3: b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', 9: b"\xff\xfe"}, None, 2,
+     [3, 9]),
+    ("empty_text", "pretrain", {4: {"text": "", "source": "facts", "lang": "en"},
+                                8: {"text": "  \n ", "source": "facts", "lang": "en"}}, None, 2, [4, 8]),
+    ("wrong_types", "rl", {2: {"prompt": 5, "answer": "1"}, 6: [1, 2], 11: {"prompt": "q", "answer": ["7"]}},
+     None, 3, [2, 6, 11]),
+    ("duplicates", "pretrain", {}, "dup", 6, [N + 1, N + 2, N + 3]),
+    ("missing_answer", "rl", {3: {"prompt": "How many?", "answer": ""}, 7: {"prompt": "How much?"},
+                              9: {"prompt": "Which?", "answer": None}}, None, 3, [3, 7, 9]),
+    ("bad_chat_roles", "sft", {2: {"messages": [_user("a"), _user("b")]},
+                               5: {"messages": [_asst("hi"), _user("b")]},
+                               11: {"messages": [_user("a"), _asst("b"), _user("c")]}}, None, 3, [2, 5, 11]),
+]
+
+
+@pytest.mark.parametrize("defect,kind,edits,extra,count,lines", DEFECTS, ids=[d[0] for d in DEFECTS])
+def test_each_defect_fails_the_gate_with_count_and_lines(defect, kind, edits, extra, count, lines, tmp_path):
+    if extra == "dup":  # 6 repeats of 60 records: 6 / 66 = 0.09 > 0.05
+        extra = _good(kind)[:count]
+    path = _inject(kind, tmp_path, edits, extra)
+    res = validate_corpus([path], kind, DataSpec())
+    assert not res.passed
+    assert [f["check"] for f in res.failures] == [defect], res.failures
+    assert res.failures[0]["count"] == count
+    with pytest.raises(DataGateError) as e:
+        gate_or_raise(res)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"data gate failed for {kind} (1 file, ")
+    assert f"{defect}: " in msg
+    if defect == "duplicates":
+        assert f"({count} records: {path.name}:{N + 1} = {path.name}:1" in msg and "rate 0.091 > 0.05" in msg
+    else:
+        assert f"{defect}: {count} " in msg
+    for ln in lines:
+        assert f"{path.name}:{ln}" in msg, (ln, msg)
+
+    r = CliRunner().invoke(data_app, ["validate", "--kind", kind, str(path), "--summary", str(tmp_path / "s.json")])
+    assert r.exit_code != 0 and isinstance(r.exception, DataGateError), r.output
+    assert str(r.exception) == msg and "Traceback" not in r.output
+    assert json.loads((tmp_path / "s.json").read_text())["failures"][0]["check"] == defect
+
+
+def test_bad_record_rate_threshold_and_multiple_files(tmp_path):
+    a = _write(tmp_path / "a.jsonl", _good("rl")[:30] + [b"{oops"])
+    b = _write(tmp_path / "b.jsonl", _good("rl")[30:])
+    spec = DataSpec(thresholds={"rl": KindThresholds(max_bad_record_rate=0.05)})
+    assert validate_corpus([a, b], "rl", spec).passed  # 1 / 61 unreadable is under 5%
+    res = validate_corpus([a, b], "rl", DataSpec())  # default: any unreadable line fails
+    assert not res.passed and str(_raises(res)).startswith("data gate failed for rl (2 files, 61 records): bad_json")
+    assert "a.jsonl:31" in str(_raises(res))
+
+
+def _raises(res) -> DataGateError:
+    with pytest.raises(DataGateError) as e:
+        gate_or_raise(res)
+    return e.value
+
+
+def test_parquet_streams_and_fails_on_missing_columns(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    recs = _good("sft")
+    pq.write_table(pa.Table.from_pylist(recs), tmp_path / "sft.parquet", row_group_size=16)
+    res = validate_corpus([tmp_path / "sft.parquet"], "sft")
+    assert res.passed and res.records == recs
+    pq.write_table(pa.Table.from_pylist([{"text": r["text"]} for r in _good("pretrain")]), tmp_path / "p.parquet")
+    msg = str(_raises(validate_corpus([tmp_path / "p.parquet"], "pretrain")))
+    assert "missing_columns: 2 columns (source, lang)" in msg
+
+
+def _pack(records, kind, tok, out, shard_tokens=1_000_000):
+    return prepare_corpus(records, kind, tok, out, shard_tokens, progress=False)
+
+
+def test_pretrain_and_rl_round_trip_over_shards(tok, tmp_path):
+    recs = _good("pretrain", 300)
+    res = _pack(recs, "pretrain", tok, tmp_path / "pt", shard_tokens=2000)
+    assert len(res.shards) > 3 and res.dtype == "uint16" and res.n_docs == 300
+    docs = list(read_documents(tmp_path / "pt", "pretrain"))
+    assert len(docs) == 300 and sum(len(d) for d, _ in docs) == res.n_tokens
+    for r, (ids, mask) in zip(recs, docs):
+        assert mask is None and ids[-1] == tok.eos_token_id and tok.eos_token_id not in ids[:-1]
+        assert tok.decode(ids[:-1]) == r["text"]
+    meta = json.loads((tmp_path / "pt" / "dataset.json").read_text())
+    assert meta["kind"] == "pretrain" and sum(s["n_docs"] for s in meta["shards"]) == 300
+    assert all(s["n_tokens"] <= 2000 for s in meta["shards"])
+
+    rl = _good("rl")
+    _pack(rl, "rl", tok, tmp_path / "rl")
+    for r, (ids, _) in zip(rl, read_documents(tmp_path / "rl", "rl")):
+        assert tok.decode(ids) == r["prompt"] + tok.eos_token
+    answers = [json.loads(x) for x in (tmp_path / "rl" / "rl_answers.jsonl").read_text().splitlines()]
+    assert [a["answer"] for a in answers] == [r["answer"] for r in rl] and answers[5]["doc"] == 5
+
+
+def test_sft_masks_cover_exactly_the_assistant_tokens(tok, tmp_path):
+    recs = _good("sft", 200) + [
+        {"messages": [{"role": "system", "content": "Be brief."}, _user("Spell sun."), _asst("s-u-n"),
+                      _user("And tree?"), _asst(" t-r-e-e \n")]},
+        {"messages": [_user("x"), _asst("<|im_start|> is literal here"), _user("ok"), _asst("fine")]},
+    ]
+    res = _pack(recs, "sft", tok, tmp_path / "sft", shard_tokens=3000)
+    assert len(res.shards) > 1
+    assert {p.name for p in (tmp_path / "sft").glob("sft_mask_00000.*")} == {"sft_mask_00000.bin",
+                                                                               "sft_mask_00000.idx"}
+    docs = list(read_documents(tmp_path / "sft", "sft"))
+    for r, (ids, mask) in zip(recs, docs, strict=True):
+        text = tok.apply_chat_template(r["messages"], tokenize=False)
+        assert mask.dtype == np.uint8 and len(mask) == len(ids) and ids[-1] == tok.eos_token_id
+        assert tok.decode(ids) == text + tok.eos_token
+        replies = [m["content"] + IM_END for m in r["messages"] if m["role"] == "assistant"]
+        assert tok.decode(ids[mask == 1]) == "".join(replies)
+        rest = text
+        for reply in replies:  # everything else, in order, is unmasked
+            rest = rest.replace(reply, "", 1)
+        assert tok.decode(ids[mask == 0]) == rest + tok.eos_token
+
+
+def test_packing_is_deterministic_and_fingerprinted(tok, tmp_path):
+    recs = _good("sft", 120)
+    a = _pack(recs, "sft", tok, tmp_path / "a", shard_tokens=2000)
+    b = _pack(recs, "sft", tok, tmp_path / "b", shard_tokens=2000)
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir()) and len(files) > 5
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert a.fingerprint == b.fingerprint
+    again = _pack(recs[:10], "sft", tok, tmp_path / "a", shard_tokens=2000)  # smaller re-run: no stale shards
+    assert len(list((tmp_path / "a").glob("sft_*.bin"))) == 2 * len(again.shards)
+    changed = [dict(r) for r in recs]
+    changed[7] = {"messages": [_user("Spell lamp."), _asst("l-a-m-p")]}
+    assert _pack(changed, "sft", tok, tmp_path / "c", shard_tokens=2000).fingerprint != a.fingerprint
+    p1, p2 = _write(tmp_path / "1.jsonl", recs), _write(tmp_path / "2.jsonl", changed)
+    f1, f2 = (validate_corpus([p], "sft").fingerprint for p in (p1, p2))
+    assert f1 != f2 and f1 == validate_corpus([p1], "sft").fingerprint
+
+
+def test_cli_prepare_validates_then_packs(tok, demo, tmp_path):
+    tok.save_pretrained(tmp_path / "tok")
+    r = CliRunner().invoke(data_app, ["prepare", "--kind", "rl", "--tokenizer", str(tmp_path / "tok"),
+                                      "--out", str(tmp_path / "out"), str(demo["rl"])])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert meta["n_docs"] == 300 and "packed rl" in r.output
+    bad = _write(tmp_path / "bad.jsonl", _good("rl") + [b"\xff"])
+    r = CliRunner().invoke(data_app, ["prepare", "--kind", "rl", "--tokenizer", str(tmp_path / "tok"),
+                                      "--out", str(tmp_path / "out2"), str(bad)])
+    assert isinstance(r.exception, DataGateError) and "bad_utf8: 1 line" in str(r.exception)
+    assert not (tmp_path / "out2").exists()
