@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -142,11 +143,71 @@ class PipelineSpec(_Strict):
         return self.resources.get(stage, self.resources.get("default", Resources()))
 
 
+class LossSpec(_Strict):
+    """Joint loss L = sum_k lambda_k(t) L_k. The last exit keeps its weight; early exits start at their
+    weight (strong deep supervision) and decay to weight * final_scale by `schedule`, after an optional
+    linear warm-up from 0."""
+
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    weights: list[float] | None = None  # per exit, shallowest first; default 1.0 each
+    final_scale: float = Field(0.3, ge=0, le=1)
+    warmup_steps: int = Field(0, ge=0)
+
+
+class TrainStageSpec(_Strict):
+    steps: int = Field(60, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
+    global_batch_size: int = Field(16, ge=1)
+    seq_length: int = Field(128, ge=8)
+    lr: float = Field(3e-3, gt=0)
+    min_lr: float = Field(3e-4, ge=0)
+    warmup_steps: int = Field(5, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    clip_grad: float = Field(1.0, ge=0)  # 0 disables clipping
+    save_every: int = Field(20, ge=1)
+    seed: int = 1234
+    recompute: bool = False
+    loss: LossSpec = Field(default_factory=LossSpec)
+
+
+class ParallelSpec(_Strict):
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    dp: int = Field(1, ge=1)
+    nodes: int = Field(1, ge=1)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+class TrainJobSpec(_Strict):
+    """Kubeflow Trainer v2 TrainJob settings for the `trainjob` launcher."""
+
+    image: str = "ghcr.io/ruyi-flow/ruyi-trainer:0.1.0"
+    namespace: str = "ruyi"
+    runtime: str = "ruyi-megatron"  # a ClusterTrainingRuntime/TrainingRuntime (manifests/)
+    gpus_per_node: int = Field(8, ge=0)
+    cpu: str = "16"
+    memory: str = "256Gi"
+    poll_s: float = Field(10.0, gt=0)
+    timeout_s: int = Field(7 * 24 * 3600, ge=60)
+
+
+class TrainSpec(_Strict):
+    cpt: TrainStageSpec = Field(default_factory=TrainStageSpec)
+    sft: TrainStageSpec = Field(default_factory=lambda: TrainStageSpec(steps=40, lr=1e-3, min_lr=1e-4))
+    parallel: ParallelSpec = Field(default_factory=ParallelSpec)
+    launcher: Literal["local", "trainjob"] = "local"
+    trainjob: TrainJobSpec = Field(default_factory=TrainJobSpec)
+
+
 class RunSpec(_Strict):
     family: FamilySpec = Field(default_factory=FamilySpec)
     data: DataSpec = Field(default_factory=DataSpec)
     store: StoreSpec = Field(default_factory=StoreSpec)
     pipeline: PipelineSpec = Field(default_factory=PipelineSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
 
     def fingerprint(self) -> str:
         """Hash of the whole spec, recorded in every artifact manifest."""

@@ -1,0 +1,124 @@
+"""Run megatron-core on the CPU (gloo) with the same code path as on GPUs.
+
+megatron-core assumes CUDA in a handful of places. `cpu_shim()` patches exactly those, only when CUDA is
+absent, and undoes them on exit. `tests/test_megatron_cpu.py` is the canary: it fails loudly when an upgrade
+makes a patch wrong or unneeded.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class CudaToCpu(TorchFunctionMode):
+    """Rewrites `device="cuda"` (and `.cuda()`) inside megatron's schedules and optimizer to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if func in (torch.Tensor.to,) and args and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class CpuRngTracker:
+    """megatron's CUDA RNG tracker keeps per-region CUDA generator states; on the CPU, one region forks the
+    CPU generator. Dropout is 0 in our configs, so regions only need to be re-entrant and deterministic."""
+
+    def __init__(self):
+        self.states: dict[str, torch.Tensor] = {}
+
+    def reset(self):
+        self.states = {}
+
+    def get_states(self):
+        return {k: v.clone() for k, v in self.states.items()}
+
+    def set_states(self, states):
+        self.states = {k: v.clone() for k, v in states.items()}
+
+    def add(self, name: str, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.states[name] = g.get_state()
+
+    def is_initialized(self) -> bool:
+        return bool(self.states)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        saved = torch.get_rng_state()
+        if name in self.states:
+            torch.set_rng_state(self.states[name])
+        try:
+            yield
+        finally:
+            if name in self.states:
+                self.states[name] = torch.get_rng_state()
+            torch.set_rng_state(saved)
+
+
+def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron's fp32 clip asserts `torch.cuda.FloatTensor` grads; the same scaling, on any device."""
+    coeff = max_norm / (total_norm + 1.0e-6)
+    if coeff < 1.0:
+        for p in parameters:
+            g = getattr(p, "decoupled_grad", None) if use_decoupled_grad else p.grad
+            if g is not None:
+                g.detach().mul_(coeff)
+
+
+@contextlib.contextmanager
+def cpu_shim() -> Iterator[None]:
+    """Patches for megatron-core on a machine without CUDA; a no-op where CUDA is available."""
+    if torch.cuda.is_available():
+        yield
+        return
+    from megatron.core.optimizer import optimizer as moptim
+    from megatron.core.tensor_parallel import random as mrandom
+
+    saved = {
+        "current_device": torch.cuda.current_device,
+        "synchronize": torch.cuda.synchronize,
+        "tracker": mrandom._CUDA_RNG_STATE_TRACKER,
+        "tracker_init": mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED,
+        "clip": moptim.clip_grad_by_total_norm_fp32,
+    }
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *a, **k: None
+    mrandom._CUDA_RNG_STATE_TRACKER = CpuRngTracker()
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    moptim.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
+    try:
+        with CudaToCpu():
+            yield
+    finally:
+        torch.cuda.current_device = saved["current_device"]
+        torch.cuda.synchronize = saved["synchronize"]
+        mrandom._CUDA_RNG_STATE_TRACKER = saved["tracker"]
+        mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = saved["tracker_init"]
+        moptim.clip_grad_by_total_norm_fp32 = saved["clip"]
+
+
+def seed_everything(seed: int) -> None:
+    """megatron seeds CUDA generators per TP rank; on the CPU the CPU generator must be seeded too."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        mrandom.model_parallel_cuda_manual_seed(seed)
+    else:
+        mrandom.get_cuda_rng_tracker().add("model-parallel-rng", seed + 2718)

@@ -1,0 +1,59 @@
+"""Training batches from packed megatron indexed datasets: the documents of every shard form one token stream
+(each ends with EOS), cut into windows of seq_length + 1. Window order is a seeded permutation per epoch, so a
+batch is a pure function of (seed, sample index): resuming needs only the number of samples consumed."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class TokenStream:
+    def __init__(self, packed_dir: str | Path, seq_length: int, seed: int):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        packed_dir = Path(packed_dir)
+        meta = json.loads((packed_dir / "dataset.json").read_text())
+        self.kind, self.seq = meta["kind"], seq_length
+        self.parts = []  # (IndexedDataset, mask IndexedDataset | None) per shard
+        lengths = []
+        for s in meta["shards"]:
+            tok = IndexedDataset(str(packed_dir / s["prefix"]), mmap=True)
+            mask = IndexedDataset(str(packed_dir / s["mask_prefix"]), mmap=True) if s.get("mask_prefix") else None
+            self.parts.append((tok, mask))
+            lengths.append(np.asarray(tok.sequence_lengths, dtype=np.int64))
+        self.doc_shard = np.concatenate([np.full(len(n), i) for i, n in enumerate(lengths)])
+        self.doc_local = np.concatenate([np.arange(len(n)) for n in lengths])
+        self.doc_start = np.concatenate([[0], np.cumsum(np.concatenate(lengths))])
+        self.n_windows = int((self.doc_start[-1] - 1) // seq_length)
+        if self.n_windows < 1:
+            raise ValueError(f"{packed_dir}: {self.doc_start[-1]} tokens are fewer than one window of {seq_length}")
+        self.seed = seed
+
+    def _span(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        toks, masks = [], []
+        d = int(np.searchsorted(self.doc_start, start, side="right") - 1)
+        while length > 0:
+            off = start - int(self.doc_start[d])
+            n = min(length, int(self.doc_start[d + 1]) - start)
+            tok, mask = self.parts[self.doc_shard[d]]
+            toks.append(tok.get(int(self.doc_local[d]), offset=off, length=n))
+            masks.append(mask.get(int(self.doc_local[d]), offset=off, length=n) if mask is not None
+                         else np.ones(n, dtype=np.uint8))
+            start, length, d = start + n, length - n, d + 1
+        return np.concatenate(toks).astype(np.int64), np.concatenate(masks)
+
+    def window(self, sample: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens, labels, loss_mask) of global sample index `sample` (epochs wrap with a new permutation)."""
+        epoch, i = divmod(sample, self.n_windows)
+        perm = np.random.default_rng(self.seed + epoch).permutation(self.n_windows)
+        toks, mask = self._span(int(perm[i]) * self.seq, self.seq + 1)
+        # The label at position t is token t+1; it counts when that token is a trained one (SFT: assistant).
+        return torch.from_numpy(toks[:-1]), torch.from_numpy(toks[1:]), torch.from_numpy(mask[1:].astype(np.float32))
+
+    def batch(self, first_sample: int, size: int) -> dict[str, torch.Tensor]:
+        rows = [self.window(first_sample + j) for j in range(size)]
+        return {"tokens": torch.stack([r[0] for r in rows]), "labels": torch.stack([r[1] for r in rows]),
+                "loss_mask": torch.stack([r[2] for r in rows])}

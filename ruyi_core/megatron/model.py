@@ -1,0 +1,230 @@
+"""The familial GPT on megatron-core: a trunk (megatron's TransformerBlock for this pipeline stage) and, per
+exit, a branch block + RMSNorm + output layer on the stage that holds the exit's layer.
+
+An exit p branches off the trunk state that enters trunk layer p (depth p+1 with its own block). Its loss is
+computed where it lives and enters backward through `AttachLoss` on the hidden state that flows on, so the
+standard megatron schedules run unchanged (the trick megatron uses for MoE aux losses). The last exit is the
+trunk's last layer, its final norm and output layer, whose loss the schedule takes as usual.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+
+@dataclass(frozen=True)
+class FamilyShape:
+    """What megatron's TransformerConfig does not hold: the exits, vocabulary and rope."""
+
+    exit_points: tuple[int, ...]
+    vocab_size: int
+    max_seq_length: int
+    rope_theta: float
+    base_arch: str = "qwen3"
+
+
+def transformer_config(hf_cfg, tp: int = 1, pp: int = 1, bf16: bool = False, recompute: bool = False,
+                       **overrides) -> TransformerConfig:
+    """megatron's config for an HF Qwen3/Qwen2 family config (fp32 on the CPU, bf16 on GPUs)."""
+    qwen3 = getattr(hf_cfg, "base_arch", "qwen3") == "qwen3"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    kw = dict(
+        num_layers=hf_cfg.num_hidden_layers, hidden_size=hf_cfg.hidden_size,
+        num_attention_heads=hf_cfg.num_attention_heads, num_query_groups=hf_cfg.num_key_value_heads,
+        kv_channels=hf_cfg.head_dim, ffn_hidden_size=hf_cfg.intermediate_size, normalization="RMSNorm",
+        layernorm_epsilon=hf_cfg.rms_norm_eps, gated_linear_unit=True, activation_func=F.silu,
+        add_bias_linear=False, add_qkv_bias=not qwen3, qk_layernorm=qwen3, hidden_dropout=0.0,
+        attention_dropout=0.0, init_method_std=hf_cfg.initializer_range,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=False,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=bf16, use_cpu_initialization=not torch.cuda.is_available(),
+        apply_rope_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False,
+    )
+    if recompute:
+        kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def layer_spec(config: TransformerConfig):
+    """Transformer Engine's spec where it is installed (GPUs), megatron's local spec otherwise."""
+    try:
+        if not torch.cuda.is_available():
+            raise ImportError
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+    except ImportError:
+        return get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
+
+
+class AttachLoss(torch.autograd.Function):
+    """Identity on `hidden`; in backward, also sends gradient `scale` into `loss` (an exit's loss computed
+    on this pipeline stage), so it trains through the schedule's ordinary backward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, loss, scale: float):
+        ctx.save_for_backward(loss)
+        ctx.scale = scale
+        return hidden
+
+    @staticmethod
+    def backward(ctx, grad):
+        (loss,) = ctx.saved_tensors
+        return grad, torch.full_like(loss, ctx.scale), None
+
+
+def norm_class():
+    """The block-level RMSNorm: Transformer Engine's on GPUs, torch's otherwise (the TE layer spec fuses
+    its layer norms into the linears, so the head cannot borrow one from the spec)."""
+    if torch.cuda.is_available():
+        try:
+            from megatron.core.extensions.transformer_engine import TENorm
+
+            return TENorm
+        except ImportError:
+            pass
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    return WrappedTorchNorm
+
+
+class ExitHead(MegatronModule):
+    """Norm + vocab-parallel output layer + masked token-mean cross-entropy."""
+
+    def __init__(self, config: TransformerConfig, vocab_size: int):
+        super().__init__(config=config)
+        self.norm = build_module(norm_class(), config=config, hidden_size=config.hidden_size,
+                                 eps=config.layernorm_epsilon)
+        self.output_layer = tensor_parallel.ColumnParallelLinear(
+            config.hidden_size, vocab_size, config=config, init_method=config.init_method, bias=False,
+            gather_output=False, skip_bias_add=False)
+
+    def logits(self, hidden):  # [s, b, h] -> [s, b, V/tp]
+        out, _ = self.output_layer(self.norm(hidden))
+        return out
+
+    def loss(self, hidden, labels, loss_mask):
+        """Mean cross-entropy over the masked tokens; labels and mask are [b, s]."""
+        per_token = tensor_parallel.vocab_parallel_cross_entropy(self.logits(hidden).float(), labels.t().contiguous())
+        mask = loss_mask.t().float()
+        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+class Branch(MegatronModule):
+    """Exit k's own decoder block (a sibling of trunk layer p_k) and its head."""
+
+    def __init__(self, config: TransformerConfig, spec, exit_point: int, vocab_size: int, pp_rank: int):
+        super().__init__(config=config)
+        # TransformerLayer adds the stage's layer offset itself; its global number is p + 1.
+        offset = get_transformer_layer_offset(config, None, pp_rank)
+        self.layer = build_module(spec, config=config, layer_number=exit_point + 1 - offset)
+        self.head = ExitHead(config, vocab_size)
+
+
+class FamilyGPT(MegatronModule):
+    def __init__(self, config: TransformerConfig, shape: FamilyShape, pre_process: bool = True,
+                 post_process: bool = True):
+        super().__init__(config=config)
+        from megatron.core.enums import ModelType
+
+        self.model_type = ModelType.encoder_or_decoder  # what megatron's schedules ask of a model
+        self.shape, self.pre_process, self.post_process = shape, pre_process, post_process
+        spec = layer_spec(config)
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(config, shape.vocab_size, shape.max_seq_length,
+                                                    position_embedding_type="none")
+        self.rotary_pos_emb = RotaryEmbedding(config.kv_channels, rotary_percent=1.0,
+                                              rotary_base=shape.rope_theta,
+                                              use_cpu_initialization=config.use_cpu_initialization)
+        self.decoder = TransformerBlock(config, spec, post_layer_norm=False, pre_process=pre_process,
+                                        post_process=False)
+        pp_rank = ps.get_pipeline_model_parallel_rank()
+        self.first_layer = get_transformer_layer_offset(config, None, pp_rank)
+        local = range(self.first_layer, self.first_layer + len(self.decoder.layers))
+        # Exits whose branch lives here, keyed by their index k among the family's exits.
+        self.local_exits = {k: p for k, p in enumerate(shape.exit_points[:-1]) if p in local}
+        self.branches = torch.nn.ModuleList(
+            Branch(config, spec, p, shape.vocab_size, pp_rank) for p in self.local_exits.values())
+        if post_process:
+            self.final = ExitHead(config, shape.vocab_size)
+        self.input_tensor = None
+
+    def set_input_tensor(self, input_tensor):
+        """Pipeline schedules hand a non-first stage its input here."""
+        self.input_tensor = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
+
+    def exits_here(self) -> list[int]:
+        """Exit indices whose loss this stage computes."""
+        last = [len(self.shape.exit_points) - 1] if self.post_process else []
+        return list(self.local_exits) + last
+
+    def forward(self, input_ids, position_ids, attention_mask, labels=None, loss_mask=None,
+                exit_weights: list[float] | None = None, loss_scale: float = 1.0, logits_out: dict | None = None):
+        """Training: returns the hidden state (non-last stage) or the weighted last-exit loss (last stage);
+        every branch loss on this stage is attached with weight * loss_scale and recorded in
+        `self.last_exit_losses`. Evaluation (`logits_out` given): fills {exit index: [b, s, V/tp] logits}."""
+        h = self.embedding(input_ids, position_ids) if self.pre_process else self.input_tensor
+        rope = self.rotary_pos_emb(input_ids.shape[1] if self.pre_process else h.shape[0])
+        self.last_exit_losses = {}
+        branch_at = {p: (k, b) for (k, p), b in zip(self.local_exits.items(), self.branches)}
+        for i, layer in enumerate(self.decoder.layers):
+            if (self.first_layer + i) in branch_at:
+                k, branch = branch_at[self.first_layer + i]
+                out, _ = branch.layer(hidden_states=h, attention_mask=attention_mask, rotary_pos_emb=rope)
+                if logits_out is not None:
+                    logits_out[k] = branch.head.logits(out).transpose(0, 1)
+                if labels is not None:
+                    loss = branch.head.loss(out, labels, loss_mask)
+                    self.last_exit_losses[k] = loss.detach()
+                    if exit_weights is not None and torch.is_grad_enabled():
+                        h = AttachLoss.apply(h, loss, exit_weights[k] * loss_scale)
+            h, _ = layer(hidden_states=h, attention_mask=attention_mask, rotary_pos_emb=rope)
+        if not self.post_process:
+            return h
+        k = len(self.shape.exit_points) - 1
+        if logits_out is not None:
+            logits_out[k] = self.final.logits(h).transpose(0, 1)
+        if labels is None:
+            return h
+        loss = self.final.loss(h, labels, loss_mask)
+        self.last_exit_losses[k] = loss.detach()
+        return loss * (exit_weights[k] if exit_weights is not None else 1.0)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Branches are keyed by their global exit index, so any pipeline layout maps to the same keys."""
+        sd = {}
+        for name, child in self.named_children():
+            if name == "branches":
+                for (k, _), b in zip(self.local_exits.items(), self.branches):
+                    sd.update(b.sharded_state_dict(f"{prefix}branches.{k}.", sharded_offsets, metadata))
+            elif hasattr(child, "sharded_state_dict"):
+                sd.update(child.sharded_state_dict(f"{prefix}{name}.", sharded_offsets, metadata))
+        return sd
+
+
+def causal_mask(seq_len: int, device=None) -> torch.Tensor:
+    """Explicit causal mask (True = masked), [1, 1, s, s]: the CPU path has no implicit one."""
+    return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)
+
+
+def build_model(hf_cfg, tp: int = 1, pp: int = 1, seq_length: int = 256, bf16: bool = False,
+                recompute: bool = False) -> FamilyGPT:
+    """This rank's part of the family (parallel state must be initialised)."""
+    cfg = transformer_config(hf_cfg, tp, pp, bf16, recompute)
+    rope = hf_cfg.rope_parameters.get("rope_theta", 10000.0) if hf_cfg.rope_parameters else 10000.0
+    shape = FamilyShape(tuple(hf_cfg.early_exit_points), hf_cfg.vocab_size,
+                        max(seq_length, hf_cfg.max_position_embeddings), rope, hf_cfg.base_arch)
+    return FamilyGPT(cfg, shape, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
