@@ -7,6 +7,7 @@ from components.init_family import init_family
 from components.plan_run import plan_run
 from components.prepare_data import prepare_data
 from components.report import report
+from components.train import train
 from components.validate_data import validate_data
 
-__all__ = ["validate_data", "plan_run", "init_family", "prepare_data", "export_tier", "report"]
+__all__ = ["validate_data", "plan_run", "init_family", "prepare_data", "train", "export_tier", "report"]

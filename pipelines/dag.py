@@ -1,12 +1,12 @@
 """The DAG, readable on one screen:
 
     validate_data x kinds -> plan_run -> init_family -> prepare_data (every kind)
-                                                     -> export_tier x tiers     -> report
+                                                     -> train cpt -> train sft -> export_tier x tiers -> report
 """
 
 from kfp import dsl, kubernetes
 
-from components import export_tier, init_family, plan_run, prepare_data, report, validate_data
+from components import export_tier, init_family, plan_run, prepare_data, report, train, validate_data
 from ruyi_core.spec import RunSpec
 from ruyi_core.stages import KINDS
 
@@ -42,9 +42,13 @@ def build_pipeline(spec: RunSpec, spec_yaml: str, cluster: bool = True):
         fam = on_cluster(init_family(spec_yaml=spec_yaml, run_id=run.output, datasets=raws()), "init_family")
         packed = on_cluster(prepare_data(spec_yaml=spec_yaml, datasets=raws(), family=fam.outputs["family"]),
                             "prepare_data")
+        cpt = on_cluster(train(spec_yaml=spec_yaml, stage="cpt", family=fam.outputs["family"],
+                               packed=packed.outputs["packed"]), "train").set_display_name("cpt")
+        sft = on_cluster(train(spec_yaml=spec_yaml, stage="sft", family=cpt.outputs["trained"],
+                               packed=packed.outputs["packed"]), "train").set_display_name("sft")
         with dsl.ParallelFor(sorted(spec.family.tiers, key=spec.family.tiers.get)) as tier:
-            tiers = on_cluster(export_tier(spec_yaml=spec_yaml, tier=tier,
-                                           family=fam.outputs["family"]), "export_tier")
+            tiers = on_cluster(export_tier(spec_yaml=spec_yaml, tier=tier, family=sft.outputs["trained"]),
+                               "export_tier")
         rep = on_cluster(report(spec_yaml=spec_yaml, run_id=run.output, tiers=dsl.Collected(tiers.outputs["tier_model"]),
                                 packed=packed.outputs["packed"]), "report")
         return rep.outputs["Output"]

@@ -65,8 +65,10 @@ TIER_COLS = [("tier", "tier"), ("exit_point", "exit"), ("depth", "depth"), ("par
              ("weight_bytes", "bytes"), ("sample", "greedy sample"), ("uri", "store URI")]
 
 
-def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Manifest]) -> tuple[str, str, bytes]:
-    """Markdown, HTML and the lineage PNG for one run."""
+def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Manifest],
+           curves: dict[str, bytes] | None = None) -> tuple[str, str, bytes]:
+    """Markdown, HTML and the lineage PNG for one run; `curves` are training stages' loss-curve PNGs."""
+    curves = curves or {}
     tiers = sorted(tiers, key=lambda r: r["exit_point"])
     md = [f"# Ruyi Flow run `{run_id}`", "", "## Tiers", "",
           "| " + " | ".join(h for _, h in TIER_COLS) + " |", "|" + "---|" * len(TIER_COLS)]
@@ -75,6 +77,14 @@ def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Man
     md += ["", "## Data", "", "| kind | documents | fingerprint | packed tokens | store URI |", "|---|---|---|---|---|"]
     md += [f"| {d['kind']} | {d.get('n_docs', '')} | {d.get('fingerprint', '')[:16]} | {d.get('n_tokens', '')} "
            f"| {d['uri']} |" for d in datasets]
+    trained = [m for m in chain if m.stage in ("cpt", "sft")]
+    if trained:
+        md += ["", "## Training (mean loss per exit, first step -> last step)", "",
+               "| stage | steps | " + " | ".join(f"exit {p}" for p in trained[0].metadata["exit_points"]) + " |",
+               "|---|---|" + "---|" * len(trained[0].metadata["exit_points"])]
+        md += [f"| {m.stage} | {m.metadata['steps']} | " + " | ".join(
+            f"{a:.3f} → {b:.3f}" for a, b in zip(m.metadata["first_exit_losses"], m.metadata["final_exit_losses"]))
+            + " |" for m in trained]
     md += ["", "## Lineage", ""] + [f"- `{m.stage}` {m.uri} (manifest sha256 {m.sha256()[:16]})" for m in chain]
     png = lineage_png(chain) if chain else b""
 
@@ -86,9 +96,12 @@ def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Man
 
     data_cols = [("kind", "kind"), ("n_docs", "documents"), ("n_tokens", "packed tokens"), ("uri", "store URI")]
     img = f'<img alt="lineage" src="data:image/png;base64,{base64.b64encode(png).decode()}">' if png else ""
+    loss_imgs = "".join(f'<figure><img alt="{s} loss" src="data:image/png;base64,{base64.b64encode(b).decode()}">'
+                        f"<figcaption>{s}: loss per exit</figcaption></figure>" for s, b in curves.items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Ruyi Flow {html.escape(run_id)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}th{{background:#f3f6fa}}</style></head><body>
 <h1>Ruyi Flow run <code>{html.escape(run_id)}</code></h1><h2>Tiers</h2>{table(tiers, TIER_COLS)}
+<h2>Training</h2>{loss_imgs or "<p>no training stage</p>"}
 <h2>Data</h2>{table(datasets, data_cols)}<h2>Lineage</h2>{img}</body></html>"""
     return "\n".join(md) + "\n", page, png

@@ -153,6 +153,17 @@ def prepare_data(spec: RunSpec, store: ArtifactStore, kind: str, raw_uri: str, f
     return {"uri": uri, **meta}
 
 
+def train(spec: RunSpec, store: ArtifactStore, stage: str, run_id: str, family_uri: str, packed: list[dict],
+          log=print) -> dict:
+    """Joint multi-exit CPT or SFT on megatron-core (local torchrun or a TrainJob, from the spec)."""
+    from ruyi_core.megatron.launch import train_stage
+
+    kind = "pretrain" if stage == "cpt" else "sft"
+    (data_uri,) = [d["uri"] for d in packed if d["kind"] == kind]
+    with workdir(stage) as work:
+        return train_stage(spec, store, stage, run_id, family_uri, data_uri, work, log=log)
+
+
 def export_tier(spec: RunSpec, store: ArtifactStore, run_id: str, family_uri: str, tier: str) -> dict:
     """One tier as a standalone Qwen3 checkpoint, with its summary row in the manifest's metadata."""
     from ruyi_core.family.io import export_tiers, load_family
@@ -196,9 +207,14 @@ def report(spec: RunSpec, store: ArtifactStore, run_id: str, tiers: list[dict], 
             if m.uri not in seen:
                 seen.add(m.uri)
                 chain.append(m)
-    md, page, png = render(run_id, tiers, datasets, chain)
-    if not store.has_artifact(uri):
-        with workdir("report") as work:
+    with workdir("report") as work:
+        curves = {}  # the training stages' per-exit loss curves
+        for m in chain:
+            if m.stage in ("cpt", "sft"):
+                store.get_file(f"{m.uri}/{m.stage}_losses.png", work / f"{m.stage}_losses.png")
+                curves[m.stage] = (work / f"{m.stage}_losses.png").read_bytes()
+        md, page, png = render(run_id, tiers, datasets, chain, curves)
+        if not store.has_artifact(uri):
             (work / "report.md").write_text(md)
             (work / "report.html").write_text(page)
             (work / "lineage.png").write_bytes(png)

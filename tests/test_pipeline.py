@@ -20,6 +20,8 @@ def micro_spec(tmp_path: Path, bucket: str, **data) -> Path:
         "store": {"bucket": bucket},
         "pipeline": {"image": "registry.example/ruyi-base:test",
                      "resources": {"default": {"cpu": "3", "memory": "5Gi"}}},
+        "train": {s: {"steps": n, "micro_batch_size": 4, "global_batch_size": 8, "seq_length": 32, "save_every": 2,
+                      "warmup_steps": 0} for s, n in (("cpt", 3), ("sft", 2))},
     }
     path = tmp_path / f"{bucket}.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -38,7 +40,7 @@ def test_compiled_pipeline_sets_images_resources_and_secret(tmp_path, monkeypatc
     docs = list(yaml.safe_load_all(text))
     ir, platform = docs[0], docs[1]
     executors = ir["deploymentSpec"]["executors"]
-    assert len(executors) == 6
+    assert len(executors) == 8  # train runs twice (cpt, sft)
     for name, ex in executors.items():
         c = ex["container"]
         assert c["image"] == "registry.example/ruyi-base:test", name
@@ -58,7 +60,7 @@ def test_local_pipeline_end_to_end_then_cached(tmp_path, s3_server, monkeypatch)
         monkeypatch.setenv(k, v)
     spec = micro_spec(tmp_path, "e2e")
     first = run_local(spec, tmp_path / "kfp", show=lambda m: None)
-    assert first["executed"] == 3 + 1 + 1 + 1 + 2 + 1  # validate x3, plan, init, prepare, export x2, report
+    assert first["executed"] == 3 + 1 + 1 + 1 + 2 + 2 + 1  # validate x3, plan, init, prepare, cpt+sft, export x2, report
     from ruyi_core.spec import load_spec
 
     store = ArtifactStore.from_spec(load_spec(spec).store)
@@ -70,10 +72,14 @@ def test_local_pipeline_end_to_end_then_cached(tmp_path, s3_server, monkeypatch)
         m = store.read_manifest(uri)
         assert {f.path for f in m.files} >= {"model.safetensors", "config.json", "tokenizer.json"}
         chain = lineage(store, uri)
-        assert [c.stage for c in chain] == ["export_tier", "init_family", "validate_data"]
-        raw = chain[-1]
-        assert "/datasets/raw/pretrain/" in raw.uri and any(f.path.endswith(".jsonl") for f in raw.files)
-        assert all(len(f.sha256) == 64 for f in raw.files)
+        stages = [c.stage for c in chain]
+        assert stages[:2] == ["export_tier", "sft"] and {"cpt", "init_family", "prepare_data"} <= set(stages)
+        raws = [c for c in chain if c.stage == "validate_data"]
+        assert {r.metadata["kind"] for r in raws} == {"pretrain", "sft"}
+        for raw in raws:
+            assert any(f.path.endswith(".jsonl") for f in raw.files) and all(len(f.sha256) == 64 for f in raw.files)
+    sft = store.read_manifest(chain[1].uri).metadata
+    assert sft["steps"] == 2 and len(sft["final_exit_losses"]) == 2
     packed = [i.uri for i in report.inputs if "/datasets/packed/" in i.uri]
     assert len(packed) == 3
     # the CLI prints the same chain

@@ -141,6 +141,7 @@ class FamilyGPT(MegatronModule):
         from megatron.core.enums import ModelType
 
         self.model_type = ModelType.encoder_or_decoder  # what megatron's schedules ask of a model
+        self.share_embeddings_and_output_weights = False  # one head per exit, none tied to the embedding
         self.shape, self.pre_process, self.post_process = shape, pre_process, post_process
         spec = layer_spec(config)
         if pre_process:

@@ -1,11 +1,12 @@
 """Joint multi-exit training (continued pretraining or SFT) on megatron-core with TP x PP x DP, under torchrun.
 
     torchrun --nproc-per-node N -m ruyi_core.megatron.trainer --stage cpt --spec SPEC \\
-        --family DIR --init CKPT --data PACKED_DIR --out DIR [--resume]
+        --family URI --init URI --data URI --out DIR [--ckpt-prefix KEY] [--resume]
 
-Every step reports every exit's loss. Checkpoints (model, optimizer, scheduler, data position, RNG, loss
-history) are saved every `save_every` steps and at the end; with --resume the latest complete one continues
-the run exactly. The launcher (launch.py) moves inputs and checkpoints between the store and --out.
+Inputs are store URIs (or local directories). Every step reports every exit's loss. Checkpoints (model,
+optimizer, scheduler, data position, RNG, loss history) are saved every `save_every` steps and at the end
+and, with --ckpt-prefix, uploaded to the store as complete artifacts; --resume continues exactly from the
+latest complete one (local or in the store). The same command runs locally and in a TrainJob.
 """
 from __future__ import annotations
 
@@ -26,11 +27,12 @@ from ruyi_core.megatron.cpu import cpu_shim, seed_everything
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="ruyi_core.megatron.trainer")
     ap.add_argument("--stage", choices=["cpt", "sft"], required=True)
-    ap.add_argument("--spec", type=Path, required=True)
-    ap.add_argument("--family", type=Path, required=True, help="HF family dir (config)")
-    ap.add_argument("--init", type=Path, help="megatron checkpoint to start from")
-    ap.add_argument("--data", type=Path, required=True, help="packed dataset dir")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--spec", required=True, help="run spec: a YAML/JSON file, or the JSON itself")
+    ap.add_argument("--family", required=True, help="HF family (URI or dir): the model's config")
+    ap.add_argument("--init", help="megatron checkpoint to start from (URI or dir)")
+    ap.add_argument("--data", required=True, help="packed dataset (URI or dir)")
+    ap.add_argument("--out", type=Path, required=True, help="local work dir (shared by all ranks of a node)")
+    ap.add_argument("--ckpt-prefix", help="store key prefix that receives each complete checkpoint")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--log-every", type=int, default=1)
     return ap.parse_args(argv)
@@ -38,6 +40,53 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _rank0() -> bool:
     return dist.get_rank() == 0
+
+
+class StoreIO:
+    """Rank 0 of each node fetches inputs and rank 0 uploads checkpoints; other ranks wait at barriers."""
+
+    def __init__(self, spec, out: Path):
+        import os
+
+        self.spec, self.out = spec, out
+        self.local0 = int(os.environ.get("LOCAL_RANK", 0)) == 0
+        self._store = None
+
+    @property
+    def store(self):
+        if self._store is None:
+            import os
+
+            from ruyi_core.store import ArtifactStore
+
+            self._store = ArtifactStore.from_spec(self.spec.store, env=os.environ, create_bucket=False)
+        return self._store
+
+    def fetch(self, src: str, name: str) -> Path:
+        if not src.startswith("s3://"):
+            return Path(src)
+        dest = self.out / "inputs" / name
+        if self.local0 and not (dest / ".fetched").is_file():
+            self.store.get_artifact(src, dest)
+            (dest / ".fetched").write_text(src)
+        dist.barrier()
+        return dest
+
+    def pull_latest(self, prefix: str, root: Path) -> None:
+        """The store's latest complete checkpoint, when it is newer than what is on local disk."""
+        if self.local0:
+            remote = sorted(self.store.list_artifacts(prefix))
+            local = ckpt.latest_complete(root)
+            if remote and (local is None or remote[-1].rsplit("/", 1)[-1] > local.name):
+                self.store.get_artifact(remote[-1], root / remote[-1].rsplit("/", 1)[-1])
+        dist.barrier()
+
+    def push(self, path: Path, prefix: str, stage: str, step: int, inputs: list[str]) -> None:
+        if _rank0():
+            self.store.put_artifact(f"{prefix}/{path.name}", path, stage=f"{stage}_checkpoint",
+                                    spec_hash=self.spec.fingerprint(),
+                                    inputs=[i for i in inputs if i and i.startswith("s3://")], metadata={"step": step})
+        dist.barrier()
 
 
 class ExitLossMeter:
@@ -92,14 +141,16 @@ def train(args: argparse.Namespace) -> None:
     from ruyi_core.megatron.data import TokenStream
     from ruyi_core.megatron.loss import exit_weights
     from ruyi_core.megatron.model import build_model, causal_mask
-    from ruyi_core.spec import load_spec
+    from ruyi_core.spec import load_spec, parse_spec_yaml
 
-    spec = load_spec(args.spec)
+    spec = parse_spec_yaml(args.spec) if args.spec.lstrip().startswith("{") else load_spec(args.spec)
     par, st = spec.train.parallel, getattr(spec.train, args.stage)
     cuda = torch.cuda.is_available()
     ps.initialize_model_parallel(par.tp, par.pp)
     seed_everything(st.seed)
-    hf_cfg = RuyiConfig.from_pretrained(args.family)
+    io = StoreIO(spec, args.out)
+    hf_cfg = RuyiConfig.from_pretrained(io.fetch(args.family, "family"))
+    data_dir = io.fetch(args.data, "data")
     exits = list(hf_cfg.early_exit_points)
     model = build_model(hf_cfg, par.tp, par.pp, st.seq_length, bf16=cuda, recompute=st.recompute)
     if cuda:
@@ -118,6 +169,8 @@ def train(args: argparse.Namespace) -> None:
 
     ckpt_root = args.out / "checkpoints"
     state = {"step": 0, "consumed": 0, "history": []}
+    if args.resume and args.ckpt_prefix:
+        io.pull_latest(args.ckpt_prefix, ckpt_root)
     last = ckpt.latest_complete(ckpt_root) if args.resume else None
     if last is not None:
         extra = ckpt.load(last, ddp.module, opt)
@@ -127,7 +180,7 @@ def train(args: argparse.Namespace) -> None:
         if _rank0():
             print(f"resumed from {last.name} (step {state['step']})", flush=True)
     elif args.init is not None:
-        ckpt.load(args.init, ddp.module)
+        ckpt.load(io.fetch(args.init, "init"), ddp.module)
         # The loaded model weights replaced the optimizer's fp32 master copies only when they are the same
         # tensors (fp32); with bf16 params, reload the masters from the model.
         if cuda:
@@ -138,7 +191,7 @@ def train(args: argparse.Namespace) -> None:
         raise ValueError(f"global_batch_size {st.global_batch_size} is not a multiple of micro_batch_size x dp "
                          f"= {st.micro_batch_size * dp}")
     n_micro = st.global_batch_size // (st.micro_batch_size * dp)
-    stream = TokenStream(args.data, st.seq_length, st.seed)
+    stream = TokenStream(data_dir, st.seq_length, st.seed)
     device = torch.device("cuda") if cuda else torch.device("cpu")
     mask = causal_mask(st.seq_length, device)
     pos = torch.arange(st.seq_length, device=device).unsqueeze(0).expand(st.micro_batch_size, -1)
@@ -193,9 +246,13 @@ def train(args: argparse.Namespace) -> None:
                       + f" | lr {rec['lr']:.2e} | {rate:,.0f} tok/s | ETA {left:.0f}s", flush=True)
         if state["step"] % st.save_every == 0 or state["step"] == st.steps:
             extra = {**state, "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}
-            ckpt.save(ckpt_root / f"iter_{state['step']:07d}", ddp.module, opt, extra)
-    if _rank0() and state["history"]:
-        loss_curves_png(state["history"], args.out / f"{args.stage}_losses.png", f"{args.stage}: loss per exit")
+            path = ckpt_root / f"iter_{state['step']:07d}"
+            ckpt.save(path, ddp.module, opt, extra)
+            if _rank0():  # the loss log travels with each checkpoint, wherever the trainer ran
+                (path / log_path.name).write_bytes(log_path.read_bytes())
+                loss_curves_png(state["history"], path / f"{args.stage}_losses.png", f"{args.stage}: loss per exit")
+            if args.ckpt_prefix:
+                io.push(path, args.ckpt_prefix, args.stage, state["step"], [args.family, args.data, args.init])
 
 
 def main(argv=None) -> None:

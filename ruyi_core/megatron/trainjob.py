@@ -306,16 +306,17 @@ class _Watch:
             kw: dict[str, Any] = {"timestamps": True, "_preload_content": False}
             if container:
                 kw["container"] = container
-            if pod != self.pod:  # first sight of this pod (or a restarted one): its whole log
-                self.log(f"trainjob {self.name}: following pod {pod}")
-                self.pod, self.cursor = pod, (None, 0)
-            else:  # a window since our last read, measured on our own clock (no skew); overlap is deduped
+            fresh = pod != self.pod
+            if not fresh:  # a window since our last read, measured on our own clock (no skew); overlap is deduped
                 kw["since_seconds"] = max(1, int(time.monotonic() - self.read_at) + 10)
             started = time.monotonic()
             resp = self.core.read_namespaced_pod_log(pod, self.ns, _request_timeout=REQUEST_TIMEOUT, **kw)
             text = resp.data.decode("utf-8", errors="replace")
             resp.release_conn()
             self.read_at = started
+            if fresh:  # first sight of this pod (or a restarted one): its whole log
+                self.log(f"trainjob {self.name}: following pod {pod}")
+                self.pod, self.cursor = pod, (None, 0)
         except self.ApiException as e:
             if e.status in (401, 403):
                 self.logs_ok = False
