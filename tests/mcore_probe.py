@@ -1,0 +1,95 @@
+"""World-of-one megatron checks, run by tests/test_megatron.py in a subprocess (megatron's parallel state is
+process-global, so it stays out of the pytest process). Prints one JSON line.
+
+    python tests/mcore_probe.py exactness FAMILY_DIR
+    python tests/mcore_probe.py joint-loss FAMILY_DIR
+"""
+import json
+import sys
+
+import torch
+
+import ruyi_core  # noqa: F401
+from ruyi_core.family.io import load_family
+from ruyi_core.megatron.ckpt import init_distributed
+from ruyi_core.megatron.convert import hf_to_megatron, load_into, megatron_to_hf
+from ruyi_core.megatron.cpu import cpu_shim, seed_everything
+from ruyi_core.megatron.model import build_model, causal_mask
+
+
+def setup(family_dir):
+    from megatron.core import parallel_state as ps
+
+    init_distributed()
+    fam, _ = load_family(family_dir)
+    ps.initialize_model_parallel(1, 1)
+    seed_everything(0)
+    model = build_model(fam.config, seq_length=16)
+    load_into(model, hf_to_megatron(fam.state_dict(), fam.config))
+    return fam, model
+
+
+def exactness(family_dir):
+    fam, model = setup(family_dir)
+    back = megatron_to_hf(model.state_dict(), fam.config)
+    hf_sd = fam.state_dict()
+    roundtrip = set(back) == set(hf_sd) and all(torch.equal(back[k], hf_sd[k]) for k in hf_sd)
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for b, s in [(1, 5), (2, 12), (3, 16)]:
+        ids = torch.randint(3, fam.config.vocab_size, (b, s), generator=g)
+        got = {}
+        with torch.no_grad():
+            model.eval()
+            model(ids, torch.arange(s).unsqueeze(0).expand(b, -1), causal_mask(s), logits_out=got)
+            want = fam.forward_exits(ids).logits
+        for k, p in enumerate(fam.config.early_exit_points):
+            worst = max(worst, (got[k] - want[p]).abs().max().item())
+    return {"roundtrip_exact": roundtrip, "max_logit_diff": worst}
+
+
+def joint_loss(family_dir):
+    """The attached exit losses give exactly the gradient of sum_k w_k L_k."""
+    fam, model = setup(family_dir)
+    n = len(fam.config.early_exit_points)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, fam.config.vocab_size, (2, 12), generator=g)
+    labels = torch.roll(ids, -1, 1)
+    mask = torch.ones(2, 12)
+    pos = torch.arange(12).unsqueeze(0).expand(2, -1)
+
+    def grads(weights):
+        model.zero_grad(set_to_none=True)
+        out = model(ids, pos, causal_mask(12), labels=labels, loss_mask=mask, exit_weights=weights)
+        out.backward()
+        flat = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
+                          for p in model.parameters()])
+        touched = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().max() > 0}
+        return flat, {k: v.item() for k, v in model.last_exit_losses.items()}, touched
+
+    base = [0.5, 0.8, 1.0][:n]
+    g_base, losses, _ = grads(base)
+    runs = [grads([1.0 if j == k else 0.0 for j in range(n)]) for k in range(n)]
+    one_hot, touched0 = [r[0] for r in runs], runs[0][2]
+    combo = sum(w * gk for w, gk in zip(base, one_hot))
+    bumped = list(base)
+    bumped[0] += 0.25
+    g_bumped, _, _ = grads(bumped)
+    with torch.no_grad():
+        hf = fam.forward_exits(ids, labels=None).logits
+    ref = {k: torch.nn.functional.cross_entropy(hf[p].flatten(0, 1), labels.flatten()).item()
+           for k, p in enumerate(fam.config.early_exit_points)}
+    return {
+        "loss_vs_reference": max(abs(losses[k] - ref[k]) for k in ref),
+        "grad_vs_weighted_sum": (g_base - combo).abs().max().item(),
+        "bump_vs_exit0_grad": (g_bumped - g_base - 0.25 * one_hot[0]).abs().max().item(),
+        "exit0_grad_norm": one_hot[0].norm().item(),
+        # exit 0's loss reaches its own branch and the trunk below it, never the last exit's head
+        "exit0_touches": sorted({n.split(".")[0] + "." + n.split(".")[1] for n in touched0}),
+    }
+
+
+if __name__ == "__main__":
+    with cpu_shim():
+        result = {"exactness": exactness, "joint-loss": joint_loss}[sys.argv[1]](sys.argv[2])
+    print(json.dumps(result))

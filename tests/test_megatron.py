@@ -1,0 +1,174 @@
+"""megatron-core training of the family: exactness against the HF family, the joint loss, parity between
+parallel layouts (torchrun, 2 processes, gloo), exact resume after SIGKILL, and layout errors."""
+import inspect
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import randomize_
+
+from ruyi_core.errors import RuyiError
+from ruyi_core.family.convert import build_preset_base, family_from_base
+from ruyi_core.family.io import save_family
+from ruyi_core.spec import parse_spec
+
+HERE = Path(__file__).parent
+EXITS = [1, 2, 3]  # micro: 4 layers; with PP=2 exit 1 is on stage 0, exits 2 and 3 on stage 1
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A micro family (exits apart from each other), its megatron checkpoint and a packed corpus."""
+    from transformers import AutoTokenizer
+
+    from ruyi_core.data import world
+    from ruyi_core.data.pack import prepare_corpus
+
+    d = tmp_path_factory.mktemp("mcore")
+    base, tok = build_preset_base("micro")
+    save_family(randomize_(family_from_base(base, EXITS), seed=4).eval(), tok, d / "family")
+    prepare_corpus(world.pretrain_records(300), "pretrain", AutoTokenizer.from_pretrained(d / "family"),
+                   d / "packed", 10**6)
+    subprocess.run([sys.executable, "-m", "ruyi_core.megatron.ckpt", "from-hf", "--family", str(d / "family"),
+                    "--out", str(d / "init")], check=True, capture_output=True)
+    return d
+
+
+def probe(mode: str, family: Path) -> dict:
+    r = subprocess.run([sys.executable, str(HERE / "mcore_probe.py"), mode, str(family)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_hf_megatron_hf_exact_and_logits_match(workdir):
+    out = probe("exactness", workdir / "family")
+    assert out["roundtrip_exact"] and out["max_logit_diff"] <= 1e-5
+
+
+def test_joint_loss_is_the_weighted_sum_of_exit_losses(workdir):
+    out = probe("joint-loss", workdir / "family")
+    assert out["loss_vs_reference"] < 1e-5  # each exit's loss equals HF cross-entropy at that exit
+    assert out["grad_vs_weighted_sum"] < 1e-5  # grad(sum w_k L_k) == sum w_k grad(L_k)
+    assert out["bump_vs_exit0_grad"] < 1e-5 < out["exit0_grad_norm"]  # +0.25 on w_0 adds 0.25 grad(L_0)
+    assert not any(t.startswith("final.") for t in out["exit0_touches"])
+    assert any(t.startswith("branches.0") for t in out["exit0_touches"])
+
+
+def spec_file(d: Path, name: str, parallel: dict, steps: int = 10, bucket: str = "ruyi") -> Path:
+    spec = {"family": {"name": "micro", "base": "micro", "exit_points": EXITS}, "store": {"bucket": bucket},
+            "train": {"parallel": parallel, "cpt": {"steps": steps, "micro_batch_size": 4, "global_batch_size": 8,
+                                                    "seq_length": 32, "save_every": 3, "lr": 3e-3,
+                                                    "warmup_steps": 1}}}
+    path = d / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def train(d: Path, name: str, parallel: dict, extra: list[str] = (), bucket: str = "ruyi",
+          **popen) -> subprocess.Popen:
+    nproc = parallel.get("tp", 1) * parallel.get("pp", 1) * parallel.get("dp", 1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+           str(29500 + hash(name) % 1000), "-m", "ruyi_core.megatron.trainer", "--stage", "cpt",
+           "--spec", str(spec_file(d, name, parallel, bucket=bucket)), "--family", str(d / "family"), "--init", str(d / "init"),
+           "--data", str(d / "packed"), "--out", str(d / name), *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **popen)
+
+
+def losses(d: Path, name: str) -> list[list[float]]:
+    return [json.loads(line)["exits"] for line in (d / name / "cpt_losses.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(workdir):
+    p = train(workdir, "tp1", {})
+    out = p.communicate()[0]
+    assert p.returncode == 0, out[-3000:]
+    return losses(workdir, "tp1")
+
+
+@pytest.mark.parametrize("layout", [{"tp": 2}, {"pp": 2}, {"dp": 2}], ids=["tp2", "pp2", "dp2"])
+def test_parallel_layouts_match_tp1(workdir, reference, layout):
+    name = "_".join(f"{k}{v}" for k, v in layout.items())
+    p = train(workdir, name, layout)
+    out = p.communicate()[0]
+    assert p.returncode == 0, out[-3000:]
+    got = losses(workdir, name)
+    assert len(got) == len(reference) == 10
+    assert max(abs(a - b) for r, s in zip(reference, got) for a, b in zip(r, s)) <= 2e-3
+    assert all(r[-1] < r[0] for r in zip(*got))  # every exit's loss falls
+
+
+def test_sigkill_then_resume_repeats_the_loss_sequence_exactly(workdir, reference, s3_server):
+    """Checkpoints go to the store; the resumed run finds the latest complete one there."""
+    env = {**os.environ, **s3_server.env()}
+    spec = parse_spec({"store": {"bucket": "killres"}})
+    from ruyi_core.store import ArtifactStore
+
+    ArtifactStore.from_spec(spec.store, env=env)  # creates the bucket
+    extra = ["--ckpt-prefix", "runs/kill/cpt/checkpoints", "--resume"]
+    p = train(workdir, "killed", {}, extra, bucket="killres", env=env)
+    seen = []
+    for line in p.stdout:
+        seen.append(line)
+        if "step 5/10" in line:
+            os.killpg(p.pid, signal.SIGKILL)
+            break
+    p.wait()
+    assert p.returncode != 0 and (workdir / "killed" / "checkpoints").is_dir(), "".join(seen)[-3000:]
+    import shutil
+
+    shutil.rmtree(workdir / "killed" / "checkpoints")  # the store's copy must be enough
+    p = train(workdir, "killed", {}, extra, bucket="killres", env=env)
+    out = p.communicate()[0]
+    assert p.returncode == 0, out[-3000:]
+    assert "resumed from iter_0000003" in out
+    assert losses(workdir, "killed") == reference  # bit-exact, every exit, every step
+
+
+def test_bad_layouts_stop_before_any_process(capsys):
+    from ruyi_core.megatron.launch import validate_layout
+
+    cfg = {"num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4, "vocab_size": 512}
+
+    def spec(**train):
+        return parse_spec({"family": {"base": "micro", "exit_points": EXITS}, "train": train})
+
+    with pytest.raises(RuyiError, match=r"tp = 4 must divide the 4 attention heads and 2 KV heads"):
+        validate_layout(spec(parallel={"tp": 4}), cfg, "cpt")
+    with pytest.raises(RuyiError, match=r"pp = 3 must divide the 4 layers"):
+        validate_layout(spec(parallel={"pp": 3}), cfg, "cpt")
+    with pytest.raises(RuyiError, match=r"world size tp x pp x dp = 2 does not match nodes x gpus_per_node = 8"):
+        validate_layout(spec(parallel={"dp": 2}, launcher="trainjob"), cfg, "cpt")
+    with pytest.raises(RuyiError, match=r"global_batch_size = 10 must be a multiple"):
+        validate_layout(spec(parallel={"dp": 2}, cpt={"global_batch_size": 10, "micro_batch_size": 4}), cfg, "cpt")
+
+
+def test_cpu_shim_canary():
+    """Fails loudly when a megatron-core upgrade makes a patch of the CPU shim wrong or unneeded."""
+    from megatron.core.models.common.embeddings import rotary_pos_embedding
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as moptim
+    from megatron.core.tensor_parallel import random as mrandom
+
+    from ruyi_core.megatron.cpu import clip_grad_by_total_norm_cpu, cpu_shim
+
+    assert "torch.cuda.FloatTensor" in inspect.getsource(clip_grads.clip_grad_by_total_norm_fp32)
+    assert moptim.clip_grad_by_total_norm_fp32 is clip_grads.clip_grad_by_total_norm_fp32
+    assert "torch.cuda.current_device()" in inspect.getsource(rotary_pos_embedding.RotaryEmbedding)
+    assert hasattr(mrandom, "_CUDA_RNG_STATE_TRACKER") and hasattr(mrandom, "_CUDA_RNG_STATE_TRACKER_INITIALIZED")
+    if torch.cuda.is_available():
+        pytest.skip(reason="the shim is a no-op where CUDA exists")
+    with cpu_shim():
+        assert moptim.clip_grad_by_total_norm_fp32 is clip_grad_by_total_norm_cpu
+        assert torch.zeros(2, device="cuda").device.type == "cpu"
+        with mrandom.get_cuda_rng_tracker().fork():
+            pass
+    assert moptim.clip_grad_by_total_norm_fp32 is clip_grads.clip_grad_by_total_norm_fp32
