@@ -31,6 +31,7 @@ class _TaskLog(io.TextIOBase):
     """Tees the local runner's chatty output to a log file and shows one line per task event."""
 
     _event = re.compile(r"(Executing task|Task .* finished with status|Task .* cache hit|Pipeline .* finished)")
+    _progress = re.compile(r"\[(cpt|sft)\] step \d+/\d+")  # the trainer's progress lines
     _ansi = re.compile(r"\x1b\[[0-9;]*m")
 
     def __init__(self, log, show):
@@ -44,6 +45,8 @@ class _TaskLog(io.TextIOBase):
                 msg = clean.split(" - INFO - ", 1)[-1]
                 self.events.append(msg)
                 self.show(msg)
+            elif self._progress.search(clean):
+                self.show("  " + clean[self._progress.search(clean).start():])
         return len(s)
 
     def flush(self) -> None:

@@ -139,6 +139,37 @@ def generate(prompt: str = typer.Argument(..., help="the user message"),
     print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
 
 
+@app.command("train")
+def train_cmd(stage: str = typer.Option(..., help="cpt or sft"),
+              spec: Path = typer.Option(..., help="run spec YAML (train section: steps, parallel layout, launcher)"),
+              family: str = typer.Option(..., help="s3:// URI of the family artifact to train"),
+              data: str = typer.Option(..., help="s3:// URI of the packed dataset artifact"),
+              run_id: str = typer.Option(None, help="run id (default: from the spec and the inputs)")):
+    """Joint multi-exit CPT or SFT on megatron-core: torchrun here, or a TrainJob (train.launcher).
+    Checkpoints go to the store; running the same command again resumes from the latest complete one."""
+    import hashlib
+    import os
+
+    from ruyi_core.megatron.launch import train_stage
+    from ruyi_core.spec import load_spec
+    from ruyi_core.stages import workdir
+    from ruyi_core.store import ArtifactStore
+
+    if stage not in ("cpt", "sft"):
+        raise RuyiError(f"--stage must be cpt or sft, got {stage!r}")
+    for name, uri in (("--family", family), ("--data", data)):
+        if not uri.startswith("s3://"):
+            raise RuyiError(f"{name} must be an s3:// artifact URI (the pipeline's init_family / prepare_data "
+                            f"outputs), got {uri!r}")
+    s = load_spec(spec)
+    store = ArtifactStore.from_spec(s.store, env=os.environ)
+    rid = run_id or f"{s.family.name}-" + hashlib.sha256(f"{s.fingerprint()}{family}{data}".encode()).hexdigest()[:12]
+    with workdir(stage) as work:
+        out = train_stage(s, store, stage, rid, family, data, work, log=lambda m: console.print(m, highlight=False))
+    console.print(f"trained family: [bold]{out['uri']}[/]\nfinal loss per exit: "
+                  + ", ".join(f"exit {p}: {v:.3f}" for p, v in zip(out["exit_points"], out["final_exit_losses"])))
+
+
 @pipeline_app.command("compile")
 def pipeline_compile(spec: Path = typer.Option(..., help="run spec YAML"),
                      out: Path = typer.Option(..., help="pipeline IR YAML to write")):

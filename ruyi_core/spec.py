@@ -202,12 +202,53 @@ class TrainSpec(_Strict):
     trainjob: TrainJobSpec = Field(default_factory=TrainJobSpec)
 
 
+class DaeSpec(_Strict):
+    """DaE for one tier: Stable Block Expansion (zero-residual random blocks), then SVD compression."""
+
+    enabled: bool = True
+    tier: str = "end"
+    blocks: int = Field(3, ge=1)
+    init: Literal["zero", "clone"] = "zero"  # clone: copies of the branch block (the report's ablation)
+    std: float = Field(0.02, gt=0)
+    cpt: TrainStageSpec = Field(default_factory=lambda: TrainStageSpec(steps=40, lr=2e-3, min_lr=2e-4))
+    sft: TrainStageSpec = Field(default_factory=lambda: TrainStageSpec(steps=30, lr=1e-3, min_lr=1e-4))
+    svd_ratio: float = Field(0.4, gt=0, lt=1)  # fraction of the added parameters to remove
+    sweep: list[float] = [0.2, 0.4, 0.6]
+    calib_samples: int = Field(64, ge=1)
+
+    @field_validator("sweep")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        if any(not 0 < r < 1 for r in v):
+            raise ValueError(f"every sweep ratio must be in (0, 1), got {v}")
+        return v
+
+
+class RlSpec(_Strict):
+    """GRPO on one tier with verifiable rewards (exact answer, answer format)."""
+
+    enabled: bool = True
+    tier: str = "end"
+    group_size: int = Field(4, ge=2)  # G completions per prompt
+    steps: int = Field(20, ge=1)
+    prompts_per_step: int = Field(4, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    beta: float = Field(0.0, ge=0)  # KL to the reference policy
+    clip_eps: float = Field(0.2, gt=0)
+    max_new_tokens: int = Field(24, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    heldout_prompts: int = Field(32, ge=1)
+    seed: int = 0
+
+
 class RunSpec(_Strict):
     family: FamilySpec = Field(default_factory=FamilySpec)
     data: DataSpec = Field(default_factory=DataSpec)
     store: StoreSpec = Field(default_factory=StoreSpec)
     pipeline: PipelineSpec = Field(default_factory=PipelineSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
+    dae: DaeSpec = Field(default_factory=DaeSpec)
+    rl: RlSpec = Field(default_factory=RlSpec)
 
     def fingerprint(self) -> str:
         """Hash of the whole spec, recorded in every artifact manifest."""

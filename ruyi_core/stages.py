@@ -153,15 +153,14 @@ def prepare_data(spec: RunSpec, store: ArtifactStore, kind: str, raw_uri: str, f
     return {"uri": uri, **meta}
 
 
-def train(spec: RunSpec, store: ArtifactStore, stage: str, run_id: str, family_uri: str, packed: list[dict],
-          log=print) -> dict:
+def train(spec: RunSpec, store: ArtifactStore, stage: str, run_id: str, family_uri: str, packed: list[dict]) -> dict:
     """Joint multi-exit CPT or SFT on megatron-core (local torchrun or a TrainJob, from the spec)."""
     from ruyi_core.megatron.launch import train_stage
 
     kind = "pretrain" if stage == "cpt" else "sft"
     (data_uri,) = [d["uri"] for d in packed if d["kind"] == kind]
     with workdir(stage) as work:
-        return train_stage(spec, store, stage, run_id, family_uri, data_uri, work, log=log)
+        return train_stage(spec, store, stage, run_id, family_uri, data_uri, work)
 
 
 def export_tier(spec: RunSpec, store: ArtifactStore, run_id: str, family_uri: str, tier: str) -> dict:

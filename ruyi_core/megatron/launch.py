@@ -44,6 +44,10 @@ def validate_layout(spec: RunSpec, family_cfg: dict, stage: str) -> None:
                         "train a family with shared_heads: false")
 
 
+def _print(line: str) -> None:
+    print(line, flush=True)  # our stdout is a pipe when a pipeline step runs us: no block buffering
+
+
 def _run(cmd: list[str], log, env: dict | None = None) -> None:
     """Streams a child's output; a failure becomes one line (the child's own `error:` line when it has one)."""
     tail: deque[str] = deque(maxlen=40)
@@ -75,7 +79,7 @@ def _free_port() -> int:
 
 
 def train_stage(spec: RunSpec, store, stage: str, run_id: str, family_uri: str, data_uri: str,
-                work: Path, log=print) -> dict:
+                work: Path, log=_print) -> dict:
     """Trains the family at `family_uri` on the packed dataset at `data_uri`; returns the trained family's
     artifact (an HF family with per-exit loss logs and curves)."""
     import json
@@ -95,7 +99,8 @@ def train_stage(spec: RunSpec, store, stage: str, run_id: str, family_uri: str, 
         store.put_artifact(f"{key}/init", work / "init", stage=f"{stage}_init", spec_hash=spec.fingerprint(),
                            inputs=[family_uri])
     args = ["--stage", stage, "--spec", spec.model_dump_json(), "--family", family_uri, "--init", init_uri,
-            "--data", data_uri, "--ckpt-prefix", f"{key}/checkpoints", "--resume"]
+            "--data", data_uri, "--ckpt-prefix", f"{key}/checkpoints", "--resume",
+            "--log-every", str(max(1, getattr(spec.train, stage).steps // 10))]
     if spec.train.launcher == "local":
         _run(torchrun(spec.train.parallel.world_size, "ruyi_core.megatron.trainer", [*args, "--out", str(work / "run")]),
              log)
