@@ -169,6 +169,17 @@ class TrainStageSpec(_Strict):
     recompute: bool = False
     loss: LossSpec = Field(default_factory=LossSpec)
 
+    @model_validator(mode="after")
+    def _schedule(self) -> "TrainStageSpec":
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"global_batch_size ({self.global_batch_size}) must be a multiple of "
+                             f"micro_batch_size ({self.micro_batch_size})")
+        return self
+
 
 class ParallelSpec(_Strict):
     tp: int = Field(1, ge=1)

@@ -16,6 +16,8 @@ class RuyiConfig(Qwen3Config):
     tiers: dict[str, int] | None = None
     # Decoder block flavour of the base: "qwen3" (q/k norms) or "qwen2" (q/k/v biases), for published imports.
     base_arch: str = "qwen3"
+    # DaE: exit point (as a string, JSON keys) -> number of blocks appended after that exit's branch block.
+    expansions: dict[str, int] | None = None
 
     def __post_init__(self, **kwargs):
         self.tie_word_embeddings = False  # one head per exit: nothing is tied to the embeddings
@@ -37,6 +39,17 @@ class RuyiConfig(Qwen3Config):
             raise ValueError(f"default_early_exit_point {self.default_early_exit_point} is not an exit")
         if self.base_arch not in ("qwen3", "qwen2"):
             raise ValueError(f"base_arch must be qwen3 or qwen2, got {self.base_arch!r}")
+        for p, extra in (self.expansions or {}).items():
+            # Added blocks use KV-cache slots p+1..p+extra, free because a cache belongs to one exit.
+            if int(p) not in pts[:-1] or extra < 1 or int(p) + extra > n - 1:
+                raise ValueError(f"expansion of exit {p} by {extra} blocks: only early exits expand, by 1 to "
+                                 f"{n - 1 - int(p)} blocks")
+
+    def expansion(self, exit_point: int) -> int:
+        return (self.expansions or {}).get(str(exit_point), 0)
+
+    def tier_depth(self, exit_point: int) -> int:
+        return exit_point + 1 + self.expansion(exit_point)
 
     def exit_index(self, exit_point: int) -> int:
         if exit_point not in self.early_exit_points:

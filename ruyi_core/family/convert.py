@@ -135,8 +135,7 @@ def tier_state_dict(family: RuyiForCausalLM, exit_point: int) -> dict[str, torch
     k = family.config.exit_index(exit_point)
     m = family.model
     sd = {"model.embed_tokens.weight": m.embed_tokens.weight}
-    blocks = [*m.layers[:exit_point], m.branch_block(k)]
-    for i, block in enumerate(blocks):
+    for i, block in enumerate(m.tier_blocks(exit_point)):
         sd.update({f"model.layers.{i}.{n}": t for n, t in block.state_dict().items()})
     sd["model.norm.weight"] = m.norms[k].weight
     sd["lm_head.weight"] = family.head(exit_point).weight
@@ -146,8 +145,9 @@ def tier_state_dict(family: RuyiForCausalLM, exit_point: int) -> dict[str, torch
 def tier_config(family: RuyiForCausalLM, exit_point: int):
     c = family.config
     kw = {f: getattr(c, f) for f in _ARCH_FIELDS}
-    kw.update(num_hidden_layers=exit_point + 1, rope_parameters=c.rope_parameters, tie_word_embeddings=False,
-              layer_types=c.layer_types[: exit_point + 1], max_window_layers=min(c.max_window_layers, exit_point + 1))
+    depth = c.tier_depth(exit_point)
+    kw.update(num_hidden_layers=depth, rope_parameters=c.rope_parameters, tie_word_embeddings=False,
+              layer_types=c.layer_types[:depth], max_window_layers=min(c.max_window_layers, depth))
     if c.base_arch == "qwen2":
         return Qwen2Config(**kw, architectures=["Qwen2ForCausalLM"])
     return Qwen3Config(**kw, head_dim=c.head_dim, attention_bias=c.attention_bias,

@@ -69,7 +69,7 @@ def export_tiers(family: RuyiForCausalLM, tok, out_dir: str | Path, tiers: list[
     for tier in names:
         p = cfg.tier_exit(tier)
         path = export_tier(family, tier, Path(out_dir) / tier, tok)
-        rows.append({"tier": tier, "exit_point": p, "depth": p + 1, "parameters": family.tier_parameter_count(p),
+        rows.append({"tier": tier, "exit_point": p, "depth": cfg.tier_depth(p), "parameters": family.tier_parameter_count(p),
                      "weight_bytes": dir_bytes(path, "*.safetensors"), "path": str(path),
                      "sample": greedy_sample(family, tok, exit_point=p)})
     return rows

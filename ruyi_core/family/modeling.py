@@ -57,11 +57,21 @@ class RuyiModel(RuyiPreTrainedModel):
         self.norms = nn.ModuleList(
             Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps) for _ in config.early_exit_points
         )
+        # DaE: blocks appended after an exit's branch block, before its norm (keyed by exit point).
+        self.expanded = nn.ModuleDict({
+            p: nn.ModuleList(layer_cls(config, int(p) + 1 + j) for j in range(n))
+            for p, n in (config.expansions or {}).items()})
         self.rotary_emb = Qwen3RotaryEmbedding(config=config)
         self.post_init()
 
     def branch_block(self, k: int) -> nn.Module:
         return self.eelayers[k] if k < len(self.eelayers) else self.layers[-1]
+
+    def tier_blocks(self, exit_point: int) -> list[nn.Module]:
+        """The blocks of exit p's standalone model, in order: trunk 0..p-1, branch block, added blocks."""
+        k = self.config.exit_index(exit_point)
+        extra = list(self.expanded[str(exit_point)]) if str(exit_point) in self.expanded else []
+        return [*self.layers[:exit_point], self.branch_block(k), *extra]
 
     def _masks(self, embeds, attention_mask, past_key_values, position_ids) -> dict:
         kw = dict(config=self.config, inputs_embeds=embeds, attention_mask=attention_mask,
@@ -109,7 +119,10 @@ class RuyiModel(RuyiPreTrainedModel):
             start = 0 if not out else exits[len(out) - 1]
             for i in range(start, p):
                 h = run(self.layers[i], h, i)
-            out[p] = self.norms[k](run(self.branch_block(k), h, p))
+            b = run(self.branch_block(k), h, p)
+            for j, block in enumerate(self.expanded[str(p)] if str(p) in self.expanded else []):
+                b = run(block, b, p + 1 + j)
+            out[p] = self.norms[k](b)
         return out, past_key_values
 
 
@@ -156,8 +169,7 @@ class RuyiForCausalLM(RuyiPreTrainedModel, GenerationMixin):
         return FamilyOutput(logits=logits, losses=losses)
 
     def tier_parameter_count(self, exit_point: int) -> int:
-        """Parameters a standalone export of this exit holds: embeddings, p+1 blocks, norm, head."""
+        """Parameters a standalone export of this exit holds: embeddings, its blocks, norm, head."""
         k, m = self.config.exit_index(exit_point), self.model
-        blocks = [*m.layers[:exit_point], m.branch_block(k)]
-        mods = [m.embed_tokens, *blocks, m.norms[k], self.head(exit_point)]
+        mods = [m.embed_tokens, *m.tier_blocks(exit_point), m.norms[k], self.head(exit_point)]
         return sum(t.numel() for mod in mods for t in mod.parameters())

@@ -69,6 +69,9 @@ def hf_to_megatron(sd: dict, cfg) -> dict:
         out.update(block_to_megatron(sd, f"model.layers.{i}.", f"decoder.layers.{i}.", cfg))
     for k in range(last):
         out.update(block_to_megatron(sd, f"model.eelayers.{k}.", f"branches.{k}.layer.", cfg))
+        for j in range(cfg.expansion(cfg.early_exit_points[k])):
+            out.update(block_to_megatron(sd, f"model.expanded.{cfg.early_exit_points[k]}.{j}.",
+                                         f"branches.{k}.extra.{j}.", cfg))
         out[f"branches.{k}.head.norm.weight"] = sd[f"model.norms.{k}.weight"]
         out[f"branches.{k}.head.output_layer.weight"] = sd[_head_key(cfg, k)]
     return out
@@ -85,6 +88,9 @@ def megatron_to_hf(sd: dict, cfg) -> dict:
         out.update(block_to_hf(sd, f"decoder.layers.{i}.", f"model.layers.{i}.", cfg))
     for k in range(last):
         out.update(block_to_hf(sd, f"branches.{k}.layer.", f"model.eelayers.{k}.", cfg))
+        for j in range(cfg.expansion(cfg.early_exit_points[k])):
+            out.update(block_to_hf(sd, f"branches.{k}.extra.{j}.", f"model.expanded.{cfg.early_exit_points[k]}.{j}.",
+                                   cfg))
         out[f"model.norms.{k}.weight"] = sd[f"branches.{k}.head.norm.weight"]
         if not cfg.shared_heads:
             out[f"lm_head.{k}.weight"] = sd[f"branches.{k}.head.output_layer.weight"]

@@ -33,6 +33,7 @@ class FamilyShape:
     max_seq_length: int
     rope_theta: float
     base_arch: str = "qwen3"
+    expansions: tuple[tuple[int, int], ...] = ()  # DaE: (exit point, blocks appended after its branch block)
 
 
 def transformer_config(hf_cfg, tp: int = 1, pp: int = 1, bf16: bool = False, recompute: bool = False,
@@ -124,14 +125,23 @@ class ExitHead(MegatronModule):
 
 
 class Branch(MegatronModule):
-    """Exit k's own decoder block (a sibling of trunk layer p_k) and its head."""
+    """Exit k's own decoder block (a sibling of trunk layer p_k), any DaE blocks after it, and its head."""
 
-    def __init__(self, config: TransformerConfig, spec, exit_point: int, vocab_size: int, pp_rank: int):
+    def __init__(self, config: TransformerConfig, spec, exit_point: int, vocab_size: int, pp_rank: int,
+                 added: int = 0):
         super().__init__(config=config)
         # TransformerLayer adds the stage's layer offset itself; its global number is p + 1.
         offset = get_transformer_layer_offset(config, None, pp_rank)
         self.layer = build_module(spec, config=config, layer_number=exit_point + 1 - offset)
+        self.extra = torch.nn.ModuleList(build_module(spec, config=config, layer_number=exit_point + 2 + j - offset)
+                                         for j in range(added))
         self.head = ExitHead(config, vocab_size)
+
+    def forward(self, h, attention_mask, rope):
+        out, _ = self.layer(hidden_states=h, attention_mask=attention_mask, rotary_pos_emb=rope)
+        for block in self.extra:
+            out, _ = block(hidden_states=out, attention_mask=attention_mask, rotary_pos_emb=rope)
+        return out
 
 
 class FamilyGPT(MegatronModule):
@@ -157,8 +167,9 @@ class FamilyGPT(MegatronModule):
         local = range(self.first_layer, self.first_layer + len(self.decoder.layers))
         # Exits whose branch lives here, keyed by their index k among the family's exits.
         self.local_exits = {k: p for k, p in enumerate(shape.exit_points[:-1]) if p in local}
+        added = dict(shape.expansions)
         self.branches = torch.nn.ModuleList(
-            Branch(config, spec, p, shape.vocab_size, pp_rank) for p in self.local_exits.values())
+            Branch(config, spec, p, shape.vocab_size, pp_rank, added.get(p, 0)) for p in self.local_exits.values())
         if post_process:
             self.final = ExitHead(config, shape.vocab_size)
         self.input_tensor = None
@@ -166,6 +177,15 @@ class FamilyGPT(MegatronModule):
     def set_input_tensor(self, input_tensor):
         """Pipeline schedules hand a non-first stage its input here."""
         self.input_tensor = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
+
+    def train_only(self, exit_point: int) -> None:
+        """DaE: freeze everything but exit p's added blocks and output layer (on the stage that has them)."""
+        for prm in self.parameters():
+            prm.requires_grad = False
+        for (k, p), b in zip(self.local_exits.items(), self.branches):
+            if p == exit_point:
+                for prm in [*b.extra.parameters(), *b.head.output_layer.parameters()]:
+                    prm.requires_grad = True
 
     def exits_here(self) -> list[int]:
         """Exit indices whose loss this stage computes."""
@@ -184,7 +204,7 @@ class FamilyGPT(MegatronModule):
         for i, layer in enumerate(self.decoder.layers):
             if (self.first_layer + i) in branch_at:
                 k, branch = branch_at[self.first_layer + i]
-                out, _ = branch.layer(hidden_states=h, attention_mask=attention_mask, rotary_pos_emb=rope)
+                out = branch(h, attention_mask, rope)
                 if logits_out is not None:
                     logits_out[k] = branch.head.logits(out).transpose(0, 1)
                 if labels is not None:
@@ -227,5 +247,6 @@ def build_model(hf_cfg, tp: int = 1, pp: int = 1, seq_length: int = 256, bf16: b
     cfg = transformer_config(hf_cfg, tp, pp, bf16, recompute)
     rope = hf_cfg.rope_parameters.get("rope_theta", 10000.0) if hf_cfg.rope_parameters else 10000.0
     shape = FamilyShape(tuple(hf_cfg.early_exit_points), hf_cfg.vocab_size,
-                        max(seq_length, hf_cfg.max_position_embeddings), rope, hf_cfg.base_arch)
+                        max(seq_length, hf_cfg.max_position_embeddings), rope, hf_cfg.base_arch,
+                        tuple((int(p), n) for p, n in (hf_cfg.expansions or {}).items()))
     return FamilyGPT(cfg, shape, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())

@@ -24,9 +24,18 @@ from ruyi_core.megatron import ckpt
 from ruyi_core.megatron.cpu import cpu_shim, seed_everything
 
 
+# Stage -> (spec section, attribute). DaE stages train only the expanded tier's new blocks and head.
+STAGES = {"cpt": ("train", "cpt"), "sft": ("train", "sft"), "dae_cpt": ("dae", "cpt"), "dae_sft": ("dae", "sft")}
+
+
+def stage_spec(spec, stage: str):
+    section, attr = STAGES[stage]
+    return getattr(getattr(spec, section), attr)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="ruyi_core.megatron.trainer")
-    ap.add_argument("--stage", choices=["cpt", "sft"], required=True)
+    ap.add_argument("--stage", choices=list(STAGES), required=True)
     ap.add_argument("--spec", required=True, help="run spec: a YAML/JSON file, or the JSON itself")
     ap.add_argument("--family", required=True, help="HF family (URI or dir): the model's config")
     ap.add_argument("--init", help="megatron checkpoint to start from (URI or dir)")
@@ -144,7 +153,7 @@ def train(args: argparse.Namespace) -> None:
     from ruyi_core.spec import load_spec, parse_spec_yaml
 
     spec = parse_spec_yaml(args.spec) if args.spec.lstrip().startswith("{") else load_spec(args.spec)
-    par, st = spec.train.parallel, getattr(spec.train, args.stage)
+    par, st = spec.train.parallel, stage_spec(spec, args.stage)
     cuda = torch.cuda.is_available()
     ps.initialize_model_parallel(par.tp, par.pp)
     seed_everything(st.seed)
@@ -153,6 +162,9 @@ def train(args: argparse.Namespace) -> None:
     data_dir = io.fetch(args.data, "data")
     exits = list(hf_cfg.early_exit_points)
     model = build_model(hf_cfg, par.tp, par.pp, st.seq_length, bf16=cuda, recompute=st.recompute)
+    only = hf_cfg.tiers[spec.dae.tier] if args.stage.startswith("dae_") else None
+    if only is not None:
+        model.train_only(only)
     if cuda:
         model.cuda()
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
@@ -204,7 +216,8 @@ def train(args: argparse.Namespace) -> None:
 
     while state["step"] < st.steps:
         step = state["step"]
-        lam = exit_weights(st.loss, len(exits), step, st.steps)
+        lam = exit_weights(st.loss, len(exits), step, st.steps) if only is None else \
+            [1.0 if p == only else 0.0 for p in exits]
         meter = ExitLossMeter(len(exits))
         first = state["consumed"] + dp_rank * n_micro * st.micro_batch_size
 

@@ -1,0 +1,1 @@
+"""DaE: Stable Block Expansion of one tier, then SVD compression of what was added."""
