@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench store-stop clean
+.PHONY: setup demo test bench store-stop clean images
 
 setup: $(STAMP)
 
@@ -37,3 +37,22 @@ store-stop: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache
+
+# Container images (images/README.md). Exits 2, building nothing, when neither docker nor podman can build.
+IMAGE_REGISTRY ?= ghcr.io/ruyi-flow
+IMAGE_TAG      ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+CONTAINER      ?= $(shell command -v docker || command -v podman)
+
+images:
+	@if [ -z "$(CONTAINER)" ]; then \
+	  echo "make images: neither docker nor podman is on PATH; install one, or build images/*/Dockerfile with your CI's builder (context: repo root)" >&2; \
+	  exit 2; fi
+	@$(CONTAINER) info >/dev/null 2>&1 || { \
+	  echo "make images: $(CONTAINER) is installed but cannot reach its daemon/service; start it (or use podman) and rerun" >&2; \
+	  exit 2; }
+	@# BuildKit reads images/*/Dockerfile.dockerignore itself; podman needs it named.
+	@set -e; for img in base trainer; do \
+	  ignore=""; case "$(CONTAINER)" in *podman) ignore="--ignorefile images/$$img/Dockerfile.dockerignore";; esac; \
+	  echo "building $(IMAGE_REGISTRY)/ruyi-$$img:$(IMAGE_TAG)"; \
+	  $(CONTAINER) build $$ignore -f images/$$img/Dockerfile -t $(IMAGE_REGISTRY)/ruyi-$$img:$(IMAGE_TAG) .; \
+	done

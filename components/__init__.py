@@ -2,6 +2,7 @@
 writes small outputs (metadata and store URIs); large artifacts live in the object store.
 
 The image set here is a default; the pipeline sets each task's image from the spec."""
+from components.dae import dae_expand, grpo, svd_compress
 from components.export_tier import export_tier
 from components.init_family import init_family
 from components.plan_run import plan_run
@@ -10,4 +11,5 @@ from components.report import report
 from components.train import train
 from components.validate_data import validate_data
 
-__all__ = ["validate_data", "plan_run", "init_family", "prepare_data", "train", "export_tier", "report"]
+__all__ = ["validate_data", "plan_run", "init_family", "prepare_data", "train", "dae_expand", "grpo", "svd_compress",
+           "export_tier", "report"]

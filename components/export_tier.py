@@ -14,6 +14,7 @@ def export_tier(spec_yaml: str, tier: str, family: Input[Model], tier_model: Out
     from ruyi_core.stages import export_tier, open_run
 
     with open_run(spec_yaml) as (spec, store):
-        result = export_tier(spec, store, family.metadata["run_id"], family.metadata["uri"], tier)
+        result = export_tier(spec, store, family.metadata["run_id"], family.metadata["uri"], tier,
+                             family.metadata.get("compressed"))
         tier_model.metadata.update(result)
         Path(tier_model.path).write_text(json.dumps(result))

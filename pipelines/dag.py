@@ -1,12 +1,14 @@
 """The DAG, readable on one screen:
 
     validate_data x kinds -> plan_run -> init_family -> prepare_data (every kind)
-                                                     -> train cpt -> train sft -> export_tier x tiers -> report
+        -> train cpt -> train sft [-> dae_expand -> train dae_cpt -> train dae_sft] [-> grpo] [-> svd_compress]
+        -> export_tier x tiers -> report
 """
 
 from kfp import dsl, kubernetes
 
-from components import export_tier, init_family, plan_run, prepare_data, report, train, validate_data
+from components import (dae_expand, export_tier, grpo, init_family, plan_run, prepare_data, report, svd_compress,
+                        train, validate_data)
 from ruyi_core.spec import RunSpec
 from ruyi_core.stages import KINDS
 
@@ -46,9 +48,21 @@ def build_pipeline(spec: RunSpec, spec_yaml: str, cluster: bool = True):
                                packed=packed.outputs["packed"]), "train").set_display_name("cpt")
         sft = on_cluster(train(spec_yaml=spec_yaml, stage="sft", family=cpt.outputs["trained"],
                                packed=packed.outputs["packed"]), "train").set_display_name("sft")
+        family = sft.outputs["trained"]
+        if spec.dae.enabled:  # the smallest tier grows, trains alone on the frozen backbone
+            exp = on_cluster(dae_expand(spec_yaml=spec_yaml, family=family), "dae_expand")
+            family = exp.outputs["expanded"]
+            for stage in ("dae_cpt", "dae_sft"):
+                family = on_cluster(train(spec_yaml=spec_yaml, stage=stage, family=family,
+                                          packed=packed.outputs["packed"]), "train").set_display_name(stage) \
+                    .outputs["trained"]
+        if spec.rl.enabled:
+            family = on_cluster(grpo(spec_yaml=spec_yaml, family=family, datasets=raws()), "grpo").outputs["policy"]
+        if spec.dae.enabled:
+            family = on_cluster(svd_compress(spec_yaml=spec_yaml, family=family, packed=packed.outputs["packed"],
+                                             expanded=exp.outputs["expanded"]), "svd_compress").outputs["compressed"]
         with dsl.ParallelFor(sorted(spec.family.tiers, key=spec.family.tiers.get)) as tier:
-            tiers = on_cluster(export_tier(spec_yaml=spec_yaml, tier=tier, family=sft.outputs["trained"]),
-                               "export_tier")
+            tiers = on_cluster(export_tier(spec_yaml=spec_yaml, tier=tier, family=family), "export_tier")
         rep = on_cluster(report(spec_yaml=spec_yaml, run_id=run.output, tiers=dsl.Collected(tiers.outputs["tier_model"]),
                                 packed=packed.outputs["packed"]), "report")
         return rep.outputs["Output"]

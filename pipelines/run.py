@@ -35,10 +35,20 @@ class _TaskLog(io.TextIOBase):
     _ansi = re.compile(r"\x1b\[[0-9;]*m")
 
     def __init__(self, log, show):
-        self.log, self.show, self.events = log, show, []
+        self.log, self.show, self.events, self._showing = log, show, [], False
 
     def write(self, s: str) -> int:
         self.log.write(s)
+        if self._showing:  # `show` printed to the redirected stdout: it belongs in the log only
+            return len(s)
+        self._showing = True
+        try:
+            self._events(s)
+        finally:
+            self._showing = False
+        return len(s)
+
+    def _events(self, s: str) -> None:
         for line in s.splitlines():
             clean = self._ansi.sub("", line).strip()
             if self._event.search(clean) and "INFO" in clean:
@@ -47,14 +57,18 @@ class _TaskLog(io.TextIOBase):
                 self.show(msg)
             elif self._progress.search(clean):
                 self.show("  " + clean[self._progress.search(clean).start():])
-        return len(s)
 
     def flush(self) -> None:
         self.log.flush()
 
 
-def run_local(spec_path: str | Path, root: str | Path = ".ruyi/kfp", show=print) -> dict:
-    """Run the whole pipeline locally. Returns the report's store URI, the run log and the task events."""
+def run_local(spec_path: str | Path, root: str | Path = ".ruyi/kfp", show=None) -> dict:
+    """Run the whole pipeline locally. Returns the report's store URI, the run log and the task events.
+    `show` receives one line per task event and training progress (default: printed to the real stdout)."""
+    import sys
+
+    real_stdout = sys.stdout
+    show = show or (lambda m: print(m, file=real_stdout, flush=True))
     from kfp import local
 
     from pipelines.dag import build_pipeline
@@ -84,7 +98,7 @@ def run_local(spec_path: str | Path, root: str | Path = ".ruyi/kfp", show=print)
                 raise RuyiError("; ".join(msgs) + f" (full log: {log_path})") from None
             raise RuyiError(f"the local pipeline failed: {e} (full log: {log_path})") from None
     return {"report_uri": task.output, "log": str(log_path), "events": tee.events,
-            "executed": sum(1 for e in tee.events if e.startswith("Executing task"))}
+            "executed": sum(1 for e in tee.events if e.startswith("Task ") and "finished with status" in e)}
 
 
 def fetch_report(spec: RunSpec, report_uri: str, dest: Path) -> dict:

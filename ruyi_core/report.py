@@ -61,6 +61,28 @@ def lineage_png(chain: list[Manifest]) -> bytes:
     return buf.getvalue()
 
 
+CAPTIONS = {"cpt": "CPT: loss per exit", "sft": "SFT: loss per exit", "dae_cpt": "DaE CPT: loss per exit",
+            "dae_sft": "DaE SFT: loss per exit", "grpo": "GRPO: reward per step",
+            "svd_compress": "SVD sweep: held-out loss vs tier size"}
+
+
+def _dae_lines(chain: list[Manifest]) -> list[str]:
+    """Measured DaE / GRPO / SVD outcomes, from the stages' manifests."""
+    by_stage = {m.stage: m.metadata for m in chain}
+    lines = []
+    if "svd_compress" in by_stage:
+        s = by_stage["svd_compress"]
+        lines += [f"- DaE tier {s['tier']}: held-out loss {s['heldout_loss_unexpanded']:.4f} unexpanded -> "
+                  f"{s['heldout_loss_dense']:.4f} after DaE training",
+                  f"- SVD at ratio {s['ratio']}: removed {s['removed_fraction']:.1%} of the added parameters, held-out "
+                  f"loss {s['heldout_loss_compressed']:.4f} ({s['relative_drop']:+.2%} relative)"]
+    if "grpo" in by_stage:
+        g = by_stage["grpo"]
+        lines.append(f"- GRPO on tier {g['tier']}: held-out mean reward {g.get('heldout_reward_before', 0):.3f} -> "
+                     f"{g.get('heldout_reward_after', 0):.3f}")
+    return (["", "## DaE and GRPO", ""] + lines) if lines else []
+
+
 TIER_COLS = [("tier", "tier"), ("exit_point", "exit"), ("depth", "depth"), ("parameters", "parameters"),
              ("weight_bytes", "bytes"), ("sample", "greedy sample"), ("uri", "store URI")]
 
@@ -77,7 +99,7 @@ def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Man
     md += ["", "## Data", "", "| kind | documents | fingerprint | packed tokens | store URI |", "|---|---|---|---|---|"]
     md += [f"| {d['kind']} | {d.get('n_docs', '')} | {d.get('fingerprint', '')[:16]} | {d.get('n_tokens', '')} "
            f"| {d['uri']} |" for d in datasets]
-    trained = [m for m in chain if m.stage in ("cpt", "sft")]
+    trained = [m for m in chain if m.stage in ("cpt", "sft", "dae_cpt", "dae_sft")]
     if trained:
         md += ["", "## Training (mean loss per exit, first step -> last step)", "",
                "| stage | steps | " + " | ".join(f"exit {p}" for p in trained[0].metadata["exit_points"]) + " |",
@@ -85,6 +107,7 @@ def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Man
         md += [f"| {m.stage} | {m.metadata['steps']} | " + " | ".join(
             f"{a:.3f} → {b:.3f}" for a, b in zip(m.metadata["first_exit_losses"], m.metadata["final_exit_losses"]))
             + " |" for m in trained]
+    md += _dae_lines(chain)
     md += ["", "## Lineage", ""] + [f"- `{m.stage}` {m.uri} (manifest sha256 {m.sha256()[:16]})" for m in chain]
     png = lineage_png(chain) if chain else b""
 
@@ -97,11 +120,12 @@ def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Man
     data_cols = [("kind", "kind"), ("n_docs", "documents"), ("n_tokens", "packed tokens"), ("uri", "store URI")]
     img = f'<img alt="lineage" src="data:image/png;base64,{base64.b64encode(png).decode()}">' if png else ""
     loss_imgs = "".join(f'<figure><img alt="{s} loss" src="data:image/png;base64,{base64.b64encode(b).decode()}">'
-                        f"<figcaption>{s}: loss per exit</figcaption></figure>" for s, b in curves.items())
+                        f"<figcaption>{CAPTIONS.get(s, s)}</figcaption></figure>" for s, b in curves.items())
+    dae = "".join(f"<li>{html.escape(line[2:])}</li>" for line in _dae_lines(chain) if line.startswith("- "))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Ruyi Flow {html.escape(run_id)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}th{{background:#f3f6fa}}</style></head><body>
 <h1>Ruyi Flow run <code>{html.escape(run_id)}</code></h1><h2>Tiers</h2>{table(tiers, TIER_COLS)}
-<h2>Training</h2>{loss_imgs or "<p>no training stage</p>"}
+<h2>Training</h2>{loss_imgs or "<p>no training stage</p>"}{f"<h2>DaE and GRPO</h2><ul>{dae}</ul>" if dae else ""}
 <h2>Data</h2>{table(datasets, data_cols)}<h2>Lineage</h2>{img}</body></html>"""
     return "\n".join(md) + "\n", page, png

@@ -113,6 +113,9 @@ class DataSpec(_Strict):
     pretrain: list[str] = ["demo"]
     sft: list[str] = ["demo"]
     rl: list[str] = ["demo"]
+    # Held out from every training stage: pretrain-kind texts for held-out loss, rl-kind prompts for reward.
+    heldout: list[str] = ["demo"]
+    rl_heldout: list[str] = ["demo"]
     seed: int = 0
     allowed_sources: list[str] = ["facts", "arithmetic", "instructions"]
     allowed_langs: list[str] = ["en"]
@@ -260,6 +263,23 @@ class RunSpec(_Strict):
     train: TrainSpec = Field(default_factory=TrainSpec)
     dae: DaeSpec = Field(default_factory=DaeSpec)
     rl: RlSpec = Field(default_factory=RlSpec)
+
+    def train_stage(self, stage: str) -> TrainStageSpec:
+        """A training stage's settings; the DaE stages train only the expanded tier's new blocks and head."""
+        stages = {"cpt": self.train.cpt, "sft": self.train.sft, "dae_cpt": self.dae.cpt, "dae_sft": self.dae.sft}
+        if stage not in stages:
+            raise ValueError(f"unknown training stage {stage!r}: one of {', '.join(stages)}")
+        return stages[stage]
+
+    @model_validator(mode="after")
+    def _tiers(self) -> "RunSpec":
+        tiers = self.family.tiers
+        for section, sub in (("dae", self.dae), ("rl", self.rl)):
+            if sub.enabled and sub.tier not in tiers:
+                raise ValueError(f"{section}.tier: unknown tier {sub.tier!r}; the family has {', '.join(tiers)}")
+        if self.dae.enabled and tiers[self.dae.tier] == self.family.exit_points[-1]:
+            raise ValueError(f"dae.tier: {self.dae.tier!r} is the deepest tier; DaE expands an early exit")
+        return self
 
     def fingerprint(self) -> str:
         """Hash of the whole spec, recorded in every artifact manifest."""

@@ -157,16 +157,21 @@ def train(spec: RunSpec, store: ArtifactStore, stage: str, run_id: str, family_u
     """Joint multi-exit CPT or SFT on megatron-core (local torchrun or a TrainJob, from the spec)."""
     from ruyi_core.megatron.launch import train_stage
 
-    kind = "pretrain" if stage == "cpt" else "sft"
+    kind = "pretrain" if stage in ("cpt", "dae_cpt") else "sft"
     (data_uri,) = [d["uri"] for d in packed if d["kind"] == kind]
     with workdir(stage) as work:
         return train_stage(spec, store, stage, run_id, family_uri, data_uri, work)
 
 
-def export_tier(spec: RunSpec, store: ArtifactStore, run_id: str, family_uri: str, tier: str) -> dict:
-    """One tier as a standalone Qwen3 checkpoint, with its summary row in the manifest's metadata."""
+def export_tier(spec: RunSpec, store: ArtifactStore, run_id: str, family_uri: str, tier: str,
+                compressed: dict | None = None) -> dict:
+    """One tier as a standalone Qwen3 checkpoint, with its summary row in the manifest's metadata. The DaE tier,
+    when `compressed` (svd_compress's result) names it, ships the compressed weights: the materialised plain
+    checkpoint plus the factored form under factored/."""
     from ruyi_core.family.io import export_tiers, load_family
 
+    if compressed and compressed.get("tier") == tier:
+        return _export_compressed(spec, store, run_id, tier, compressed)
     key = f"runs/{run_id}/export/{tier}"
     uri = store.uri(key)
     if (m := store.read_manifest(uri)) is not None:
@@ -180,6 +185,31 @@ def export_tier(spec: RunSpec, store: ArtifactStore, run_id: str, family_uri: st
         row.pop("path")
         store.put_artifact(key, work / "tiers" / tier, stage="export_tier", spec_hash=spec.fingerprint(),
                            inputs=[family_uri], metadata=row)
+    return {"uri": uri, **row}
+
+
+def _export_compressed(spec: RunSpec, store: ArtifactStore, run_id: str, tier: str, compressed: dict) -> dict:
+    import torch
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    from ruyi_core.family.io import dir_bytes, greedy_sample
+
+    key = f"runs/{run_id}/export/{tier}"
+    uri = store.uri(key)
+    if (m := store.read_manifest(uri)) is not None:
+        return {"uri": uri, **m.metadata}
+    with workdir("export") as work:
+        store.get_artifact(compressed["uri"], work / "svd")
+        out = work / "svd" / "materialized"
+        shutil.copytree(work / "svd" / "factored", out / "factored")
+        model = Qwen3ForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        row = {"tier": tier, "exit_point": compressed["exit_point"], "depth": model.config.num_hidden_layers,
+               "parameters": compressed["factored_parameters"],
+               "weight_bytes": dir_bytes(out / "factored", "*.safetensors"),
+               "compressed": f"SVD {compressed['ratio']:.0%} of the added parameters",
+               "sample": greedy_sample(model, AutoTokenizer.from_pretrained(out))}
+        store.put_artifact(key, out, stage="export_tier", spec_hash=spec.fingerprint(), inputs=[compressed["uri"]],
+                           metadata=row)
     return {"uri": uri, **row}
 
 
@@ -207,12 +237,15 @@ def report(spec: RunSpec, store: ArtifactStore, run_id: str, tiers: list[dict], 
                 seen.add(m.uri)
                 chain.append(m)
     with workdir("report") as work:
-        curves = {}  # the training stages' per-exit loss curves
+        figures = {}  # caption -> PNG: loss curves, GRPO rewards, the SVD sweep
+        pictures = {"cpt": "cpt_losses.png", "sft": "sft_losses.png", "dae_cpt": "dae_cpt_losses.png",
+                    "dae_sft": "dae_sft_losses.png", "grpo": "rewards.png", "svd_compress": "sweep.png"}
         for m in chain:
-            if m.stage in ("cpt", "sft"):
-                store.get_file(f"{m.uri}/{m.stage}_losses.png", work / f"{m.stage}_losses.png")
-                curves[m.stage] = (work / f"{m.stage}_losses.png").read_bytes()
-        md, page, png = render(run_id, tiers, datasets, chain, curves)
+            name = pictures.get(m.stage)
+            if name and any(f.path == name for f in m.files):
+                store.get_file(f"{m.uri}/{name}", work / f"{m.stage}.png")
+                figures[m.stage] = (work / f"{m.stage}.png").read_bytes()
+        md, page, png = render(run_id, tiers, datasets, chain, figures)
         if not store.has_artifact(uri):
             (work / "report.md").write_text(md)
             (work / "report.html").write_text(page)

@@ -1,4 +1,5 @@
 """Specs: shipped ones load, bad ones stop with one line naming the field; the CLI end to end on micro."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,21 @@ def test_bad_specs_one_line(tmp_path, capsys, family, field, words):
     assert code == 2 and len(out.strip().splitlines()) == 1, out
     assert out.startswith("error:") and field in out and words in out and "Traceback" not in out
     assert not (tmp_path / "f").exists()
+
+
+@pytest.mark.parametrize("section,words", [
+    ({"dae": {"svd_ratio": 1.2}}, "dae.svd_ratio: Input should be less than 1"),
+    ({"dae": {"svd_ratio": 0}}, "dae.svd_ratio: Input should be greater than 0"),
+    ({"dae": {"blocks": 0}}, "dae.blocks: Input should be greater than or equal to 1"),
+    ({"dae": {"tier": "phone"}}, "unknown tier 'phone'"),
+    ({"dae": {"tier": "cloud"}}, "deepest tier"),
+    ({"rl": {"group_size": 1}}, "rl.group_size: Input should be greater than or equal to 2"),
+    ({"rl": {"tier": "watch"}}, "rl.tier: unknown tier 'watch'"),
+    ({"train": {"cpt": {"steps": 5, "warmup_steps": 5}}}, "warmup_steps (5) must be below steps (5)"),
+])
+def test_bad_stage_specs_one_line(section, words):
+    with pytest.raises(SpecError, match=re.escape(words)):
+        parse_spec(section)
 
 
 def test_bad_spec_in_a_real_process(tmp_path):

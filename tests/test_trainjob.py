@@ -180,7 +180,7 @@ def test_submit_body_is_a_valid_trainjob_and_completes(kube):
     tr = body["spec"]["trainer"]
     assert tr["image"] == "registry.example/ruyi-trainer:test"
     assert tr["numNodes"] == 2 and tr["numProcPerNode"] == 4
-    assert tr["command"] == ["python", "-m", "ruyi_core.megatron.trainer"]
+    assert tr["command"] == ["torchrun", "-m", "ruyi_core.megatron.trainer"]
     assert tr["args"] == ["--stage", "cpt", "--spec", "s3://ruyi/spec.yaml"]
     for part in ("requests", "limits"):
         assert tr["resourcesPerNode"][part] == {"nvidia.com/gpu": "4", "cpu": "8", "memory": "64Gi"}

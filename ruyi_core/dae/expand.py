@@ -46,26 +46,48 @@ def expand_tier(family: RuyiForCausalLM, tier: str, blocks: int, init: str = "ze
     return out.eval()
 
 
+def tier_own_prefixes(cfg: RuyiConfig, tier: str) -> list[str]:
+    """The exported tier's parameters that belong to this tier alone (everything else is the shared trunk):
+    its added blocks and head when expanded, else its branch block and head."""
+    p = cfg.tiers[tier]
+    if cfg.expansion(p):
+        return [f"model.layers.{p + 1 + j}." for j in range(cfg.expansion(p))] + ["lm_head."]
+    return [f"model.layers.{p}.", "model.norm.", "lm_head."]
+
+
 def tier_trainable_prefixes(cfg: RuyiConfig, tier: str) -> tuple[list[str], list[str]]:
     """What trains after expansion, as family parameter prefixes and as the exported tier's prefixes."""
     p = cfg.tiers[tier]
-    k, n = cfg.exit_index(p), cfg.expansion(p)
+    k = cfg.exit_index(p)
     head = "lm_head.0." if cfg.shared_heads else f"lm_head.{k}."
-    family = [f"model.expanded.{p}.", head]
-    exported = [f"model.layers.{p + 1 + j}." for j in range(n)] + ["lm_head."]
-    return family, exported
+    return [f"model.expanded.{p}.", head], tier_own_prefixes(cfg, tier)
 
 
-def merge_tier(family: RuyiForCausalLM, tier: str, tier_state: dict) -> RuyiForCausalLM:
-    """Writes a trained export of an expanded tier back into the family: only its new blocks and head."""
+def family_name(cfg: RuyiConfig, exit_point: int, tier_key: str) -> str:
+    """Where a parameter of exit p's standalone export lives in the family."""
+    k = cfg.exit_index(exit_point)
+    if tier_key.startswith("model.layers."):
+        i, rest = tier_key[len("model.layers."):].split(".", 1)
+        i = int(i)
+        if i < exit_point:
+            return f"model.layers.{i}.{rest}"
+        if i == exit_point:
+            block = "model.layers." + str(exit_point) if k == len(cfg.early_exit_points) - 1 else f"model.eelayers.{k}"
+            return f"{block}.{rest}"
+        return f"model.expanded.{exit_point}.{i - exit_point - 1}.{rest}"
+    if tier_key.startswith("model.norm."):
+        return f"model.norms.{k}." + tier_key[len("model.norm."):]
+    if tier_key.startswith("lm_head."):
+        return ("lm_head.0." if cfg.shared_heads else f"lm_head.{k}.") + tier_key[len("lm_head."):]
+    return tier_key  # embeddings
+
+
+def merge_tier(family: RuyiForCausalLM, tier: str, tier_state: dict, prefixes: list[str] | None = None):
+    """Writes a trained export of a tier back into the family: only the tier's own parameters."""
     cfg = family.config
     p = cfg.tiers[tier]
-    k = cfg.exit_index(p)
-    sd = {}
-    for j in range(cfg.expansion(p)):
-        pre = f"model.layers.{p + 1 + j}."
-        sd.update({f"model.expanded.{p}.{j}.{n[len(pre):]}": v for n, v in tier_state.items() if n.startswith(pre)})
-    sd["lm_head.0.weight" if cfg.shared_heads else f"lm_head.{k}.weight"] = tier_state["lm_head.weight"]
+    own = tuple(prefixes or tier_own_prefixes(cfg, tier))
+    sd = {family_name(cfg, p, n): v for n, v in tier_state.items() if n.startswith(own)}
     missing, unexpected = family.load_state_dict(sd, strict=False)
     if unexpected:
         raise RuyiError(f"merge of tier {tier!r}: unexpected keys {unexpected[:3]}")

@@ -18,9 +18,7 @@ from ruyi_core.spec import RunSpec
 
 def validate_layout(spec: RunSpec, family_cfg: dict, stage: str) -> None:
     """Stops a bad TP/PP/DP layout with one line before any process starts."""
-    from ruyi_core.megatron.trainer import stage_spec
-
-    par, st = spec.train.parallel, stage_spec(spec, stage)
+    par, st = spec.train.parallel, spec.train_stage(stage)
     heads, groups = family_cfg["num_attention_heads"], family_cfg["num_key_value_heads"]
     layers, vocab = family_cfg["num_hidden_layers"], family_cfg["vocab_size"]
     if heads % par.tp or groups % par.tp:
@@ -102,7 +100,7 @@ def train_stage(spec: RunSpec, store, stage: str, run_id: str, family_uri: str, 
                            inputs=[family_uri])
     args = ["--stage", stage, "--spec", spec.model_dump_json(), "--family", family_uri, "--init", init_uri,
             "--data", data_uri, "--ckpt-prefix", f"{key}/checkpoints", "--resume",
-            "--log-every", str(max(1, stage_spec(spec, stage).steps // 10))]
+            "--log-every", str(max(1, spec.train_stage(stage).steps // 10))]
     if spec.train.launcher == "local":
         _run(torchrun(spec.train.parallel.world_size, "ruyi_core.megatron.trainer", [*args, "--out", str(work / "run")]),
              log)

@@ -24,18 +24,9 @@ from ruyi_core.megatron import ckpt
 from ruyi_core.megatron.cpu import cpu_shim, seed_everything
 
 
-# Stage -> (spec section, attribute). DaE stages train only the expanded tier's new blocks and head.
-STAGES = {"cpt": ("train", "cpt"), "sft": ("train", "sft"), "dae_cpt": ("dae", "cpt"), "dae_sft": ("dae", "sft")}
-
-
-def stage_spec(spec, stage: str):
-    section, attr = STAGES[stage]
-    return getattr(getattr(spec, section), attr)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="ruyi_core.megatron.trainer")
-    ap.add_argument("--stage", choices=list(STAGES), required=True)
+    ap.add_argument("--stage", choices=["cpt", "sft", "dae_cpt", "dae_sft"], required=True)
     ap.add_argument("--spec", required=True, help="run spec: a YAML/JSON file, or the JSON itself")
     ap.add_argument("--family", required=True, help="HF family (URI or dir): the model's config")
     ap.add_argument("--init", help="megatron checkpoint to start from (URI or dir)")
@@ -153,7 +144,7 @@ def train(args: argparse.Namespace) -> None:
     from ruyi_core.spec import load_spec, parse_spec_yaml
 
     spec = parse_spec_yaml(args.spec) if args.spec.lstrip().startswith("{") else load_spec(args.spec)
-    par, st = spec.train.parallel, stage_spec(spec, args.stage)
+    par, st = spec.train.parallel, spec.train_stage(args.stage)
     cuda = torch.cuda.is_available()
     ps.initialize_model_parallel(par.tp, par.pp)
     seed_everything(st.seed)

@@ -25,7 +25,8 @@ JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
 RJOB_NAME_LABEL = "jobset.sigs.k8s.io/replicatedjob-name"
 JOB_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 NODE = "node"  # Trainer v2's replicated job (and container) name for the training nodes
-TRAINER_COMMAND = ["python", "-m", "ruyi_core.megatron.trainer"]
+# torchrun reads the PET_* variables Kubeflow Trainer injects (nodes, procs per node, rank, master).
+TRAINER_COMMAND = ["torchrun", "-m", "ruyi_core.megatron.trainer"]
 # JobSet derives pod hostnames "<name>-node-<job>-<index>" that must stay DNS labels (<= 63 chars),
 # so the TrainJob name keeps room for that suffix.
 MAX_NAME = 48

@@ -1,0 +1,1 @@
+"""Evaluation: held-out loss, rewards, and per-tier benchmarks."""

@@ -1,0 +1,57 @@
+"""Held-out data and the token-mean cross-entropy of a model (or one exit of a family) on it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def heldout_texts(spec, work: Path) -> list[str]:
+    """`data.heldout`: `demo` (the demo world's held-out problems) or pretrain-kind JSONL/Parquet files."""
+    from ruyi_core.data import world
+    from ruyi_core.data.reader import read_corpus
+
+    texts = []
+    for entry in spec.data.heldout:
+        if entry == "demo":
+            texts += [r["text"] for r in world.eval_sets(spec.data.seed)["heldout_text"]]
+        else:
+            texts += [r["text"] for r in read_corpus([Path(entry)], "pretrain").records]
+    return texts
+
+
+def heldout_prompts(spec) -> list[dict]:
+    """`data.rl_heldout`: `demo` (held-out arithmetic never seen in training) or rl-kind files."""
+    from ruyi_core.data import world
+    from ruyi_core.data.reader import read_corpus
+
+    out = []
+    for entry in spec.data.rl_heldout:
+        if entry == "demo":
+            out += world.rl_records(spec.rl.heldout_prompts, spec.data.seed + 100, held_out=True)
+        else:
+            out += list(read_corpus([Path(entry)], "rl").records)
+    return out[: spec.rl.heldout_prompts]
+
+
+@torch.no_grad()
+def heldout_loss(model, tokenizer, texts: list[str], exit_point: int | None = None, batch: int = 16) -> float:
+    """Mean cross-entropy per predicted token over `texts` (each followed by EOS)."""
+    model.eval()
+    total, count = 0.0, 0
+    kw = {} if exit_point is None else {"exit_point": exit_point}
+    for i in range(0, len(texts), batch):
+        enc = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts[i:i + batch]]
+        n = max(map(len, enc))
+        ids = torch.full((len(enc), n), tokenizer.pad_token_id or 0)
+        mask = torch.zeros(len(enc), n, dtype=torch.long)
+        for j, e in enumerate(enc):  # right padding: labels of padded positions are ignored
+            ids[j, : len(e)] = torch.tensor(e)
+            mask[j, : len(e)] = 1
+        logits = model(ids, attention_mask=mask, **kw).logits[:, :-1].float()
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                                 reduction="sum")
+        total += loss.item()
+        count += int((labels != -100).sum())
+    return total / max(count, 1)

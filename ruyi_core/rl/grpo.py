@@ -1,0 +1,270 @@
+"""GRPO on one exported tier (a plain Qwen3 checkpoint) with TRL's GRPOTrainer, training only the parameters
+under the given name prefixes (the tier's own blocks and head). Everything else is frozen and must come out
+bit-identical: the family's other tiers share those weights (DESIGN §3, GRPO)."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+
+from ruyi_core.errors import RuyiError
+from ruyi_core.family.convert import generation_config as default_generation_config
+from ruyi_core.rl.rewards import answer_format, exact_answer
+from ruyi_core.spec import RlSpec
+
+REWARD_FUNCS = (exact_answer, answer_format)
+
+
+@contextlib.contextmanager
+def _rng_sandbox():
+    """Trainer and generate() reseed the global RNGs; give the caller its own states back afterwards."""
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+def _messages(prompt: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}]
+
+
+def freeze_except(model: torch.nn.Module, trainable: list[str]) -> tuple[int, int]:
+    """requires_grad only for parameters under one of the `trainable` prefixes; (trainable, frozen) counts.
+    A prefix that matches nothing is an error: a typo would silently train nothing (or the wrong tier)."""
+    if not trainable:
+        raise RuyiError("rl: no trainable prefixes given (e.g. ['model.layers.3.', 'lm_head.'])")
+    names = [n for n, _ in model.named_parameters()]
+    for pre in trainable:
+        if not any(n.startswith(pre) for n in names):
+            raise RuyiError(f"rl: trainable prefix {pre!r} matches no parameter; names look like "
+                            f"{names[0]!r} .. {names[-1]!r} (tied embeddings have no 'lm_head.' parameter)")
+    n_train = n_frozen = 0
+    for n, p in model.named_parameters():
+        p.requires_grad_(any(n.startswith(pre) for pre in trainable))
+        if p.requires_grad:
+            n_train += p.numel()
+        else:
+            n_frozen += p.numel()
+    return n_train, n_frozen
+
+
+def _digest(model: torch.nn.Module, frozen_only: bool = True) -> str:
+    # A hash rather than a copy: the frozen trunk can be most of the model's memory.
+    h = hashlib.sha256()
+    for n, p in model.named_parameters():
+        if not (frozen_only and p.requires_grad):
+            h.update(n.encode())
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _eos_ids(model, tok) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return eos or [tok.eos_token_id]
+
+
+@torch.no_grad()
+def evaluate_reward(model_or_dir, tokenizer, prompts: list[dict], max_new_tokens: int, seed: int = 0,
+                    batch_size: int = 16) -> float:
+    """Mean exact_answer reward of greedy completions on `prompts` ({prompt, answer} records, or eval_sets'
+    {question, answer}); deterministic.
+    `model_or_dir` is a model or a checkpoint folder (then `tokenizer` may be None: the folder's is used)."""
+    if not prompts:
+        return 0.0
+    if isinstance(model_or_dir, (str, Path)):
+        model = AutoModelForCausalLM.from_pretrained(model_or_dir, dtype=torch.float32)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_or_dir)
+    else:
+        model = model_or_dir
+    was_training, side = model.training, tokenizer.padding_side
+    # Explicit config: TRL leaves sampling settings on the model that must not leak into greedy evaluation.
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=_eos_ids(model, tokenizer),
+                           pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    scores: list[float] = []
+    model.eval()
+    tokenizer.padding_side = "left"  # decoder-only batching: prompts must end where generation starts
+    try:
+        with _rng_sandbox():
+            torch.manual_seed(seed)
+            for i in range(0, len(prompts), batch_size):
+                batch = prompts[i:i + batch_size]
+                texts = [tokenizer.apply_chat_template(_messages(r.get("prompt", r.get("question"))), add_generation_prompt=True,
+                                                       tokenize=False) for r in batch]
+                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+                enc = {k: v.to(model.device) for k, v in enc.items()}
+                out = model.generate(**enc, generation_config=gen)
+                done = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                scores += exact_answer(done, [r["answer"] for r in batch])
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return sum(scores) / len(scores)
+
+
+class _LogTo(TrainerCallback):
+    """Forwards each step's rewards to the caller's `log` as it happens (a GRPO run can be long)."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "reward" in logs:
+            parts = [f"reward {logs['reward']:.3f}"] + [
+                f"{f.__name__} {logs.get(f'rewards/{f.__name__}/mean', float('nan')):.3f}" for f in REWARD_FUNCS]
+            if "kl" in logs:
+                parts.append(f"kl {logs['kl']:.3g}")
+            self.log(f"grpo step {state.global_step}: " + ", ".join(parts))
+
+
+def _reward_rows(log_history: list[dict]) -> list[dict]:
+    rows = []
+    for h in log_history:
+        if "reward" not in h:  # the final train summary and any non-step entries
+            continue
+        # "reward" is TRL's total: the sum of the functions' rewards (weights 1), so it lies in [0, 2].
+        row = {"step": h["step"], "reward": h["reward"], "reward_std": h.get("reward_std")}
+        row.update({f.__name__: h.get(f"rewards/{f.__name__}/mean") for f in REWARD_FUNCS})
+        for k in ("kl", "loss", "completions/mean_length", "clip_ratio/region_mean"):
+            if k in h:
+                row[k] = h[k]
+        rows.append(row)
+    return rows
+
+
+def _plot(rows: list[dict], path: Path, title: str) -> None:
+    # Figure + Agg canvas directly: pyplot keeps process-global figure state.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    steps = [r["step"] for r in rows]
+    for key in ["reward", *(f.__name__ for f in REWARD_FUNCS)]:
+        ax.plot(steps, [r[key] if r[key] is not None else float("nan") for r in rows], marker="o", ms=3,
+                label="total" if key == "reward" else key)
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("mean reward")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _generation_config(tier_dir: Path, tok, cfg) -> GenerationConfig:
+    """The tier's own generation config (else the family default), never with a max_new_tokens: a saved one
+    overrides evaluation harnesses' own limits."""
+    try:
+        gen = GenerationConfig.from_pretrained(tier_dir)
+    except OSError:
+        gen = default_generation_config(tok, cfg)
+    gen.max_new_tokens = None
+    return gen
+
+
+def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: list[dict], trainable: list[str],
+             spec: RlSpec, log=print) -> dict:
+    """GRPO on the tier at `tier_dir`; the trained policy (safetensors, config, tokenizer), rewards.jsonl and
+    rewards.png go to `out_dir`. Returns held-out rewards before/after and parameter counts."""
+    from datasets import Dataset  # heavy imports only when RL actually runs
+    from trl import GRPOConfig, GRPOTrainer
+
+    tier_dir, out_dir = Path(tier_dir).resolve(), Path(out_dir)
+    if not (tier_dir / "config.json").is_file():
+        raise RuyiError(f"rl: {tier_dir} is not a checkpoint folder (no config.json): export the tier first")
+    if len(train_prompts) < spec.prompts_per_step:
+        raise RuyiError(f"rl: {len(train_prompts)} training prompts, fewer than rl.prompts_per_step="
+                        f"{spec.prompts_per_step}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(tier_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tier_dir)
+    if tok.chat_template is None:
+        raise RuyiError(f"rl: the tokenizer in {tier_dir} has no chat template (GRPO prompts are chat turns)")
+    gen_cfg = _generation_config(tier_dir, tok, model.config)
+    n_train, n_frozen = freeze_except(model, trainable)
+    frozen_before = _digest(model)
+    log(f"grpo: {n_train:,} trainable / {n_frozen:,} frozen parameters (prefixes {trainable})")
+
+    before = evaluate_reward(model, tok, heldout, spec.max_new_tokens, spec.seed)
+    log(f"grpo: held-out exact-answer reward before {before:.3f} ({len(heldout)} prompts)")
+
+    # Conversational dataset: TRL applies the tokenizer's chat template; `answer` reaches the reward functions.
+    ds = Dataset.from_list([{"prompt": _messages(r["prompt"]), "answer": str(r["answer"])} for r in train_prompts])
+    work = Path(tempfile.mkdtemp(prefix=".grpo-", dir=out_dir))  # trainer scratch + reference copy
+    result: dict = {}
+    try:
+        if spec.beta > 0:
+            # TRL builds the KL reference with from_pretrained(model.config._name_or_path) (DESIGN §5): save
+            # the initial policy and point there, so the reference is exactly the starting point.
+            ref_dir = work / "reference"
+            model.save_pretrained(ref_dir)
+            model.config._name_or_path = str(ref_dir)
+        args = GRPOConfig(
+            output_dir=str(work / "trainer"), use_cpu=True, bf16=False, fp16=False, seed=spec.seed,
+            num_generations=spec.group_size, max_steps=spec.steps, learning_rate=spec.lr, beta=spec.beta,
+            epsilon=spec.clip_eps, max_completion_length=spec.max_new_tokens, temperature=spec.temperature,
+            # One optimizer step = one generation batch = prompts_per_step prompts x G completions.
+            per_device_train_batch_size=spec.prompts_per_step * spec.group_size, gradient_accumulation_steps=1,
+            report_to=[], logging_steps=1, save_strategy="no", disable_tqdm=True,
+            # Only the tier's own blocks train, so activations are small; checkpointing would only cost time.
+            # (the new name: TRL's own gradient_checkpointing=True default trips transformers' rename warning)
+            activation_checkpointing=False, dataloader_num_workers=0,
+        )
+        with _rng_sandbox():
+            trainer = GRPOTrainer(model=model, reward_funcs=list(REWARD_FUNCS), args=args, train_dataset=ds,
+                                  processing_class=tok, callbacks=[_LogTo(log)])
+            trainer.remove_callback(PrinterCallback)  # raw metric dicts on stdout; _LogTo reports instead
+            if spec.beta > 0:
+                if _digest(trainer.ref_model, frozen_only=False) != _digest(model, frozen_only=False):
+                    raise RuyiError("rl: TRL's reference model differs from the initial policy")
+                result["reference"] = "initial policy"
+            train_out = trainer.train()
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        history = trainer.state.log_history
+        del trainer
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    if _digest(model) != frozen_before:
+        raise RuyiError("rl: a frozen parameter changed during GRPO; the other tiers would no longer match")
+    rows = _reward_rows(history)
+    with (out_dir / "rewards.jsonl").open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    _plot(rows, out_dir / "rewards.png", f"GRPO, G={spec.group_size}, {spec.prompts_per_step} prompts/step")
+
+    after = evaluate_reward(model, tok, heldout, spec.max_new_tokens, spec.seed)
+    log(f"grpo: held-out exact-answer reward after {after:.3f}")
+
+    # A plain checkpoint again: no trainer traces in config, generation config without a length cap.
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.config._name_or_path = str(out_dir)
+    model.config.use_cache = True
+    model.generation_config = gen_cfg
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+
+    first = rows[0] if rows else {}
+    result.update({
+        "heldout_reward_before": before, "heldout_reward_after": after, "steps": len(rows),
+        "trainable_params": n_train, "frozen_params": n_frozen, "trainable_prefixes": list(trainable),
+        "train_reward_first": first.get("reward"), "train_reward_last": rows[-1]["reward"] if rows else None,
+        "kl_first": first.get("kl"), "train_runtime_s": train_out.metrics.get("train_runtime"),
+        "heldout_prompts": len(heldout), "train_prompts": len(train_prompts), "path": str(out_dir),
+    })
+    return result

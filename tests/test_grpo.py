@@ -1,0 +1,132 @@
+"""GRPO on one tier with TRL: rewards, frozen parameters bit-identical, outputs, KL reference. Real runs on a
+micro family (no mocks)."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ruyi_core.data.world import rl_records
+from ruyi_core.errors import RuyiError
+from ruyi_core.family.convert import build_preset_base, export_tier, family_from_base
+from ruyi_core.rl.grpo import evaluate_reward, run_grpo
+from ruyi_core.rl.rewards import answer_format, exact_answer, extract_answer
+from ruyi_core.spec import RlSpec
+
+TRAINABLE = ["model.layers.1.", "lm_head."]
+
+
+def _warm_up(tier_dir, out_dir, steps: int = 60):
+    """A few supervised steps on "The answer is N." so sampled completions differ in reward (a random model
+    scores 0 everywhere: zero advantages, zero gradient, and nothing to test)."""
+    model = AutoModelForCausalLM.from_pretrained(tier_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tier_dir)
+    recs = rl_records(64, seed=7)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
+                                       tokenize=False) for r in recs]
+    answers = [f"The answer is {r['answer']}.<|im_end|>" for r in recs]
+    tok.padding_side = "right"
+    enc = tok([p + a for p, a in zip(prompts, answers)], return_tensors="pt", padding=True,
+              add_special_tokens=False)
+    labels = enc["input_ids"].clone()
+    for i, p in enumerate(prompts):  # loss on the answer only
+        labels[i, :len(tok(p, add_special_tokens=False)["input_ids"])] = -100
+    labels[enc["attention_mask"] == 0] = -100
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model.train()
+        for _ in range(steps):
+            loss = model(**enc, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(tier_dir).save_pretrained(out_dir)
+    shutil.copy(tier_dir / "generation_config.json", out_dir / "generation_config.json")
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def tier(tmp_path_factory):
+    d = tmp_path_factory.mktemp("grpo")
+    base, tok = build_preset_base("micro")
+    fam = family_from_base(base, [1, 3])
+    export_tier(fam, "end", d / "exported", tok)
+    return _warm_up(d / "exported", d / "end")
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return rl_records(8, seed=0), rl_records(4, seed=0, held_out=True)
+
+
+def _spec(**kw):
+    return RlSpec(**{"steps": 2, "group_size": 2, "prompts_per_step": 2, "max_new_tokens": 8, "seed": 0, **kw})
+
+
+def test_rewards():
+    assert extract_answer("12 + 3 = 15. 15 - 4 = 11. The answer is 11.") == "11"
+    assert extract_answer("The answer is 7. No wait, the answer is 9.") == "9"
+    assert extract_answer("so 3 then 42") == "42"
+    assert extract_answer("The answer is 05") == "5"
+    assert extract_answer("no number") is None
+    chat = [[{"role": "assistant", "content": "The answer is 11."}], [{"role": "assistant", "content": "11"}],
+            [{"role": "assistant", "content": "The answer is 11 maybe"}], [{"role": "assistant", "content": "x"}]]
+    text = [m[0]["content"] for m in chat]
+    for comps in (chat, text):
+        assert exact_answer(comps, answer=["11", "11", "11", "11"]) == [1.0, 1.0, 1.0, 0.0]
+        assert answer_format(comps, answer=["11"] * 4) == [1.0, 0.0, 0.5, 0.0]
+    assert exact_answer(["The answer is 3."], answer=[4]) == [0.0]
+
+
+def test_bad_prefix_rejected(tier, prompts, tmp_path):
+    with pytest.raises(RuyiError, match="matches no parameter"):
+        run_grpo(tier, tmp_path, *prompts, ["model.layer.1."], _spec(), log=lambda *_: None)
+
+
+def test_grpo_trains_only_the_tier(tier, prompts, tmp_path):
+    train, heldout = prompts
+    lines = []
+    res = run_grpo(tier, tmp_path / "out", train, heldout, TRAINABLE, _spec(), log=lines.append)
+    out = tmp_path / "out"
+    assert res["steps"] == 2 and any("grpo step 2" in x for x in lines)
+    assert res["trainable_params"] > 0 and res["frozen_params"] > 0
+
+    before, after = load_file(tier / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = []
+    for name, t in before.items():
+        if any(name.startswith(p) for p in TRAINABLE):
+            changed.append(not torch.equal(t, after[name]))
+        else:
+            assert torch.equal(t, after[name]), f"frozen {name} changed"
+    assert any(changed), "no trainable parameter moved"
+
+    rows = [json.loads(x) for x in (out / "rewards.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all({"reward", "exact_answer", "answer_format"} <= r.keys() for r in rows)
+    assert (out / "rewards.png").stat().st_size > 0
+    assert not list(out.glob(".grpo-*"))  # trainer scratch removed
+
+    model = AutoModelForCausalLM.from_pretrained(out)  # vanilla transformers, no remote code
+    assert type(model).__name__ == "Qwen3ForCausalLM"
+    assert "max_new_tokens" not in json.loads((out / "generation_config.json").read_text())
+    # The reported held-out reward is reproducible from the saved folder (greedy, deterministic).
+    assert evaluate_reward(out, None, heldout, 8) == res["heldout_reward_after"]
+    assert evaluate_reward(model, AutoTokenizer.from_pretrained(out), heldout, 8) == res["heldout_reward_after"]
+
+
+def test_grpo_kl_reference_is_initial_policy(tier, prompts, tmp_path):
+    res = run_grpo(tier, tmp_path / "out", *prompts, TRAINABLE, _spec(beta=0.04), log=lambda *_: None)
+    # run_grpo checks TRL's reference weights against the initial policy and says so.
+    assert res["reference"] == "initial policy"
+    # The first step's policy is the initial one, so its KL to the reference is ~0.
+    assert res["kl_first"] is not None and abs(res["kl_first"]) < 1e-6
+    rows = [json.loads(x) for x in (tmp_path / "out" / "rewards.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all("kl" in r for r in rows)
+    frozen = load_file(tier / "model.safetensors")
+    after = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(torch.equal(t, after[n]) for n, t in frozen.items() if not any(n.startswith(p) for p in TRAINABLE))
