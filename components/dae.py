@@ -1,5 +1,3 @@
-from typing import List
-
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
 
@@ -22,7 +20,7 @@ def dae_expand(spec_yaml: str, family: Input[Model], expanded: Output[Model]):
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def grpo(spec_yaml: str, family: Input[Model], datasets: Input[List[Dataset]], policy: Output[Model]):
+def grpo(spec_yaml: str, family: Input[Model], plan: Input[Dataset], policy: Output[Model]):
     """GRPO (TRL) on one tier, only its own parameters trainable, merged back into the family."""
     import json
     from pathlib import Path
@@ -31,7 +29,7 @@ def grpo(spec_yaml: str, family: Input[Model], datasets: Input[List[Dataset]], p
     from ruyi_core.stages import open_run
 
     with open_run(spec_yaml) as (spec, store):
-        (rl,) = [d.metadata["uri"] for d in datasets if d.metadata["kind"] == "rl"]
+        (rl,) = [d["uri"] for d in plan.metadata["datasets"] if d["kind"] == "rl"]
         result = grpo(spec, store, family.metadata["run_id"], family.metadata["uri"], rl)
         policy.metadata.update(result)
         Path(policy.path).write_text(json.dumps(result))

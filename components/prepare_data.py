@@ -1,5 +1,3 @@
-from typing import List
-
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
 
@@ -7,7 +5,7 @@ from components.image import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def prepare_data(spec_yaml: str, datasets: Input[List[Dataset]], family: Input[Model], packed: Output[Dataset]):
+def prepare_data(spec_yaml: str, plan: Input[Dataset], family: Input[Model], packed: Output[Dataset]):
     """Tokenize and pack every validated corpus into megatron indexed datasets (one store artifact each)."""
     import json
     from pathlib import Path
@@ -15,7 +13,7 @@ def prepare_data(spec_yaml: str, datasets: Input[List[Dataset]], family: Input[M
     from ruyi_core.stages import open_run, prepare_data
 
     with open_run(spec_yaml) as (spec, store):
-        results = [prepare_data(spec, store, d.metadata["kind"], d.metadata["uri"], family.metadata["uri"])
-                   for d in sorted(datasets, key=lambda d: d.metadata["kind"])]
+        results = [prepare_data(spec, store, d["kind"], d["uri"], family.metadata["uri"])
+                   for d in sorted(plan.metadata["datasets"], key=lambda d: d["kind"])]
         packed.metadata["datasets"] = results
         Path(packed.path).write_text(json.dumps(results))

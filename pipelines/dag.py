@@ -1,10 +1,9 @@
 """The DAG, readable on one screen:
 
-    validate_data x kinds -> plan_run -> init_family -> prepare_data (every kind)
+    validate_data x kinds -> plan_run (data-fingerprint gate) -> init_family -> prepare_data (every kind)
         -> train cpt -> train sft [-> dae_expand -> train dae_cpt -> train dae_sft] [-> grpo] [-> svd_compress]
         -> export_tier x tiers -> report
 """
-
 from kfp import dsl, kubernetes
 
 from components import (dae_expand, export_tier, grpo, init_family, plan_run, prepare_data, report, svd_compress,
@@ -15,8 +14,8 @@ from ruyi_core.stages import KINDS
 
 def build_pipeline(spec: RunSpec, spec_yaml: str, cluster: bool = True):
     """The pipeline for one spec; `spec_yaml` is its text (one-line JSON keeps the compiled YAML's header
-    comment valid). `cluster` adds what only a cluster uses: images, resources, the S3
-    Secret as environment, timeouts and retries (the local runner ignores or rejects those)."""
+    comment valid). `cluster` adds what only a cluster uses: images, resources, the S3 Secret as environment,
+    timeouts, retries and GPUs (the local runner ignores or rejects those)."""
     p = spec.pipeline
 
     def on_cluster(task, stage: str):
@@ -30,41 +29,49 @@ def build_pipeline(spec: RunSpec, spec_yaml: str, cluster: bool = True):
             kubernetes.use_secret_as_env(task, secret_name=p.s3_secret, secret_key_to_env={
                 "access_key": "RUYI_S3_ACCESS_KEY", "secret_key": "RUYI_S3_SECRET_KEY"})
             kubernetes.set_timeout(task, p.timeout_s)
+            if res.gpus:  # only steps given GPUs land on the GPU node pool
+                task.set_accelerator_type(p.accelerator).set_accelerator_limit(res.gpus)
+                for key, value in p.gpu_node_selector.items():
+                    kubernetes.add_node_selector(task, label_key=key, label_value=value)
+                for t in p.gpu_tolerations:
+                    kubernetes.add_toleration(task, key=t.get("key"), operator=t.get("operator", "Equal"),
+                                              value=t.get("value"), effect=t.get("effect"))
         return task
 
     @dsl.pipeline(name="ruyi-flow", description="Train a familial LLM and ship one model per tier.")
     def ruyi_flow(spec_yaml: str = spec_yaml) -> str:
         with dsl.ParallelFor(list(KINDS)) as kind:
             gate = on_cluster(validate_data(spec_yaml=spec_yaml, kind=kind), "validate_data")
-        # One Collected per consumer: kfp 2.17's compiler fails on a Collected shared by two tasks.
-        def raws():
-            return dsl.Collected(gate.outputs["dataset"])
 
-        run = on_cluster(plan_run(spec_yaml=spec_yaml, datasets=raws()), "plan_run")
-        fam = on_cluster(init_family(spec_yaml=spec_yaml, run_id=run.output, datasets=raws()), "init_family")
-        packed = on_cluster(prepare_data(spec_yaml=spec_yaml, datasets=raws(), family=fam.outputs["family"]),
-                            "prepare_data")
-        cpt = on_cluster(train(spec_yaml=spec_yaml, stage="cpt", family=fam.outputs["family"],
-                               packed=packed.outputs["packed"]), "train").set_display_name("cpt")
-        sft = on_cluster(train(spec_yaml=spec_yaml, stage="sft", family=cpt.outputs["trained"],
-                               packed=packed.outputs["packed"]), "train").set_display_name("sft")
-        family = sft.outputs["trained"]
-        if spec.dae.enabled:  # the smallest tier grows, trains alone on the frozen backbone
-            exp = on_cluster(dae_expand(spec_yaml=spec_yaml, family=family), "dae_expand")
-            family = exp.outputs["expanded"]
-            for stage in ("dae_cpt", "dae_sft"):
-                family = on_cluster(train(spec_yaml=spec_yaml, stage=stage, family=family,
-                                          packed=packed.outputs["packed"]), "train").set_display_name(stage) \
-                    .outputs["trained"]
-        if spec.rl.enabled:
-            family = on_cluster(grpo(spec_yaml=spec_yaml, family=family, datasets=raws()), "grpo").outputs["policy"]
-        if spec.dae.enabled:
-            family = on_cluster(svd_compress(spec_yaml=spec_yaml, family=family, packed=packed.outputs["packed"],
-                                             expanded=exp.outputs["expanded"]), "svd_compress").outputs["compressed"]
-        with dsl.ParallelFor(sorted(spec.family.tiers, key=spec.family.tiers.get)) as tier:
-            tiers = on_cluster(export_tier(spec_yaml=spec_yaml, tier=tier, family=family), "export_tier")
-        rep = on_cluster(report(spec_yaml=spec_yaml, run_id=run.output, tiers=dsl.Collected(tiers.outputs["tier_model"]),
-                                packed=packed.outputs["packed"]), "report")
-        return rep.outputs["Output"]
+        run = on_cluster(plan_run(spec_yaml=spec_yaml, datasets=dsl.Collected(gate.outputs["dataset"])), "plan_run")
+        run.set_caching_options(False)  # the gate must look at the store every time
+        with dsl.If(run.outputs["fresh"] == True):  # noqa: E712 (a KFP condition, not a Python comparison)
+            train_and_ship(spec, spec_yaml, run.outputs["run_id"], run.outputs["plan"], on_cluster)
+        return run.outputs["run_id"]
 
     return ruyi_flow
+
+
+def train_and_ship(spec: RunSpec, spec_yaml: str, run_id, plan, on_cluster) -> None:
+    """Everything after the data gate, for a run whose data or spec is new (`plan`: the validated datasets)."""
+    fam = on_cluster(init_family(spec_yaml=spec_yaml, run_id=run_id, plan=plan), "init_family")
+    packed = on_cluster(prepare_data(spec_yaml=spec_yaml, plan=plan, family=fam.outputs["family"]),
+                        "prepare_data").outputs["packed"]
+    family = fam.outputs["family"]
+    stages = ["cpt", "sft"] + (["dae_expand", "dae_cpt", "dae_sft"] if spec.dae.enabled else [])
+    for stage in stages:
+        if stage == "dae_expand":  # the smallest tier grows, then trains alone on the frozen backbone
+            expanded = on_cluster(dae_expand(spec_yaml=spec_yaml, family=family), "dae_expand").outputs["expanded"]
+            family = expanded
+        else:
+            family = on_cluster(train(spec_yaml=spec_yaml, stage=stage, family=family, packed=packed), "train") \
+                .set_display_name(stage).outputs["trained"]
+    if spec.rl.enabled:
+        family = on_cluster(grpo(spec_yaml=spec_yaml, family=family, plan=plan), "grpo").outputs["policy"]
+    if spec.dae.enabled:
+        family = on_cluster(svd_compress(spec_yaml=spec_yaml, family=family, packed=packed, expanded=expanded),
+                            "svd_compress").outputs["compressed"]
+    with dsl.ParallelFor(sorted(spec.family.tiers, key=spec.family.tiers.get)) as tier:
+        tiers = on_cluster(export_tier(spec_yaml=spec_yaml, tier=tier, family=family), "export_tier")
+    on_cluster(report(spec_yaml=spec_yaml, run_id=run_id, tiers=dsl.Collected(tiers.outputs["tier_model"]),
+                      packed=packed), "report")

@@ -63,7 +63,8 @@ class _TaskLog(io.TextIOBase):
 
 
 def run_local(spec_path: str | Path, root: str | Path = ".ruyi/kfp", show=None) -> dict:
-    """Run the whole pipeline locally. Returns the report's store URI, the run log and the task events.
+    """Run the whole pipeline locally. Returns the report's store URI (a run whose data did not change stops at
+    the gate and points at the report it already has), the run log and the task events.
     `show` receives one line per task event and training progress (default: printed to the real stdout)."""
     import sys
 
@@ -97,7 +98,10 @@ def run_local(spec_path: str | Path, root: str | Path = ".ruyi/kfp", show=None) 
             if msgs:
                 raise RuyiError("; ".join(msgs) + f" (full log: {log_path})") from None
             raise RuyiError(f"the local pipeline failed: {e} (full log: {log_path})") from None
-    return {"report_uri": task.output, "log": str(log_path), "events": tee.events,
+    from ruyi_core.store import ArtifactStore
+
+    store = ArtifactStore.from_spec(spec.store, env=os.environ)
+    return {"report_uri": store.uri(f"runs/{task.output}/report"), "log": str(log_path), "events": tee.events,
             "executed": sum(1 for e in tee.events if e.startswith("Task ") and "finished with status" in e)}
 
 

@@ -179,14 +179,53 @@ def pipeline_compile(spec: Path = typer.Option(..., help="run spec YAML"),
     console.print(f"wrote [bold]{compile_pipeline(spec, out)}[/]")
 
 
+@pipeline_app.command("upload")
+def pipeline_upload(spec: Path = typer.Option(..., help="run spec YAML"),
+                    host: str = typer.Option(..., envvar="KF_PIPELINES_ENDPOINT", help="KFP API endpoint"),
+                    name: str = typer.Option("ruyi-flow"), version: str = typer.Option(None),
+                    namespace: str = typer.Option(None)):
+    """Upload the compiled pipeline (a new version named from the package version and git commit)."""
+    from pipelines.remote import upload
+
+    res = upload(spec, host, name=name, version=version, namespace=namespace)
+    console.print(f"pipeline {res['pipeline_name']} version [bold]{res['version_name']}[/]\n{res['url']}",
+                  highlight=False)
+    for w in res.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+
+
+@pipeline_app.command("schedule")
+def pipeline_schedule(spec: Path = typer.Option(..., help="run spec YAML"),
+                      host: str = typer.Option(..., envvar="KF_PIPELINES_ENDPOINT", help="KFP API endpoint"),
+                      cron: str = typer.Option(..., help='cron, e.g. "0 3 * * 0" (5 or 6 fields)'),
+                      name: str = typer.Option(None), experiment: str = typer.Option("ruyi-flow"),
+                      namespace: str = typer.Option(None), service_account: str = typer.Option(None)):
+    """A recurring retraining run of the latest uploaded version."""
+    from pipelines.remote import schedule
+
+    res = schedule(spec, host, cron, name=name, experiment=experiment, namespace=namespace,
+                   service_account=service_account)
+    console.print(f"recurring run [bold]{res['name']}[/] ({res['cron']})\n{res['url']}", highlight=False)
+
+
 @pipeline_app.command("run")
 def pipeline_run(spec: Path = typer.Option(..., help="run spec YAML"),
                  local: bool = typer.Option(False, "--local", help="run with KFP's local SubprocessRunner"),
-                 root: Path = typer.Option(Path(".ruyi/kfp"), help="local pipeline root")):
-    """Run the whole pipeline. --local runs every component here, with the store from the environment."""
+                 host: str = typer.Option(None, envvar="KF_PIPELINES_ENDPOINT", help="KFP API endpoint"),
+                 root: Path = typer.Option(Path(".ruyi/kfp"), help="local pipeline root"),
+                 experiment: str = typer.Option("ruyi-flow"), namespace: str = typer.Option(None),
+                 service_account: str = typer.Option(None)):
+    """Run the whole pipeline: --local runs every component here with the store from the environment;
+    --host starts a run of the latest uploaded version on a cluster."""
+    if host and not local:
+        from pipelines.remote import run
+
+        res = run(spec, host, experiment=experiment, namespace=namespace, service_account=service_account)
+        console.print(f"run [bold]{res['run_name']}[/] of version {res['version_name']}\n{res['url']}",
+                      highlight=False)
+        return
     if not local:
-        raise RuyiError("only --local runs exist so far: add --local (cluster runs take --host, coming with "
-                        "the Kubernetes path)")
+        raise RuyiError("say where to run: --local (here) or --host URL (a Kubeflow Pipelines endpoint)")
     from pipelines.run import fetch_report, run_local
     from ruyi_core.spec import load_spec
 
@@ -203,7 +242,8 @@ def pipeline_run(spec: Path = typer.Option(..., help="run spec YAML"),
                                          "params": "parameters", "mb": "on disk", "sample": "greedy sample"}))
     for r in rows:
         console.print(f"{r['tier']:<8}{r['uri']}", highlight=False, soft_wrap=True)
-    cached = "all cached" if res["executed"] == 0 else f"{res['executed']} tasks executed"
+    cached = ("unchanged data and spec: stopped at the data-fingerprint gate" if res["executed"] <= 1
+              else f"{res['executed']} tasks executed")
     console.print(f"report  [bold]{rep['html']}[/]\nstore   {res['report_uri']}\n"
                   f"log     {res['log']}\n{cached} in {time.perf_counter() - started:.0f} s",
                   highlight=False, soft_wrap=True)

@@ -129,6 +129,7 @@ class DataSpec(_Strict):
 class Resources(_Strict):
     cpu: str = "2"
     memory: str = "8Gi"
+    gpus: int = Field(0, ge=0)  # on a cluster: GPUs for this step (training steps on a GPU node pool)
 
 
 class PipelineSpec(_Strict):
@@ -141,6 +142,9 @@ class PipelineSpec(_Strict):
         "report": Resources(cpu="1", memory="2Gi")})
     timeout_s: int = Field(6 * 3600, ge=60)
     retries: int = Field(1, ge=0, le=10)
+    accelerator: str = "nvidia.com/gpu"
+    gpu_node_selector: dict[str, str] = Field(default_factory=dict)  # for steps that request GPUs
+    gpu_tolerations: list[dict[str, str]] = Field(default_factory=list)  # {key, operator, value, effect}
 
     def resources_for(self, stage: str) -> Resources:
         return self.resources.get(stage, self.resources.get("default", Resources()))

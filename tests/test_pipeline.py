@@ -112,7 +112,9 @@ def test_local_pipeline_end_to_end_then_cached(tmp_path, s3_server, monkeypatch)
     assert r.returncode == 0 and "validate_data" in r.stdout and "init_family" in r.stdout, r.stdout + r.stderr
 
     second = run_local(spec, tmp_path / "kfp", show=lambda m: None)
-    assert second["executed"] == 0 and second["report_uri"] == first["report_uri"]
+    # only the data-fingerprint gate runs: the data did not change, so the run stops there
+    assert second["executed"] == 1 and second["report_uri"] == first["report_uri"]
+    assert any("plan-run" in e for e in second["events"]) and not any("train" in e for e in second["events"])
     assert store.read_manifest(first["report_uri"]).created_at == report.created_at
 
 
@@ -130,3 +132,16 @@ def test_failed_gate_stops_the_pipeline_and_writes_nothing(tmp_path, s3_server, 
 
     store = ArtifactStore.from_spec(load_spec(spec).store)
     assert store.list_artifacts("datasets/raw/pretrain") == []
+
+
+def test_gpu_spec_requests_gpus_on_training_steps_only(tmp_path):
+    from pipelines.run import compile_pipeline
+
+    docs = list(yaml.safe_load_all(compile_pipeline(ROOT / "specs/gpu.yaml", tmp_path / "gpu.yaml").read_text()))
+    executors = docs[0]["deploymentSpec"]["executors"]
+    with_gpus = {n for n, ex in executors.items() if ex["container"]["resources"].get("accelerator")}
+    assert with_gpus == {n for n in executors if n.startswith("exec-train")} and len(with_gpus) == 4
+    for n in with_gpus:
+        assert executors[n]["container"]["resources"]["accelerator"]["resourceCount"] == "8"
+    k8s = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert {n for n, c in k8s.items() if c.get("tolerations") or c.get("nodeSelector")} == with_gpus
