@@ -1,4 +1,4 @@
-from typing import List, NamedTuple
+from typing import List
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
@@ -7,13 +7,11 @@ from components.image import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def plan_run(spec_yaml: str, datasets: Input[List[Dataset]], plan: Output[Dataset]) -> NamedTuple(
-        "Plan", run_id=str, fresh=bool):
-    """The run id, derived from the spec and the validated data; `fresh` is False when that run already
-    finished (its report is in the store): the data-fingerprint gate that stops an unchanged scheduled run.
-    `plan` carries the validated datasets on to the stages after the gate."""
+def plan_run(spec_yaml: str, datasets: Input[List[Dataset]], plan: Output[Dataset]) -> bool:
+    """The data-fingerprint gate: returns False when the run for this spec and data already finished (its
+    report is in the store), which stops an unchanged scheduled run. `plan` carries the run id (derived from the
+    spec and the validated data) and the datasets on to the stages after the gate."""
     import json
-    from collections import namedtuple
     from pathlib import Path
 
     from ruyi_core.stages import open_run, plan_run
@@ -24,4 +22,4 @@ def plan_run(spec_yaml: str, datasets: Input[List[Dataset]], plan: Output[Datase
         done = store.has_artifact(store.uri(f"runs/{run_id}/report"))
     plan.metadata.update({"run_id": run_id, "datasets": raws})
     Path(plan.path).write_text(json.dumps(raws))
-    return namedtuple("Plan", ["run_id", "fresh"])(run_id, not done)
+    return not done

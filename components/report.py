@@ -7,7 +7,7 @@ from components.image import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def report(spec_yaml: str, run_id: str, tiers: Input[List[Model]], packed: Input[Dataset],
+def report(spec_yaml: str, plan: Input[Dataset], tiers: Input[List[Model]], packed: Input[Dataset],
            markdown: Output[Markdown], page: Output[HTML], metrics: Output[Metrics]) -> str:
     """Per-tier table, data summary and lineage picture; returns the report's store URI."""
     import json
@@ -16,7 +16,7 @@ def report(spec_yaml: str, run_id: str, tiers: Input[List[Model]], packed: Input
     from ruyi_core.stages import open_run, report
 
     with open_run(spec_yaml) as (spec, store):
-        result = report(spec, store, run_id, [dict(t.metadata) for t in tiers], list(packed.metadata["datasets"]))
+        result = report(spec, store, plan.metadata["run_id"], [dict(t.metadata) for t in tiers], list(packed.metadata["datasets"]))
         Path(markdown.path).write_text(result["markdown"])
         Path(page.path).write_text(result["html"])
         for row in result["tiers"]:

@@ -5,6 +5,7 @@
         -> export_tier x tiers -> report
 """
 from kfp import dsl, kubernetes
+from kfp.dsl import Dataset
 
 from components import (dae_expand, export_tier, grpo, init_family, plan_run, prepare_data, report, svd_compress,
                         train, validate_data)
@@ -39,22 +40,22 @@ def build_pipeline(spec: RunSpec, spec_yaml: str, cluster: bool = True):
         return task
 
     @dsl.pipeline(name="ruyi-flow", description="Train a familial LLM and ship one model per tier.")
-    def ruyi_flow(spec_yaml: str = spec_yaml) -> str:
+    def ruyi_flow(spec_yaml: str = spec_yaml) -> Dataset:
         with dsl.ParallelFor(list(KINDS)) as kind:
             gate = on_cluster(validate_data(spec_yaml=spec_yaml, kind=kind), "validate_data")
 
         run = on_cluster(plan_run(spec_yaml=spec_yaml, datasets=dsl.Collected(gate.outputs["dataset"])), "plan_run")
         run.set_caching_options(False)  # the gate must look at the store every time
-        with dsl.If(run.outputs["fresh"] == True):  # noqa: E712 (a KFP condition, not a Python comparison)
-            train_and_ship(spec, spec_yaml, run.outputs["run_id"], run.outputs["plan"], on_cluster)
-        return run.outputs["run_id"]
+        with dsl.If(run.outputs["Output"] == True):  # noqa: E712 (a KFP condition, not a Python comparison)
+            train_and_ship(spec, spec_yaml, run.outputs["plan"], on_cluster)
+        return run.outputs["plan"]  # its metadata names the run
 
     return ruyi_flow
 
 
-def train_and_ship(spec: RunSpec, spec_yaml: str, run_id, plan, on_cluster) -> None:
+def train_and_ship(spec: RunSpec, spec_yaml: str, plan, on_cluster) -> None:
     """Everything after the data gate, for a run whose data or spec is new (`plan`: the validated datasets)."""
-    fam = on_cluster(init_family(spec_yaml=spec_yaml, run_id=run_id, plan=plan), "init_family")
+    fam = on_cluster(init_family(spec_yaml=spec_yaml, plan=plan), "init_family")
     packed = on_cluster(prepare_data(spec_yaml=spec_yaml, plan=plan, family=fam.outputs["family"]),
                         "prepare_data").outputs["packed"]
     family = fam.outputs["family"]
@@ -73,5 +74,5 @@ def train_and_ship(spec: RunSpec, spec_yaml: str, run_id, plan, on_cluster) -> N
                             "svd_compress").outputs["compressed"]
     with dsl.ParallelFor(sorted(spec.family.tiers, key=spec.family.tiers.get)) as tier:
         tiers = on_cluster(export_tier(spec_yaml=spec_yaml, tier=tier, family=family), "export_tier")
-    on_cluster(report(spec_yaml=spec_yaml, run_id=run_id, tiers=dsl.Collected(tiers.outputs["tier_model"]),
+    on_cluster(report(spec_yaml=spec_yaml, plan=plan, tiers=dsl.Collected(tiers.outputs["tier_model"]),
                       packed=packed), "report")

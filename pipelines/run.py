@@ -101,7 +101,7 @@ def run_local(spec_path: str | Path, root: str | Path = ".ruyi/kfp", show=None) 
     from ruyi_core.store import ArtifactStore
 
     store = ArtifactStore.from_spec(spec.store, env=os.environ)
-    return {"report_uri": store.uri(f"runs/{task.output}/report"), "log": str(log_path), "events": tee.events,
+    return {"report_uri": store.uri(f"runs/{task.output.metadata['run_id']}/report"), "log": str(log_path), "events": tee.events,
             "executed": sum(1 for e in tee.events if e.startswith("Task ") and "finished with status" in e)}
 
 

@@ -203,8 +203,8 @@ def _export_compressed(spec: RunSpec, store: ArtifactStore, run_id: str, tier: s
         out = work / "svd" / "materialized"
         shutil.copytree(work / "svd" / "factored", out / "factored")
         model = Qwen3ForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-        row = {"tier": tier, "exit_point": compressed["exit_point"], "depth": model.config.num_hidden_layers,
-               "parameters": compressed["factored_parameters"],
+        row = {"tier": tier, "exit_point": int(compressed["exit_point"]), "depth": model.config.num_hidden_layers,
+               "parameters": int(compressed["factored_parameters"]),
                "weight_bytes": dir_bytes(out / "factored", "*.safetensors"),
                "compressed": f"SVD {compressed['ratio']:.0%} of the added parameters",
                "sample": greedy_sample(model, AutoTokenizer.from_pretrained(out))}

@@ -147,8 +147,8 @@ def test_bad_layouts_stop_before_any_process(capsys):
         validate_layout(spec(parallel={"pp": 3}), cfg, "cpt")
     with pytest.raises(RuyiError, match=r"world size tp x pp x dp = 2 does not match nodes x gpus_per_node = 8"):
         validate_layout(spec(parallel={"dp": 2}, launcher="trainjob"), cfg, "cpt")
-    with pytest.raises(RuyiError, match=r"global_batch_size = 10 must be a multiple"):
-        validate_layout(spec(parallel={"dp": 2}, cpt={"global_batch_size": 10, "micro_batch_size": 4}), cfg, "cpt")
+    with pytest.raises(RuyiError, match=r"global_batch_size = 12 must be a multiple of micro_batch_size x dp = 8"):
+        validate_layout(spec(parallel={"dp": 2}, cpt={"global_batch_size": 12, "micro_batch_size": 4}), cfg, "cpt")
 
 
 def test_cpu_shim_canary():

@@ -80,7 +80,8 @@ def grpo(spec, store, run_id: str, family_uri: str, rl_raw_uri: str) -> dict:
         for f in ("rewards.jsonl", "rewards.png"):
             if (work / "policy" / f).is_file():
                 (work / "out" / f).write_bytes((work / "policy" / f).read_bytes())
-        meta = {"run_id": run_id, "tier": tier, **{k: v for k, v in res.items() if isinstance(v, (int, float, str))}}
+        meta = {"run_id": run_id, "tier": tier,
+                **{k: v for k, v in res.items() if isinstance(v, (int, float, str)) and k != "path"}}
         store.put_artifact(key, work / "out", stage="grpo", spec_hash=spec.fingerprint(),
                            inputs=[family_uri, rl_raw_uri], metadata=meta)
     return {"uri": store.uri(key), **meta}
@@ -130,6 +131,7 @@ def svd_compress(spec, store, run_id: str, family_uri: str, packed_pretrain_uri:
             rows.append(row)
             if ratio == d.svd_ratio:
                 chosen, chosen_rep, row_chosen = model, rep, row
+        factored_params = chosen.num_parameters()  # before materialize() makes it dense again, in place
         out = work / "out"
         (out / "factored").mkdir(parents=True)
         chosen.save_pretrained(out / "factored")
@@ -144,7 +146,7 @@ def svd_compress(spec, store, run_id: str, family_uri: str, packed_pretrain_uri:
                 "removed_fraction": row_chosen["removed_fraction"], "heldout_loss_dense": base_loss,
                 "heldout_loss_compressed": row_chosen["heldout_loss"], "relative_drop": row_chosen["relative_drop"],
                 "heldout_loss_unexpanded": expand_meta["heldout_loss_unexpanded"],
-                "factored_parameters": chosen.num_parameters(), "dense_parameters": dense.num_parameters()}
+                "factored_parameters": factored_params, "dense_parameters": dense.num_parameters()}
         store.put_artifact(key, out, stage="svd_compress", spec_hash=spec.fingerprint(),
                            inputs=[family_uri, packed_pretrain_uri, expand_uri], metadata=meta)
     return {"uri": store.uri(key), **meta}
