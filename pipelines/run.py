@@ -68,16 +68,16 @@ def run_local(spec_path: str | Path, root: str | Path = ".ruyi/kfp", show=None) 
     `show` receives one line per task event and training progress (default: printed to the real stdout)."""
     import sys
 
-    real_stdout = sys.stdout
-    show = show or (lambda m: print(m, file=real_stdout, flush=True))
     from kfp import local
 
     from pipelines.dag import build_pipeline
     from ruyi_core.store import ArtifactStore
 
+    real_stdout = sys.stdout
+    show = show or (lambda m: print(m, file=real_stdout, flush=True))
     spec_path, root = Path(spec_path), Path(root).resolve()
     spec = load_spec(spec_path)
-    ArtifactStore.from_spec(spec.store, env=os.environ)  # fail fast, one line, on a bad store/credentials
+    store = ArtifactStore.from_spec(spec.store, env=os.environ)  # fail fast, one line, on a bad store/credentials
     root.mkdir(parents=True, exist_ok=True)
     errors = root / "errors"
     errors.mkdir(exist_ok=True)
@@ -98,11 +98,8 @@ def run_local(spec_path: str | Path, root: str | Path = ".ruyi/kfp", show=None) 
             if msgs:
                 raise RuyiError("; ".join(msgs) + f" (full log: {log_path})") from None
             raise RuyiError(f"the local pipeline failed: {e} (full log: {log_path})") from None
-    from ruyi_core.store import ArtifactStore
-
-    store = ArtifactStore.from_spec(spec.store, env=os.environ)
-    return {"report_uri": store.uri(f"runs/{task.output.metadata['run_id']}/report"), "log": str(log_path), "events": tee.events,
-            "executed": sum(1 for e in tee.events if e.startswith("Task ") and "finished with status" in e)}
+    return {"report_uri": store.uri(f"runs/{task.output.metadata['run_id']}/report"), "log": str(log_path),
+            "events": tee.events, "executed": sum(1 for e in tee.events if e.startswith("Task ") and "finished with status" in e)}
 
 
 def fetch_report(spec: RunSpec, report_uri: str, dest: Path) -> dict:
