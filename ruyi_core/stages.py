@@ -84,12 +84,12 @@ def validate_data(spec: RunSpec, store: ArtifactStore, kind: str, docs_dir: Path
         key = f"datasets/raw/{kind}/{gate.fingerprint[:16]}"
         uri = store.uri(key)
         if not store.has_artifact(uri):
-            stage = work / "artifact"
-            stage.mkdir()
+            art = work / "artifact"
+            art.mkdir()
             for i, p in enumerate(paths):
-                shutil.copy(p, stage / f"{i:03d}-{p.name}")
-            (stage / "gate_summary.json").write_text(json.dumps(gate.summary, indent=2, default=str))
-            store.put_artifact(key, stage, stage="validate_data", spec_hash=spec.fingerprint(),
+                shutil.copy(p, art / f"{i:03d}-{p.name}")
+            (art / "gate_summary.json").write_text(json.dumps(gate.summary, indent=2, default=str))
+            store.put_artifact(key, art, stage="validate_data", spec_hash=spec.fingerprint(),
                                metadata={"kind": kind, "n_records": gate.n_records, "fingerprint": gate.fingerprint,
                                          "sources": [str(p) for p in getattr(spec.data, kind)]})
     return {"uri": uri, "kind": kind, "n_records": gate.n_records, "fingerprint": gate.fingerprint,
