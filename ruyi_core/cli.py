@@ -242,7 +242,8 @@ def pipeline_run(spec: Path = typer.Option(..., help="run spec YAML"),
                                          "params": "parameters", "mb": "on disk", "sample": "greedy sample"}))
     for r in rows:
         console.print(f"{r['tier']:<8}{r['uri']}", highlight=False, soft_wrap=True)
-    cached = ("unchanged data and spec: stopped at the data-fingerprint gate" if res["executed"] <= 1
+    gated = not any("init-family" in e for e in res["events"])  # nothing ran past plan_run
+    cached = ("unchanged data and spec: stopped at the data-fingerprint gate" if gated
               else f"{res['executed']} tasks executed")
     console.print(f"report  [bold]{rep['html']}[/]\nstore   {res['report_uri']}\n"
                   f"log     {res['log']}\n{cached} in {time.perf_counter() - started:.0f} s",
