@@ -259,6 +259,57 @@ class RlSpec(_Strict):
     seed: int = 0
 
 
+class BenchmarkSpec(_Strict):
+    """One evaluation set in one of three forms (lm-evaluation-harness does the scoring):
+    `exact_match`: JSONL {question, answer} (GSM8K's "... #### 42" answers work), scored on greedy generation;
+    `multiple_choice`: JSONL {question, choices, answer|gold} (MMLU's form), scored by log-likelihood;
+    `perplexity`: JSONL {text}, rolling log-likelihood. `path` is `demo` (the demo world's held-out set of the
+    same name), a local file or an s3:// URI in the store."""
+
+    format: Literal["exact_match", "multiple_choice", "perplexity"]
+    path: str = "demo"
+    limit: int | None = Field(None, ge=1)  # first N records only
+
+
+class EvalSpec(_Strict):
+    """Per-tier evaluation: every benchmark on every packaged tier (and on the family's exits, to compare), plus
+    parameters, bytes on disk, prefill / decode tokens/s and peak memory."""
+
+    benchmarks: dict[str, BenchmarkSpec] = Field(default_factory=lambda: {
+        "arithmetic": BenchmarkSpec(format="exact_match"), "facts_mc": BenchmarkSpec(format="multiple_choice"),
+        "heldout_text": BenchmarkSpec(format="perplexity")})
+    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(8, ge=1)
+    speed_prompt_tokens: int = Field(64, ge=1)
+    speed_new_tokens: int = Field(32, ge=1)
+    seed: int = 0
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _names(cls, v: dict[str, BenchmarkSpec]) -> dict[str, BenchmarkSpec]:
+        import re
+
+        if not v:
+            raise ValueError("needs at least one benchmark")
+        for name in v:
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+                raise ValueError(f"benchmark name {name!r}: use lowercase letters, digits and _")
+        return v
+
+
+class PackageSpec(_Strict):
+    """Per-tier packages under models/<family>/<version>/<tier>/ and the promotion gate. A new version of a tier
+    is promoted only when no benchmark is worse than the promoted version's by more than the tolerance
+    (absolute for scores in [0, 1], relative for perplexity)."""
+
+    version: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # default: from the run id
+    tolerance: float = Field(0.02, ge=0)
+    perplexity_tolerance: float = Field(0.05, ge=0)
+    targets: dict[str, str] = Field(default_factory=lambda: {
+        "end": "end device (phone / PC, on-device NPU or CPU)", "edge": "edge server (one mid-range GPU)",
+        "cloud": "cloud (data-centre GPUs)"})
+
+
 class RunSpec(_Strict):
     family: FamilySpec = Field(default_factory=FamilySpec)
     data: DataSpec = Field(default_factory=DataSpec)
@@ -267,6 +318,8 @@ class RunSpec(_Strict):
     train: TrainSpec = Field(default_factory=TrainSpec)
     dae: DaeSpec = Field(default_factory=DaeSpec)
     rl: RlSpec = Field(default_factory=RlSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    package: PackageSpec = Field(default_factory=PackageSpec)
 
     def train_stage(self, stage: str) -> TrainStageSpec:
         """A training stage's settings; the DaE stages train only the expanded tier's new blocks and head."""
