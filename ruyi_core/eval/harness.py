@@ -1,0 +1,101 @@
+"""Benchmarks on one model (a packaged tier, or one exit of the family) through lm-evaluation-harness."""
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ruyi_core.eval.tasks import PRIMARY, write_tasks
+from ruyi_core.family.convert import generation_config
+
+# HFLM warns on every construction that it was handed a model instance instead of a name; we do that on
+# purpose (the model is already loaded, possibly a family), so only these two messages are dropped.
+_EXPECTED = ("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized model")
+
+
+class _DropExpected(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_EXPECTED)
+
+
+def _quiet_lm_eval() -> None:
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    hf = logging.getLogger("lm_eval.models.huggingface")  # the warnings' own logger: filters do not inherit
+    if not any(isinstance(f, _DropExpected) for f in hf.filters):
+        hf.addFilter(_DropExpected())
+
+
+def _tier_lm(model, tokenizer, exit_point: int | None, eos: list[int], batch_size: int):
+    """lm-eval's HFLM over an already-loaded model, pinned to one exit and to the packaged stop tokens `eos`."""
+    from lm_eval.models.huggingface import HFLM
+
+    exit_kw = {} if exit_point is None else {"exit_point": exit_point}
+
+    class TierLM(HFLM):
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            # Causal only: lm-eval right-pads loglikelihood batches, so no attention mask is needed.
+            with torch.no_grad():
+                return self.model(inps, **exit_kw).logits
+
+        def _model_generate(self, context, max_length, stop, **generation_kwargs):
+            # Every sequence of a batch stops at its own end of turn (<|im_end|> or EOS, as packaged). lm-eval's
+            # string stops cannot do that alone: it decodes with special tokens skipped before cutting at them.
+            return super()._model_generate(context, max_length, stop, eos_token_id=eos, **exit_kw,
+                                           **generation_kwargs)
+
+    return TierLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def evaluate(model, tokenizer, spec, work: Path, store=None, exit_point: int | None = None) -> dict:
+    """Every benchmark in `spec.eval` on `model` (at `exit_point` for a family). Returns
+    {"benchmarks": {name: {"format", "metric", "value", "higher_is_better", "n", <other metrics>}},
+     "average": mean of the higher-is-better primary scores (None if there are none), "lm_eval_version"}.
+
+    Deterministic in `spec.eval.seed`: greedy generation, zero-shot, no bootstrap (stderr) resampling.
+    `work` holds the throwaway task folder; s3:// benchmarks are fetched with `store`.
+    """
+    from lm_eval.evaluator import evaluate as lm_evaluate
+    from lm_eval.tasks import TaskManager
+
+    _quiet_lm_eval()
+    ev = spec.eval
+    model.eval()
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    eos = generation_config(tokenizer, model.config).eos_token_id or [tokenizer.eos_token_id]  # as packaged
+    lm = _tier_lm(model, tokenizer, exit_point, eos, ev.batch_size)
+    stop = [tokenizer.decode([i], skip_special_tokens=False) for i in eos]
+    with tempfile.TemporaryDirectory(dir=work, prefix="lm-eval-") as tmp:
+        names = write_tasks(spec, tokenizer, Path(tmp), stop, store)
+        # include_defaults=False: only our tasks are indexed (indexing lm-eval's own ~14k YAMLs took 27 s here).
+        loaded = TaskManager(include_path=tmp, include_defaults=False).load(names)
+        _seed(ev.seed)
+        # lm_eval.evaluator.evaluate, not simple_evaluate: the latter only adds what we do here (seeding, the LM
+        # and the tasks) plus seconds per call collecting environment info (torch collect_env, git). Its few-shot
+        # seed has no use: every task is zero-shot.
+        out = lm_evaluate(lm=lm, task_dict=loaded, bootstrap_iters=0, log_samples=False)
+    return summarize(out, spec)
+
+
+def summarize(out: dict, spec) -> dict:
+    benchmarks = {}
+    for name, bench in spec.eval.benchmarks.items():
+        metrics = {k.split(",")[0]: float(v) for k, v in out["results"][name].items()
+                   if "," in k and "_stderr" not in k}
+        metric, higher = PRIMARY[bench.format]
+        benchmarks[name] = {"format": bench.format, "metric": metric, "value": metrics.pop(metric),
+                            "higher_is_better": higher, "n": int(out["n-samples"][name]["effective"]), **metrics}
+    scores = [b["value"] for b in benchmarks.values() if b["higher_is_better"]]
+    return {"benchmarks": benchmarks, "average": sum(scores) / len(scores) if scores else None,
+            "lm_eval_version": version("lm_eval")}

@@ -1,0 +1,167 @@
+"""lm-evaluation-harness task configs for the spec's benchmarks.
+
+Every benchmark's records are read, checked and rewritten as a normalized JSONL file beside its task YAML, so
+lm-eval only ever sees one schema per format and loads it with the `datasets` "json" builder on a local file
+(works offline). Normalizing here, not in lm-eval hooks, keeps bad data a one-line RuyiError before any model
+runs, and lets the generative prompt be rendered with the model's own chat template (as SFT trained it).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from ruyi_core.errors import RuyiError
+from ruyi_core.rl.rewards import extract_answer
+
+# format -> (primary metric, higher is better). The lead's promotion gate compares these.
+PRIMARY = {"exact_match": ("exact_match", True), "multiple_choice": ("acc", True),
+           "perplexity": ("word_perplexity", False)}
+
+_MC_TEMPLATE = "Question: {{question}}\nAnswer:"  # lm-eval's usual zero-shot MC prompt; choices follow " "
+
+
+def exact_match_results(doc: dict, results: list[str]) -> dict:
+    """lm-eval `process_results` hook: the answer extracted from the generation equals the gold answer.
+    Referenced from the YAML as an importable function, so no generated Python module is needed."""
+    return {"exact_match": float(extract_answer(results[0]) == doc["target"])}
+
+
+def gold_answer(answer) -> str:
+    """The gold answer as extract_answer would print it: GSM8K's "... #### 1,234" keeps the text after the
+    last '####'; integers are normalized ("05" -> "5") and lose thousands separators."""
+    text = str(answer).split("####")[-1].strip()
+    try:
+        return str(int(text.replace(",", "")))
+    except ValueError:
+        return text  # not an integer: extract_answer never yields it, so such a record always scores 0
+
+
+def _field(rec: dict, key: str, kind: type, where: str):
+    if not isinstance(rec.get(key), kind):
+        raise RuyiError(f"{where}: needs a {kind.__name__} field {key!r}")
+    return rec[key]
+
+
+def _mc_gold(rec: dict, n_choices: int, where: str) -> int:
+    """`gold` or `answer`: a choice index, or a letter A, B, C... (MMLU's two spellings)."""
+    raw = rec.get("gold", rec.get("answer"))
+    if isinstance(raw, str) and len(raw.strip()) == 1 and raw.strip().isalpha():
+        raw = ord(raw.strip().upper()) - ord("A")
+    elif isinstance(raw, str) and raw.strip().isdigit():
+        raw = int(raw)
+    if not isinstance(raw, int) or isinstance(raw, bool) or not 0 <= raw < n_choices:
+        raise RuyiError(f"{where}: 'gold' (or 'answer') must be a choice index 0..{n_choices - 1} "
+                        f"or a letter A..{chr(ord('A') + n_choices - 1)}, got {raw!r}")
+    return raw
+
+
+def normalize(fmt: str, rec: dict, tokenizer, where: str) -> dict:
+    """One record in the schema its task YAML reads."""
+    if not isinstance(rec, dict):
+        raise RuyiError(f"{where}: each line must be a JSON object")
+    if fmt == "exact_match":
+        q = _field(rec, "question", str, where)
+        if "answer" not in rec:
+            raise RuyiError(f"{where}: needs an 'answer' field")
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                               tokenize=False)
+        return {"prompt": prompt, "target": gold_answer(rec["answer"])}
+    if fmt == "multiple_choice":
+        q, choices = _field(rec, "question", str, where), _field(rec, "choices", list, where)
+        if len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise RuyiError(f"{where}: 'choices' must be a list of at least two strings")
+        return {"question": q, "choices": choices, "gold": _mc_gold(rec, len(choices), where)}
+    return {"text": _field(rec, "text", str, where)}
+
+
+def read_jsonl(path: Path, label: str) -> list[dict]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise RuyiError(f"{label}: {path} is not UTF-8 text: benchmarks are JSONL files") from None
+    out = []
+    for i, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise RuyiError(f"{label}: {path}:{i}: not valid JSON ({e.msg})") from None
+    return out
+
+
+def load_records(name: str, bench, spec, tokenizer, fetch_dir: Path, store=None) -> list[dict]:
+    """The benchmark's first `limit` records, normalized. `demo` is the demo world's set of the same name."""
+    from ruyi_core.data import world
+
+    label = f"eval.benchmarks.{name}"
+    if bench.path == "demo":
+        sets = world.eval_sets(spec.data.seed)
+        if name not in sets:
+            raise RuyiError(f"{label}.path: 'demo' only serves {', '.join(sets)}; point path at a JSONL file "
+                            "(local or s3://) for other benchmarks")
+        raw = sets[name]
+    else:
+        path = Path(bench.path)
+        if bench.path.startswith("s3://"):
+            if store is None:
+                raise RuyiError(f"{label}.path: {bench.path} is in the object store, but no store was given")
+            path = fetch_dir / f"{name}.jsonl"
+            store.get_file(bench.path, path)
+        elif not path.is_file():
+            raise RuyiError(f"{label}.path: {path} not found: give an existing JSONL file, an s3:// URI or 'demo'")
+        raw = read_jsonl(path, label)
+    raw = raw[: bench.limit]
+    if not raw:
+        raise RuyiError(f"{label}: {bench.path} has no records")
+    return [normalize(bench.format, r, tokenizer, f"{label} record {i + 1}") for i, r in enumerate(raw)]
+
+
+def task_config(name: str, fmt: str, data: Path, cache_dir: Path, max_new_tokens: int, stop: list[str]) -> dict:
+    base = {
+        "task": name,
+        "dataset_path": "json",
+        # Arrow cache inside the throwaway task folder, not one more entry in ~/.cache per evaluation.
+        "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(cache_dir)},
+        "test_split": "test",
+        "num_fewshot": 0,
+        "output_type": {"exact_match": "generate_until", "multiple_choice": "multiple_choice",
+                        "perplexity": "loglikelihood_rolling"}[fmt],
+        "metadata": {"version": 1.0},
+    }
+    if fmt == "exact_match":
+        # `until` also keeps lm-eval from defaulting to "\n\n", which would cut multi-line answers.
+        return base | {"doc_to_text": "prompt", "doc_to_target": "target",
+                       "generation_kwargs": {"until": stop, "do_sample": False, "max_gen_toks": max_new_tokens},
+                       "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]}
+    if fmt == "multiple_choice":
+        return base | {"doc_to_text": _MC_TEMPLATE, "doc_to_choice": "choices", "doc_to_target": "gold",
+                       "target_delimiter": " ",
+                       "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
+                                       for m in ("acc", "acc_norm")]}  # acc_norm reuses the same log-probs
+    return base | {"doc_to_text": "", "doc_to_target": "text",
+                   "metric_list": [{"metric": m, "aggregation": agg, "higher_is_better": False} for m, agg in (
+                       ("word_perplexity", "weighted_perplexity"), ("byte_perplexity", "weighted_perplexity"),
+                       ("bits_per_byte", "bits_per_byte"))]}
+
+
+def write_tasks(spec, tokenizer, out_dir: Path, stop: list[str], store=None) -> list[str]:
+    """One task YAML and its data per benchmark under out_dir (an lm-eval include_path); returns the task
+    names (the benchmark names). Every benchmark is read before any is written, so a bad one fails fast."""
+    out_dir = Path(out_dir)
+    ev = spec.eval
+    if any(b.format == "exact_match" for b in ev.benchmarks.values()) and not tokenizer.chat_template:
+        raise RuyiError("exact_match benchmarks prompt through the chat template, but this tokenizer has none")
+    records = {name: load_records(name, b, spec, tokenizer, out_dir / "fetched", store)
+               for name, b in ev.benchmarks.items()}
+    for name, bench in ev.benchmarks.items():
+        data = out_dir / "data" / f"{name}.jsonl"
+        data.parent.mkdir(parents=True, exist_ok=True)
+        data.write_text("".join(json.dumps(r) + "\n" for r in records[name]))
+        cfg = task_config(name, bench.format, data, out_dir / "hf_cache", ev.max_new_tokens, stop)
+        text = yaml.safe_dump(cfg, sort_keys=False)
+        if bench.format == "exact_match":  # a YAML tag safe_dump cannot emit
+            text += f"process_results: !function {__name__}.exact_match_results\n"
+        (out_dir / f"{name}.yaml").write_text(text)
+    return list(ev.benchmarks)

@@ -1,0 +1,179 @@
+"""Per-tier evaluation through lm-evaluation-harness: reproducible, a packaged tier scores exactly as the family's
+exit it came from, scores agree with hand computations, and bad benchmarks are one-line errors."""
+import json
+import math
+
+import pytest
+import torch
+from conftest import randomize_
+from transformers import AutoModelForCausalLM
+
+from ruyi_core.data import world
+from ruyi_core.errors import RuyiError
+from ruyi_core.eval import evaluate, measure
+from ruyi_core.eval.tasks import gold_answer, normalize
+from ruyi_core.family.io import export_tiers, greedy_sample, init_family
+from ruyi_core.rl.rewards import extract_answer
+from ruyi_core.spec import BenchmarkSpec, EvalSpec, FamilySpec, RunSpec
+
+FAMILY = FamilySpec(base="micro", exit_points=[0, 1, 3])
+EDGE = 1  # the "edge" tier's exit point
+MC_PROMPT = "Question: {}\nAnswer:"
+
+
+def make_spec(benchmarks: dict, **eval_kw) -> RunSpec:
+    kw = {"max_new_tokens": 8, "batch_size": 4, "speed_prompt_tokens": 16, "speed_new_tokens": 4} | eval_kw
+    return RunSpec(family=FAMILY, eval=EvalSpec(benchmarks=benchmarks, **kw))
+
+
+SPEC = make_spec({"arithmetic": BenchmarkSpec(format="exact_match", limit=4),
+                  "facts_mc": BenchmarkSpec(format="multiple_choice", limit=12),
+                  "heldout_text": BenchmarkSpec(format="perplexity", limit=4)})
+
+
+@pytest.fixture(scope="module")
+def family():
+    fam, tok = init_family(FAMILY)
+    return randomize_(fam, seed=3).eval(), tok
+
+
+@pytest.fixture(scope="module")
+def edge_dir(family, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiers")
+    export_tiers(*family, out, tiers=["edge"])
+    return out / "edge"
+
+
+@pytest.fixture(scope="module")
+def edge(edge_dir):
+    """The edge tier as a deployment loads it: a plain Qwen3 checkpoint."""
+    model = AutoModelForCausalLM.from_pretrained(edge_dir, dtype=torch.float32).eval()
+    assert type(model).__name__ == "Qwen3ForCausalLM"
+    return model
+
+
+@pytest.fixture(scope="module")
+def family_scores(family, tmp_path_factory):
+    return evaluate(*family, SPEC, tmp_path_factory.mktemp("work"), exit_point=EDGE)
+
+
+def test_evaluation_is_reproducible(family, family_scores, tmp_path):
+    again = evaluate(*family, SPEC, tmp_path, exit_point=EDGE)
+    assert again == family_scores
+    b = again["benchmarks"]
+    assert {n: (r["metric"], r["n"]) for n, r in b.items()} == {
+        "arithmetic": ("exact_match", 4), "facts_mc": ("acc", 12), "heldout_text": ("word_perplexity", 4)}
+    assert not b["heldout_text"]["higher_is_better"] and {"byte_perplexity", "bits_per_byte"} <= set(b["heldout_text"])
+    assert again["average"] == pytest.approx((b["arithmetic"]["value"] + b["facts_mc"]["value"]) / 2)
+    assert list(tmp_path.iterdir()) == []  # the task folder is thrown away
+
+
+def test_tier_scores_equal_the_family_exit(family, edge, family_scores, tmp_path):
+    _, tok = family
+    tier = evaluate(edge, tok, SPEC, tmp_path)["benchmarks"]
+    fam = family_scores["benchmarks"]
+    for name in ("arithmetic", "facts_mc"):
+        assert tier[name] == fam[name], name
+    for key in ("value", "byte_perplexity", "bits_per_byte"):
+        assert tier["heldout_text"][key] == pytest.approx(fam["heldout_text"][key], rel=1e-4), key
+
+
+@torch.no_grad()
+def _logprob(model, ctx_ids: list[int], cont_ids: list[int], **kw) -> float:
+    ids = torch.tensor([ctx_ids + cont_ids])
+    logp = torch.log_softmax(model(ids, **kw).logits[0, :-1].float(), -1)
+    return sum(logp[len(ctx_ids) - 1 + i, t].item() for i, t in enumerate(cont_ids))
+
+
+def test_multiple_choice_and_perplexity_match_a_hand_computation(family, family_scores):
+    """lm-eval's conventions, by hand: a choice is scored as the tokens that " choice" adds after the prompt;
+    rolling perplexity predicts every token of the text after the EOS prefix token (texts fit one window)."""
+    model, tok = family
+    sets = world.eval_sets(SPEC.data.seed)
+    hits = hits_norm = 0
+    for rec in sets["facts_mc"][:12]:
+        ctx = tok.encode(MC_PROMPT.format(rec["question"]))
+        lls = [_logprob(model, ctx, tok.encode(MC_PROMPT.format(rec["question"]) + " " + c)[len(ctx):],
+                        exit_point=EDGE) for c in rec["choices"]]
+        hits += max(range(len(lls)), key=lls.__getitem__) == rec["gold"]
+        hits_norm += max(range(len(lls)), key=lambda i: lls[i] / len(rec["choices"][i])) == rec["gold"]
+    mc = family_scores["benchmarks"]["facts_mc"]
+    assert (mc["value"], mc["acc_norm"]) == (hits / 12, hits_norm / 12)
+
+    total, words = 0.0, 0
+    for rec in sets["heldout_text"][:4]:
+        total += _logprob(model, [tok.eos_token_id], tok.encode(rec["text"]), exit_point=EDGE)
+        words += len(rec["text"].split())
+    ppl = family_scores["benchmarks"]["heldout_text"]["value"]
+    assert ppl == pytest.approx(math.exp(-total / words), rel=1e-4)
+
+
+def test_exact_match_matches_greedy_generation(family, edge, tmp_path):
+    """Gold answers made from the tier's own greedy chat replies (half of them spoiled): exact_match must be
+    the fraction left intact, so prompting, stopping and answer extraction all agree with greedy_sample."""
+    _, tok = family
+    questions = [r["question"] for r in world.eval_sets(0)["arithmetic"][:6]]
+    got = [extract_answer(greedy_sample(edge, tok, q, max_new_tokens=8)) for q in questions]
+    assert any(g is not None for g in got)  # the random micro model does emit integers, so this is not 0 == 0
+    gold = [g if i % 2 == 0 and g is not None else "-12345" for i, g in enumerate(got)]
+    data = tmp_path / "em.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": f"work #### {a}"}) + "\n"
+                            for q, a in zip(questions, gold)))
+    spec = make_spec({"em": BenchmarkSpec(format="exact_match", path=str(data))}, batch_size=1)
+    score = evaluate(edge, tok, spec, tmp_path / "work")["benchmarks"]["em"]
+    assert score["n"] == 6 and score["value"] == sum(g == a for g, a in zip(got, gold)) / 6
+
+
+def test_benchmark_from_the_store(family, family_scores, store, tmp_path):
+    path = world.write_jsonl(tmp_path / "mc.jsonl", world.eval_sets(SPEC.data.seed)["facts_mc"])
+    store.put_file(path, "datasets/eval/mc.jsonl")
+    spec = make_spec({"facts_mc": BenchmarkSpec(format="multiple_choice", path=store.uri("datasets/eval/mc.jsonl"),
+                                                limit=12)})
+    got = evaluate(*family, spec, tmp_path / "work", store=store, exit_point=EDGE)["benchmarks"]["facts_mc"]
+    assert got == family_scores["benchmarks"]["facts_mc"]
+
+
+@pytest.mark.parametrize("bench, match", [
+    (BenchmarkSpec(format="exact_match"), "'demo' only serves"),
+    (BenchmarkSpec(format="perplexity", path="/nonexistent/heldout.jsonl"), "not found"),
+    (BenchmarkSpec(format="multiple_choice", path="s3://ruyi/x.jsonl"), "no store was given"),
+])
+def test_bad_benchmark_is_one_line_error(family, tmp_path, bench, match):
+    with pytest.raises(RuyiError, match=match) as e:
+        evaluate(*family, make_spec({"gsm_unknown": bench}), tmp_path, exit_point=EDGE)
+    assert "\n" not in str(e.value) and "eval.benchmarks.gsm_unknown" in str(e.value)
+
+
+def test_bad_records_are_one_line_errors(family, tmp_path):
+    _, tok = family
+    bad = tmp_path / "mc.jsonl"
+    bad.write_text(json.dumps({"question": "q?", "choices": ["a", "b"], "answer": "C"}) + "\n")
+    with pytest.raises(RuyiError, match=r"record 1: 'gold' \(or 'answer'\) must be a choice index 0..1"):
+        evaluate(*family, make_spec({"mc": BenchmarkSpec(format="multiple_choice", path=str(bad))}), tmp_path)
+    bad.write_text("{not json\n")
+    with pytest.raises(RuyiError, match=r"mc.jsonl:1: not valid JSON"):
+        evaluate(*family, make_spec({"mc": BenchmarkSpec(format="multiple_choice", path=str(bad))}), tmp_path)
+
+
+def test_answer_forms(family):
+    _, tok = family
+    assert [gold_answer(a) for a in ("She pays 3 * 4 = 12.\n#### 1,234", 42, " 07 ", "n/a")] == [
+        "1234", "42", "7", "n/a"]
+    mc = {"question": "q", "choices": list("wxyz"), "answer": "c"}
+    assert normalize("multiple_choice", mc, tok, "r")["gold"] == 2
+    prompt = normalize("exact_match", {"question": "2 + 2?", "answer": "#### 4"}, tok, "r")["prompt"]
+    assert prompt == tok.apply_chat_template([{"role": "user", "content": "2 + 2?"}], add_generation_prompt=True,
+                                             tokenize=False)
+
+
+def test_speed_and_size(family, edge, edge_dir):
+    fam, tok = family
+    spec = make_spec(SPEC.eval.benchmarks)
+    tier = measure(edge, tok, spec, path=edge_dir)
+    at_exit = measure(fam, tok, spec, exit_point=EDGE)
+    assert tier["parameters"] == at_exit["parameters"] == fam.tier_parameter_count(EDGE)
+    assert tier["bytes_on_disk"] == sum(f.stat().st_size for f in edge_dir.iterdir())
+    assert "bytes_on_disk" not in at_exit
+    for r in (tier, at_exit):
+        assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["peak_memory_mib"] > 0
+        assert (r["prompt_tokens"], r["new_tokens"], r["device"]) == (16, 4, "cpu")
