@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ruyi_core.data.cli import data_app
 from ruyi_core.errors import RuyiError
+from ruyi_core.package.cli import models_app
 from ruyi_core.store.cli import lineage_command, store_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -25,6 +26,7 @@ console = Console()
 
 app.add_typer(data_app, name="data", help="Validate and pack corpora.")
 app.add_typer(store_app, name="store", help="The local S3 server.")
+app.add_typer(models_app, name="models", help="The model registry: packages per tier, promotion, verification.")
 app.command("lineage", help="The chain from an artifact back to the raw data files, with hashes.")(lineage_command)
 
 
@@ -108,16 +110,35 @@ def family_import(src: Path = typer.Option(..., help="published AI-Flow-Ruyi / R
 
 @app.command("generate")
 def generate(prompt: str = typer.Argument(..., help="the user message"),
-             model: Path = typer.Option(..., help="a family directory or an exported tier"),
-             tier: str = typer.Option(None, help="tier to run (family directories only)"),
+             model: Path = typer.Option(None, help="a family directory or an exported tier"),
+             tier: str = typer.Option(None, help="tier to run: of the --model family, or of the --registry family"),
+             registry: str = typer.Option(None, help="a family in the model registry: run a package of it"),
+             version: str = typer.Option(None, help="with --registry: this version, not the promoted one"),
+             spec: Path = typer.Option(None, help="with --registry: run spec YAML whose store section locates "
+                                                  "the registry (default: the local server)"),
              max_new_tokens: int = typer.Option(64), temperature: float = typer.Option(0.0),
              chat: bool = typer.Option(True, help="wrap the prompt in the chat template")):
-    """Generate from one tier (greedy unless --temperature > 0)."""
+    """Generate from one tier (greedy unless --temperature > 0): a local model, or a registry package
+    (downloaded once to ~/.cache/ruyi/models or $RUYI_CACHE/models, verified before every use)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import ruyi_core  # noqa: F401  (registers the family with the Auto classes)
 
+    if (model is None) == (registry is None):
+        raise RuyiError("say what to run: --model DIR, or --registry FAMILY --tier TIER")
+    if registry is not None:
+        from ruyi_core.package import fetch
+        from ruyi_core.package.cli import open_store
+
+        if tier is None:
+            raise RuyiError(f"--registry needs --tier: which of {registry}'s tiers to run")
+        log = Console(stderr=True)  # stdout carries only the generated text
+        model = fetch(open_store(spec), registry, tier, version,
+                      log=lambda m: log.print(f"[dim]{m}[/]", highlight=False, soft_wrap=True))
+        tier = None  # a package is one tier already
+    elif version is not None or spec is not None:
+        raise RuyiError("--version and --spec go with --registry")
     _quiet_hf()
     if not (model / "config.json").is_file():
         raise RuyiError(f"{model} is not a model directory (no config.json)")
@@ -252,15 +273,13 @@ def pipeline_run(spec: Path = typer.Option(..., help="run spec YAML"),
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # non-standalone click returns a typer.Exit's code instead of raising
     except RuyiError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         console.print("aborted")
         sys.exit(130)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
     except Exception as e:  # click usage errors arrive here in non-standalone mode
         import click
 
@@ -268,6 +287,8 @@ def main() -> None:
             e.show()
             sys.exit(e.exit_code)
         raise
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,143 @@
+"""`ruyi models list|show|verify`: the registry from the command line. The store comes from --spec's store
+section (default: the local server) and the RUYI_S3_* environment, as for `ruyi lineage`."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ruyi_core.errors import RuyiError
+from ruyi_core.package.build import verify_package
+from ruyi_core.package.registry import families, read_index
+from ruyi_core.store import ArtifactStore, IntegrityError
+from ruyi_core.store.artifact import clean_key
+
+models_app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                         help="The model registry: per-tier packages, their promotion, their integrity.")
+SPEC_HELP = "run spec YAML whose store section locates the registry (default: the local server)"
+
+
+def open_store(spec: Path | None, uri: str | None = None) -> ArtifactStore:
+    """The registry's store, read-only (a lookup creates no bucket); an s3:// URI picks its own bucket."""
+    from ruyi_core.spec import StoreSpec, load_spec
+
+    store_spec = load_spec(spec).store if spec is not None else StoreSpec()
+    if uri and uri.startswith("s3://"):
+        store_spec = store_spec.model_copy(update={"bucket": uri[5:].partition("/")[0] or store_spec.bucket})
+    return ArtifactStore.from_spec(store_spec, env=os.environ, create_bucket=False)
+
+
+def _avg(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+@models_app.command("list")
+def list_command(family: str | None = typer.Argument(None, help="a family: list its versions"),
+                 spec: Path | None = typer.Option(None, help=SPEC_HELP)) -> None:
+    """The families in the registry, or one family's versions with each tier's gate decision."""
+    store, c = open_store(spec), Console()
+    if family is None:
+        names = families(store)
+        if not names:
+            c.print(f"no packages under {store.uri('models')} yet: run the pipeline to publish some", highlight=False)
+            return
+        t = Table(title=f"families in {store.uri('models')}")
+        for col in ("family", "versions", "promoted"):
+            t.add_column(col, overflow="fold")
+        for name in names:
+            index = read_index(store, name, missing_ok=True)  # packages whose promote step never ran
+            promoted = ", ".join(f"{tier} {v}" for tier, v in sorted(index["promoted"].items())) if index else "–"
+            t.add_row(name, str(len(index["versions"])) if index else "–", promoted or "–")
+        c.print(t)
+        return
+    index = read_index(store, family)
+    tiers = list(dict.fromkeys(t for v in index["versions"] for t in v["tiers"]))
+    t = Table(title=f"{family}: versions (average score per tier)",
+              caption="★ promoted now · ✓ passed the gate, since superseded · ✗ kept, not promoted")
+    for col in ("version", "run", "created", *tiers):
+        t.add_column(col, overflow="fold")
+    for v in index["versions"]:
+        cells = []
+        for tier in tiers:
+            e = v["tiers"].get(tier)
+            mark = "" if e is None else "★" if index["promoted"].get(tier) == v["version"] else \
+                "✓" if e["promoted"] else "✗"
+            cells.append(f"{mark} {_avg(e['average'])}" if e else "")
+        t.add_row(v["version"], v["run_id"], v["created"][:16].replace("T", " "), *cells)
+    c.print(t)
+
+
+def _picks(index: dict, family: str, version: str | None, tier: str | None) -> list[tuple[str, str, dict]]:
+    """(version, tier, index entry) to show: one version's tiers, or each tier's promoted version."""
+    by_version = {v["version"]: v for v in index["versions"]}
+    if version is None:
+        chosen = {tier: index["promoted"].get(tier)} if tier else dict(sorted(index["promoted"].items()))
+        if not all(chosen.values()):
+            raise RuyiError(f"{family} has no promoted {tier!r} tier: pass --version, or one of "
+                            f"{', '.join(index['promoted']) or 'no tiers'}")
+        return [(v, t, by_version[v]["tiers"][t]) for t, v in chosen.items()]
+    if version not in by_version:
+        raise RuyiError(f"{family} has no version {version!r}: versions are {', '.join(by_version)}")
+    tiers = by_version[version]["tiers"]
+    if tier is not None and tier not in tiers:
+        raise RuyiError(f"{family} {version} has no {tier!r} tier: it has {', '.join(tiers)}")
+    return [(version, t, tiers[t]) for t in ([tier] if tier else tiers)]
+
+
+@models_app.command("show")
+def show_command(family: str, version: str | None = typer.Option(None, help="default: each tier's promoted one"),
+                 tier: str | None = typer.Option(None, help="default: every tier"),
+                 spec: Path | None = typer.Option(None, help=SPEC_HELP)) -> None:
+    """A package's gate decision and model card."""
+    store, c = open_store(spec), Console()
+    index = read_index(store, family)
+    for v, t, e in _picks(index, family, version, tier):
+        state = "promoted now" if index["promoted"].get(t) == v else "passed the gate" if e["promoted"] else "kept"
+        c.print(f"[bold]{family} {v} {t}[/]  {e['uri']}\n{state}: {e['reason']}", highlight=False, soft_wrap=True)
+        with tempfile.TemporaryDirectory(prefix="ruyi-card-") as d:
+            store.get_file(f"{e['uri']}/README.md", Path(d) / "README.md")
+            c.print((Path(d) / "README.md").read_text(), markup=False, highlight=False, soft_wrap=True)
+
+
+@models_app.command("verify")
+def verify_command(target: str | None = typer.Argument(None, help="a family, or the s3:// URI of a package or of "
+                                                                  "a prefix holding packages"),
+                   version: str | None = typer.Option(None, help="only this version"),
+                   tier: str | None = typer.Option(None, help="only this tier"),
+                   path: Path | None = typer.Option(None, "--path", help="check a local package folder instead"),
+                   spec: Path | None = typer.Option(None, help=SPEC_HELP)) -> None:
+    """Download each package and check its files against its SHA256SUMS (independently of the store's manifest
+    check); exits 1 with one line per problem."""
+    if (target is None) == (path is None):
+        raise RuyiError("say what to verify: a family, an s3:// URI, or --path DIR (one of them)")
+    results: list[tuple[str, list[str]]] = []
+    if path is not None:
+        results.append((str(path), verify_package(path)))
+    else:
+        store = open_store(spec, target)
+        prefix = target if target.startswith("s3://") else f"models/{clean_key(target, 'family')}"
+        uris = [u for u in store.list_artifacts(prefix)
+                if (version is None or u.split("/")[-2] == version) and (tier is None or u.split("/")[-1] == tier)]
+        if not uris:
+            raise RuyiError(f"no packages under {store.normalize_uri(prefix)}"
+                            + (f" for version {version}" if version else "") + (f" tier {tier}" if tier else ""))
+        for uri in uris:
+            with tempfile.TemporaryDirectory(prefix="ruyi-verify-") as d:
+                try:
+                    store.get_artifact(uri, d)
+                except IntegrityError as e:  # the stored bytes do not even match the manifest
+                    results.append((uri, [str(e)]))
+                    continue
+                results.append((uri, verify_package(Path(d))))
+    c = Console()
+    for label, problems in results:
+        for p in problems:
+            c.print(f"[red]FAILED[/] {label}: {p}", highlight=False, soft_wrap=True)
+        if not problems:
+            c.print(f"[green]OK[/] {label}", highlight=False, soft_wrap=True)
+    if any(p for _, p in results):
+        raise typer.Exit(1)

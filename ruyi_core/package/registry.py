@@ -1,0 +1,209 @@
+"""The model registry, kept in the store beside the runs:
+
+    models/<family>/<version>/<tier>/   one package per tier (an artifact: files + manifest.json, stage "package")
+    models/<family>/index.json          every version with its per-tier gate decision, and the promoted version
+                                        of each tier: {"family", "versions": [{"version", "run_id", "created",
+                                        "tiers": {tier: {"uri", "metrics", "average", "promoted", "reason"}}}],
+                                        "promoted": {tier: version}}
+
+A version is immutable once published; the index only grows. A gate decision, once recorded, stands: promoting
+the same version again changes nothing, so a retried pipeline step is harmless.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ruyi_core.errors import RuyiError
+from ruyi_core.package.build import SUMS, verify_package
+from ruyi_core.spec import PackageSpec
+from ruyi_core.store import ArtifactStore, lineage, model_prefix
+from ruyi_core.store.artifact import clean_key
+from ruyi_core.store.client import hash_file
+
+INDEX = "index.json"
+
+
+def index_key(family: str) -> str:
+    return f"models/{clean_key(family, 'family')}/{INDEX}"
+
+
+def lineage_entries(store: ArtifactStore, uri: str) -> list[dict]:
+    """The lineage of an artifact (an exported tier) as build_package records it."""
+    return [{"stage": m.stage, "uri": m.uri, "sha256": m.sha256()} for m in lineage(store, uri)]
+
+
+def publish(store: ArtifactStore, pkg_dir: Path, family: str, version: str, tier: str, *, run_id: str,
+            spec_hash: str, inputs: Iterable[str] = ()) -> str:
+    """Upload a built package to models/<family>/<version>/<tier>; returns its URI. The same run publishing again
+    returns the existing package; another run may not reuse the version."""
+    if problems := verify_package(pkg_dir):
+        raise RuyiError(f"{pkg_dir} is not an intact package ({problems[0]}): rebuild it before publishing")
+    key = model_prefix(family, version, tier)
+    uri = store.uri(key)
+    if (m := store.read_manifest(uri)) is not None:
+        if m.metadata.get("run_id") != run_id:
+            raise RuyiError(f"{uri} was already published by run {m.metadata.get('run_id')}: versions are "
+                            "immutable, set package.version to a new one")
+        return uri
+    evaluation = json.loads((Path(pkg_dir) / "eval.json").read_text())
+    store.put_artifact(key, pkg_dir, stage="package", spec_hash=spec_hash, inputs=inputs,
+                       metadata={"family": family, "version": version, "tier": tier, "run_id": run_id,
+                                 "average": evaluation.get("average")})
+    return uri
+
+
+def families(store: ArtifactStore) -> list[str]:
+    """Families with at least one published package."""
+    root = store.uri("models") + "/"
+    return sorted({u[len(root):].split("/")[0] for u in store.list_artifacts("models")})
+
+
+def read_index(store: ArtifactStore, family: str, *, missing_ok: bool = False) -> dict | None:
+    """The family's index; a family without one is an error (None with missing_ok)."""
+    key = index_key(family)
+    if store.transfer.stat(store.bucket, key) is None:
+        if missing_ok:
+            return None
+        known = families(store)
+        have = f"the registry has {', '.join(known)}" if known else "the registry is empty"
+        raise RuyiError(f"no model family {family!r} at {store.uri('models')} ({have}): check the family name, "
+                        "or run the pipeline to publish and promote one")
+    with tempfile.TemporaryDirectory(prefix="ruyi-index-") as d:
+        store.get_file(key, Path(d) / INDEX)
+        return json.loads((Path(d) / INDEX).read_text())
+
+
+def _write_index(store: ArtifactStore, index: dict) -> None:
+    # Read-modify-write without a lock: correct because one promote step per run updates the index, and runs of
+    # one family are not promoted at the same moment. Two concurrent promotes could lose one update (the lost
+    # version's packages stay in the store; promoting it again records it).
+    with tempfile.TemporaryDirectory(prefix="ruyi-index-") as d:
+        f = Path(d) / INDEX
+        f.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        store.put_file(f, index_key(index["family"]))
+
+
+def _find(index: dict, version: str) -> dict | None:
+    return next((v for v in index["versions"] if v["version"] == version), None)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not math.isnan(v)
+
+
+def gate(evaluation: dict, baseline: dict | None, package: PackageSpec) -> tuple[bool, str]:
+    """(promote?, why) for a candidate's evaluation against the promoted version's index entry
+    ({"version", "metrics"}), or None when the tier has nothing promoted yet."""
+    if baseline is None:
+        return True, "first promoted version of this tier"
+    old_v, old = baseline["version"], baseline["metrics"]
+    new = evaluation.get("benchmarks", {})
+    common = sorted(b for b in set(new) & set(old) if _number(new[b].get("value")) and _number(old[b]))
+    ignored = sorted((set(new) | set(old)) - set(common))
+    note = f"; not compared (missing or not a number on one side): {', '.join(ignored)}" if ignored else ""
+    if not common:
+        return True, f"no benchmark comparable with {old_v}: promoted without comparison{note}"
+    worse, compared = [], []
+    for b in common:
+        n, o = new[b]["value"], old[b]
+        if new[b].get("format") == "perplexity":  # relative: perplexities have no fixed scale
+            rel = package.perplexity_tolerance
+            ok, tol = n <= o * (1 + rel), f"relative tolerance {rel:g}"
+        elif new[b].get("higher_is_better", True):
+            ok, tol = n >= o - package.tolerance, f"tolerance {package.tolerance:g}"
+        else:
+            ok, tol = n <= o + package.tolerance, f"tolerance {package.tolerance:g}"
+        compared.append(f"{b} {n:.4g} vs {o:.4g}")
+        if not ok:
+            worse.append(f"{b} {n:.4g} is worse than {old_v}'s {o:.4g} beyond the {tol}")
+    if worse:
+        return False, f"not promoted, {old_v} stays: {'; '.join(worse)}{note}"
+    return True, f"no benchmark worse than {old_v} beyond tolerance ({', '.join(compared)}){note}"
+
+
+def promote(store: ArtifactStore, family: str, version: str, run_id: str, candidates: dict[str, dict],
+            package: PackageSpec) -> dict:
+    """Record `version` in the family's index and gate each tier ({tier: {"uri", "evaluation"}}) against the
+    tier's promoted version; returns the new index."""
+    index = read_index(store, family, missing_ok=True) or {"family": family, "versions": [], "promoted": {}}
+    entry = _find(index, version)
+    if entry is None:
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+        entry = {"version": version, "run_id": run_id, "created": created, "tiers": {}}
+        index["versions"].append(entry)
+    elif entry["run_id"] != run_id:
+        raise RuyiError(f"{family} version {version} belongs to run {entry['run_id']}, not {run_id}: "
+                        "set package.version to a new one")
+    for tier, cand in sorted(candidates.items()):
+        if tier in entry["tiers"]:
+            continue  # decided before: the decision stands
+        if not store.has_artifact(cand["uri"]):
+            raise RuyiError(f"{cand['uri']} is not a published package: publish it before promoting")
+        current = index["promoted"].get(tier)
+        baseline = {"version": current, **_find(index, current)["tiers"][tier]} if current else None
+        ev = cand["evaluation"]
+        ok, reason = gate(ev, baseline, package)
+        entry["tiers"][tier] = {"uri": store.normalize_uri(cand["uri"]), "promoted": ok, "reason": reason,
+                                "metrics": {b: r["value"] for b, r in ev.get("benchmarks", {}).items()},
+                                "average": ev.get("average")}
+        if ok:
+            index["promoted"][tier] = version
+    _write_index(store, index)
+    return index
+
+
+def resolve(store: ArtifactStore, family: str, tier: str, version: str | None = None) -> str:
+    """The URI of a tier's package: the promoted version's, or `version`'s."""
+    index = read_index(store, family)
+    if version is None:
+        version = index["promoted"].get(tier)
+        if version is None:
+            have = ", ".join(f"{t} ({v})" for t, v in sorted(index["promoted"].items())) or "none"
+            raise RuyiError(f"{family} has no promoted {tier!r} tier (promoted: {have}): pick a tier, or a "
+                            "--version that has it")
+    entry = _find(index, version)
+    if entry is None:
+        raise RuyiError(f"{family} has no version {version!r}: versions are "
+                        f"{', '.join(v['version'] for v in index['versions'])}")
+    if tier not in entry["tiers"]:
+        raise RuyiError(f"{family} {version} has no {tier!r} tier: it has {', '.join(entry['tiers'])}")
+    return entry["tiers"][tier]["uri"]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RUYI_CACHE") or Path.home() / ".cache" / "ruyi") / "models"
+
+
+def fetch(store: ArtifactStore, family: str, tier: str, version: str | None = None, cache: Path | None = None,
+          log: Callable[[str], None] = lambda m: None) -> Path:
+    """A verified local copy of a package (promoted by default) under <cache>/<family>/<version>/<tier>,
+    downloaded only when the cached copy is not that package or no longer intact."""
+    uri = resolve(store, family, tier, version)
+    m = store.read_manifest(uri)
+    if m is None:
+        raise RuyiError(f"the index of {family} names {uri}, which is not a complete package: publish it again")
+    dest = Path(cache or cache_root()) / family / m.metadata["version"] / tier
+    sums = next((f.sha256 for f in m.files if f.path == SUMS), None)
+    if (dest / SUMS).is_file():
+        if hash_file(dest / SUMS)[0] == sums and not verify_package(dest):
+            log(f"using the cached {dest}")
+            return dest
+        log(f"the cached {dest} is not {uri} or was modified: downloading it again")
+    # into a sibling folder first, so an interrupted download never looks like a cached package
+    tmp = dest.with_name(f".{tier}.{os.getpid()}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    store.get_artifact(uri, tmp)
+    if problems := verify_package(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuyiError(f"{uri} fails its {SUMS}: {'; '.join(problems)}")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    log(f"downloaded {uri} to {dest}")
+    return dest
