@@ -8,8 +8,9 @@ from components.init_family import init_family
 from components.plan_run import plan_run
 from components.prepare_data import prepare_data
 from components.report import report
+from components.ship import package_tier, promote
 from components.train import train
 from components.validate_data import validate_data
 
 __all__ = ["validate_data", "plan_run", "init_family", "prepare_data", "train", "dae_expand", "grpo", "svd_compress",
-           "export_tier", "report"]
+           "export_tier", "package_tier", "promote", "report"]

@@ -2,13 +2,13 @@
 
     validate_data x kinds -> plan_run (data-fingerprint gate) -> init_family -> prepare_data (every kind)
         -> train cpt -> train sft [-> dae_expand -> train dae_cpt -> train dae_sft] [-> grpo] [-> svd_compress]
-        -> export_tier x tiers -> report
+        -> (export_tier -> package_tier) x tiers -> promote -> report
 """
 from kfp import dsl, kubernetes
 from kfp.dsl import Dataset
 
-from components import (dae_expand, export_tier, grpo, init_family, plan_run, prepare_data, report, svd_compress,
-                        train, validate_data)
+from components import (dae_expand, export_tier, grpo, init_family, package_tier, plan_run, prepare_data, promote,
+                        report, svd_compress, train, validate_data)
 from ruyi_core.spec import RunSpec
 from ruyi_core.stages import KINDS
 
@@ -73,6 +73,9 @@ def train_and_ship(spec: RunSpec, spec_yaml: str, plan, on_cluster) -> None:
         family = on_cluster(svd_compress(spec_yaml=spec_yaml, family=family, packed=packed, expanded=expanded),
                             "svd_compress").outputs["compressed"]
     with dsl.ParallelFor(sorted(spec.family.tiers, key=spec.family.tiers.get)) as tier:
-        tiers = on_cluster(export_tier(spec_yaml=spec_yaml, tier=tier, family=family), "export_tier")
-    on_cluster(report(spec_yaml=spec_yaml, plan=plan, tiers=dsl.Collected(tiers.outputs["tier_model"]),
-                      packed=packed), "report")
+        exported = on_cluster(export_tier(spec_yaml=spec_yaml, tier=tier, family=family), "export_tier")
+        pkg = on_cluster(package_tier(spec_yaml=spec_yaml, tier_model=exported.outputs["tier_model"], family=family),
+                         "package_tier")
+    gate = on_cluster(promote(spec_yaml=spec_yaml, plan=plan, packages=dsl.Collected(pkg.outputs["package"])),
+                      "promote")
+    on_cluster(report(spec_yaml=spec_yaml, plan=plan, promotion=gate.outputs["promotion"], packed=packed), "report")

@@ -103,10 +103,11 @@ def run_local(spec_path: str | Path, root: str | Path = ".ruyi/kfp", show=None) 
 
 
 def fetch_report(spec: RunSpec, report_uri: str, dest: Path) -> dict:
-    """Download the report artifact; returns the tier rows and the local HTML path."""
+    """Download the report artifact; returns the tier rows, the promotion outcome and the local HTML path."""
     from ruyi_core.store import ArtifactStore
 
     store = ArtifactStore.from_spec(spec.store, env=os.environ)
     store.get_artifact(report_uri, dest)
-    return {"tiers": json.loads((dest / "tiers.json").read_text()), "html": dest / "report.html",
+    return {"tiers": json.loads((dest / "tiers.json").read_text()),
+            "promotion": json.loads((dest / "promotion.json").read_text()), "html": dest / "report.html",
             "markdown": dest / "report.md"}

@@ -229,6 +229,36 @@ def pipeline_schedule(spec: Path = typer.Option(..., help="run spec YAML"),
     console.print(f"recurring run [bold]{res['name']}[/] ({res['cron']})\n{res['url']}", highlight=False)
 
 
+def _print_tiers(tiers: list[dict], promotion: dict) -> None:
+    """The run's end product: per-tier quality, size and speed, then what the registry now serves."""
+    from ruyi_core.report import depth_flags
+
+    benches = sorted({b for t in tiers for b in t["evaluation"]["benchmarks"]})
+    t = Table(title=f"{promotion['family']} version {promotion['version']}: tiers")
+    for c in ["tier", "params", "on disk", *benches, "average", "prefill tok/s", "decode tok/s", "peak MiB",
+              "promoted"]:
+        t.add_column(c, justify="left" if c == "tier" else "right")
+    for r in tiers:
+        ev, sp, gate = r["evaluation"], r["evaluation"].get("speed", {}), r.get("gate") or {}
+        vals = [f"{ev['benchmarks'][b]['value']:.3f}" if b in ev["benchmarks"] else "" for b in benches]
+        mem = sp.get("peak_memory_mib")
+        t.add_row(r["tier"], _fmt_int(r["parameters"]), f"{r['weight_bytes'] / 2**20:.1f} MiB", *vals,
+                  f"{ev['average']:.3f}" if ev.get("average") is not None else "",
+                  f"{sp.get('prefill_tokens_per_s', 0):,.0f}", f"{sp.get('decode_tokens_per_s', 0):,.0f}",
+                  f"{mem:.0f}" if mem is not None else "", "yes" if gate.get("promoted") else "kept")
+    console.print(t)
+    for flag in depth_flags(tiers):
+        console.print(f"[yellow]warning:[/] {flag}", highlight=False)
+    for r in tiers:
+        gate = r.get("gate") or {}
+        if not gate.get("promoted"):
+            console.print(f"{r['tier']}: {gate.get('reason', '')}", highlight=False, soft_wrap=True)
+        console.print(f"{r['tier']:<8}{r['uri']}", highlight=False, soft_wrap=True)
+    served = ", ".join(f"{k} {v}" for k, v in sorted(promotion["promoted"].items()))
+    console.print(f"registry {promotion['family']}: promoted {served}  (ruyi models list {promotion['family']})",
+                  highlight=False, soft_wrap=True)
+
+
 @pipeline_app.command("run")
 def pipeline_run(spec: Path = typer.Option(..., help="run spec YAML"),
                  local: bool = typer.Option(False, "--local", help="run with KFP's local SubprocessRunner"),
@@ -255,14 +285,7 @@ def pipeline_run(spec: Path = typer.Option(..., help="run spec YAML"),
     live = Console(file=sys.stdout)  # bound now: the runner redirects sys.stdout into its log meanwhile
     res = run_local(spec, root, show=lambda m: live.print(f"  [dim]{m}[/]", highlight=False))
     rep = fetch_report(load_spec(spec), res["report_uri"], root / "reports" / res["report_uri"].split("/")[-2])
-    rows = rep["tiers"]
-    for r in rows:
-        r.update(params=_fmt_int(r["parameters"]), mb=f"{r['weight_bytes'] / 2**20:.1f} MiB",
-                 sample=repr(r["sample"][:40]))
-    console.print(_table("tiers", rows, {"tier": "tier", "exit_point": "exit", "depth": "depth",
-                                         "params": "parameters", "mb": "on disk", "sample": "greedy sample"}))
-    for r in rows:
-        console.print(f"{r['tier']:<8}{r['uri']}", highlight=False, soft_wrap=True)
+    _print_tiers(rep["tiers"], rep["promotion"])
     gated = not any("init-family" in e for e in res["events"])  # nothing ran past plan_run
     cached = ("unchanged data and spec: stopped at the data-fingerprint gate" if gated
               else f"{res['executed']} tasks executed")

@@ -61,7 +61,7 @@ def lineage_png(chain: list[Manifest]) -> bytes:
     return buf.getvalue()
 
 
-CAPTIONS = {"cpt": "CPT: loss per exit", "sft": "SFT: loss per exit", "dae_cpt": "DaE CPT: loss per exit",
+CAPTIONS = {"quality": "Quality vs parameters (held-out benchmarks)", "cpt": "CPT: loss per exit", "sft": "SFT: loss per exit", "dae_cpt": "DaE CPT: loss per exit",
             "dae_sft": "DaE SFT: loss per exit", "grpo": "GRPO: reward per step",
             "svd_compress": "SVD sweep: held-out loss vs tier size"}
 
@@ -84,18 +84,96 @@ def _dae_lines(chain: list[Manifest]) -> list[str]:
 
 
 TIER_COLS = [("tier", "tier"), ("exit_point", "exit"), ("depth", "depth"), ("parameters", "parameters"),
-             ("weight_bytes", "bytes"), ("sample", "greedy sample"), ("uri", "store URI")]
+             ("weight_bytes", "bytes")]
+SPEED_COLS = [("prefill", "prefill tok/s"), ("decode", "decode tok/s"), ("memory", "peak MiB")]
+
+
+def _num(v, digits: int = 3) -> str:
+    return "" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def tier_rows(tiers: list[dict], benchmarks: list[str]) -> list[dict]:
+    """One flat row per tier for the tables: shape, every benchmark, the average, speed and the gate's verdict."""
+    rows = []
+    for t in tiers:
+        ev, speed = t.get("evaluation") or {}, (t.get("evaluation") or {}).get("speed") or {}
+        row = {k: t.get(k, "") for k, _ in TIER_COLS}
+        row.update({b: _num(ev.get("benchmarks", {}).get(b, {}).get("value")) for b in benchmarks})
+        row.update({"average": _num(ev.get("average")), "prefill": _num(speed.get("prefill_tokens_per_s"), 0),
+                    "decode": _num(speed.get("decode_tokens_per_s"), 0),
+                    "memory": _num(speed.get("peak_memory_mib"), 1)})
+        gate = t.get("gate") or {}
+        row["promoted"] = ("yes" if gate.get("promoted") else "kept") if gate else ""
+        rows.append(row)
+    return rows
+
+
+def depth_flags(tiers: list[dict]) -> list[str]:
+    """Deeper tiers should score at least as well as shallower ones: one line per benchmark where one does not."""
+    flags = []
+    tiers = sorted(tiers, key=lambda r: r["exit_point"])
+    for i, deep in enumerate(tiers):
+        for b, r in (deep.get("evaluation") or {}).get("benchmarks", {}).items():
+            for shallow in tiers[:i]:
+                s = (shallow.get("evaluation") or {}).get("benchmarks", {}).get(b)
+                if s is None:
+                    continue
+                worse = r["value"] < s["value"] if r.get("higher_is_better", True) else r["value"] > s["value"]
+                if worse:
+                    flags.append(f"{b}: {deep['tier']} ({r['value']:.4g}) scores below the shallower "
+                                 f"{shallow['tier']} ({s['value']:.4g})")
+    return flags
+
+
+def quality_png(tiers: list[dict]) -> bytes:
+    """Each higher-is-better benchmark and the average against the tier's parameter count."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    tiers = sorted(tiers, key=lambda r: r["parameters"])
+    xs = [t["parameters"] / 1e6 for t in tiers]
+    names = sorted({b for t in tiers for b, r in t["evaluation"]["benchmarks"].items() if r.get("higher_is_better")})
+    for b in names:
+        ax.plot(xs, [t["evaluation"]["benchmarks"].get(b, {}).get("value", float("nan")) for t in tiers], marker="o",
+                label=b)
+    ax.plot(xs, [t["evaluation"].get("average") or float("nan") for t in tiers], marker="s", lw=2, color="k",
+            label="average")
+    for x, t in zip(xs, tiers):
+        ax.annotate(t["tier"], (x, 0), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
+    ax.set_xlabel("tier parameters (M)")
+    ax.set_ylabel("score")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("quality vs parameters")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
 
 
 def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Manifest],
-           curves: dict[str, bytes] | None = None) -> tuple[str, str, bytes]:
-    """Markdown, HTML and the lineage PNG for one run; `curves` are training stages' loss-curve PNGs."""
-    curves = curves or {}
+           curves: dict[str, bytes] | None = None, promotion: dict | None = None) -> tuple[str, str, bytes]:
+    """Markdown, HTML and the lineage PNG for one run. `tiers` carry their export row, `evaluation` and `gate`;
+    `curves` are the stages' PNGs (loss curves, rewards, the SVD sweep) by stage name."""
+    curves = dict(curves or {})
     tiers = sorted(tiers, key=lambda r: r["exit_point"])
+    benchmarks = sorted({b for t in tiers for b in (t.get("evaluation") or {}).get("benchmarks", {})})
+    cols = TIER_COLS + [(b, b) for b in benchmarks] + [("average", "average")] + SPEED_COLS + [("promoted", "promoted")]
+    rows = tier_rows(tiers, benchmarks)
+    flags = depth_flags(tiers)
+    if benchmarks:
+        curves = {"quality": quality_png(tiers), **curves}
     md = [f"# Ruyi Flow run `{run_id}`", "", "## Tiers", "",
-          "| " + " | ".join(h for _, h in TIER_COLS) + " |", "|" + "---|" * len(TIER_COLS)]
-    md += ["| " + " | ".join(str(r.get(k, "")).replace("|", "\\|").replace("\n", " ") for k, _ in TIER_COLS) + " |"
-           for r in tiers]
+          "| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(str(r.get(k, "")).replace("|", "\\|") for k, _ in cols) + " |" for r in rows]
+    md += [""] + ([f"- ⚠ {f}" for f in flags] or ["- every deeper tier scores at least as well as the shallower ones"])
+    gate_lines = _gate_lines(tiers, promotion)
+    md += gate_lines
+    md += ["", "Greedy samples:", ""] + [f"- {t['tier']}: {t.get('sample', '')!r}" for t in tiers]
     md += ["", "## Data", "", "| kind | documents | fingerprint | packed tokens | store URI |", "|---|---|---|---|---|"]
     md += [f"| {d['kind']} | {d.get('n_docs', '')} | {d.get('fingerprint', '')[:16]} | {d.get('n_tokens', '')} "
            f"| {d['uri']} |" for d in datasets]
@@ -117,15 +195,33 @@ def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Man
                        for r in rows)
         return f"<table><tr>{head}</tr>{body}</table>"
 
+    def items(lines: list[str]) -> str:
+        return "<ul>" + "".join(f"<li>{html.escape(x[2:])}</li>" for x in lines if x.startswith("- ")) + "</ul>"
+
     data_cols = [("kind", "kind"), ("n_docs", "documents"), ("n_tokens", "packed tokens"), ("uri", "store URI")]
     img = f'<img alt="lineage" src="data:image/png;base64,{base64.b64encode(png).decode()}">' if png else ""
-    loss_imgs = "".join(f'<figure><img alt="{s} loss" src="data:image/png;base64,{base64.b64encode(b).decode()}">'
-                        f"<figcaption>{CAPTIONS.get(s, s)}</figcaption></figure>" for s, b in curves.items())
-    dae = "".join(f"<li>{html.escape(line[2:])}</li>" for line in _dae_lines(chain) if line.startswith("- "))
+    figs = "".join(f'<figure><img alt="{s}" src="data:image/png;base64,{base64.b64encode(b).decode()}">'
+                   f"<figcaption>{CAPTIONS.get(s, s)}</figcaption></figure>" for s, b in curves.items())
+    dae = _dae_lines(chain)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Ruyi Flow {html.escape(run_id)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}th{{background:#f3f6fa}}</style></head><body>
-<h1>Ruyi Flow run <code>{html.escape(run_id)}</code></h1><h2>Tiers</h2>{table(tiers, TIER_COLS)}
-<h2>Training</h2>{loss_imgs or "<p>no training stage</p>"}{f"<h2>DaE and GRPO</h2><ul>{dae}</ul>" if dae else ""}
+td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}th{{background:#f3f6fa}}
+figure{{display:inline-block;margin:0 1em 1em 0}}</style></head><body>
+<h1>Ruyi Flow run <code>{html.escape(run_id)}</code></h1><h2>Tiers</h2>{table(rows, cols)}
+{items([f"- ⚠ {f}" for f in flags] or ["- every deeper tier scores at least as well as the shallower ones"])}
+{f"<h2>Promotion</h2>{items(gate_lines)}" if gate_lines else ""}
+<h2>Charts</h2>{figs or "<p>no charts</p>"}{f"<h2>DaE and GRPO</h2>{items(dae)}" if dae else ""}
 <h2>Data</h2>{table(datasets, data_cols)}<h2>Lineage</h2>{img}</body></html>"""
     return "\n".join(md) + "\n", page, png
+
+
+def _gate_lines(tiers: list[dict], promotion: dict | None) -> list[str]:
+    if not promotion:
+        return []
+    lines = ["", f"## Promotion ({promotion['family']} version {promotion['version']})", ""]
+    for t in tiers:
+        g = t.get("gate") or {}
+        verdict = "promoted" if g.get("promoted") else "kept, not promoted"
+        lines.append(f"- {t['tier']}: {verdict}: {g.get('reason', '')} (package {g.get('uri', '')})")
+    lines.append("- promoted now: " + ", ".join(f"{k} {v}" for k, v in sorted(promotion["promoted"].items())))
+    return lines

@@ -220,24 +220,30 @@ def manifest_of(store: ArtifactStore, uri: str) -> Manifest:
     return m
 
 
-def report(spec: RunSpec, store: ArtifactStore, run_id: str, tiers: list[dict], datasets: list[dict]) -> dict:
-    """The run's report (Markdown, HTML with the lineage picture), also kept in the store."""
+def report(spec: RunSpec, store: ArtifactStore, run_id: str, promotion: dict, datasets: list[dict]) -> dict:
+    """The run's report (Markdown, HTML with charts and the lineage picture), also kept in the store.
+    `promotion` is the promote stage's result: this version's packages and the gate's decision per tier."""
     from ruyi_core.report import render
 
     key = f"runs/{run_id}/report"
     uri = store.uri(key)
-    # Rows come from the manifests (orchestrator metadata may have turned ints into floats).
-    tiers = sorted(({"uri": t["uri"], **manifest_of(store, t["uri"]).metadata} for t in tiers),
-                   key=lambda r: r["exit_point"])
-    datasets = [{"uri": d["uri"], **manifest_of(store, d["uri"]).metadata} for d in datasets]
-    seen, chain = set(), []
-    for start in [t["uri"] for t in tiers] + [d["uri"] for d in datasets]:
-        for m in lineage(store, start):
-            if m.uri not in seen:
-                seen.add(m.uri)
-                chain.append(m)
+    tiers = []
     with workdir("report") as work:
-        figures = {}  # caption -> PNG: loss curves, GRPO rewards, the SVD sweep
+        for p in promotion["packages"]:
+            # Rows come from the manifests (orchestrator metadata may have turned ints into floats).
+            store.get_file(f"{p['uri']}/eval.json", work / "eval.json")
+            tiers.append({"uri": p["uri"], **manifest_of(store, p["export_uri"]).metadata,
+                          "evaluation": json.loads((work / "eval.json").read_text()),
+                          "gate": promotion["tiers"].get(p["tier"])})
+        tiers.sort(key=lambda r: r["exit_point"])
+        datasets = [{"uri": d["uri"], **manifest_of(store, d["uri"]).metadata} for d in datasets]
+        seen, chain = set(), []
+        for start in [t["uri"] for t in tiers] + [d["uri"] for d in datasets]:
+            for m in lineage(store, start):
+                if m.uri not in seen:
+                    seen.add(m.uri)
+                    chain.append(m)
+        figures = {}  # stage -> PNG: loss curves, GRPO rewards, the SVD sweep
         pictures = {"cpt": "cpt_losses.png", "sft": "sft_losses.png", "dae_cpt": "dae_cpt_losses.png",
                     "dae_sft": "dae_sft_losses.png", "grpo": "rewards.png", "svd_compress": "sweep.png"}
         for m in chain:
@@ -245,12 +251,15 @@ def report(spec: RunSpec, store: ArtifactStore, run_id: str, tiers: list[dict], 
             if name and any(f.path == name for f in m.files):
                 store.get_file(f"{m.uri}/{name}", work / f"{m.stage}.png")
                 figures[m.stage] = (work / f"{m.stage}.png").read_bytes()
-        md, page, png = render(run_id, tiers, datasets, chain, figures)
+        md, page, png = render(run_id, tiers, datasets, chain, figures, promotion)
         if not store.has_artifact(uri):
-            (work / "report.md").write_text(md)
-            (work / "report.html").write_text(page)
-            (work / "lineage.png").write_bytes(png)
-            (work / "tiers.json").write_text(json.dumps(tiers, indent=2))
-            store.put_artifact(key, work, stage="report", spec_hash=spec.fingerprint(),
+            out = work / "out"
+            out.mkdir()
+            (out / "report.md").write_text(md)
+            (out / "report.html").write_text(page)
+            (out / "lineage.png").write_bytes(png)
+            (out / "tiers.json").write_text(json.dumps(tiers, indent=2))
+            (out / "promotion.json").write_text(json.dumps(promotion, indent=2))
+            store.put_artifact(key, out, stage="report", spec_hash=spec.fingerprint(),
                                inputs=[t["uri"] for t in tiers] + [d["uri"] for d in datasets])
-    return {"uri": uri, "markdown": md, "html": page, "tiers": tiers}
+    return {"uri": uri, "markdown": md, "html": page, "tiers": tiers, "promotion": promotion}

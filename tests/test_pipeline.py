@@ -26,6 +26,10 @@ def micro_spec(tmp_path: Path, bucket: str, **data) -> Path:
                 **{s: {"steps": 2, "micro_batch_size": 4, "global_batch_size": 4, "seq_length": 32,
                        "save_every": 2, "warmup_steps": 0} for s in ("cpt", "sft")}},
         "rl": {"steps": 1, "group_size": 2, "prompts_per_step": 2, "max_new_tokens": 8, "heldout_prompts": 4},
+        "eval": {"benchmarks": {"arithmetic": {"format": "exact_match", "limit": 6},
+                                "facts_mc": {"format": "multiple_choice", "limit": 12},
+                                "heldout_text": {"format": "perplexity", "limit": 12}},
+                 "max_new_tokens": 12, "speed_prompt_tokens": 16, "speed_new_tokens": 8},
     }
     path = tmp_path / f"{bucket}.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -44,7 +48,7 @@ def test_compiled_pipeline_sets_images_resources_and_secret(tmp_path, monkeypatc
     docs = list(yaml.safe_load_all(text))
     ir, platform = docs[0], docs[1]
     executors = ir["deploymentSpec"]["executors"]
-    assert len(executors) == 13  # train runs 4 times (cpt, sft, dae_cpt, dae_sft)
+    assert len(executors) == 15  # train runs 4 times (cpt, sft, dae_cpt, dae_sft)
     for name, ex in executors.items():
         c = ex["container"]
         assert c["image"] == "registry.example/ruyi-base:test", name
@@ -71,19 +75,32 @@ def test_local_pipeline_end_to_end_then_cached(tmp_path, s3_server, monkeypatch)
 
     store = ArtifactStore.from_spec(load_spec(spec).store)
     report = store.read_manifest(first["report_uri"])
-    tiers = [i.uri for i in report.inputs if "/export/" in i.uri]
     run_id = first["report_uri"].split("/")[-2]
-    assert sorted(tiers) == [f"s3://e2e/runs/{run_id}/export/{t}" for t in ("cloud", "end")]
-    for uri in tiers:
-        m = store.read_manifest(uri)
-        assert {f.path for f in m.files} >= {"model.safetensors", "config.json", "tokenizer.json"}
-        chain = lineage(store, uri)
+    version = run_id.removeprefix("micro-")
+    packages = sorted(i.uri for i in report.inputs if i.uri.startswith("s3://e2e/models/"))
+    assert packages == [f"s3://e2e/models/micro/{version}/{t}" for t in ("cloud", "end")]
+    tiers = [f"s3://e2e/runs/{run_id}/export/{t}" for t in ("cloud", "end")]
+    for pkg, uri in zip(packages, tiers):
+        files = {f.path for f in store.read_manifest(pkg).files}
+        assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "eval.json", "lineage.json",
+                "SHA256SUMS"} <= files
+        chain = lineage(store, pkg)
         stages = [c.stage for c in chain]
-        assert stages[0] == "export_tier" and {"sft", "cpt", "init_family", "prepare_data"} <= set(stages)
+        assert stages[:2] == ["package", "export_tier"] and chain[1].uri == uri
+        assert {"sft", "cpt", "init_family", "prepare_data"} <= set(stages)
         raws = [c for c in chain if c.stage == "validate_data"]
         assert {r.metadata["kind"] for r in raws} >= {"pretrain", "sft"}  # (+ rl for the GRPO tier)
         for raw in raws:
             assert any(f.path.endswith(".jsonl") for f in raw.files) and all(len(f.sha256) == 64 for f in raw.files)
+    # the first version of each tier is promoted, and every package verifies against its SHA256SUMS
+    from ruyi_core.package import read_index
+
+    index = read_index(store, "micro")
+    assert index["promoted"] == {"cloud": version, "end": version}
+    env = {**s3_server.env(), "PATH": "/usr/bin:/bin", "COLUMNS": "250", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "ruyi_core.cli", "models", "verify", "micro", "--spec", str(spec)],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.count("OK") == 2, r.stdout + r.stderr
     by_stage = {c.stage: c for c in lineage(store, [u for u in tiers if u.endswith("/cloud")][0])}
     sft = by_stage["sft"].metadata
     assert sft["steps"] == 2 and len(sft["final_exit_losses"]) == 2
@@ -108,7 +125,7 @@ def test_local_pipeline_end_to_end_then_cached(tmp_path, s3_server, monkeypatch)
     assert len(packed) == 3
     # the CLI prints the same chain
     r = subprocess.run([sys.executable, "-m", "ruyi_core.cli", "lineage", tiers[0], "--spec", str(spec)],
-                       capture_output=True, text=True, env={**s3_server.env(), "PATH": "/usr/bin:/bin", "COLUMNS": "250"})
+                       capture_output=True, text=True, env=env)
     assert r.returncode == 0 and "validate_data" in r.stdout and "init_family" in r.stdout, r.stdout + r.stderr
 
     second = run_local(spec, tmp_path / "kfp", show=lambda m: None)
@@ -116,6 +133,24 @@ def test_local_pipeline_end_to_end_then_cached(tmp_path, s3_server, monkeypatch)
     assert second["executed"] == 1 and second["report_uri"] == first["report_uri"]
     assert any("plan-run" in e for e in second["events"]) and not any("train" in e for e in second["events"])
     assert store.read_manifest(first["report_uri"]).created_at == report.created_at
+
+    # A worse version (the untrained family's tiers, evaluated and packaged by the same stages) is published and
+    # recorded, but not promoted: the registry keeps serving the trained version and says why.
+    from ruyi_core.ship import package_tier, promote
+    from ruyi_core.stages import export_tier
+
+    s = load_spec(spec)
+    worse_run = "micro-untrained0"
+    init_uri = end["init_family"].uri
+    worse = [package_tier(s, store, worse_run, export_tier(s, store, worse_run, init_uri, t)["uri"], init_uri)
+             for t in ("end", "cloud")]
+    outcome = promote(s, store, worse_run, worse)
+    index = read_index(store, "micro")
+    assert index["promoted"] == {"cloud": version, "end": version}
+    assert [v["version"] for v in index["versions"]] == [version, "untrained0"]
+    for t in ("end", "cloud"):
+        assert outcome["tiers"][t]["promoted"] is False
+        assert "heldout_text" in outcome["tiers"][t]["reason"], outcome["tiers"][t]["reason"]
 
 
 def test_failed_gate_stops_the_pipeline_and_writes_nothing(tmp_path, s3_server, monkeypatch):

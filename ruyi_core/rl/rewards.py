@@ -72,3 +72,27 @@ def answer_format(completions, **kw) -> list[float]:
         text = completion_text(c)
         out.append(1.0 if _STRICT.search(text.strip()) else 0.5 if _ANSWER.search(text) else 0.0)
     return out
+
+
+_EQUATION = re.compile(r"([+-]?\d+)\s*([+\-*])\s*([+-]?\d+)\s*=\s*([+-]?\d+)")
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def valid_steps(completions, prompts=None, **kw) -> list[float]:
+    """Partial credit for the worked solution: the fraction of its equations "a op b = c" that are right and
+    grounded (each operand is a number from the prompt or an earlier result). Exact answers alone are too
+    sparse for a small tier to learn from; each correct, grounded step is still verifiable."""
+    prompts = prompts if prompts is not None else [""] * len(completions)
+    out = []
+    for c, p in zip(completions, prompts, strict=True):
+        # A conversational prompt is a list of turns: the user's turns hold the numbers.
+        text = p if isinstance(p, str) else " ".join(str(m.get("content", "")) for m in p)
+        known = {int(x) for x in _INT.findall(text)}
+        steps = _EQUATION.findall(completion_text(c))
+        good = 0
+        for a, op, b, res in steps:
+            a, b, res = int(a), int(b), int(res)
+            good += a in known and b in known and _OPS[op](a, b) == res
+            known.add(res)
+        out.append(good / len(steps) if steps else 0.0)
+    return out
