@@ -29,6 +29,7 @@ def test_shipped_specs_load():
     assert tiny.family.exit_points == [1, 6, 11] and tiny.family.tiers == {"end": 1, "edge": 6, "cloud": 11}
     big = load_spec(ROOT / "specs/ruyi2-14b.yaml")
     assert big.family.exit_points == [2, 21, 39]
+    assert big.eval.benchmarks["gsm8k"].path.startswith("s3://") and big.package.tolerance == 0.01
     assert parse_spec({"family": {"base": "micro", "exit_points": [0, 3]}}).family.tiers == {"end": 0, "cloud": 3}
 
 
@@ -59,6 +60,10 @@ def test_bad_specs_one_line(tmp_path, capsys, family, field, words):
     ({"rl": {"group_size": 1}}, "rl.group_size: Input should be greater than or equal to 2"),
     ({"rl": {"tier": "watch"}}, "rl.tier: unknown tier 'watch'"),
     ({"train": {"cpt": {"steps": 5, "warmup_steps": 5}}}, "warmup_steps (5) must be below steps (5)"),
+    ({"eval": {"benchmarks": {"GSM-8K": {"format": "exact_match"}}}}, "benchmark name 'GSM-8K'"),
+    ({"eval": {"benchmarks": {"gsm8k": {"format": "bleu"}}}}, "eval.benchmarks.gsm8k.format: Input should be"),
+    ({"eval": {"benchmarks": {}}}, "needs at least one benchmark"),
+    ({"package": {"tolerance": -0.1}}, "package.tolerance: Input should be greater than or equal to 0"),
 ])
 def test_bad_stage_specs_one_line(section, words):
     with pytest.raises(SpecError, match=re.escape(words)):
