@@ -78,8 +78,10 @@ def _dae_lines(chain: list[Manifest]) -> list[str]:
                   f"loss {s['heldout_loss_compressed']:.4f} ({s['relative_drop']:+.2%} relative)"]
     if "grpo" in by_stage:
         g = by_stage["grpo"]
-        lines.append(f"- GRPO on tier {g['tier']}: held-out mean reward {g.get('heldout_reward_before', 0):.3f} -> "
-                     f"{g.get('heldout_reward_after', 0):.3f}")
+        lines.append(f"- GRPO on tier {g['tier']}: held-out mean reward {g['heldout_reward_before']:.3f} -> "
+                     f"{g['heldout_reward_after']:.3f} ({g['heldout_samples']} samples per prompt at temperature "
+                     f"{g['temperature']:g}, {g['heldout_prompts']} prompts never trained on); greedy exact answers "
+                     f"{g['heldout_exact_greedy_before']:.3f} -> {g['heldout_exact_greedy_after']:.3f}")
     return (["", "## DaE and GRPO", ""] + lines) if lines else []
 
 

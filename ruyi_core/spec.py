@@ -214,7 +214,7 @@ class TrainJobSpec(_Strict):
 
 class TrainSpec(_Strict):
     cpt: TrainStageSpec = Field(default_factory=TrainStageSpec)
-    sft: TrainStageSpec = Field(default_factory=lambda: TrainStageSpec(steps=40, lr=1e-3, min_lr=1e-4))
+    sft: TrainStageSpec = Field(default_factory=lambda: TrainStageSpec(steps=100, lr=1e-3, min_lr=1e-4))
     parallel: ParallelSpec = Field(default_factory=ParallelSpec)
     launcher: Literal["local", "trainjob"] = "local"
     trainjob: TrainJobSpec = Field(default_factory=TrainJobSpec)
@@ -243,19 +243,20 @@ class DaeSpec(_Strict):
 
 
 class RlSpec(_Strict):
-    """GRPO on one tier with verifiable rewards (exact answer, answer format)."""
+    """GRPO on one tier with verifiable rewards (exact answer, correct worked steps, answer format)."""
 
     enabled: bool = True
     tier: str = "end"
-    group_size: int = Field(4, ge=2)  # G completions per prompt
-    steps: int = Field(20, ge=1)
+    group_size: int = Field(8, ge=2)  # G completions per prompt
+    steps: int = Field(60, ge=1)
     prompts_per_step: int = Field(4, ge=1)
-    lr: float = Field(5e-5, gt=0)
-    beta: float = Field(0.0, ge=0)  # KL to the reference policy
+    lr: float = Field(1e-4, gt=0)
+    beta: float = Field(0.04, ge=0)  # KL to the reference policy (the tier before GRPO)
     clip_eps: float = Field(0.2, gt=0)
     max_new_tokens: int = Field(24, ge=1)
     temperature: float = Field(1.0, gt=0)
-    heldout_prompts: int = Field(32, ge=1)
+    heldout_prompts: int = Field(128, ge=1)
+    heldout_samples: int = Field(8, ge=1)  # completions per held-out prompt for the mean reward
     seed: int = 0
 
 

@@ -12,7 +12,7 @@ from ruyi_core.data.world import rl_records
 from ruyi_core.errors import RuyiError
 from ruyi_core.family.convert import build_preset_base, export_tier, family_from_base
 from ruyi_core.rl.grpo import evaluate_reward, run_grpo
-from ruyi_core.rl.rewards import answer_format, exact_answer, extract_answer
+from ruyi_core.rl.rewards import answer_format, exact_answer, extract_answer, valid_steps
 from ruyi_core.spec import RlSpec
 
 TRAINABLE = ["model.layers.1.", "lm_head."]
@@ -64,7 +64,8 @@ def prompts():
 
 
 def _spec(**kw):
-    return RlSpec(**{"steps": 2, "group_size": 2, "prompts_per_step": 2, "max_new_tokens": 8, "seed": 0, **kw})
+    return RlSpec(**{"steps": 2, "group_size": 2, "prompts_per_step": 2, "max_new_tokens": 8, "seed": 0,
+                     "heldout_samples": 2, "beta": 0.0, **kw})
 
 
 def test_rewards():
@@ -80,6 +81,12 @@ def test_rewards():
         assert exact_answer(comps, answer=["11", "11", "11", "11"]) == [1.0, 1.0, 1.0, 0.0]
         assert answer_format(comps, answer=["11"] * 4) == [1.0, 0.0, 0.5, 0.0]
     assert exact_answer(["The answer is 3."], answer=[4]) == [0.0]
+    prompt = [{"role": "user", "content": "Ines has 15 pears, gets 9 more and gives away 8."}]
+    steps = ["15 + 9 = 24. 24 - 8 = 16. The answer is 16.",  # both steps right and grounded
+             "15 + 9 = 23. 23 - 8 = 15.",  # first sum wrong; the second step is right given it
+             "11 + 5 = 16. 16 - 8 = 8.",  # 11 and 5 are not in the prompt
+             "The answer is 16."]  # no worked steps
+    assert valid_steps(steps, prompts=[prompt] * 4) == [1.0, 0.5, 0.5, 0.0]
 
 
 def test_bad_prefix_rejected(tier, prompts, tmp_path):
@@ -107,7 +114,7 @@ def test_grpo_trains_only_the_tier(tier, prompts, tmp_path):
 
     rows = [json.loads(x) for x in (out / "rewards.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
-    assert all({"reward", "exact_answer", "answer_format"} <= r.keys() for r in rows)
+    assert all({"reward", "exact_answer", "valid_steps", "answer_format"} <= r.keys() for r in rows)
     assert (out / "rewards.png").stat().st_size > 0
     assert not list(out.glob(".grpo-*"))  # trainer scratch removed
 
@@ -115,8 +122,11 @@ def test_grpo_trains_only_the_tier(tier, prompts, tmp_path):
     assert type(model).__name__ == "Qwen3ForCausalLM"
     assert "max_new_tokens" not in json.loads((out / "generation_config.json").read_text())
     # The reported held-out reward is reproducible from the saved folder (greedy, deterministic).
-    assert evaluate_reward(out, None, heldout, 8) == res["heldout_reward_after"]
-    assert evaluate_reward(model, AutoTokenizer.from_pretrained(out), heldout, 8) == res["heldout_reward_after"]
+    # The reported held-out rewards are reproducible from the saved folder (seeded sampling, greedy).
+    spec = _spec()
+    for m, tok in ((out, None), (model, AutoTokenizer.from_pretrained(out))):
+        r = evaluate_reward(m, tok, heldout, 8, seed=0, samples=spec.heldout_samples, temperature=spec.temperature)
+        assert r["reward"] == res["heldout_reward_after"] and r["exact_greedy"] == res["heldout_exact_greedy_after"]
 
 
 def test_grpo_kl_reference_is_initial_policy(tier, prompts, tmp_path):

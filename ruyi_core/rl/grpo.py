@@ -18,10 +18,12 @@ from transformers.trainer_callback import PrinterCallback
 
 from ruyi_core.errors import RuyiError
 from ruyi_core.family.convert import generation_config as default_generation_config
-from ruyi_core.rl.rewards import answer_format, exact_answer
+from ruyi_core.rl.rewards import answer_format, exact_answer, valid_steps
 from ruyi_core.spec import RlSpec
 
-REWARD_FUNCS = (exact_answer, answer_format)
+# Exact answers alone are too sparse for a small tier (a few percent of samples); valid_steps gives partial
+# credit for each correct, grounded step of the worked solution.
+REWARD_FUNCS = (exact_answer, valid_steps, answer_format)
 
 
 @contextlib.contextmanager
@@ -78,22 +80,28 @@ def _eos_ids(model, tok) -> list[int]:
 
 @torch.no_grad()
 def evaluate_reward(model_or_dir, tokenizer, prompts: list[dict], max_new_tokens: int, seed: int = 0,
-                    batch_size: int = 16) -> float:
-    """Mean exact_answer reward of greedy completions on `prompts` ({prompt, answer} records, or eval_sets'
-    {question, answer}); deterministic.
+                    batch_size: int = 16, samples: int = 0, temperature: float = 1.0) -> dict:
+    """Held-out rewards on `prompts` ({prompt, answer} records, or eval_sets' {question, answer}), deterministic
+    in `seed`: `exact_greedy`, the exact-answer rate of greedy completions, and with `samples` > 0 `reward`, the
+    mean total reward (every reward function, as GRPO sums them) of `samples` completions per prompt drawn at
+    `temperature`: the objective GRPO maximises, measured on prompts it never trained on.
     `model_or_dir` is a model or a checkpoint folder (then `tokenizer` may be None: the folder's is used)."""
     if not prompts:
-        return 0.0
+        return {"exact_greedy": 0.0, "reward": 0.0 if samples else None}
     if isinstance(model_or_dir, (str, Path)):
         model = AutoModelForCausalLM.from_pretrained(model_or_dir, dtype=torch.float32)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_or_dir)
     else:
         model = model_or_dir
     was_training, side = model.training, tokenizer.padding_side
-    # Explicit config: TRL leaves sampling settings on the model that must not leak into greedy evaluation.
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=_eos_ids(model, tokenizer),
-                           pad_token_id=tokenizer.pad_token_id, use_cache=True)
-    scores: list[float] = []
+    # Explicit configs: TRL leaves sampling settings on the model that must not leak into evaluation.
+    common = dict(max_new_tokens=max_new_tokens, eos_token_id=_eos_ids(model, tokenizer),
+                  pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    modes = {"greedy": GenerationConfig(do_sample=False, **common)}
+    if samples:
+        modes["sampled"] = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                            num_return_sequences=samples, **common)
+    scores: dict[str, list[float]] = {}
     model.eval()
     tokenizer.padding_side = "left"  # decoder-only batching: prompts must end where generation starts
     try:
@@ -101,17 +109,30 @@ def evaluate_reward(model_or_dir, tokenizer, prompts: list[dict], max_new_tokens
             torch.manual_seed(seed)
             for i in range(0, len(prompts), batch_size):
                 batch = prompts[i:i + batch_size]
-                texts = [tokenizer.apply_chat_template(_messages(r.get("prompt", r.get("question"))), add_generation_prompt=True,
-                                                       tokenize=False) for r in batch]
+                users = [r.get("prompt", r.get("question")) for r in batch]
+                texts = [tokenizer.apply_chat_template(_messages(u), add_generation_prompt=True, tokenize=False)
+                         for u in users]
                 enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
                 enc = {k: v.to(model.device) for k, v in enc.items()}
-                out = model.generate(**enc, generation_config=gen)
-                done = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                scores += exact_answer(done, [r["answer"] for r in batch])
+                for mode, gen in modes.items():
+                    out = model.generate(**enc, generation_config=gen)
+                    done = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                    k = len(done) // len(batch)  # completions per prompt, in prompt order
+                    answers = [r["answer"] for r in batch for _ in range(k)]
+                    if mode == "greedy":
+                        scores.setdefault("exact_greedy", []).extend(exact_answer(done, answers))
+                        continue
+                    ps = [_messages(u) for u in users for _ in range(k)]
+                    per_fn = [f(done, answer=answers, prompts=ps) for f in REWARD_FUNCS]
+                    for f, vals in zip(REWARD_FUNCS, per_fn):
+                        scores.setdefault(f.__name__, []).extend(vals)
+                    scores.setdefault("reward", []).extend(map(sum, zip(*per_fn)))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    return sum(scores) / len(scores)
+    out = {k: sum(v) / len(v) for k, v in scores.items()}
+    out.setdefault("reward", None)
+    return out
 
 
 class _LogTo(TrainerCallback):
@@ -134,7 +155,7 @@ def _reward_rows(log_history: list[dict]) -> list[dict]:
     for h in log_history:
         if "reward" not in h:  # the final train summary and any non-step entries
             continue
-        # "reward" is TRL's total: the sum of the functions' rewards (weights 1), so it lies in [0, 2].
+        # "reward" is TRL's total: the sum of the functions' rewards (weights 1).
         row = {"step": h["step"], "reward": h["reward"], "reward_std": h.get("reward_std")}
         row.update({f.__name__: h.get(f"rewards/{f.__name__}/mean") for f in REWARD_FUNCS})
         for k in ("kl", "loss", "completions/mean_length", "clip_ratio/region_mean"):
@@ -199,8 +220,16 @@ def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: 
     frozen_before = _digest(model)
     log(f"grpo: {n_train:,} trainable / {n_frozen:,} frozen parameters (prefixes {trainable})")
 
-    before = evaluate_reward(model, tok, heldout, spec.max_new_tokens, spec.seed)
-    log(f"grpo: held-out exact-answer reward before {before:.3f} ({len(heldout)} prompts)")
+    def held_out() -> dict:
+        return evaluate_reward(model, tok, heldout, spec.max_new_tokens, spec.seed, samples=spec.heldout_samples,
+                               temperature=spec.temperature)
+
+    def said(r: dict) -> str:
+        return (f"mean reward {r['reward']:.3f} ({spec.heldout_samples} samples/prompt at T={spec.temperature:g}), "
+                f"greedy exact answers {r['exact_greedy']:.3f}, {len(heldout)} prompts")
+
+    before = held_out()
+    log(f"grpo: held-out before: {said(before)}")
 
     # Conversational dataset: TRL applies the tokenizer's chat template; `answer` reaches the reward functions.
     ds = Dataset.from_list([{"prompt": _messages(r["prompt"]), "answer": str(r["answer"])} for r in train_prompts])
@@ -247,8 +276,8 @@ def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: 
             f.write(json.dumps(r) + "\n")
     _plot(rows, out_dir / "rewards.png", f"GRPO, G={spec.group_size}, {spec.prompts_per_step} prompts/step")
 
-    after = evaluate_reward(model, tok, heldout, spec.max_new_tokens, spec.seed)
-    log(f"grpo: held-out exact-answer reward after {after:.3f}")
+    after = held_out()
+    log(f"grpo: held-out after: {said(after)}")
 
     # A plain checkpoint again: no trainer traces in config, generation config without a length cap.
     for p in model.parameters():
@@ -261,7 +290,8 @@ def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: 
 
     first = rows[0] if rows else {}
     result.update({
-        "heldout_reward_before": before, "heldout_reward_after": after, "steps": len(rows),
+        **{f"heldout_{k}_{when}": v for when, r in (("before", before), ("after", after)) for k, v in r.items()},
+        "heldout_samples": spec.heldout_samples, "temperature": spec.temperature, "steps": len(rows),
         "trainable_params": n_train, "frozen_params": n_frozen, "trainable_prefixes": list(trainable),
         "train_reward_first": first.get("reward"), "train_reward_last": rows[-1]["reward"] if rows else None,
         "kl_first": first.get("kl"), "train_runtime_s": train_out.metrics.get("train_runtime"),
