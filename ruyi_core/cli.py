@@ -246,7 +246,8 @@ def _print_tiers(tiers: list[dict], promotion: dict) -> None:
                   f"{ev['average']:.3f}" if ev.get("average") is not None else "",
                   f"{sp.get('prefill_tokens_per_s', 0):,.0f}", f"{sp.get('decode_tokens_per_s', 0):,.0f}",
                   f"{mem:.0f}" if mem is not None else "", "yes" if gate.get("promoted") else "kept")
-    console.print(t)
+    # A log file or pipe gets rich's 80 columns by default: too narrow for this table.
+    (console if console.is_terminal else Console(width=170)).print(t)
     for flag in depth_flags(tiers):
         console.print(f"[yellow]warning:[/] {flag}", highlight=False)
     for r in tiers:

@@ -110,6 +110,22 @@ def tier_rows(tiers: list[dict], benchmarks: list[str]) -> list[dict]:
     return rows
 
 
+def family_lines(tiers: list[dict]) -> list[str]:
+    """Each package against the family at the same exit: equal for a plain export, the cost of compression for
+    an SVD-compressed tier."""
+    lines = []
+    for t in tiers:
+        ev = t.get("evaluation") or {}
+        fam = ev.get("family")
+        if not fam:
+            continue
+        diffs = [f"{b} {r['value']:.4g} vs {fam[b]:.4g}" for b, r in ev["benchmarks"].items()
+                 if b in fam and r["value"] != fam[b]]
+        lines.append(f"- {t['tier']}: " + ("; ".join(diffs) if diffs else "identical scores")
+                     + (f" ({t['compressed']})" if t.get("compressed") else ""))
+    return (["", "Packaged tier vs the family at the same exit:", ""] + lines) if lines else []
+
+
 def depth_flags(tiers: list[dict]) -> list[str]:
     """Deeper tiers should score at least as well as shallower ones: one line per benchmark where one does not."""
     flags = []
@@ -173,6 +189,7 @@ def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Man
           "| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(str(r.get(k, "")).replace("|", "\\|") for k, _ in cols) + " |" for r in rows]
     md += [""] + ([f"- ⚠ {f}" for f in flags] or ["- every deeper tier scores at least as well as the shallower ones"])
+    md += family_lines(tiers)
     gate_lines = _gate_lines(tiers, promotion)
     md += gate_lines
     md += ["", "Greedy samples:", ""] + [f"- {t['tier']}: {t.get('sample', '')!r}" for t in tiers]
@@ -211,7 +228,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}th{{background:#f3f
 figure{{display:inline-block;margin:0 1em 1em 0}}</style></head><body>
 <h1>Ruyi Flow run <code>{html.escape(run_id)}</code></h1><h2>Tiers</h2>{table(rows, cols)}
 {items([f"- ⚠ {f}" for f in flags] or ["- every deeper tier scores at least as well as the shallower ones"])}
-{f"<h2>Promotion</h2>{items(gate_lines)}" if gate_lines else ""}
+{items(family_lines(tiers))}{f"<h2>Promotion</h2>{items(gate_lines)}" if gate_lines else ""}
 <h2>Charts</h2>{figs or "<p>no charts</p>"}{f"<h2>DaE and GRPO</h2>{items(dae)}" if dae else ""}
 <h2>Data</h2>{table(datasets, data_cols)}<h2>Lineage</h2>{img}</body></html>"""
     return "\n".join(md) + "\n", page, png

@@ -214,7 +214,9 @@ class TrainJobSpec(_Strict):
 
 class TrainSpec(_Strict):
     cpt: TrainStageSpec = Field(default_factory=TrainStageSpec)
-    sft: TrainStageSpec = Field(default_factory=lambda: TrainStageSpec(steps=100, lr=1e-3, min_lr=1e-4))
+    # SFT takes many small steps: copying numbers from the prompt emerges with updates, not with tokens.
+    sft: TrainStageSpec = Field(default_factory=lambda: TrainStageSpec(steps=100, global_batch_size=8, lr=1e-3,
+                                                                       min_lr=1e-4))
     parallel: ParallelSpec = Field(default_factory=ParallelSpec)
     launcher: Literal["local", "trainjob"] = "local"
     trainjob: TrainJobSpec = Field(default_factory=TrainJobSpec)
@@ -228,8 +230,10 @@ class DaeSpec(_Strict):
     blocks: int = Field(3, ge=1)
     init: Literal["zero", "clone"] = "zero"  # clone: copies of the branch block (the report's ablation)
     std: float = Field(0.02, gt=0)
-    cpt: TrainStageSpec = Field(default_factory=lambda: TrainStageSpec(steps=40, lr=2e-3, min_lr=2e-4))
-    sft: TrainStageSpec = Field(default_factory=lambda: TrainStageSpec(steps=30, lr=1e-3, min_lr=1e-4))
+    cpt: TrainStageSpec = Field(default_factory=lambda: TrainStageSpec(steps=30, global_batch_size=8, lr=2e-3,
+                                                                       min_lr=2e-4))
+    sft: TrainStageSpec = Field(default_factory=lambda: TrainStageSpec(steps=30, global_batch_size=8, lr=1e-3,
+                                                                       min_lr=1e-4))
     svd_ratio: float = Field(0.4, gt=0, lt=1)  # fraction of the added parameters to remove
     sweep: list[float] = [0.2, 0.4, 0.6]
     calib_samples: int = Field(64, ge=1)
@@ -248,7 +252,7 @@ class RlSpec(_Strict):
     enabled: bool = True
     tier: str = "end"
     group_size: int = Field(8, ge=2)  # G completions per prompt
-    steps: int = Field(60, ge=1)
+    steps: int = Field(40, ge=1)
     prompts_per_step: int = Field(4, ge=1)
     lr: float = Field(1e-4, gt=0)
     beta: float = Field(0.04, ge=0)  # KL to the reference policy (the tier before GRPO)

@@ -9,7 +9,7 @@ def tier(name: str, exit_point: int, acc: float, ppl: float, promoted: bool) -> 
                 "facts_mc": {"format": "multiple_choice", "metric": "acc", "value": acc, "higher_is_better": True},
                 "heldout_text": {"format": "perplexity", "metric": "word_perplexity", "value": ppl,
                                  "higher_is_better": False}},
-                "average": acc, "speed": {"prefill_tokens_per_s": 900.0, "decode_tokens_per_s": 80.0,
+                "average": acc, "family": {"facts_mc": acc, "heldout_text": ppl}, "speed": {"prefill_tokens_per_s": 900.0, "decode_tokens_per_s": 80.0,
                                           "peak_memory_mib": 12.5}},
             "gate": {"promoted": promoted, "reason": "first promoted version" if promoted else
                      "not promoted, v0 stays: facts_mc 0.3 is worse", "uri": f"s3://b/models/f/v1/{name}"}}
@@ -31,3 +31,4 @@ def test_depth_check_flags_a_deeper_tier_that_scores_lower():
     assert "⚠ facts_mc: cloud" in md and "cloud: kept, not promoted: not promoted, v0 stays" in md
     assert "promoted now: cloud v0, edge v1, end v1" in md
     assert "Quality vs parameters" in page and page.count("<tr>") >= 4
+    assert "- end: identical scores" in md
