@@ -165,6 +165,8 @@ def train_cmd(stage: str = typer.Option(..., help="cpt or sft"),
               spec: Path = typer.Option(..., help="run spec YAML (train section: steps, parallel layout, launcher)"),
               family: str = typer.Option(..., help="s3:// URI of the family artifact to train"),
               data: str = typer.Option(..., help="s3:// URI of the packed dataset artifact"),
+              replay: str = typer.Option(None, help="s3:// URI of the packed pretraining dataset that SFT mixes in "
+                                                    "(train.sft.replay)"),
               run_id: str = typer.Option(None, help="run id (default: from the spec and the inputs)")):
     """Joint multi-exit CPT or SFT on megatron-core: torchrun here, or a TrainJob (train.launcher).
     Checkpoints go to the store; running the same command again resumes from the latest complete one."""
@@ -186,7 +188,8 @@ def train_cmd(stage: str = typer.Option(..., help="cpt or sft"),
     store = ArtifactStore.from_spec(s.store, env=os.environ)
     rid = run_id or f"{s.family.name}-" + hashlib.sha256(f"{s.fingerprint()}{family}{data}".encode()).hexdigest()[:12]
     with workdir(stage) as work:
-        out = train_stage(s, store, stage, rid, family, data, work, log=lambda m: console.print(m, highlight=False))
+        out = train_stage(s, store, stage, rid, family, data, work, log=lambda m: console.print(m, highlight=False),
+                          replay_uri=replay)
     console.print(f"trained family: [bold]{out['uri']}[/]\nfinal loss per exit: "
                   + ", ".join(f"exit {p}: {v:.3f}" for p, v in zip(out["exit_points"], out["final_exit_losses"])))
 

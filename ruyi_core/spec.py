@@ -174,6 +174,8 @@ class TrainStageSpec(_Strict):
     save_every: int = Field(20, ge=1)
     seed: int = 1234
     recompute: bool = False
+    # SFT stages: this fraction of every batch is pretraining text, so plain-text modelling is not forgotten.
+    replay: float = Field(0.0, ge=0, lt=1)
     loss: LossSpec = Field(default_factory=LossSpec)
 
     @model_validator(mode="after")
@@ -212,14 +214,39 @@ class TrainJobSpec(_Strict):
     timeout_s: int = Field(7 * 24 * 3600, ge=60)
 
 
+# Each stage's own defaults. A partial stage section in a spec (say, only `steps`) keeps the rest of them.
+STAGE_DEFAULTS = {
+    "train": {"cpt": {},
+              # SFT takes many small steps: copying numbers from the prompt emerges with updates, not tokens.
+              "sft": {"steps": 100, "global_batch_size": 8, "lr": 1e-3, "min_lr": 1e-4, "replay": 0.25}},
+    "dae": {"cpt": {"steps": 30, "global_batch_size": 8, "lr": 2e-3, "min_lr": 2e-4},
+            "sft": {"steps": 30, "global_batch_size": 8, "lr": 1e-3, "min_lr": 1e-4, "replay": 0.25}},
+}
+
+
+def _stage_field(section: str, stage: str):
+    return Field(default_factory=lambda: TrainStageSpec(**STAGE_DEFAULTS[section][stage]))
+
+
+def _merge_stage_defaults(section: str, data):
+    if isinstance(data, dict):
+        for stage, defaults in STAGE_DEFAULTS[section].items():
+            if isinstance(data.get(stage), dict):
+                data = {**data, stage: {**defaults, **data[stage]}}
+    return data
+
+
 class TrainSpec(_Strict):
-    cpt: TrainStageSpec = Field(default_factory=TrainStageSpec)
-    # SFT takes many small steps: copying numbers from the prompt emerges with updates, not with tokens.
-    sft: TrainStageSpec = Field(default_factory=lambda: TrainStageSpec(steps=100, global_batch_size=8, lr=1e-3,
-                                                                       min_lr=1e-4))
+    cpt: TrainStageSpec = _stage_field("train", "cpt")
+    sft: TrainStageSpec = _stage_field("train", "sft")
     parallel: ParallelSpec = Field(default_factory=ParallelSpec)
     launcher: Literal["local", "trainjob"] = "local"
     trainjob: TrainJobSpec = Field(default_factory=TrainJobSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stages(cls, data):
+        return _merge_stage_defaults("train", data)
 
 
 class DaeSpec(_Strict):
@@ -230,13 +257,16 @@ class DaeSpec(_Strict):
     blocks: int = Field(3, ge=1)
     init: Literal["zero", "clone"] = "zero"  # clone: copies of the branch block (the report's ablation)
     std: float = Field(0.02, gt=0)
-    cpt: TrainStageSpec = Field(default_factory=lambda: TrainStageSpec(steps=30, global_batch_size=8, lr=2e-3,
-                                                                       min_lr=2e-4))
-    sft: TrainStageSpec = Field(default_factory=lambda: TrainStageSpec(steps=30, global_batch_size=8, lr=1e-3,
-                                                                       min_lr=1e-4))
+    cpt: TrainStageSpec = _stage_field("dae", "cpt")
+    sft: TrainStageSpec = _stage_field("dae", "sft")
     svd_ratio: float = Field(0.4, gt=0, lt=1)  # fraction of the added parameters to remove
     sweep: list[float] = [0.2, 0.4, 0.6]
     calib_samples: int = Field(64, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stages(cls, data):
+        return _merge_stage_defaults("dae", data)
 
     @field_validator("sweep")
     @classmethod

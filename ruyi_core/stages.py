@@ -159,8 +159,9 @@ def train(spec: RunSpec, store: ArtifactStore, stage: str, run_id: str, family_u
 
     kind = "pretrain" if stage in ("cpt", "dae_cpt") else "sft"
     (data_uri,) = [d["uri"] for d in packed if d["kind"] == kind]
+    replay = [d["uri"] for d in packed if d["kind"] == "pretrain"] if spec.train_stage(stage).replay else [None]
     with workdir(stage) as work:
-        return train_stage(spec, store, stage, run_id, family_uri, data_uri, work)
+        return train_stage(spec, store, stage, run_id, family_uri, data_uri, work, replay_uri=replay[0])
 
 
 def export_tier(spec: RunSpec, store: ArtifactStore, run_id: str, family_uri: str, tier: str,

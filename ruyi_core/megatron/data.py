@@ -57,3 +57,20 @@ class TokenStream:
         rows = [self.window(first_sample + j) for j in range(size)]
         return {"tokens": torch.stack([r[0] for r in rows]), "labels": torch.stack([r[1] for r in rows]),
                 "loss_mask": torch.stack([r[2] for r in rows])}
+
+
+class ReplayStream:
+    """`primary` with a fraction `replay` of its windows drawn from `extra` (pretraining text mixed into SFT),
+    spread evenly: sample i comes from `extra` when floor((i + 1) r) > floor(i r). Still a pure function of the
+    sample index, so resuming stays exact."""
+
+    def __init__(self, primary: TokenStream, extra: TokenStream, replay: float):
+        self.primary, self.extra, self.r = primary, extra, replay
+
+    def window(self, sample: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        before = int(sample * self.r)  # extra windows among samples 0..sample-1
+        if int((sample + 1) * self.r) > before:
+            return self.extra.window(before)
+        return self.primary.window(sample - before)
+
+    batch = TokenStream.batch

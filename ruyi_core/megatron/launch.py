@@ -79,9 +79,10 @@ def _free_port() -> int:
 
 
 def train_stage(spec: RunSpec, store, stage: str, run_id: str, family_uri: str, data_uri: str,
-                work: Path, log=_print) -> dict:
-    """Trains the family at `family_uri` on the packed dataset at `data_uri`; returns the trained family's
-    artifact (an HF family with per-exit loss logs and curves)."""
+                work: Path, log=_print, replay_uri: str | None = None) -> dict:
+    """Trains the family at `family_uri` on the packed dataset at `data_uri` (SFT stages with `replay` also on
+    pretraining windows from `replay_uri`); returns the trained family's artifact (an HF family with per-exit
+    loss logs and curves)."""
     import json
 
     key = f"runs/{run_id}/{stage}"
@@ -101,6 +102,10 @@ def train_stage(spec: RunSpec, store, stage: str, run_id: str, family_uri: str, 
     args = ["--stage", stage, "--spec", spec.model_dump_json(), "--family", family_uri, "--init", init_uri,
             "--data", data_uri, "--ckpt-prefix", f"{key}/checkpoints", "--resume",
             "--log-every", str(max(1, spec.train_stage(stage).steps // 10))]
+    if spec.train_stage(stage).replay:
+        if replay_uri is None:
+            raise RuyiError(f"{stage}: replay {spec.train_stage(stage).replay} needs a packed pretraining dataset")
+        args += ["--replay", replay_uri]
     if spec.train.launcher == "local":
         _run(torchrun(spec.train.parallel.world_size, "ruyi_core.megatron.trainer", [*args, "--out", str(work / "run")]),
              log)
@@ -121,5 +126,5 @@ def train_stage(spec: RunSpec, store, stage: str, run_id: str, family_uri: str, 
     meta = {"stage": stage, "steps": len(history), "exit_points": history[-1]["exit_points"],
             "first_exit_losses": history[0]["exits"], "final_exit_losses": history[-1]["exits"]}
     store.put_artifact(key, work / "trained", stage=stage, spec_hash=spec.fingerprint(),
-                       inputs=[family_uri, data_uri, last], metadata=meta)
+                       inputs=[u for u in (family_uri, data_uri, replay_uri, last) if u], metadata=meta)
     return {"uri": uri, "run_id": run_id, **meta}

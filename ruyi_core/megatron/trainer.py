@@ -31,6 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--family", required=True, help="HF family (URI or dir): the model's config")
     ap.add_argument("--init", help="megatron checkpoint to start from (URI or dir)")
     ap.add_argument("--data", required=True, help="packed dataset (URI or dir)")
+    ap.add_argument("--replay", help="packed pretraining dataset mixed into SFT batches (URI or dir)")
     ap.add_argument("--out", type=Path, required=True, help="local work dir (shared by all ranks of a node)")
     ap.add_argument("--ckpt-prefix", help="store key prefix that receives each complete checkpoint")
     ap.add_argument("--resume", action="store_true")
@@ -138,7 +139,7 @@ def train(args: argparse.Namespace) -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from ruyi_core.family.config import RuyiConfig
-    from ruyi_core.megatron.data import TokenStream
+    from ruyi_core.megatron.data import ReplayStream, TokenStream
     from ruyi_core.megatron.loss import exit_weights
     from ruyi_core.megatron.model import build_model, causal_mask
     from ruyi_core.spec import load_spec, parse_spec_yaml
@@ -151,6 +152,8 @@ def train(args: argparse.Namespace) -> None:
     io = StoreIO(spec, args.out)
     hf_cfg = RuyiConfig.from_pretrained(io.fetch(args.family, "family"))
     data_dir = io.fetch(args.data, "data")
+    if st.replay and not args.replay:
+        raise ValueError(f"train stage {args.stage} has replay {st.replay} but no --replay dataset was given")
     exits = list(hf_cfg.early_exit_points)
     model = build_model(hf_cfg, par.tp, par.pp, st.seq_length, bf16=cuda, recompute=st.recompute)
     only = hf_cfg.tiers[spec.dae.tier] if args.stage.startswith("dae_") else None
@@ -195,6 +198,8 @@ def train(args: argparse.Namespace) -> None:
                          f"= {st.micro_batch_size * dp}")
     n_micro = st.global_batch_size // (st.micro_batch_size * dp)
     stream = TokenStream(data_dir, st.seq_length, st.seed)
+    if st.replay:
+        stream = ReplayStream(stream, TokenStream(io.fetch(args.replay, "replay"), st.seq_length, st.seed), st.replay)
     device = torch.device("cuda") if cuda else torch.device("cpu")
     mask = causal_mask(st.seq_length, device)
     pos = torch.arange(st.seq_length, device=device).unsqueeze(0).expand(st.micro_batch_size, -1)
@@ -256,7 +261,8 @@ def train(args: argparse.Namespace) -> None:
                 (path / log_path.name).write_bytes(log_path.read_bytes())
                 loss_curves_png(state["history"], path / f"{args.stage}_losses.png", f"{args.stage}: loss per exit")
             if args.ckpt_prefix:
-                io.push(path, args.ckpt_prefix, args.stage, state["step"], [args.family, args.data, args.init])
+                io.push(path, args.ckpt_prefix, args.stage, state["step"],
+                        [u for u in (args.family, args.data, args.replay, args.init) if u])
 
 
 def main(argv=None) -> None:
