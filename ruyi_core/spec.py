@@ -218,8 +218,8 @@ class TrainJobSpec(_Strict):
 STAGE_DEFAULTS = {
     "train": {"cpt": {},
               # SFT takes many small steps: copying numbers from the prompt emerges with updates, not tokens.
-              "sft": {"steps": 100, "global_batch_size": 8, "lr": 1e-3, "min_lr": 1e-4, "replay": 0.25}},
-    "dae": {"cpt": {"steps": 30, "global_batch_size": 8, "lr": 2e-3, "min_lr": 2e-4},
+              "sft": {"steps": 80, "global_batch_size": 8, "lr": 1e-3, "min_lr": 1e-4, "replay": 0.25}},
+    "dae": {"cpt": {"steps": 20, "global_batch_size": 8, "lr": 2e-3, "min_lr": 2e-4},
             "sft": {"steps": 30, "global_batch_size": 8, "lr": 1e-3, "min_lr": 1e-4, "replay": 0.25}},
 }
 
@@ -282,7 +282,7 @@ class RlSpec(_Strict):
     enabled: bool = True
     tier: str = "end"
     group_size: int = Field(8, ge=2)  # G completions per prompt
-    steps: int = Field(40, ge=1)
+    steps: int = Field(30, ge=1)
     prompts_per_step: int = Field(4, ge=1)
     lr: float = Field(1e-4, gt=0)
     beta: float = Field(0.04, ge=0)  # KL to the reference policy (the tier before GRPO)
