@@ -21,7 +21,7 @@ def micro_spec(tmp_path: Path, bucket: str, **data) -> Path:
         "pipeline": {"image": "registry.example/ruyi-base:test",
                      "resources": {"default": {"cpu": "3", "memory": "5Gi"}}},
         "train": {s: {"steps": n, "micro_batch_size": 4, "global_batch_size": 8, "seq_length": 32, "save_every": 2,
-                      "warmup_steps": 0} for s, n in (("cpt", 3), ("sft", 2))},
+                      "warmup_steps": 0, "replay": 0.25 if s == "sft" else 0} for s, n in (("cpt", 3), ("sft", 2))},
         "dae": {"blocks": 2, "sweep": [0.4], "calib_samples": 16,
                 **{s: {"steps": 2, "micro_batch_size": 4, "global_batch_size": 4, "seq_length": 32,
                        "save_every": 2, "warmup_steps": 0} for s in ("cpt", "sft")}},

@@ -32,9 +32,9 @@ def test_shipped_specs_load():
     assert big.eval.benchmarks["gsm8k"].path.startswith("s3://") and big.package.tolerance == 0.01
     assert parse_spec({"family": {"base": "micro", "exit_points": [0, 3]}}).family.tiers == {"end": 0, "cloud": 3}
     # a partial stage section keeps that stage's own defaults for everything it does not set
-    partial = parse_spec({"train": {"sft": {"steps": 50}}, "dae": {"sft": {"replay": 0}}})
-    assert (partial.train.sft.steps, partial.train.sft.lr, partial.train.sft.replay) == (50, 1e-3, 0.25)
-    assert (partial.dae.sft.replay, partial.dae.sft.steps, partial.train.cpt.lr) == (0.0, 30, 3e-3)
+    partial = parse_spec({"train": {"sft": {"steps": 50}}, "dae": {"sft": {"replay": 0.25}}})
+    assert (partial.train.sft.steps, partial.train.sft.lr, partial.train.sft.global_batch_size) == (50, 1e-3, 8)
+    assert (partial.dae.sft.replay, partial.dae.sft.steps, partial.train.cpt.lr) == (0.25, 30, 3e-3)
 
 
 @pytest.mark.parametrize("family,field,words", [
