@@ -60,3 +60,21 @@ def store(s3_server):
 
     return ArtifactStore.from_spec(StoreSpec(bucket=f"t-{uuid.uuid4().hex[:16]}", part_size_mb=5),
                                    env=s3_server.env())
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Runs `ruyi ARGS` in-process; returns (exit code, stdout + stderr)."""
+    import sys
+
+    from ruyi_core.cli import main
+
+    def run(args) -> tuple[int, str]:
+        sys.argv = ["ruyi", *map(str, args)]
+        with pytest.raises(SystemExit) as e:
+            main()
+            sys.exit(0)
+        out = capsys.readouterr()
+        return e.value.code, out.out + out.err
+
+    return run

@@ -3,12 +3,10 @@ the registry from the command line: list, show, verify (independently of the sto
 `generate --registry` from a verified cache."""
 import shutil
 import subprocess
-import sys
 
 import pytest
 import yaml
 
-from ruyi_core.cli import main
 from ruyi_core.errors import RuyiError
 from ruyi_core.family.io import export_tiers, init_family
 from ruyi_core.package import build_package, gate, promote, publish, read_index, resolve, verify_package
@@ -50,14 +48,6 @@ def release(store, tier_dir, tmp_path, version, ev):
     return promote(store, FAMILY, version, f"run-{version}", {"end": {"uri": uri, "evaluation": ev}}, GATE)
 
 
-def run_cli(args, capsys):
-    sys.argv = ["ruyi", *map(str, args)]
-    with pytest.raises(SystemExit) as e:
-        main()
-        sys.exit(0)
-    out = capsys.readouterr()
-    return e.value.code, out.out + out.err
-
 
 def flip_byte(path):
     data = bytearray(path.read_bytes())
@@ -65,7 +55,7 @@ def flip_byte(path):
     path.write_bytes(bytes(data))
 
 
-def test_package_verifies_and_a_changed_byte_is_named(tier_dir, tmp_path, capsys):
+def test_package_verifies_and_a_changed_byte_is_named(tier_dir, tmp_path, run_cli):
     pkg = build(tier_dir, tmp_path / "pkg", "v1", evaluation(0.5))
     files = sorted(p.relative_to(pkg).as_posix() for p in pkg.rglob("*") if p.is_file())
     assert {"README.md", "eval.json", "lineage.json", "SHA256SUMS", "model.safetensors", "config.json",
@@ -82,13 +72,13 @@ def test_package_verifies_and_a_changed_byte_is_named(tier_dir, tmp_path, capsys
     for words in ("end device (phone)", "| arithmetic | exact_match", "5,123", "ababababab",
                   "AutoModelForCausalLM.from_pretrained", f"ruyi generate --registry {FAMILY} --tier end"):
         assert words in card, words
-    code, out = run_cli(["models", "verify", "--path", pkg], capsys)
+    code, out = run_cli(["models", "verify", "--path", pkg])
     assert code == 0 and "OK" in out
 
     flip_byte(pkg / "model.safetensors")
     (problem,) = verify_package(pkg)
     assert problem.startswith("model.safetensors: changed")
-    code, out = run_cli(["models", "verify", "--path", pkg], capsys)
+    code, out = run_cli(["models", "verify", "--path", pkg])
     assert code == 1 and "model.safetensors: changed" in out and "OK" not in out
 
     (pkg / "eval.json").unlink()
@@ -138,7 +128,7 @@ def test_gate_ignores_benchmarks_missing_on_one_side():
     assert not ok and "arithmetic 0.1 is worse" in reason and "not compared" in reason and "facts_mc" in reason
 
 
-def test_registry_from_the_command_line(store, s3_server, tier_dir, tmp_path, monkeypatch, capsys):
+def test_registry_from_the_command_line(store, s3_server, tier_dir, tmp_path, monkeypatch, run_cli):
     for k, v in s3_server.env().items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("RUYI_CACHE", str(tmp_path / "cache"))
@@ -147,29 +137,29 @@ def test_registry_from_the_command_line(store, s3_server, tier_dir, tmp_path, mo
     release(store, tier_dir, tmp_path, "v1", evaluation(0.50))
     release(store, tier_dir, tmp_path, "v2", evaluation(0.30))
 
-    code, out = run_cli(["models", "list", "--spec", spec], capsys)
+    code, out = run_cli(["models", "list", "--spec", spec])
     assert code == 0 and FAMILY in out and "end v1" in out
-    code, out = run_cli(["models", "list", FAMILY, "--spec", spec], capsys)
+    code, out = run_cli(["models", "list", FAMILY, "--spec", spec])
     assert code == 0 and "v1" in out and "v2" in out and "★ 0.500" in out and "✗ 0.300" in out
-    code, out = run_cli(["models", "list", "nosuch", "--spec", spec], capsys)
+    code, out = run_cli(["models", "list", "nosuch", "--spec", spec])
     assert code == 2 and "check the family name" in out and FAMILY in out
-    code, out = run_cli(["models", "show", FAMILY, "--version", "v2", "--spec", spec], capsys)
+    code, out = run_cli(["models", "show", FAMILY, "--version", "v2", "--spec", spec])
     assert code == 0 and "kept: not promoted, v1 stays" in out and "library_name: transformers" in out
 
-    code, out = run_cli(["models", "verify", FAMILY, "--spec", spec], capsys)
+    code, out = run_cli(["models", "verify", FAMILY, "--spec", spec])
     assert code == 0 and out.count("OK") == 2
 
     # generate: downloads the promoted package once, then runs from the verified cache
     args = ["generate", "--registry", FAMILY, "--tier", "end", "--spec", spec, "--max-new-tokens", "4", "hi"]
-    code, out = run_cli(args, capsys)
+    code, out = run_cli(args)
     cached = tmp_path / "cache" / "models" / FAMILY / "v1" / "end"
     assert code == 0 and "downloaded" in out and verify_package(cached) == []
     mtime = (cached / "model.safetensors").stat().st_mtime_ns
-    code, out = run_cli(args, capsys)
+    code, out = run_cli(args)
     assert code == 0 and "using the cached" in out and "downloaded" not in out
     assert (cached / "model.safetensors").stat().st_mtime_ns == mtime
     flip_byte(cached / "config.json")  # a damaged cache is replaced, not used
-    code, out = run_cli(args, capsys)
+    code, out = run_cli(args)
     assert code == 0 and "downloading it again" in out and verify_package(cached) == []
 
     # a package rewritten in the store with a consistent manifest passes the store's check, not SHA256SUMS
@@ -179,7 +169,7 @@ def test_registry_from_the_command_line(store, s3_server, tier_dir, tmp_path, mo
     m = store.read_manifest(store.uri(model_prefix(FAMILY, "v2", "end")))
     store.put_artifact(model_prefix(FAMILY, "v2", "end"), tampered, stage="package", spec_hash=m.spec_hash,
                        metadata=m.metadata)
-    code, out = run_cli(["models", "verify", FAMILY, "--spec", spec], capsys)
+    code, out = run_cli(["models", "verify", FAMILY, "--spec", spec])
     assert code == 1 and "v1/end" in out and "OK" in out
     assert [line for line in out.splitlines() if "FAILED" in line] == [
         line for line in out.splitlines() if "v2/end: model.safetensors: changed" in line]

@@ -8,20 +8,11 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM
 
-from ruyi_core.cli import main
 from ruyi_core.errors import SpecError
 from ruyi_core.spec import load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def run_cli(args, capsys):
-    sys.argv = ["ruyi", *map(str, args)]
-    with pytest.raises(SystemExit) as e:
-        main()
-        sys.exit(0)
-    out = capsys.readouterr()
-    return e.value.code, out.out + out.err
 
 
 def test_shipped_specs_load():
@@ -44,12 +35,12 @@ def test_shipped_specs_load():
     ({"base": "/nowhere/Qwen3-0.6B"}, "family", "neither a preset"),
     ({"exit_pionts": [1, 11]}, "family.exit_pionts", "Extra inputs are not permitted"),
 ])
-def test_bad_specs_one_line(tmp_path, capsys, family, field, words):
+def test_bad_specs_one_line(tmp_path, run_cli, family, field, words):
     spec = tmp_path / "bad.yaml"
     spec.write_text(yaml.safe_dump({"family": family}))
     with pytest.raises(SpecError, match=words):
         load_spec(spec)
-    code, out = run_cli(["family", "init", "--spec", spec, "--out", tmp_path / "f"], capsys)
+    code, out = run_cli(["family", "init", "--spec", spec, "--out", tmp_path / "f"])
     assert code == 2 and len(out.strip().splitlines()) == 1, out
     assert out.startswith("error:") and field in out and words in out and "Traceback" not in out
     assert not (tmp_path / "f").exists()
@@ -83,15 +74,15 @@ def test_bad_spec_in_a_real_process(tmp_path):
     assert "family.exit_points: must be strictly increasing" in r.stdout
 
 
-def test_cli_init_export_generate(tmp_path, capsys):
+def test_cli_init_export_generate(tmp_path, run_cli):
     spec = tmp_path / "micro.yaml"
     spec.write_text(yaml.safe_dump({"family": {"name": "micro", "base": "micro", "exit_points": [1, 3]}}))
-    assert run_cli(["family", "init", "--spec", spec, "--out", tmp_path / "fam"], capsys)[0] == 0
-    code, out = run_cli(["family", "export", "--family", tmp_path / "fam", "--out", tmp_path / "tiers"], capsys)
+    assert run_cli(["family", "init", "--spec", spec, "--out", tmp_path / "fam"])[0] == 0
+    code, out = run_cli(["family", "export", "--family", tmp_path / "fam", "--out", tmp_path / "tiers"])
     assert code == 0 and "end" in out and "cloud" in out
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "tiers/end").config.num_hidden_layers == 2
     code, out = run_cli(["generate", "--model", tmp_path / "fam", "--tier", "end", "--max-new-tokens", "4",
-                         "Where does Alice live?"], capsys)
+                         "Where does Alice live?"])
     assert code == 0 and out.strip()
-    code, out = run_cli(["generate", "--model", tmp_path / "fam", "--tier", "edge", "hi"], capsys)
+    code, out = run_cli(["generate", "--model", tmp_path / "fam", "--tier", "edge", "hi"])
     assert code == 2 and "unknown tier 'edge'" in out
