@@ -63,9 +63,9 @@ def megatron_step_fn(fam, batch: dict, seq: int):
 
     def forward_step(data_iterator, model_chunk):
         b = next(data_iterator)
-        out = model_chunk(b["tokens"], pos, mask, labels=b["labels"], loss_mask=b["loss_mask"],
-                          exit_weights=weights, loss_scale=float(opt.get_loss_scale()))
-        losses.update(model.last_exit_losses)
+        out, exit_losses = model_chunk(b["tokens"], pos, mask, labels=b["labels"], loss_mask=b["loss_mask"],
+                                       exit_weights=weights, loss_scale=float(opt.get_loss_scale()))
+        losses.update(exit_losses)
         return out, lambda t: (t, {"loss": t.detach()})
 
     def step() -> list[float]:

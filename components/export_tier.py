@@ -6,15 +6,11 @@ from components.image import BASE_IMAGE
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def export_tier(spec_yaml: str, tier: str, family: Input[Model], tier_model: Output[Model]):
-    """One tier as a standalone Qwen3 checkpoint in the store. The run id travels in the family's metadata
-    (kfp 2.17's local runner substitutes the loop item for upstream parameters inside a ParallelFor)."""
-    import json
-    from pathlib import Path
-
-    from ruyi_core.stages import export_tier, open_run
+    """One tier as a standalone Qwen3 checkpoint in the store (the DaE tier with its SVD-compressed weights when
+    the family comes from svd_compress)."""
+    from ruyi_core.stages import Compressed, export_tier, open_run
 
     with open_run(spec_yaml) as (spec, store):
-        result = export_tier(spec, store, family.metadata["run_id"], family.metadata["uri"], tier,
-                             family.metadata.get("compressed"))
-        tier_model.metadata.update(result)
-        Path(tier_model.path).write_text(json.dumps(result))
+        compressed = family.metadata.get("compressed")
+        export_tier(spec, store, family.metadata["uri"], tier,
+                    Compressed.of(compressed) if compressed else None).emit(tier_model)

@@ -10,10 +10,10 @@ def prepare_data(spec_yaml: str, plan: Input[Dataset], family: Input[Model], pac
     import json
     from pathlib import Path
 
-    from ruyi_core.stages import open_run, prepare_data
+    from ruyi_core.stages import RunPlan, open_run, prepare_data
 
     with open_run(spec_yaml) as (spec, store):
-        results = [prepare_data(spec, store, d["kind"], d["uri"], family.metadata["uri"])
-                   for d in sorted(plan.metadata["datasets"], key=lambda d: d["kind"])]
+        results = [prepare_data(spec, store, d.kind, d.uri, family.metadata["uri"]).model_dump(mode="json")
+                   for d in RunPlan.model_validate(plan.metadata).datasets]
         packed.metadata["datasets"] = results
         Path(packed.path).write_text(json.dumps(results))

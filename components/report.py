@@ -10,16 +10,19 @@ def report(spec_yaml: str, plan: Input[Dataset], promotion: Input[Artifact], pac
     """Per-tier table (benchmarks, size, speed, promotion), charts, data summary and lineage picture; returns the
     report's store URI."""
     import json
+    import tempfile
     from pathlib import Path
 
-    from ruyi_core.stages import open_run, report
+    from ruyi_core.stages import PackedDataset, Promotion, RunPlan, open_run, report
 
     with open_run(spec_yaml) as (spec, store):
-        result = report(spec, store, plan.metadata["run_id"], dict(promotion.metadata),
-                        list(packed.metadata["datasets"]))
-        Path(markdown.path).write_text(result["markdown"])
-        Path(page.path).write_text(result["html"])
-        for row in result["tiers"]:
+        result = report(spec, store, RunPlan.model_validate(plan.metadata), Promotion.model_validate(promotion.metadata),
+                        [PackedDataset.of(d) for d in packed.metadata["datasets"]])
+        store.get_file(f"{result.uri}/report.md", markdown.path)
+        store.get_file(f"{result.uri}/report.html", page.path)
+        tiers = Path(tempfile.mkdtemp()) / "tiers.json"
+        store.get_file(f"{result.uri}/tiers.json", tiers)
+        for row in json.loads(tiers.read_text()):
             metrics.log_metric(f"{row['tier']}_parameters", row["parameters"])
             ev = row["evaluation"]
             for bench, r in ev["benchmarks"].items():
@@ -28,4 +31,4 @@ def report(spec_yaml: str, plan: Input[Dataset], promotion: Input[Artifact], pac
                 metrics.log_metric(f"{row['tier']}_average", ev["average"])
         # The local runner only caches a Metrics output whose metadata is also in its file.
         Path(metrics.path).write_text(json.dumps(metrics.metadata))
-        return result["uri"]
+        return result.uri

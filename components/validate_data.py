@@ -7,7 +7,6 @@ from components.image import BASE_IMAGE
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def validate_data(spec_yaml: str, kind: str, dataset: Output[Dataset], gate_docs: Output[HTML]):
     """The data gate (great-expectations) for one corpus kind; only a passing corpus reaches datasets/."""
-    import json
     import shutil
     import tempfile
     from pathlib import Path
@@ -16,10 +15,8 @@ def validate_data(spec_yaml: str, kind: str, dataset: Output[Dataset], gate_docs
 
     with open_run(spec_yaml) as (spec, store):
         docs = Path(tempfile.mkdtemp())
-        result = validate_data(spec, store, kind, docs_dir=docs)
-        dataset.metadata.update({k: result[k] for k in ("uri", "kind", "n_records", "fingerprint")})
-        Path(dataset.path).write_text(json.dumps(result, default=str))
-        index = result.get("docs_index")
+        validate_data(spec, store, kind, docs_dir=docs).emit(dataset)
+        index = next(docs.rglob("index.html"), None)
         if index:
             shutil.copy(index, gate_docs.path)
         else:

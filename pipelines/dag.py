@@ -74,8 +74,8 @@ def train_and_ship(spec: RunSpec, spec_yaml: str, plan, on_cluster) -> None:
                             "svd_compress").outputs["compressed"]
     with dsl.ParallelFor(sorted(spec.family.tiers, key=spec.family.tiers.get)) as tier:
         exported = on_cluster(export_tier(spec_yaml=spec_yaml, tier=tier, family=family), "export_tier")
-        pkg = on_cluster(package_tier(spec_yaml=spec_yaml, tier_model=exported.outputs["tier_model"], family=family),
-                         "package_tier")
+        pkg = on_cluster(package_tier(spec_yaml=spec_yaml, plan=plan, tier_model=exported.outputs["tier_model"],
+                                      family=family), "package_tier")
     gate = on_cluster(promote(spec_yaml=spec_yaml, plan=plan, packages=dsl.Collected(pkg.outputs["package"])),
                       "promote")
     on_cluster(report(spec_yaml=spec_yaml, plan=plan, promotion=gate.outputs["promotion"], packed=packed), "report")

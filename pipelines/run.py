@@ -11,8 +11,7 @@ from pathlib import Path
 
 from ruyi_core.errors import RuyiError
 from ruyi_core.spec import RunSpec, load_spec
-
-ERROR_DIR_ENV = "RUYI_ERROR_DIR"  # components write a failed stage's one-line user error here
+from ruyi_core.stages.contract import ERROR_DIR_ENV
 
 
 def compile_pipeline(spec_path: str | Path, out: str | Path) -> Path:
@@ -31,7 +30,8 @@ class _TaskLog(io.TextIOBase):
     """Tees the local runner's chatty output to a log file and shows one line per task event."""
 
     _event = re.compile(r"(Executing task|Task .* finished with status|Task .* cache hit|Pipeline .* finished)")
-    _progress = re.compile(r"\[(cpt|sft)\] step \d+/\d+")  # the trainer's progress lines
+    # the trainer's progress lines, and each stage's "reused" / "built" line
+    _progress = re.compile(r"\[\w+\] (step \d+/\d+|reused s3://|built s3://)")
     _ansi = re.compile(r"\x1b\[[0-9;]*m")
 
     def __init__(self, log, show):
@@ -71,6 +71,7 @@ def run_local(spec_path: str | Path, root: str | Path = ".ruyi/kfp", show=None) 
     from kfp import local
 
     from pipelines.dag import build_pipeline
+    from ruyi_core.stages import REPORT
     from ruyi_core.store import ArtifactStore
 
     real_stdout = sys.stdout
@@ -98,7 +99,8 @@ def run_local(spec_path: str | Path, root: str | Path = ".ruyi/kfp", show=None) 
             if msgs:
                 raise RuyiError("; ".join(msgs) + f" (full log: {log_path})") from None
             raise RuyiError(f"the local pipeline failed: {e} (full log: {log_path})") from None
-    return {"report_uri": store.uri(f"runs/{task.output.metadata['run_id']}/report"), "log": str(log_path),
+    report_uri = store.uri(REPORT.root.format(run_id=task.output.metadata["run_id"]))
+    return {"report_uri": report_uri, "log": str(log_path),
             "events": tee.events, "executed": sum(1 for e in tee.events if e.startswith("Task ") and "finished with status" in e)}
 
 

@@ -1,6 +1,7 @@
 """`ruyi ...`: the command line. User errors print one line naming the problem and the fix, exit code 2."""
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -19,8 +20,6 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Ruyi Flow: train familial LLMs and ship one model per tier.")
 family_app = typer.Typer(no_args_is_help=True, help="Build, import and export familial models.")
 app.add_typer(family_app, name="family")
-pipeline_app = typer.Typer(no_args_is_help=True, help="Compile and run the KFP pipeline.")
-app.add_typer(pipeline_app, name="pipeline")
 console = Console()
 
 
@@ -30,7 +29,7 @@ app.add_typer(models_app, name="models", help="The model registry: packages per 
 app.command("lineage", help="The chain from an artifact back to the raw data files, with hashes.")(lineage_command)
 
 
-def _quiet_hf() -> None:
+def quiet_hf() -> None:
     from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging
 
@@ -39,7 +38,7 @@ def _quiet_hf() -> None:
     logging.set_verbosity_error()
 
 
-def _fmt_int(n: int) -> str:
+def fmt_int(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
@@ -60,13 +59,13 @@ def family_init(spec: Path = typer.Option(..., help="run spec YAML"),
     from ruyi_core.spec import load_spec
 
     s = load_spec(spec)
-    _quiet_hf()
+    quiet_hf()
     fam, tok = init_family(s.family)
     save_family(fam, tok, out)
     cfg = fam.config
-    rows = [{"tier": t, "exit": p, "depth": p + 1, "params": _fmt_int(fam.tier_parameter_count(p))}
+    rows = [{"tier": t, "exit": p, "depth": p + 1, "params": fmt_int(fam.tier_parameter_count(p))}
             for t, p in sorted(cfg.tiers.items(), key=lambda kv: kv[1])]
-    console.print(_table(f"family {s.family.name} ({_fmt_int(fam.num_parameters())} parameters)", rows,
+    console.print(_table(f"family {s.family.name} ({fmt_int(fam.num_parameters())} parameters)", rows,
                          {"tier": "tier", "exit": "exit point", "depth": "depth", "params": "parameters"}))
     console.print(f"saved to [bold]{out}[/]")
 
@@ -78,14 +77,14 @@ def family_export(family: Path = typer.Option(..., help="family checkpoint direc
     """Export tiers as standalone Qwen3 checkpoints that load in vanilla transformers."""
     from ruyi_core.family.io import export_tiers, load_family
 
-    _quiet_hf()
+    quiet_hf()
     fam, tok = load_family(family)
     names = None if tier == "all" else [tier]
     if names and tier not in fam.config.tiers:
         raise RuyiError(f"unknown tier {tier!r}: this family has {', '.join(fam.config.tiers)}")
     rows = export_tiers(fam, tok, out, names)
     for r in rows:
-        r["params"], r["mb"] = _fmt_int(r["parameters"]), f"{r['weight_bytes'] / 2**20:.1f} MiB"
+        r["params"], r["mb"] = fmt_int(r["parameters"]), f"{r['weight_bytes'] / 2**20:.1f} MiB"
         r["sample"] = repr(r["sample"][:48])
     console.print(_table("exported tiers", rows, {"tier": "tier", "exit_point": "exit point", "depth": "depth",
                                                   "params": "parameters", "mb": "on disk",
@@ -99,7 +98,7 @@ def family_import(src: Path = typer.Option(..., help="published AI-Flow-Ruyi / R
     """Import a checkpoint in the published layout (ruyi_qwen2 / ruyi_qwen3) as a family."""
     from ruyi_core.family.convert import import_published
 
-    _quiet_hf()
+    quiet_hf()
     fam = import_published(src)
     fam.save_pretrained(out)
     for f in src.iterdir():  # tokenizer files travel with the weights
@@ -139,7 +138,7 @@ def generate(prompt: str = typer.Argument(..., help="the user message"),
         tier = None  # a package is one tier already
     elif version is not None or spec is not None:
         raise RuyiError("--version and --spec go with --registry")
-    _quiet_hf()
+    quiet_hf()
     if not (model / "config.json").is_file():
         raise RuyiError(f"{model} is not a model directory (no config.json)")
     m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
@@ -166,16 +165,13 @@ def train_cmd(stage: str = typer.Option(..., help="cpt or sft"),
               family: str = typer.Option(..., help="s3:// URI of the family artifact to train"),
               data: str = typer.Option(..., help="s3:// URI of the packed dataset artifact"),
               replay: str = typer.Option(None, help="s3:// URI of the packed pretraining dataset that SFT mixes in "
-                                                    "(train.sft.replay)"),
-              run_id: str = typer.Option(None, help="run id (default: from the spec and the inputs)")):
+                                                    "(train.sft.replay)")):
     """Joint multi-exit CPT or SFT on megatron-core: torchrun here, or a TrainJob (train.launcher).
     Checkpoints go to the store; running the same command again resumes from the latest complete one."""
-    import hashlib
     import os
 
-    from ruyi_core.megatron.launch import train_stage
     from ruyi_core.spec import load_spec
-    from ruyi_core.stages import workdir
+    from ruyi_core.stages import train
     from ruyi_core.store import ArtifactStore
 
     if stage not in ("cpt", "sft"):
@@ -186,119 +182,26 @@ def train_cmd(stage: str = typer.Option(..., help="cpt or sft"),
                             f"outputs), got {uri!r}")
     s = load_spec(spec)
     store = ArtifactStore.from_spec(s.store, env=os.environ)
-    rid = run_id or f"{s.family.name}-" + hashlib.sha256(f"{s.fingerprint()}{family}{data}".encode()).hexdigest()[:12]
-    with workdir(stage) as work:
-        out = train_stage(s, store, stage, rid, family, data, work, log=lambda m: console.print(m, highlight=False),
-                          replay_uri=replay)
-    console.print(f"trained family: [bold]{out['uri']}[/]\nfinal loss per exit: "
-                  + ", ".join(f"exit {p}: {v:.3f}" for p, v in zip(out["exit_points"], out["final_exit_losses"])))
+    out = train(s, store, stage, family, data, replay, log=lambda m: console.print(m, highlight=False))
+    console.print(f"trained family: [bold]{out.uri}[/]\nfinal loss per exit: "
+                  + ", ".join(f"exit {p}: {v:.3f}" for p, v in zip(out.exit_points, out.final_exit_losses)))
 
 
-@pipeline_app.command("compile")
-def pipeline_compile(spec: Path = typer.Option(..., help="run spec YAML"),
-                     out: Path = typer.Option(..., help="pipeline IR YAML to write")):
-    """Compile the pipeline for a cluster (images, resources, the S3 Secret as env)."""
-    from pipelines.run import compile_pipeline
+def _internal_error(e: Exception) -> None:
+    """Not a user error: a bug or an unexpected failure. One line here, the traceback in a log file."""
+    import tempfile
+    import traceback
 
-    console.print(f"wrote [bold]{compile_pipeline(spec, out)}[/]")
-
-
-@pipeline_app.command("upload")
-def pipeline_upload(spec: Path = typer.Option(..., help="run spec YAML"),
-                    host: str = typer.Option(..., envvar="KF_PIPELINES_ENDPOINT", help="KFP API endpoint"),
-                    name: str = typer.Option("ruyi-flow"), version: str = typer.Option(None),
-                    namespace: str = typer.Option(None)):
-    """Upload the compiled pipeline (a new version named from the package version and git commit)."""
-    from pipelines.remote import upload
-
-    res = upload(spec, host, name=name, version=version, namespace=namespace)
-    console.print(f"pipeline {res['pipeline_name']} version [bold]{res['version_name']}[/]\n{res['url']}",
-                  highlight=False)
-    for w in res.get("warnings", []):
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
-
-
-@pipeline_app.command("schedule")
-def pipeline_schedule(spec: Path = typer.Option(..., help="run spec YAML"),
-                      host: str = typer.Option(..., envvar="KF_PIPELINES_ENDPOINT", help="KFP API endpoint"),
-                      cron: str = typer.Option(..., help='cron, e.g. "0 3 * * 0" (5 or 6 fields)'),
-                      name: str = typer.Option(None), experiment: str = typer.Option("ruyi-flow"),
-                      namespace: str = typer.Option(None), service_account: str = typer.Option(None)):
-    """A recurring retraining run of the latest uploaded version."""
-    from pipelines.remote import schedule
-
-    res = schedule(spec, host, cron, name=name, experiment=experiment, namespace=namespace,
-                   service_account=service_account)
-    console.print(f"recurring run [bold]{res['name']}[/] ({res['cron']})\n{res['url']}", highlight=False)
-
-
-def _print_tiers(tiers: list[dict], promotion: dict) -> None:
-    """The run's end product: per-tier quality, size and speed, then what the registry now serves."""
-    from ruyi_core.report import depth_flags
-
-    benches = sorted({b for t in tiers for b in t["evaluation"]["benchmarks"]})
-    t = Table(title=f"{promotion['family']} version {promotion['version']}: tiers")
-    for c in ["tier", "params", "on disk", *benches, "average", "prefill tok/s", "decode tok/s", "peak MiB",
-              "promoted"]:
-        t.add_column(c, justify="left" if c == "tier" else "right")
-    for r in tiers:
-        ev, sp, gate = r["evaluation"], r["evaluation"].get("speed", {}), r.get("gate") or {}
-        vals = [f"{ev['benchmarks'][b]['value']:.3f}" if b in ev["benchmarks"] else "" for b in benches]
-        mem = sp.get("peak_memory_mib")
-        t.add_row(r["tier"], _fmt_int(r["parameters"]), f"{r['weight_bytes'] / 2**20:.1f} MiB", *vals,
-                  f"{ev['average']:.3f}" if ev.get("average") is not None else "",
-                  f"{sp.get('prefill_tokens_per_s', 0):,.0f}", f"{sp.get('decode_tokens_per_s', 0):,.0f}",
-                  f"{mem:.0f}" if mem is not None else "", "yes" if gate.get("promoted") else "kept")
-    # A log file or pipe gets rich's 80 columns by default: too narrow for this table.
-    (console if console.is_terminal else Console(width=170)).print(t)
-    for flag in depth_flags(tiers):
-        console.print(f"[yellow]warning:[/] {flag}", highlight=False)
-    for r in tiers:
-        gate = r.get("gate") or {}
-        if not gate.get("promoted"):
-            console.print(f"{r['tier']}: {gate.get('reason', '')}", highlight=False, soft_wrap=True)
-        console.print(f"{r['tier']:<8}{r['uri']}", highlight=False, soft_wrap=True)
-    served = ", ".join(f"{k} {v}" for k, v in sorted(promotion["promoted"].items()))
-    console.print(f"registry {promotion['family']}: promoted {served}  (ruyi models list {promotion['family']})",
+    log = Path(tempfile.gettempdir()) / f"ruyi-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    log.write_text("".join(traceback.format_exception(e)))
+    first = (str(e).strip().splitlines() or [""])[0]
+    console.print(f"[bold red]internal error:[/] {type(e).__name__}: {first} (traceback: {log}; please report it)",
                   highlight=False, soft_wrap=True)
+    sys.exit(1)
 
 
-@pipeline_app.command("run")
-def pipeline_run(spec: Path = typer.Option(..., help="run spec YAML"),
-                 local: bool = typer.Option(False, "--local", help="run with KFP's local SubprocessRunner"),
-                 host: str = typer.Option(None, envvar="KF_PIPELINES_ENDPOINT", help="KFP API endpoint"),
-                 root: Path = typer.Option(Path(".ruyi/kfp"), help="local pipeline root"),
-                 experiment: str = typer.Option("ruyi-flow"), namespace: str = typer.Option(None),
-                 service_account: str = typer.Option(None)):
-    """Run the whole pipeline: --local runs every component here with the store from the environment;
-    --host starts a run of the latest uploaded version on a cluster."""
-    if host and not local:
-        from pipelines.remote import run
-
-        res = run(spec, host, experiment=experiment, namespace=namespace, service_account=service_account)
-        console.print(f"run [bold]{res['run_name']}[/] of version {res['version_name']}\n{res['url']}",
-                      highlight=False)
-        return
-    if not local:
-        raise RuyiError("say where to run: --local (here) or --host URL (a Kubeflow Pipelines endpoint)")
-    from pipelines.run import fetch_report, run_local
-    from ruyi_core.spec import load_spec
-
-    _quiet_hf()
-    started = time.perf_counter()
-    live = Console(file=sys.stdout)  # bound now: the runner redirects sys.stdout into its log meanwhile
-    res = run_local(spec, root, show=lambda m: live.print(f"  [dim]{m}[/]", highlight=False))
-    rep = fetch_report(load_spec(spec), res["report_uri"], root / "reports" / res["report_uri"].split("/")[-2])
-    _print_tiers(rep["tiers"], rep["promotion"])
-    gated = not any("init-family" in e for e in res["events"])  # nothing ran past plan_run
-    cached = ("unchanged data and spec: stopped at the data-fingerprint gate" if gated
-              else f"{res['executed']} tasks executed")
-    console.print(f"report  [bold]{rep['html']}[/]\nstore   {res['report_uri']}\n"
-                  f"log     {res['log']}\n{cached} in {time.perf_counter() - started:.0f} s",
-                  highlight=False, soft_wrap=True)
-
-
-def main() -> None:
+def main(app: typer.Typer = app) -> None:
+    """Runs `app` (the library's commands, or an application's app built on them)."""
     try:
         code = app(standalone_mode=False)  # non-standalone click returns a typer.Exit's code instead of raising
     except RuyiError as e:
@@ -313,7 +216,7 @@ def main() -> None:
         if isinstance(e, click.ClickException):
             e.show()
             sys.exit(e.exit_code)
-        raise
+        _internal_error(e)
     if isinstance(code, int) and code:
         sys.exit(code)
 

@@ -277,7 +277,8 @@ class DaeSpec(_Strict):
 
 
 class RlSpec(_Strict):
-    """GRPO on one tier with verifiable rewards (exact answer, correct worked steps, answer format)."""
+    """GRPO on one tier with verifiable rewards. `rewards` maps a reward in ruyi_core.rl.rewards.REWARDS to its
+    weight; GRPO maximises their weighted sum (default: exact answer, correct worked steps, answer format)."""
 
     enabled: bool = True
     tier: str = "end"
@@ -292,18 +293,47 @@ class RlSpec(_Strict):
     heldout_prompts: int = Field(128, ge=1)
     heldout_samples: int = Field(8, ge=1)  # completions per held-out prompt for the mean reward
     seed: int = 0
+    # valid_steps: exact answers alone are too sparse for a small tier (a few percent of samples) to learn from.
+    rewards: dict[str, float] = {"exact_answer": 1.0, "valid_steps": 1.0, "answer_format": 1.0}
+
+    @field_validator("rewards")
+    @classmethod
+    def _rewards(cls, v: dict[str, float]) -> dict[str, float]:
+        from ruyi_core.rl.rewards import REWARDS
+
+        if not v:
+            raise ValueError(f"needs at least one reward, from {', '.join(REWARDS)}")
+        for name in v:
+            if name not in REWARDS:
+                raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(REWARDS)}")
+        return v
 
 
 class BenchmarkSpec(_Strict):
     """One evaluation set in one of three forms (lm-evaluation-harness does the scoring):
     `exact_match`: JSONL {question, answer} (GSM8K's "... #### 42" answers work), scored on greedy generation;
     `multiple_choice`: JSONL {question, choices, answer|gold} (MMLU's form), scored by log-likelihood;
-    `perplexity`: JSONL {text}, rolling log-likelihood. `path` is `demo` (the demo world's held-out set of the
-    same name), a local file or an s3:// URI in the store."""
+    `perplexity`: JSONL {text}, rolling log-likelihood. `path` is a local file, an s3:// URI in the store, or
+    `demo:<set>`, one of the demo world's held-out sets (ruyi_core.data.world.EVAL_SETS)."""
 
     format: Literal["exact_match", "multiple_choice", "perplexity"]
-    path: str = "demo"
+    path: str
     limit: int | None = Field(None, ge=1)  # first N records only
+
+    @field_validator("path")
+    @classmethod
+    def _demo_set(cls, v: str) -> str:
+        from ruyi_core.data.world import EVAL_SETS
+
+        # Bare `demo` is refused too: which set a benchmark gets must not depend on its name.
+        if (v == "demo" or v.startswith("demo:")) and v.removeprefix("demo:") not in EVAL_SETS:
+            raise ValueError(f"unknown demo set {v!r}; known: {', '.join('demo:' + n for n in EVAL_SETS)}")
+        return v
+
+    @property
+    def demo_set(self) -> str | None:
+        """The demo world's set this benchmark reads, or None for a file."""
+        return self.path.removeprefix("demo:") if self.path.startswith("demo:") else None
 
 
 class EvalSpec(_Strict):
@@ -311,8 +341,9 @@ class EvalSpec(_Strict):
     parameters, bytes on disk, prefill / decode tokens/s and peak memory."""
 
     benchmarks: dict[str, BenchmarkSpec] = Field(default_factory=lambda: {
-        "arithmetic": BenchmarkSpec(format="exact_match"), "facts_mc": BenchmarkSpec(format="multiple_choice"),
-        "heldout_text": BenchmarkSpec(format="perplexity")})
+        "arithmetic": BenchmarkSpec(format="exact_match", path="demo:arithmetic"),
+        "facts_mc": BenchmarkSpec(format="multiple_choice", path="demo:facts_mc"),
+        "heldout_text": BenchmarkSpec(format="perplexity", path="demo:heldout_text")})
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(8, ge=1)
     speed_prompt_tokens: int = Field(64, ge=1)

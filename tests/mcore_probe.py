@@ -3,6 +3,7 @@ process-global, so it stays out of the pytest process). Prints one JSON line.
 
     python tests/mcore_probe.py exactness FAMILY_DIR
     python tests/mcore_probe.py joint-loss FAMILY_DIR
+    python tests/mcore_probe.py rng-resume FAMILY_DIR
 """
 import json
 import sys
@@ -60,12 +61,12 @@ def joint_loss(family_dir):
 
     def grads(weights):
         model.zero_grad(set_to_none=True)
-        out = model(ids, pos, causal_mask(12), labels=labels, loss_mask=mask, exit_weights=weights)
+        out, exit_losses = model(ids, pos, causal_mask(12), labels=labels, loss_mask=mask, exit_weights=weights)
         out.backward()
         flat = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
                           for p in model.parameters()])
         touched = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().max() > 0}
-        return flat, {k: v.item() for k, v in model.last_exit_losses.items()}, touched
+        return flat, {k: v.item() for k, v in exit_losses.items()}, touched
 
     base = [0.5, 0.8, 1.0][:n]
     g_base, losses, _ = grads(base)
@@ -89,7 +90,36 @@ def joint_loss(family_dir):
     }
 
 
+def rng_resume(family_dir):
+    """A checkpoint saved with rng=True restores every generator: draws after the load repeat those after
+    the save."""
+    import random
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    from ruyi_core.megatron import ckpt
+
+    _, model = setup(family_dir)
+
+    def draws():
+        with get_cuda_rng_tracker().fork():
+            tracked = torch.rand(3).tolist()
+        return [random.random(), float(np.random.rand()), *torch.rand(3).tolist(), *tracked]
+
+    draws()  # move every generator off its seed
+    path = Path(tempfile.mkdtemp()) / "iter_0000001"
+    ckpt.save(path, model, extra={"step": 1}, rng=True)
+    after_save = draws()
+    draws()
+    extra = ckpt.load(path, model, rng=True)
+    return {"repeats": draws() == after_save, "extra": extra}
+
+
 if __name__ == "__main__":
     with cpu_shim():
-        result = {"exactness": exactness, "joint-loss": joint_loss}[sys.argv[1]](sys.argv[2])
+        result = {"exactness": exactness, "joint-loss": joint_loss,
+                  "rng-resume": rng_resume}[sys.argv[1]](sys.argv[2])
     print(json.dumps(result))

@@ -26,9 +26,9 @@ def make_spec(benchmarks: dict, **eval_kw) -> RunSpec:
     return RunSpec(family=FAMILY, eval=EvalSpec(benchmarks=benchmarks, **kw))
 
 
-SPEC = make_spec({"arithmetic": BenchmarkSpec(format="exact_match", limit=4),
-                  "facts_mc": BenchmarkSpec(format="multiple_choice", limit=12),
-                  "heldout_text": BenchmarkSpec(format="perplexity", limit=4)})
+SPEC = make_spec({"arithmetic": BenchmarkSpec(format="exact_match", path="demo:arithmetic", limit=4),
+                  "facts_mc": BenchmarkSpec(format="multiple_choice", path="demo:facts_mc", limit=12),
+                  "heldout_text": BenchmarkSpec(format="perplexity", path="demo:heldout_text", limit=4)})
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +133,17 @@ def test_benchmark_from_the_store(family, family_scores, store, tmp_path):
     assert got == family_scores["benchmarks"]["facts_mc"]
 
 
+def test_demo_sets_are_chosen_by_path_not_name(family, family_scores, tmp_path):
+    """`path: demo:<set>` picks the demo set whatever the benchmark is called, and a benchmark named like a demo
+    set but pointing at a file reads that file."""
+    mine = world.write_jsonl(tmp_path / "mine.jsonl", world.eval_sets(SPEC.data.seed)["facts_mc"][12:14])
+    spec = make_spec({"mc": BenchmarkSpec(format="multiple_choice", path="demo:facts_mc", limit=12),
+                      "facts_mc": BenchmarkSpec(format="multiple_choice", path=str(mine))})
+    got = evaluate(*family, spec, tmp_path / "work", exit_point=EDGE)["benchmarks"]
+    assert got["mc"] == family_scores["benchmarks"]["facts_mc"] and got["facts_mc"]["n"] == 2
+
+
 @pytest.mark.parametrize("bench, match", [
-    (BenchmarkSpec(format="exact_match"), "'demo' only serves"),
     (BenchmarkSpec(format="perplexity", path="/nonexistent/heldout.jsonl"), "not found"),
     (BenchmarkSpec(format="multiple_choice", path="s3://ruyi/x.jsonl"), "no store was given"),
 ])

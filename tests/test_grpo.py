@@ -129,6 +129,19 @@ def test_grpo_trains_only_the_tier(tier, prompts, tmp_path):
         assert r["reward"] == res["heldout_reward_after"] and r["exact_greedy"] == res["heldout_exact_greedy_after"]
 
 
+def test_grpo_uses_the_spec_rewards(tier, prompts, tmp_path):
+    """A subset of the rewards with weights: TRL's total and the held-out total are the weighted sums."""
+    weights = {"answer_format": 0.5, "exact_answer": 2.0}
+    res = run_grpo(tier, tmp_path / "out", *prompts, TRAINABLE, _spec(steps=1, rewards=weights), log=lambda *_: None)
+    rows = [json.loads(x) for x in (tmp_path / "out" / "rewards.jsonl").read_text().splitlines()]
+    assert rows and all("valid_steps" not in r for r in rows)
+    for r in rows:
+        assert r["reward"] == pytest.approx(sum(w * r[n] for n, w in weights.items()))
+    held = evaluate_reward(tmp_path / "out", None, prompts[1], 8, seed=0, samples=2, rewards=weights)
+    assert held["reward"] == res["heldout_reward_after"] and "valid_steps" not in held
+    assert held["reward"] == pytest.approx(sum(w * held[n] for n, w in weights.items()))
+
+
 def test_grpo_kl_reference_is_initial_policy(tier, prompts, tmp_path):
     res = run_grpo(tier, tmp_path / "out", *prompts, TRAINABLE, _spec(beta=0.04), log=lambda *_: None)
     # run_grpo checks TRL's reference weights against the initial policy and says so.

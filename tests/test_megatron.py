@@ -3,6 +3,7 @@ parallel layouts (torchrun, 2 processes, gloo), exact resume after SIGKILL, and 
 import inspect
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,6 +60,11 @@ def test_joint_loss_is_the_weighted_sum_of_exit_losses(workdir):
     assert out["bump_vs_exit0_grad"] < 1e-5 < out["exit0_grad_norm"]  # +0.25 on w_0 adds 0.25 grad(L_0)
     assert not any(t.startswith("final.") for t in out["exit0_touches"])
     assert any(t.startswith("branches.0") for t in out["exit0_touches"])
+
+
+def test_checkpoint_restores_every_rng(workdir):
+    out = probe("rng-resume", workdir / "family")
+    assert out["repeats"] and out["extra"] == {"step": 1}
 
 
 def spec_file(d: Path, name: str, parallel: dict, steps: int = 10, bucket: str = "ruyi") -> Path:
@@ -131,6 +137,29 @@ def test_sigkill_then_resume_repeats_the_loss_sequence_exactly(workdir, referenc
     assert p.returncode == 0, out[-3000:]
     assert "resumed from iter_0000003" in out
     assert losses(workdir, "killed") == reference  # bit-exact, every exit, every step
+
+
+def test_trainer_errors_are_one_line_for_users_and_a_traceback_for_bugs(workdir, tmp_path):
+    base, tok = build_preset_base("micro")
+    save_family(family_from_base(base, [1, 3]), tok, tmp_path / "family13")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "dataset.json").write_text("not json")
+
+    def run(family: Path, data: Path) -> subprocess.CompletedProcess:  # a world of one: its own exit code
+        return subprocess.run([sys.executable, "-m", "ruyi_core.megatron.trainer", "--stage", "cpt", "--spec",
+                               str(spec_file(tmp_path, "errors", {}, steps=2)), "--family", str(family), "--init",
+                               str(workdir / "init"), "--data", str(data), "--out", str(tmp_path / "out")],
+                              capture_output=True, text=True)
+
+    r = run(tmp_path / "family13", workdir / "packed")  # strict: the init has a branch for exit 2, this family none
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert re.search(r"^error: checkpoint .* does not match the model: not in the model \['branches\.1\.",
+                     r.stderr, re.M), r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    r = run(workdir / "family", tmp_path / "broken")  # not a RuyiError: a bug, whatever its type
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Traceback (most recent call last)" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("internal error: JSONDecodeError: Expecting value")
 
 
 def test_bad_layouts_stop_before_any_process(capsys):

@@ -113,8 +113,11 @@ def test_promotion_gate_both_ways(store, tier_dir, tmp_path):
     uri = store.uri(model_prefix(FAMILY, "v3", "end"))
     again = promote(store, FAMILY, "v3", "run-v3", {"end": {"uri": uri, "evaluation": evaluation(0.49, 10.4)}}, GATE)
     assert again == stored == read_index(store, FAMILY)
-    with pytest.raises(RuyiError, match="already published by run run-v3"):
-        publish(store, tmp_path / "v3", FAMILY, "v3", "end", run_id="another-run", spec_hash="0" * 16)
+    # a version names weights: the same weights again are fine (a re-evaluation), other weights are refused
+    assert publish(store, tmp_path / "v3", FAMILY, "v3", "end", run_id="another-run", spec_hash="0" * 16) == uri
+    with pytest.raises(RuyiError, match="version v3 already holds other end weights"):
+        publish(store, tmp_path / "v3", FAMILY, "v3", "end", run_id="another-run", spec_hash="0" * 16,
+                weights="f" * 64)
     with pytest.raises(RuyiError, match="check the family name"):
         read_index(store, "nosuch")
 

@@ -1,5 +1,6 @@
 """The KFP pipeline: compiled for a cluster (images, resources, the S3 Secret) and run end to end with KFP's
 local runner against the real local S3 server, on the micro preset."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,9 +28,9 @@ def micro_spec(tmp_path: Path, bucket: str, **data) -> Path:
                        "save_every": 2, "warmup_steps": 0} for s in ("cpt", "sft")}},
         "rl": {"steps": 1, "group_size": 2, "prompts_per_step": 2, "max_new_tokens": 8, "heldout_prompts": 4,
                "heldout_samples": 2},
-        "eval": {"benchmarks": {"arithmetic": {"format": "exact_match", "limit": 6},
-                                "facts_mc": {"format": "multiple_choice", "limit": 12},
-                                "heldout_text": {"format": "perplexity", "limit": 12}},
+        "eval": {"benchmarks": {"arithmetic": {"format": "exact_match", "path": "demo:arithmetic", "limit": 6},
+                                "facts_mc": {"format": "multiple_choice", "path": "demo:facts_mc", "limit": 12},
+                                "heldout_text": {"format": "perplexity", "path": "demo:heldout_text", "limit": 12}},
                  "max_new_tokens": 12, "speed_prompt_tokens": 16, "speed_new_tokens": 8},
     }
     path = tmp_path / f"{bucket}.yaml"
@@ -62,6 +63,27 @@ def test_compiled_pipeline_sets_images_resources_and_secret(tmp_path, monkeypatc
         assert cfg["secretAsEnv"][0]["secretName"] == "ruyi-s3"
 
 
+STAGE_LINE = re.compile(r"\[(\w+)\] (reused|built) (s3://\S+)")
+
+
+def stage_lines(run: dict) -> dict[str, set[str]]:
+    """{stage: {"reused", "built"}} from the run log's per-stage lines."""
+    out: dict[str, set[str]] = {}
+    for stage, what, _ in STAGE_LINE.findall(Path(run["log"]).read_text()):
+        out.setdefault(stage, set()).add(what)
+    return out
+
+
+def rerun_with(tmp_path, spec: Path, name: str, change) -> tuple[dict, Path]:
+    from pipelines.run import run_local
+
+    data = yaml.safe_load(spec.read_text())
+    change(data)
+    changed = tmp_path / f"{name}.yaml"
+    changed.write_text(yaml.safe_dump(data))
+    return run_local(changed, tmp_path / "kfp", show=lambda m: None), changed
+
+
 def test_local_pipeline_end_to_end_then_cached(tmp_path, s3_server, monkeypatch):
     from pipelines.run import run_local
 
@@ -72,15 +94,17 @@ def test_local_pipeline_end_to_end_then_cached(tmp_path, s3_server, monkeypatch)
     # validate x3, plan, init, prepare, cpt, sft, dae_expand, dae_cpt, dae_sft, grpo, svd, export x2, report
     # (parallel loop iterations may share a log line, so count at least the sequential ones)
     assert first["executed"] >= 1 + 1 + 1 + 2 + 3 + 1 + 1 + 1
+    assert all(v == {"built"} for v in stage_lines(first).values()), stage_lines(first)
+    from ruyi_core.package import read_index
     from ruyi_core.spec import load_spec
 
     store = ArtifactStore.from_spec(load_spec(spec).store)
     report = store.read_manifest(first["report_uri"])
-    run_id = first["report_uri"].split("/")[-2]
-    version = run_id.removeprefix("micro-")
+    index = read_index(store, "micro")
+    (version,) = [v["version"] for v in index["versions"]]
     packages = sorted(i.uri for i in report.inputs if i.uri.startswith("s3://e2e/models/"))
     assert packages == [f"s3://e2e/models/micro/{version}/{t}" for t in ("cloud", "end")]
-    tiers = [f"s3://e2e/runs/{run_id}/export/{t}" for t in ("cloud", "end")]
+    tiers = [store.read_manifest(p).metadata["export_uri"] for p in packages]
     for pkg, uri in zip(packages, tiers):
         files = {f.path for f in store.read_manifest(pkg).files}
         assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "eval.json", "lineage.json",
@@ -94,18 +118,15 @@ def test_local_pipeline_end_to_end_then_cached(tmp_path, s3_server, monkeypatch)
         for raw in raws:
             assert any(f.path.endswith(".jsonl") for f in raw.files) and all(len(f.sha256) == 64 for f in raw.files)
     # the first version of each tier is promoted, and every package verifies against its SHA256SUMS
-    from ruyi_core.package import read_index
-
-    index = read_index(store, "micro")
     assert index["promoted"] == {"cloud": version, "end": version}
     env = {**s3_server.env(), "PATH": "/usr/bin:/bin", "COLUMNS": "250", "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-m", "ruyi_core.cli", "models", "verify", "micro", "--spec", str(spec)],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0 and r.stdout.count("OK") == 2, r.stdout + r.stderr
-    by_stage = {c.stage: c for c in lineage(store, [u for u in tiers if u.endswith("/cloud")][0])}
+    by_stage = {c.stage: c for c in lineage(store, [u for u in tiers if "/cloud/" in u][0])}
     sft = by_stage["sft"].metadata
     assert sft["steps"] == 2 and len(sft["final_exit_losses"]) == 2
-    end = {c.stage: c for c in lineage(store, [u for u in tiers if u.endswith("/end")][0])}
+    end = {c.stage: c for c in lineage(store, [u for u in tiers if "/end/" in u][0])}
     assert {"svd_compress", "grpo", "dae_sft", "dae_cpt", "dae_expand"} <= set(end)
     svd = end["svd_compress"].metadata
     assert svd["removed_fraction"] >= 0.4 and svd["factored_parameters"] < svd["dense_parameters"]
@@ -134,24 +155,58 @@ def test_local_pipeline_end_to_end_then_cached(tmp_path, s3_server, monkeypatch)
     assert second["executed"] == 1 and second["report_uri"] == first["report_uri"]
     assert any("plan-run" in e for e in second["events"]) and not any("train" in e for e in second["events"])
     assert store.read_manifest(first["report_uri"]).created_at == report.created_at
+    check_identity_follows_the_weights(tmp_path, spec, store, first, version)
+    check_a_worse_version_is_kept(spec, store, end["init_family"].uri, version)
 
-    # A worse version (the untrained family's tiers, evaluated and packaged by the same stages) is published and
-    # recorded, but not promoted: the registry keeps serving the trained version and says why.
-    from ruyi_core.ship import package_tier, promote
-    from ruyi_core.stages import export_tier
+
+def check_identity_follows_the_weights(tmp_path, spec, store, first, version):
+    from ruyi_core.package import read_index
+
+    # Operational fields rebuild nothing: the gate finds this run's report and stops.
+    def operational(d):
+        d["pipeline"].update(image="registry.example/ruyi-base:other", timeout_s=1234)
+
+    ops, _ = rerun_with(tmp_path, spec, "ops", operational)
+    assert ops["report_uri"] == first["report_uri"] and not any("train" in e for e in ops["events"])
+    assert all(v == {"reused"} for v in stage_lines(ops).values()), stage_lines(ops)
+    # Evaluation settings re-do packaging and the report only; the model version stays.
+    ev, _ = rerun_with(tmp_path, spec, "eval", lambda d: d.setdefault("eval", {}).update(batch_size=3))
+    lines = stage_lines(ev)
+    assert ev["report_uri"] != first["report_uri"]
+    assert {s for s, v in lines.items() if "built" in v} == {"package", "report"}, lines
+    assert {"validate_data", "init_family", "prepare_data", "cpt", "sft", "dae_expand", "dae_cpt", "dae_sft", "grpo",
+            "svd_compress", "export_tier"} <= {s for s, v in lines.items() if v == {"reused"}}, lines
+    index = read_index(store, "micro")
+    assert [v["version"] for v in index["versions"]] == [version]
+    assert index["promoted"] == {"cloud": version, "end": version}
+    # A training setting re-does its stage and everything after it; what comes before is reused.
+    lr, _ = rerun_with(tmp_path, spec, "lr", lambda d: d["train"]["sft"].update(lr=2e-3))
+    lines = stage_lines(lr)
+    assert {s for s, v in lines.items() if v == {"reused"}} == {"validate_data", "init_family", "prepare_data",
+                                                                 "cpt"}, lines
+    assert {"sft", "dae_expand", "dae_cpt", "dae_sft", "grpo", "svd_compress", "export_tier", "package",
+            "report"} <= {s for s, v in lines.items() if v == {"built"}}, lines
+    assert version not in {v["version"] for v in read_index(store, "micro")["versions"][1:]}
+
+
+def check_a_worse_version_is_kept(spec, store, init_uri, version):
+    """A worse version (the untrained family's tiers, evaluated and packaged by the same stages) is published and
+    recorded, but not promoted: the registry keeps serving the promoted version and says why."""
+    from ruyi_core.package import read_index
+    from ruyi_core.spec import load_spec
+    from ruyi_core.stages import RunPlan, export_tier, package_tier, promote
 
     s = load_spec(spec)
-    worse_run = "micro-untrained0"
-    init_uri = end["init_family"].uri
-    worse = [package_tier(s, store, worse_run, export_tier(s, store, worse_run, init_uri, t)["uri"], init_uri)
-             for t in ("end", "cloud")]
-    outcome = promote(s, store, worse_run, worse)
+    plan = RunPlan(run_id="micro-untrained0", version="untrained0", datasets=[])
+    promoted = read_index(store, "micro")["promoted"]
+    worse = [package_tier(s, store, plan, export_tier(s, store, init_uri, t).uri, init_uri) for t in ("end", "cloud")]
+    outcome = promote(s, store, plan, worse)
     index = read_index(store, "micro")
-    assert index["promoted"] == {"cloud": version, "end": version}
-    assert [v["version"] for v in index["versions"]] == [version, "untrained0"]
+    assert index["promoted"] == promoted
+    assert [v["version"] for v in index["versions"]][-1] == "untrained0"
     for t in ("end", "cloud"):
-        assert outcome["tiers"][t]["promoted"] is False
-        assert "heldout_text" in outcome["tiers"][t]["reason"], outcome["tiers"][t]["reason"]
+        assert outcome.tiers[t]["promoted"] is False
+        assert "heldout_text" in outcome.tiers[t]["reason"], outcome.tiers[t]["reason"]
 
 
 def test_failed_gate_stops_the_pipeline_and_writes_nothing(tmp_path, s3_server, monkeypatch):

@@ -55,14 +55,37 @@ def test_bad_specs_one_line(tmp_path, run_cli, family, field, words):
     ({"rl": {"group_size": 1}}, "rl.group_size: Input should be greater than or equal to 2"),
     ({"rl": {"tier": "watch"}}, "rl.tier: unknown tier 'watch'"),
     ({"train": {"cpt": {"steps": 5, "warmup_steps": 5}}}, "warmup_steps (5) must be below steps (5)"),
-    ({"eval": {"benchmarks": {"GSM-8K": {"format": "exact_match"}}}}, "benchmark name 'GSM-8K'"),
-    ({"eval": {"benchmarks": {"gsm8k": {"format": "bleu"}}}}, "eval.benchmarks.gsm8k.format: Input should be"),
+    ({"eval": {"benchmarks": {"GSM-8K": {"format": "exact_match", "path": "gsm8k.jsonl"}}}},
+     "benchmark name 'GSM-8K'"),
+    ({"eval": {"benchmarks": {"gsm8k": {"format": "bleu", "path": "gsm8k.jsonl"}}}},
+     "eval.benchmarks.gsm8k.format: Input should be"),
+    ({"eval": {"benchmarks": {"gsm8k": {"format": "exact_match", "path": "demo:gsm8k"}}}},
+     "eval.benchmarks.gsm8k.path: unknown demo set 'demo:gsm8k'; known: demo:arithmetic, demo:facts_mc, "
+     "demo:heldout_text"),
+    ({"eval": {"benchmarks": {"arithmetic": {"format": "exact_match", "path": "demo"}}}},
+     "eval.benchmarks.arithmetic.path: unknown demo set 'demo'; known: demo:arithmetic"),
+    ({"eval": {"benchmarks": {"arithmetic": {"format": "exact_match"}}}}, "eval.benchmarks.arithmetic.path: Field"),
+    ({"rl": {"rewards": {"exact_answer": 1.0, "brevity": 0.1}}},
+     "rl.rewards: unknown reward 'brevity'; known rewards: exact_answer, valid_steps, answer_format"),
+    ({"rl": {"rewards": {}}}, "rl.rewards: needs at least one reward"),
     ({"eval": {"benchmarks": {}}}, "needs at least one benchmark"),
     ({"package": {"tolerance": -0.1}}, "package.tolerance: Input should be greater than or equal to 0"),
 ])
 def test_bad_stage_specs_one_line(section, words):
     with pytest.raises(SpecError, match=re.escape(words)):
         parse_spec(section)
+
+
+def test_spec_selects_rewards_and_demo_sets():
+    spec = parse_spec({"rl": {"rewards": {"answer_format": 0.5, "exact_answer": 2.0}},
+                       "eval": {"benchmarks": {"mc": {"format": "multiple_choice", "path": "demo:facts_mc"},
+                                               "arithmetic": {"format": "exact_match", "path": "mine.jsonl"}}}})
+    assert list(spec.rl.rewards.items()) == [("answer_format", 0.5), ("exact_answer", 2.0)]
+    assert spec.eval.benchmarks["mc"].demo_set == "facts_mc" and spec.eval.benchmarks["arithmetic"].demo_set is None
+    default = parse_spec({})  # today's rewards and demo benchmarks
+    assert list(default.rl.rewards.items()) == [("exact_answer", 1.0), ("valid_steps", 1.0), ("answer_format", 1.0)]
+    assert {n: b.demo_set for n, b in default.eval.benchmarks.items()} == {
+        "arithmetic": "arithmetic", "facts_mc": "facts_mc", "heldout_text": "heldout_text"}
 
 
 def test_bad_spec_in_a_real_process(tmp_path):

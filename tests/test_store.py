@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from ruyi_core.errors import RuyiError
 from ruyi_core.spec import StoreSpec
-from ruyi_core.store import ArtifactStore, IntegrityError, Manifest, StoreError, lineage, run_prefix
+from ruyi_core.store import ArtifactStore, IntegrityError, Manifest, StoreError, lineage
 from ruyi_core.store.cli import store_app
 from ruyi_core.store.server import serve, stop
 
@@ -234,7 +234,7 @@ def test_reupload_transfers_nothing_new(store, tmp_path):
     src = tmp_path / "src"
     write_random(src / "a.bin", 11 * MiB, seed=4)  # multipart
     write_random(src / "sub" / "b.bin", 1000, seed=5)
-    m1 = store.put_artifact(run_prefix("r2", "sft"), src, stage="sft", spec_hash="h", metadata={"lr": 1e-4})
+    m1 = store.put_artifact("runs/r2/sft", src, stage="sft", spec_hash="h", metadata={"lr": 1e-4})
     before = {o.object_name: (o.last_modified, o.etag)
               for o in store.client.list_objects(store.bucket, prefix="runs/", recursive=True)}
     sent = store.stats.bytes_uploaded

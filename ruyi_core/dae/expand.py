@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ruyi_core.errors import RuyiError
+from ruyi_core.family import names
 from ruyi_core.family.config import RuyiConfig
 from ruyi_core.family.modeling import RuyiForCausalLM
 
@@ -29,7 +30,8 @@ def expand_tier(family: RuyiForCausalLM, tier: str, blocks: int, init: str = "ze
         raise RuyiError(f"dae.blocks: {e.__cause__ or e}") from None
     out = RuyiForCausalLM(new_cfg)
     missing, unexpected = out.load_state_dict(family.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith(f"model.expanded.{p}.") for k in missing), (missing, unexpected)
+    added = tuple(names.prefixes(new_cfg, "family", ("added",), p))
+    assert not unexpected and all(k.startswith(added) for k in missing), (missing, unexpected)
     branch = out.model.branch_block(cfg.exit_index(p)).state_dict()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -48,38 +50,13 @@ def expand_tier(family: RuyiForCausalLM, tier: str, blocks: int, init: str = "ze
 
 def tier_own_prefixes(cfg: RuyiConfig, tier: str) -> list[str]:
     """The exported tier's parameters that belong to this tier alone (everything else is the shared trunk):
-    its added blocks and head when expanded, else its branch block and head."""
-    p = cfg.tiers[tier]
-    if cfg.expansion(p):
-        return [f"model.layers.{p + 1 + j}." for j in range(cfg.expansion(p))] + ["lm_head."]
-    return [f"model.layers.{p}.", "model.norm.", "lm_head."]
+    its added blocks and head when expanded, else its branch block, norm and head."""
+    return names.own_prefixes(cfg, cfg.tiers[tier], "tier")
 
 
 def tier_trainable_prefixes(cfg: RuyiConfig, tier: str) -> tuple[list[str], list[str]]:
     """What trains after expansion, as family parameter prefixes and as the exported tier's prefixes."""
-    p = cfg.tiers[tier]
-    k = cfg.exit_index(p)
-    head = "lm_head.0." if cfg.shared_heads else f"lm_head.{k}."
-    return [f"model.expanded.{p}.", head], tier_own_prefixes(cfg, tier)
-
-
-def family_name(cfg: RuyiConfig, exit_point: int, tier_key: str) -> str:
-    """Where a parameter of exit p's standalone export lives in the family."""
-    k = cfg.exit_index(exit_point)
-    if tier_key.startswith("model.layers."):
-        i, rest = tier_key[len("model.layers."):].split(".", 1)
-        i = int(i)
-        if i < exit_point:
-            return f"model.layers.{i}.{rest}"
-        if i == exit_point:
-            block = "model.layers." + str(exit_point) if k == len(cfg.early_exit_points) - 1 else f"model.eelayers.{k}"
-            return f"{block}.{rest}"
-        return f"model.expanded.{exit_point}.{i - exit_point - 1}.{rest}"
-    if tier_key.startswith("model.norm."):
-        return f"model.norms.{k}." + tier_key[len("model.norm."):]
-    if tier_key.startswith("lm_head."):
-        return ("lm_head.0." if cfg.shared_heads else f"lm_head.{k}.") + tier_key[len("lm_head."):]
-    return tier_key  # embeddings
+    return names.trainable_prefixes(cfg, cfg.tiers[tier], "family"), tier_own_prefixes(cfg, tier)
 
 
 def merge_tier(family: RuyiForCausalLM, tier: str, tier_state: dict, prefixes: list[str] | None = None):
@@ -87,8 +64,9 @@ def merge_tier(family: RuyiForCausalLM, tier: str, tier_state: dict, prefixes: l
     cfg = family.config
     p = cfg.tiers[tier]
     own = tuple(prefixes or tier_own_prefixes(cfg, tier))
-    sd = {family_name(cfg, p, n): v for n, v in tier_state.items() if n.startswith(own)}
-    missing, unexpected = family.load_state_dict(sd, strict=False)
-    if unexpected:
-        raise RuyiError(f"merge of tier {tier!r}: unexpected keys {unexpected[:3]}")
+    picked = {n: v for n, v in tier_state.items() if n.startswith(own)}
+    stray = names.unplaced(picked, cfg, "tier", p)
+    missing, unexpected = family.load_state_dict(names.convert(picked, cfg, "tier", "family", p), strict=False)
+    if stray or unexpected:
+        raise RuyiError(f"merge of tier {tier!r}: unexpected keys {(stray + unexpected)[:3]}")
     return family

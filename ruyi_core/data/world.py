@@ -133,6 +133,15 @@ def rl_records(n: int, seed: int = 0, held_out: bool = False) -> list[dict]:
     return _unique(n, draw)
 
 
+def heldout_prompts(n: int, seed: int = 0) -> list[dict]:
+    """RL-kind prompts from the held-out tenth of the problem space (the arithmetic set's first n)."""
+    return rl_records(n, seed + 100, held_out=True)
+
+
+# The held-out evaluation sets a benchmark selects with `path: demo:<name>`, in eval_sets' order.
+EVAL_SETS = ("arithmetic", "facts_mc", "heldout_text")
+
+
 def eval_sets(seed: int = 0, n: int = 50) -> dict[str, list[dict]]:
     """Held-out evaluation sets: generative arithmetic (exact match), multiple-choice facts (log-likelihood)
     and held-out text for perplexity."""
@@ -145,9 +154,14 @@ def eval_sets(seed: int = 0, n: int = 50) -> dict[str, list[dict]]:
         rng.shuffle(choices)
         mc.append({"question": QUESTIONS[a].format(n=p.name), "choices": choices,
                    "gold": choices.index(getattr(p, a))})
-    arith = [{"question": r["prompt"], "answer": r["answer"]} for r in rl_records(n, seed + 100, held_out=True)]
+    arith = [{"question": r["prompt"], "answer": r["answer"]} for r in heldout_prompts(n, seed)]
     ppl = [{"text": f"{q} {work}"} for q, _, work in (_problem(rng, True) for _ in range(n))]
-    return {"arithmetic": arith, "facts_mc": mc, "heldout_text": ppl}
+    return dict(zip(EVAL_SETS, (arith, mc, ppl), strict=True))
+
+
+def heldout_texts(seed: int = 0) -> list[str]:
+    """Pretrain-kind held-out text: the heldout_text set's worked problems."""
+    return [r["text"] for r in eval_sets(seed)["heldout_text"]]
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

@@ -14,7 +14,7 @@ def heldout_texts(spec, work: Path) -> list[str]:
     texts = []
     for entry in spec.data.heldout:
         if entry == "demo":
-            texts += [r["text"] for r in world.eval_sets(spec.data.seed)["heldout_text"]]
+            texts += world.heldout_texts(spec.data.seed)
         else:
             texts += [r["text"] for r in read_corpus([Path(entry)], "pretrain").records]
     return texts
@@ -28,7 +28,7 @@ def heldout_prompts(spec) -> list[dict]:
     out = []
     for entry in spec.data.rl_heldout:
         if entry == "demo":
-            out += world.rl_records(spec.rl.heldout_prompts, spec.data.seed + 100, held_out=True)
+            out += world.heldout_prompts(spec.rl.heldout_prompts, spec.data.seed)
         else:
             out += list(read_corpus([Path(entry)], "rl").records)
     return out[: spec.rl.heldout_prompts]

@@ -92,16 +92,12 @@ def read_jsonl(path: Path, label: str) -> list[dict]:
 
 
 def load_records(name: str, bench, spec, tokenizer, fetch_dir: Path, store=None) -> list[dict]:
-    """The benchmark's first `limit` records, normalized. `demo` is the demo world's set of the same name."""
+    """The benchmark's first `limit` records, normalized; `demo:<set>` is that set of the demo world."""
     from ruyi_core.data import world
 
     label = f"eval.benchmarks.{name}"
-    if bench.path == "demo":
-        sets = world.eval_sets(spec.data.seed)
-        if name not in sets:
-            raise RuyiError(f"{label}.path: 'demo' only serves {', '.join(sets)}; point path at a JSONL file "
-                            "(local or s3://) for other benchmarks")
-        raw = sets[name]
+    if bench.demo_set:
+        raw = world.eval_sets(spec.data.seed)[bench.demo_set]
     else:
         path = Path(bench.path)
         if bench.path.startswith("s3://"):
@@ -110,7 +106,7 @@ def load_records(name: str, bench, spec, tokenizer, fetch_dir: Path, store=None)
             path = fetch_dir / f"{name}.jsonl"
             store.get_file(bench.path, path)
         elif not path.is_file():
-            raise RuyiError(f"{label}.path: {path} not found: give an existing JSONL file, an s3:// URI or 'demo'")
+            raise RuyiError(f"{label}.path: {path} not found: give an existing JSONL file, an s3:// URI or demo:<set>")
         raw = read_jsonl(path, label)
     raw = raw[: bench.limit]
     if not raw:

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 from transformers import Qwen3ForCausalLM
 
 from ruyi_core.errors import RuyiError
+from ruyi_core.family import names
 from ruyi_core.family.config import RuyiConfig
 from ruyi_core.family.modeling import RuyiForCausalLM
 from ruyi_core.family.presets import PRESETS
@@ -69,16 +70,8 @@ def family_from_base(base: Qwen3ForCausalLM | str | Path, exit_points: list[int]
         base, _ = load_base(base)
     cfg = family_config(base.config, exit_points, tiers, shared_heads)
     cfg.validate_exits()
-    sd = base.state_dict()
-    out = {k: v for k, v in sd.items() if k.startswith(("model.embed_tokens.", "model.layers."))}
-    for k, p in enumerate(exit_points[:-1]):
-        pre = f"model.layers.{p}."
-        out.update({f"model.eelayers.{k}.{n[len(pre):]}": v for n, v in sd.items() if n.startswith(pre)})
-    for k in range(len(exit_points)):
-        out[f"model.norms.{k}.weight"] = sd["model.norm.weight"]
-    for k in range(1 if shared_heads else len(exit_points)):
-        out[f"lm_head.{k}.weight"] = sd["lm_head.weight"]
     family = RuyiForCausalLM(cfg)
+    out = names.convert(base.state_dict(), cfg, "tier", "family")  # the base read as a full-depth tier
     family.load_state_dict({k: v.clone() for k, v in out.items()}, strict=True)
     return family.eval()
 
@@ -117,28 +110,21 @@ def import_published(src: str | Path) -> RuyiForCausalLM:
     if raw.get("default_early_exit_point") is not None:
         cfg.default_early_exit_point = raw["default_early_exit_point"]
     sd = _read_state_dict(src)
-    if "lm_head.weight" in sd:
-        sd["lm_head.0.weight"] = sd.pop("lm_head.weight")
-    last = len(cfg.early_exit_points) - 1
-    if "model.norm.weight" in sd and f"model.norms.{last}.weight" not in sd:
-        sd[f"model.norms.{last}.weight"] = sd.pop("model.norm.weight")
+    for alias, name in names.published_aliases(cfg).items():
+        if alias in sd and name not in sd:
+            sd[name] = sd.pop(alias)
+    unexpected = names.unplaced(sd, cfg, "published")
     family = RuyiForCausalLM(cfg)
-    missing, unexpected = family.load_state_dict(sd, strict=False)
-    if missing or unexpected:
+    missing, wrong = family.load_state_dict(names.convert(sd, cfg, "published", "family"), strict=False)
+    if missing or unexpected or wrong:
         raise RuyiError(f"{src}: weights do not match the published layout "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+                        f"(missing {missing[:3]}, unexpected {(unexpected + wrong)[:3]})")
     return family.eval()
 
 
 def tier_state_dict(family: RuyiForCausalLM, exit_point: int) -> dict[str, torch.Tensor]:
-    """Only this exit's weights, renamed to a plain decoder of depth p + 1."""
-    k = family.config.exit_index(exit_point)
-    m = family.model
-    sd = {"model.embed_tokens.weight": m.embed_tokens.weight}
-    for i, block in enumerate(m.tier_blocks(exit_point)):
-        sd.update({f"model.layers.{i}.{n}": t for n, t in block.state_dict().items()})
-    sd["model.norm.weight"] = m.norms[k].weight
-    sd["lm_head.weight"] = family.head(exit_point).weight
+    """Only this exit's weights, renamed to a plain decoder of depth p + 1 (+ its DaE blocks)."""
+    sd = names.convert(family.state_dict(), family.config, "family", "tier", exit_point)
     return {n: t.detach().contiguous().clone() for n, t in sd.items()}
 
 

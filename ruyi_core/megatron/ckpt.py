@@ -9,13 +9,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import socket
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from ruyi_core.errors import RuyiError
+
 DONE = "ruyi_complete.json"  # written last, by rank 0, after every rank has saved
+RNG_KEY = "rng_state"
 
 
 def init_distributed() -> None:
@@ -32,8 +37,8 @@ def init_distributed() -> None:
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
-def save(path: Path, model, optimizer=None, extra: dict | None = None) -> None:
-    """Model (and optimizer) shards from every rank, then the completeness marker."""
+def save(path: Path, model, optimizer=None, extra: dict | None = None, rng: bool = False) -> None:
+    """Model (and optimizer, and with `rng` every rank's generators) from every rank, then the marker."""
     from megatron.core import dist_checkpointing
 
     path.mkdir(parents=True, exist_ok=True)
@@ -41,6 +46,8 @@ def save(path: Path, model, optimizer=None, extra: dict | None = None) -> None:
     sd = {"model": model_sd}
     if optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(model_sd)
+    if rng:
+        sd["rng"], sd["rng_layout"] = _rng_object(rng_state()), _layout()
     if extra is not None:
         sd["extra"] = extra
     dist_checkpointing.save(sd, str(path))
@@ -50,22 +57,76 @@ def save(path: Path, model, optimizer=None, extra: dict | None = None) -> None:
     dist.barrier()
 
 
-def load(path: Path, model, optimizer=None) -> dict | None:
-    """Loads into this rank's model (and optimizer); returns the saved `extra` dict."""
+def load(path: Path, model, optimizer=None, rng: bool = False) -> dict | None:
+    """Loads into this rank's model (and optimizer, and with `rng` restores this rank's generators); returns
+    the saved `extra` dict. Strict: a key the model asks for that the checkpoint lacks, or a model key in the
+    checkpoint the model does not have, is an error (the optimizer's and RNG keys count only when loaded)."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
 
     if not (path / DONE).is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint")
+        raise RuyiError(f"{path} is not a complete checkpoint (no {DONE}): point at a finished one")
     model_sd = model.sharded_state_dict()
     sd = {"model": model_sd}
     if optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
-        sd["extra"] = None
-    loaded = dist_checkpointing.load(sd, str(path))
-    model.load_state_dict(loaded["model"], strict=False)
+    if rng:
+        saved = dist_checkpointing.load_common_state_dict(str(path)).get("rng_layout")
+        if saved is None:
+            raise RuyiError(f"{path} holds no RNG states, so it cannot be resumed exactly: start a new run")
+        if saved != _layout():
+            raise RuyiError(f"{path} holds RNG states for pp x tp x dp = {saved}, this run is {_layout()}: "
+                            "resume with the layout it was saved with (RNG states cannot be resharded)")
+        sd["rng"] = _rng_object(None)
+    loaded, missing, unexpected = dist_checkpointing.load(sd, str(path), strict=StrictHandling.RETURN_ALL)
+    not_asked = tuple(k for k, asked in (("optimizer.", optimizer is not None), (RNG_KEY, rng)) if not asked)
+    missing = {k for k in missing if not k.startswith(not_asked)}
+    if missing or unexpected:
+        raise RuyiError(f"checkpoint {path} does not match the model: not in the model {sorted(missing)[:4]}, "
+                        f"not in the checkpoint {sorted(unexpected)[:4]}: was it made for another family?")
+    model.load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+    if rng:
+        set_rng_state(loaded["rng"])
     return loaded.get("extra")
+
+
+def rng_state() -> dict:
+    """Every generator this rank draws from: python, numpy, torch CPU and CUDA, and megatron's tracker."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    return {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": get_cuda_rng_tracker().get_states()}
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout() -> list[int]:
+    from megatron.core import parallel_state as ps
+
+    return [ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+            ps.get_data_parallel_world_size()]
+
+
+def _rng_object(state: dict | None):
+    """One shard per (pp, tp, dp) rank: every rank has its own generators."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+              ps.get_data_parallel_rank())
+    return ShardedObject(RNG_KEY, state, tuple(_layout()), offset, replica_id=0)
 
 
 def latest_complete(root: Path) -> Path | None:

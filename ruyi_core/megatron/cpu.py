@@ -115,8 +115,13 @@ def cpu_shim() -> Iterator[None]:
 
 def seed_everything(seed: int) -> None:
     """megatron seeds CUDA generators per TP rank; on the CPU the CPU generator must be seeded too."""
+    import random
+
+    import numpy as np
     from megatron.core.tensor_parallel import random as mrandom
 
+    random.seed(seed)
+    np.random.seed(seed)
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         mrandom.model_parallel_cuda_manual_seed(seed)

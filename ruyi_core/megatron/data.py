@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ruyi_core.errors import RuyiError
+
 
 class TokenStream:
     def __init__(self, packed_dir: str | Path, seq_length: int, seed: int):
@@ -29,7 +31,8 @@ class TokenStream:
         self.doc_start = np.concatenate([[0], np.cumsum(np.concatenate(lengths))])
         self.n_windows = int((self.doc_start[-1] - 1) // seq_length)
         if self.n_windows < 1:
-            raise ValueError(f"{packed_dir}: {self.doc_start[-1]} tokens are fewer than one window of {seq_length}")
+            raise RuyiError(f"{packed_dir}: {self.doc_start[-1]} tokens are fewer than one window of {seq_length}: "
+                            "pack more text or lower seq_length")
         self.seed = seed
 
     def _span(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+from ruyi_core.errors import RuyiError
 from ruyi_core.spec import LossSpec
 
 
@@ -11,7 +12,7 @@ def exit_weights(spec: LossSpec, n_exits: int, step: int, total_steps: int) -> l
     `warmup_steps`, then decay from their weight to weight * final_scale following `schedule`."""
     base = list(spec.weights) if spec.weights is not None else [1.0] * n_exits
     if len(base) != n_exits:
-        raise ValueError(f"train loss weights has {len(base)} entries for {n_exits} exits")
+        raise RuyiError(f"train loss weights has {len(base)} entries for {n_exits} exits: give one per exit")
     frac = min(max(step / max(total_steps - 1, 1), 0.0), 1.0)
     if spec.schedule == "constant":
         decay = 1.0

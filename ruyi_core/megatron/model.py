@@ -180,12 +180,15 @@ class FamilyGPT(MegatronModule):
 
     def train_only(self, exit_point: int) -> None:
         """DaE: freeze everything but exit p's added blocks and output layer (on the stage that has them)."""
+        from ruyi_core.family.names import trainable_prefixes
+
+        train = tuple(trainable_prefixes(self.shape, exit_point, "megatron"))
         for prm in self.parameters():
             prm.requires_grad = False
-        for (k, p), b in zip(self.local_exits.items(), self.branches):
-            if p == exit_point:
-                for prm in [*b.extra.parameters(), *b.head.output_layer.parameters()]:
-                    prm.requires_grad = True
+        # An early exit's slots all live in its branch; branches are numbered per stage, the map's names by exit.
+        for k, b in zip(self.local_exits, self.branches):
+            for name, prm in b.named_parameters(prefix=f"branches.{k}"):
+                prm.requires_grad = name.startswith(train)
 
     def exits_here(self) -> list[int]:
         """Exit indices whose loss this stage computes."""
@@ -194,12 +197,13 @@ class FamilyGPT(MegatronModule):
 
     def forward(self, input_ids, position_ids, attention_mask, labels=None, loss_mask=None,
                 exit_weights: list[float] | None = None, loss_scale: float = 1.0, logits_out: dict | None = None):
-        """Training: returns the hidden state (non-last stage) or the weighted last-exit loss (last stage);
-        every branch loss on this stage is attached with weight * loss_scale and recorded in
-        `self.last_exit_losses`. Evaluation (`logits_out` given): fills {exit index: [b, s, V/tp] logits}."""
+        """Training (`labels` given): returns (out, {exit index: detached loss} for the exits on this stage),
+        out being the hidden state (non-last stage) or the weighted last-exit loss (last stage); every branch
+        loss is attached with weight * loss_scale. Otherwise returns the hidden state.
+        Evaluation (`logits_out` given): fills {exit index: [b, s, V/tp] logits}."""
         h = self.embedding(input_ids, position_ids) if self.pre_process else self.input_tensor
         rope = self.rotary_pos_emb(input_ids.shape[1] if self.pre_process else h.shape[0])
-        self.last_exit_losses = {}
+        exit_losses = {}
         branch_at = {p: (k, b) for (k, p), b in zip(self.local_exits.items(), self.branches)}
         for i, layer in enumerate(self.decoder.layers):
             if (self.first_layer + i) in branch_at:
@@ -209,28 +213,33 @@ class FamilyGPT(MegatronModule):
                     logits_out[k] = branch.head.logits(out).transpose(0, 1)
                 if labels is not None:
                     loss = branch.head.loss(out, labels, loss_mask)
-                    self.last_exit_losses[k] = loss.detach()
+                    exit_losses[k] = loss.detach()
                     if exit_weights is not None and torch.is_grad_enabled():
                         h = AttachLoss.apply(h, loss, exit_weights[k] * loss_scale)
             h, _ = layer(hidden_states=h, attention_mask=attention_mask, rotary_pos_emb=rope)
         if not self.post_process:
-            return h
+            return h if labels is None else (h, exit_losses)
         k = len(self.shape.exit_points) - 1
         if logits_out is not None:
             logits_out[k] = self.final.logits(h).transpose(0, 1)
         if labels is None:
             return h
         loss = self.final.loss(h, labels, loss_mask)
-        self.last_exit_losses[k] = loss.detach()
-        return loss * (exit_weights[k] if exit_weights is not None else 1.0)
+        exit_losses[k] = loss.detach()
+        return loss * (exit_weights[k] if exit_weights is not None else 1.0), exit_losses
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        """Branches are keyed by their global exit index, so any pipeline layout maps to the same keys."""
+        """Branches' checkpoint keys use their global exit index, so any pipeline layout maps to the same keys;
+        the dict keys stay the module paths, so the loaded dict fits `load_state_dict(strict=True)`."""
+        from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+
         sd = {}
         for name, child in self.named_children():
             if name == "branches":
-                for (k, _), b in zip(self.local_exits.items(), self.branches):
-                    sd.update(b.sharded_state_dict(f"{prefix}branches.{k}.", sharded_offsets, metadata))
+                for i, (k, b) in enumerate(zip(self.local_exits, self.branches)):
+                    branch_sd = b.sharded_state_dict(f"{prefix}branches.{i}.", sharded_offsets, metadata)
+                    replace_prefix_for_sharding(branch_sd, f"{prefix}branches.{i}.", f"{prefix}branches.{k}.")
+                    sd.update(branch_sd)
             elif hasattr(child, "sharded_state_dict"):
                 sd.update(child.sharded_state_dict(f"{prefix}{name}.", sharded_offsets, metadata))
         return sd

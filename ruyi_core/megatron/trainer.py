@@ -14,14 +14,17 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from ruyi_core.errors import RuyiError
 from ruyi_core.megatron import ckpt
 from ruyi_core.megatron.cpu import cpu_shim, seed_everything
+from ruyi_core.megatron.loss import exit_weights
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -131,150 +134,217 @@ def loss_curves_png(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def train(args: argparse.Namespace) -> None:
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+def _last_exit_loss(loss: torch.Tensor):
+    """The loss function megatron's schedule calls on the last stage's output."""
+    return loss, {"loss": loss.detach()}
 
-    from ruyi_core.family.config import RuyiConfig
-    from ruyi_core.megatron.data import ReplayStream, TokenStream
-    from ruyi_core.megatron.loss import exit_weights
-    from ruyi_core.megatron.model import build_model, causal_mask
-    from ruyi_core.spec import load_spec, parse_spec_yaml
 
-    spec = parse_spec_yaml(args.spec) if args.spec.lstrip().startswith("{") else load_spec(args.spec)
-    par, st = spec.train.parallel, spec.train_stage(args.stage)
-    cuda = torch.cuda.is_available()
-    ps.initialize_model_parallel(par.tp, par.pp)
-    seed_everything(st.seed)
-    io = StoreIO(spec, args.out)
-    hf_cfg = RuyiConfig.from_pretrained(io.fetch(args.family, "family"))
-    data_dir = io.fetch(args.data, "data")
-    if st.replay and not args.replay:
-        raise ValueError(f"train stage {args.stage} has replay {st.replay} but no --replay dataset was given")
-    exits = list(hf_cfg.early_exit_points)
-    model = build_model(hf_cfg, par.tp, par.pp, st.seq_length, bf16=cuda, recompute=st.recompute)
-    only = hf_cfg.tiers[spec.dae.tier] if args.stage.startswith("dae_") else None
-    if only is not None:
-        model.train_only(only)
-    if cuda:
-        model.cuda()
-    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
-    opt = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=st.lr, min_lr=st.min_lr, weight_decay=st.weight_decay, clip_grad=st.clip_grad,
-        adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, bf16=cuda, params_dtype=model.config.params_dtype,
-        use_distributed_optimizer=False), [ddp])
-    sched = OptimizerParamScheduler(opt, init_lr=0.0, max_lr=st.lr, min_lr=st.min_lr, lr_warmup_steps=st.warmup_steps,
-                                    lr_decay_steps=st.steps, lr_decay_style="cosine", start_wd=st.weight_decay,
-                                    end_wd=st.weight_decay, wd_incr_steps=st.steps, wd_incr_style="constant")
-    model.config.grad_scale_func = opt.scale_loss
-    model.config.finalize_model_grads_func = finalize_model_grads
-    model.config.no_sync_func = ddp.no_sync
+class Trainer:
+    """One training stage on this rank. The constructor builds model, optimizer, scheduler and data; `step()`
+    runs one optimizer step and returns every exit's loss; `save()` checkpoints; `resume()` continues from the
+    latest complete checkpoint; `run()` trains to the end. A checkpoint holds the model and optimizer shards,
+    every rank's RNG states and `state_dict()` (step, data position, scheduler, loss history)."""
 
-    ckpt_root = args.out / "checkpoints"
-    state = {"step": 0, "consumed": 0, "history": []}
-    if args.resume and args.ckpt_prefix:
-        io.pull_latest(args.ckpt_prefix, ckpt_root)
-    last = ckpt.latest_complete(ckpt_root) if args.resume else None
-    if last is not None:
-        extra = ckpt.load(last, ddp.module, opt)
-        sched.load_state_dict(extra["scheduler"])
-        torch.set_rng_state(extra["rng"])
-        state = {k: extra[k] for k in state}
-        if _rank0():
-            print(f"resumed from {last.name} (step {state['step']})", flush=True)
-    elif args.init is not None:
-        ckpt.load(io.fetch(args.init, "init"), ddp.module)
-        # The loaded model weights replaced the optimizer's fp32 master copies only when they are the same
-        # tensors (fp32); with bf16 params, reload the masters from the model.
-        if cuda:
-            opt.reload_model_params()
+    def __init__(self, args: argparse.Namespace):
+        from megatron.core import parallel_state as ps
 
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    if st.global_batch_size % (st.micro_batch_size * dp):
-        raise ValueError(f"global_batch_size {st.global_batch_size} is not a multiple of micro_batch_size x dp "
-                         f"= {st.micro_batch_size * dp}")
-    n_micro = st.global_batch_size // (st.micro_batch_size * dp)
-    stream = TokenStream(data_dir, st.seq_length, st.seed)
-    if st.replay:
-        stream = ReplayStream(stream, TokenStream(io.fetch(args.replay, "replay"), st.seq_length, st.seed), st.replay)
-    device = torch.device("cuda") if cuda else torch.device("cpu")
-    mask = causal_mask(st.seq_length, device)
-    pos = torch.arange(st.seq_length, device=device).unsqueeze(0).expand(st.micro_batch_size, -1)
-    fb = get_forward_backward_func()
-    log_path = args.out / f"{args.stage}_losses.jsonl"
-    if _rank0():  # the log restarts from the checkpoint's history: steps after it will be redone
-        args.out.mkdir(parents=True, exist_ok=True)
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in state["history"]))
-    started, tokens_done = time.perf_counter(), 0
+        from ruyi_core.family.config import RuyiConfig
+        from ruyi_core.spec import load_spec, parse_spec_yaml
 
-    while state["step"] < st.steps:
-        step = state["step"]
-        lam = exit_weights(st.loss, len(exits), step, st.steps) if only is None else \
-            [1.0 if p == only else 0.0 for p in exits]
-        meter = ExitLossMeter(len(exits))
-        first = state["consumed"] + dp_rank * n_micro * st.micro_batch_size
+        self.args = args
+        self.spec = parse_spec_yaml(args.spec) if args.spec.lstrip().startswith("{") else load_spec(args.spec)
+        self.st, par = self.spec.train_stage(args.stage), self.spec.train.parallel
+        if self.st.replay and not args.replay:
+            raise RuyiError(f"train stage {args.stage} has replay {self.st.replay}: pass a --replay dataset")
+        self.cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda" if self.cuda else "cpu")
+        ps.initialize_model_parallel(par.tp, par.pp)
+        seed_everything(self.st.seed)
+        self.io = StoreIO(self.spec, args.out)
+        self.hf_cfg = RuyiConfig.from_pretrained(self.io.fetch(args.family, "family"))
+        self.exits = list(self.hf_cfg.early_exit_points)
+        self.only = self.hf_cfg.tiers[self.spec.dae.tier] if args.stage.startswith("dae_") else None
+        self.step_idx, self.consumed, self.history = 0, 0, []
+        self.ckpt_root = args.out / "checkpoints"
+        self.log_path = args.out / f"{args.stage}_losses.jsonl"
+        self._build_model()
+        self._build_data()
 
-        def batches():
-            for m in range(n_micro):
-                b = stream.batch(first + m * st.micro_batch_size, st.micro_batch_size)
-                yield {k: v.to(device) for k, v in b.items()}
+    def _build_model(self) -> None:
+        from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                               finalize_model_grads)
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        def forward_step(data_iterator, model_chunk):
-            b = next(data_iterator)
-            scale = float(opt.get_loss_scale()) / n_micro
-            out = model_chunk(b["tokens"], pos, mask, labels=b["labels"], loss_mask=b["loss_mask"],
-                              exit_weights=lam, loss_scale=scale)
-            meter.add(ddp.module.last_exit_losses)
-            return out, lambda t: (t, {"loss": t.detach()})
+        from ruyi_core.megatron.model import build_model
 
-        ddp.zero_grad_buffer()
-        opt.zero_grad()
-        fb(forward_step_func=forward_step, data_iterator=batches(), model=[ddp], num_microbatches=n_micro,
-           seq_length=st.seq_length, micro_batch_size=st.micro_batch_size, forward_only=False)
-        ok, grad_norm, _ = opt.step()
-        sched.step(increment=1)
+        st, par = self.st, self.spec.train.parallel
+        model = build_model(self.hf_cfg, par.tp, par.pp, st.seq_length, bf16=self.cuda, recompute=st.recompute)
+        if self.only is not None:
+            model.train_only(self.only)
+        if self.cuda:
+            model.cuda()
+        self.ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+                                           model)
+        self.opt = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=st.lr, min_lr=st.min_lr, weight_decay=st.weight_decay, clip_grad=st.clip_grad,
+            adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, bf16=self.cuda, params_dtype=model.config.params_dtype,
+            use_distributed_optimizer=False), [self.ddp])
+        self.sched = OptimizerParamScheduler(
+            self.opt, init_lr=0.0, max_lr=st.lr, min_lr=st.min_lr, lr_warmup_steps=st.warmup_steps,
+            lr_decay_steps=st.steps, lr_decay_style="cosine", start_wd=st.weight_decay, end_wd=st.weight_decay,
+            wd_incr_steps=st.steps, wd_incr_style="constant")
+        model.config.grad_scale_func = self.opt.scale_loss
+        model.config.finalize_model_grads_func = finalize_model_grads
+        model.config.no_sync_func = self.ddp.no_sync
+        self.forward_backward = get_forward_backward_func()
+
+    def _build_data(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        from ruyi_core.megatron.data import ReplayStream, TokenStream
+        from ruyi_core.megatron.model import causal_mask
+
+        st, dp = self.st, ps.get_data_parallel_world_size()
+        if st.global_batch_size % (st.micro_batch_size * dp):
+            raise RuyiError(f"train.{self.args.stage}.global_batch_size = {st.global_batch_size} must be a multiple "
+                            f"of micro_batch_size x dp = {st.micro_batch_size * dp}")
+        self.n_micro, self.dp_rank = st.global_batch_size // (st.micro_batch_size * dp), ps.get_data_parallel_rank()
+        self.stream = TokenStream(self.io.fetch(self.args.data, "data"), st.seq_length, st.seed)
+        if st.replay:
+            extra = TokenStream(self.io.fetch(self.args.replay, "replay"), st.seq_length, st.seed)
+            self.stream = ReplayStream(self.stream, extra, st.replay)
+        self.mask = causal_mask(st.seq_length, self.device)
+        self.pos = torch.arange(st.seq_length, device=self.device).unsqueeze(0).expand(st.micro_batch_size, -1)
+
+    def state_dict(self) -> dict:
+        """Training state beside the model, optimizer and RNG shards (`consumed` is the data position)."""
+        return {"step": self.step_idx, "consumed": self.consumed, "history": self.history,
+                "scheduler": self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_idx, self.consumed, self.history = state["step"], state["consumed"], state["history"]
+        self.sched.load_state_dict(state["scheduler"])
+
+    def weights(self) -> list[float]:
+        """lambda_k for the coming step; a DaE stage trains only its tier's exit."""
+        if self.only is not None:
+            return [1.0 if p == self.only else 0.0 for p in self.exits]
+        return exit_weights(self.st.loss, len(self.exits), self.step_idx, self.st.steps)
+
+    def _microbatches(self):
+        """This DP rank's share of the next global batch: a pure function of the samples consumed so far."""
+        mb = self.st.micro_batch_size
+        first = self.consumed + self.dp_rank * self.n_micro * mb
+        for m in range(self.n_micro):
+            yield {k: v.to(self.device) for k, v in self.stream.batch(first + m * mb, mb).items()}
+
+    def _forward_step(self, lam: list[float], meter: ExitLossMeter, data_iterator, model_chunk):
+        b = next(data_iterator)
+        out, exit_losses = model_chunk(b["tokens"], self.pos, self.mask, labels=b["labels"],
+                                       loss_mask=b["loss_mask"], exit_weights=lam,
+                                       loss_scale=float(self.opt.get_loss_scale()) / self.n_micro)
+        meter.add(exit_losses)
+        return out, _last_exit_loss
+
+    def step(self) -> list[float]:
+        """One optimizer step over the next global batch; returns every exit's loss (mean over the batch)."""
+        st, lam, meter = self.st, self.weights(), ExitLossMeter(len(self.exits))
+        self.ddp.zero_grad_buffer()
+        self.opt.zero_grad()
+        self.forward_backward(forward_step_func=partial(self._forward_step, lam, meter),
+                              data_iterator=self._microbatches(), model=[self.ddp], num_microbatches=self.n_micro,
+                              seq_length=st.seq_length, micro_batch_size=st.micro_batch_size, forward_only=False)
+        _, grad_norm, _ = self.opt.step()
+        self.sched.step(increment=1)
         per_exit = meter.reduce()
-        state["step"] += 1
-        state["consumed"] += st.global_batch_size
-        tokens_done += st.global_batch_size * st.seq_length
-        rec = {"step": state["step"], "loss": sum(w * v for w, v in zip(lam, per_exit)), "exits": per_exit,
-               "exit_points": exits, "weights": lam, "lr": opt.param_groups[0]["lr"],
-               "grad_norm": float(grad_norm) if grad_norm is not None else None}
-        state["history"].append(rec)
+        self.step_idx += 1
+        self.consumed += st.global_batch_size
+        self.history.append({
+            "step": self.step_idx, "loss": sum(w * v for w, v in zip(lam, per_exit)), "exits": per_exit,
+            "exit_points": self.exits, "weights": lam, "lr": self.opt.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None})
+        return per_exit
+
+    def save(self) -> Path:
+        """Checkpoints the current step (with the loss log and curves) and uploads it with --ckpt-prefix."""
+        path = self.ckpt_root / f"iter_{self.step_idx:07d}"
+        ckpt.save(path, self.ddp.module, self.opt, self.state_dict(), rng=True)
+        if _rank0():  # the loss log travels with each checkpoint, wherever the trainer ran
+            (path / self.log_path.name).write_bytes(self.log_path.read_bytes())
+            loss_curves_png(self.history, path / f"{self.args.stage}_losses.png",
+                            f"{self.args.stage}: loss per exit")
+        a = self.args
+        if a.ckpt_prefix:
+            self.io.push(path, a.ckpt_prefix, a.stage, self.step_idx, [a.family, a.data, a.replay, a.init])
+        return path
+
+    def resume(self) -> bool:
+        """Continues exactly from the latest complete checkpoint, local or (when newer) in the store."""
+        if self.args.ckpt_prefix:
+            self.io.pull_latest(self.args.ckpt_prefix, self.ckpt_root)
+        last = ckpt.latest_complete(self.ckpt_root)
+        if last is None:
+            return False
+        self.load_state_dict(ckpt.load(last, self.ddp.module, self.opt, rng=True))
         if _rank0():
-            with log_path.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
-            if state["step"] % args.log_every == 0 or state["step"] == st.steps:
-                rate = tokens_done / max(time.perf_counter() - started, 1e-9)
-                left = (st.steps - state["step"]) * st.global_batch_size * st.seq_length / max(rate, 1e-9)
-                print(f"[{args.stage}] step {state['step']}/{st.steps} | loss {rec['loss']:.4f} | exits "
-                      + " ".join(f"{v:.3f}" for v in per_exit)
-                      + f" | lr {rec['lr']:.2e} | {rate:,.0f} tok/s | ETA {left:.0f}s", flush=True)
-        if state["step"] % st.save_every == 0 or state["step"] == st.steps:
-            extra = {**state, "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}
-            path = ckpt_root / f"iter_{state['step']:07d}"
-            ckpt.save(path, ddp.module, opt, extra)
-            if _rank0():  # the loss log travels with each checkpoint, wherever the trainer ran
-                (path / log_path.name).write_bytes(log_path.read_bytes())
-                loss_curves_png(state["history"], path / f"{args.stage}_losses.png", f"{args.stage}: loss per exit")
-            if args.ckpt_prefix:
-                io.push(path, args.ckpt_prefix, args.stage, state["step"],
-                        [u for u in (args.family, args.data, args.replay, args.init) if u])
+            print(f"resumed from {last.name} (step {self.step_idx})", flush=True)
+        return True
+
+    def load_init(self) -> None:
+        """The starting weights (--init); the optimizer starts fresh."""
+        ckpt.load(self.io.fetch(self.args.init, "init"), self.ddp.module)
+        # The loaded weights replaced the optimizer's fp32 master copies only when they are the same tensors
+        # (fp32); with bf16 params, reload the masters from the model.
+        if self.cuda:
+            self.opt.reload_model_params()
+
+    def run(self) -> None:
+        if not (self.args.resume and self.resume()) and self.args.init is not None:
+            self.load_init()
+        if _rank0():  # the log restarts from the checkpoint's history: steps after it will be redone
+            self.args.out.mkdir(parents=True, exist_ok=True)
+            self.log_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        st, started, tokens = self.st, time.perf_counter(), 0
+        while self.step_idx < st.steps:
+            self.step()
+            tokens += st.global_batch_size * st.seq_length
+            self._report(tokens / max(time.perf_counter() - started, 1e-9))
+            if self.step_idx % st.save_every == 0 or self.step_idx == st.steps:
+                self.save()
+
+    def _report(self, rate: float) -> None:
+        """Rank 0 appends the step's record to the loss log and prints progress every --log-every steps."""
+        if not _rank0():
+            return
+        rec, st = self.history[-1], self.st
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.step_idx % self.args.log_every == 0 or self.step_idx == st.steps:
+            left = (st.steps - self.step_idx) * st.global_batch_size * st.seq_length / max(rate, 1e-9)
+            print(f"[{self.args.stage}] step {self.step_idx}/{st.steps} | loss {rec['loss']:.4f} | exits "
+                  + " ".join(f"{v:.3f}" for v in rec["exits"])
+                  + f" | lr {rec['lr']:.2e} | {rate:,.0f} tok/s | ETA {left:.0f}s", flush=True)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    ckpt.init_distributed()
     try:
+        ckpt.init_distributed()
         with cpu_shim():
-            train(args)
-    except ValueError as e:  # layout and batch errors: one line from rank 0
-        if dist.get_rank() == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            Trainer(args).run()
+    except RuyiError as e:  # the user can fix it: one line, no traceback
+        print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as e:  # a bug: the whole traceback for the run log, then one line naming it
+        # (BaseException: torch.distributed.checkpoint's CheckpointException is not an Exception)
+        traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"internal error: {type(e).__name__}: {first}", file=sys.stderr, flush=True)
+        sys.exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

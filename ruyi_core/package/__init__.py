@@ -2,8 +2,8 @@
 (models/<family>/<version>/<tier>/ and models/<family>/index.json) and the promotion gate."""
 from ruyi_core.package.build import build_package, verify_package
 from ruyi_core.package.registry import (
-    cache_root, families, fetch, gate, lineage_entries, promote, publish, read_index, resolve,
+    cache_root, check_publishable, families, fetch, gate, lineage_entries, promote, publish, read_index, resolve,
 )
 
-__all__ = ["build_package", "cache_root", "families", "fetch", "gate", "lineage_entries", "promote", "publish",
+__all__ = ["build_package", "cache_root", "check_publishable", "families", "fetch", "gate", "lineage_entries", "promote", "publish",
            "read_index", "resolve", "verify_package"]

@@ -6,8 +6,10 @@
                                         "tiers": {tier: {"uri", "metrics", "average", "promoted", "reason"}}}],
                                         "promoted": {tier: version}}
 
-A version is immutable once published; the index only grows. A gate decision, once recorded, stands: promoting
-the same version again changes nothing, so a retried pipeline step is harmless.
+A version names weights (it is derived from what determines them) and its weights never change once published; the
+index only grows. A gate decision, once recorded, stands: promoting the same version from the same run again
+changes nothing, so a retried pipeline step is harmless. A later run that re-evaluates the same weights (new
+evaluation settings) replaces the version's evaluation and gate decisions.
 """
 from __future__ import annotations
 
@@ -39,23 +41,27 @@ def lineage_entries(store: ArtifactStore, uri: str) -> list[dict]:
     return [{"stage": m.stage, "uri": m.uri, "sha256": m.sha256()} for m in lineage(store, uri)]
 
 
+def check_publishable(store: ArtifactStore, family: str, version: str, tier: str, weights: str) -> str:
+    """The URI for a tier's package of `version`; refuses a version that already holds other weights (a version
+    names weights: re-publishing the same weights, say with a new evaluation, is fine)."""
+    uri = store.uri(model_prefix(family, version, tier))
+    if (m := store.read_manifest(uri)) is not None and m.metadata.get("weights", "") != weights:
+        raise RuyiError(f"{family} version {version} already holds other {tier} weights (run "
+                        f"{m.metadata.get('run_id')}): versions are immutable, set package.version to a new one")
+    return uri
+
+
 def publish(store: ArtifactStore, pkg_dir: Path, family: str, version: str, tier: str, *, run_id: str,
-            spec_hash: str, inputs: Iterable[str] = ()) -> str:
-    """Upload a built package to models/<family>/<version>/<tier>; returns its URI. The same run publishing again
-    returns the existing package; another run may not reuse the version."""
+            spec_hash: str, weights: str = "", inputs: Iterable[str] = ()) -> str:
+    """Upload a package built outside the pipeline to models/<family>/<version>/<tier>; returns its URI. The
+    pipeline's package stage publishes through the stage contract, with the same checks."""
     if problems := verify_package(pkg_dir):
         raise RuyiError(f"{pkg_dir} is not an intact package ({problems[0]}): rebuild it before publishing")
-    key = model_prefix(family, version, tier)
-    uri = store.uri(key)
-    if (m := store.read_manifest(uri)) is not None:
-        if m.metadata.get("run_id") != run_id:
-            raise RuyiError(f"{uri} was already published by run {m.metadata.get('run_id')}: versions are "
-                            "immutable, set package.version to a new one")
-        return uri
+    uri = check_publishable(store, family, version, tier, weights)
     evaluation = json.loads((Path(pkg_dir) / "eval.json").read_text())
-    store.put_artifact(key, pkg_dir, stage="package", spec_hash=spec_hash, inputs=inputs,
+    store.put_artifact(uri, pkg_dir, stage="package", spec_hash=spec_hash, inputs=inputs,
                        metadata={"family": family, "version": version, "tier": tier, "run_id": run_id,
-                                 "average": evaluation.get("average")})
+                                 "weights": weights, "average": evaluation.get("average")})
     return uri
 
 
@@ -138,18 +144,20 @@ def promote(store: ArtifactStore, family: str, version: str, run_id: str, candid
         created = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
         entry = {"version": version, "run_id": run_id, "created": created, "tiers": {}}
         index["versions"].append(entry)
-    elif entry["run_id"] != run_id:
-        raise RuyiError(f"{family} version {version} belongs to run {entry['run_id']}, not {run_id}: "
-                        "set package.version to a new one")
+    elif entry["run_id"] != run_id:  # the same weights, evaluated again by a run with other evaluation settings
+        entry.update(run_id=run_id, tiers={})
     for tier, cand in sorted(candidates.items()):
         if tier in entry["tiers"]:
             continue  # decided before: the decision stands
         if not store.has_artifact(cand["uri"]):
             raise RuyiError(f"{cand['uri']} is not a published package: publish it before promoting")
         current = index["promoted"].get(tier)
-        baseline = {"version": current, **_find(index, current)["tiers"][tier]} if current else None
         ev = cand["evaluation"]
-        ok, reason = gate(ev, baseline, package)
+        if current == version:
+            ok, reason = True, "re-evaluated (same weights, new evaluation settings): stays promoted"
+        else:
+            baseline = {"version": current, **_find(index, current)["tiers"][tier]} if current else None
+            ok, reason = gate(ev, baseline, package)
         entry["tiers"][tier] = {"uri": store.normalize_uri(cand["uri"]), "promoted": ok, "reason": reason,
                                 "metrics": {b: r["value"] for b, r in ev.get("benchmarks", {}).items()},
                                 "average": ev.get("average")}

@@ -18,12 +18,8 @@ from transformers.trainer_callback import PrinterCallback
 
 from ruyi_core.errors import RuyiError
 from ruyi_core.family.convert import generation_config as default_generation_config
-from ruyi_core.rl.rewards import answer_format, exact_answer, valid_steps
+from ruyi_core.rl.rewards import REWARDS, exact_answer
 from ruyi_core.spec import RlSpec
-
-# Exact answers alone are too sparse for a small tier (a few percent of samples); valid_steps gives partial
-# credit for each correct, grounded step of the worked solution.
-REWARD_FUNCS = (exact_answer, valid_steps, answer_format)
 
 
 @contextlib.contextmanager
@@ -80,12 +76,15 @@ def _eos_ids(model, tok) -> list[int]:
 
 @torch.no_grad()
 def evaluate_reward(model_or_dir, tokenizer, prompts: list[dict], max_new_tokens: int, seed: int = 0,
-                    batch_size: int = 16, samples: int = 0, temperature: float = 1.0) -> dict:
+                    batch_size: int = 16, samples: int = 0, temperature: float = 1.0,
+                    rewards: dict[str, float] | None = None) -> dict:
     """Held-out rewards on `prompts` ({prompt, answer} records, or eval_sets' {question, answer}), deterministic
     in `seed`: `exact_greedy`, the exact-answer rate of greedy completions, and with `samples` > 0 `reward`, the
-    mean total reward (every reward function, as GRPO sums them) of `samples` completions per prompt drawn at
-    `temperature`: the objective GRPO maximises, measured on prompts it never trained on.
+    mean total reward (the weighted sum of `rewards`, as GRPO computes it; default RlSpec's) of `samples`
+    completions per prompt drawn at `temperature`: the objective GRPO maximises, measured on prompts it never
+    trained on, plus each reward's own mean.
     `model_or_dir` is a model or a checkpoint folder (then `tokenizer` may be None: the folder's is used)."""
+    rewards = rewards or RlSpec().rewards
     if not prompts:
         return {"exact_greedy": 0.0, "reward": 0.0 if samples else None}
     if isinstance(model_or_dir, (str, Path)):
@@ -123,10 +122,11 @@ def evaluate_reward(model_or_dir, tokenizer, prompts: list[dict], max_new_tokens
                         scores.setdefault("exact_greedy", []).extend(exact_answer(done, answers))
                         continue
                     ps = [_messages(u) for u in users for _ in range(k)]
-                    per_fn = [f(done, answer=answers, prompts=ps) for f in REWARD_FUNCS]
-                    for f, vals in zip(REWARD_FUNCS, per_fn):
-                        scores.setdefault(f.__name__, []).extend(vals)
-                    scores.setdefault("reward", []).extend(map(sum, zip(*per_fn)))
+                    per_fn = {n: REWARDS[n](done, answer=answers, prompts=ps) for n in rewards}
+                    for n, vals in per_fn.items():
+                        scores.setdefault(n, []).extend(vals)
+                    total = [sum(w * v for w, v in zip(rewards.values(), vs)) for vs in zip(*per_fn.values())]
+                    scores.setdefault("reward", []).extend(total)
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
@@ -138,26 +138,26 @@ def evaluate_reward(model_or_dir, tokenizer, prompts: list[dict], max_new_tokens
 class _LogTo(TrainerCallback):
     """Forwards each step's rewards to the caller's `log` as it happens (a GRPO run can be long)."""
 
-    def __init__(self, log):
-        self.log = log
+    def __init__(self, log, names: list[str]):
+        self.log, self.names = log, names
 
     def on_log(self, args, state, control, logs=None, **kw):
         if logs and "reward" in logs:
             parts = [f"reward {logs['reward']:.3f}"] + [
-                f"{f.__name__} {logs.get(f'rewards/{f.__name__}/mean', float('nan')):.3f}" for f in REWARD_FUNCS]
+                f"{n} {logs.get(f'rewards/{n}/mean', float('nan')):.3f}" for n in self.names]
             if "kl" in logs:
                 parts.append(f"kl {logs['kl']:.3g}")
             self.log(f"grpo step {state.global_step}: " + ", ".join(parts))
 
 
-def _reward_rows(log_history: list[dict]) -> list[dict]:
+def _reward_rows(log_history: list[dict], names: list[str]) -> list[dict]:
     rows = []
     for h in log_history:
         if "reward" not in h:  # the final train summary and any non-step entries
             continue
-        # "reward" is TRL's total: the sum of the functions' rewards (weights 1).
+        # "reward" is TRL's total: the weighted sum of the functions' rewards; each function's mean is unweighted.
         row = {"step": h["step"], "reward": h["reward"], "reward_std": h.get("reward_std")}
-        row.update({f.__name__: h.get(f"rewards/{f.__name__}/mean") for f in REWARD_FUNCS})
+        row.update({n: h.get(f"rewards/{n}/mean") for n in names})
         for k in ("kl", "loss", "completions/mean_length", "clip_ratio/region_mean"):
             if k in h:
                 row[k] = h[k]
@@ -165,7 +165,7 @@ def _reward_rows(log_history: list[dict]) -> list[dict]:
     return rows
 
 
-def _plot(rows: list[dict], path: Path, title: str) -> None:
+def _plot(rows: list[dict], names: list[str], path: Path, title: str) -> None:
     # Figure + Agg canvas directly: pyplot keeps process-global figure state.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -174,7 +174,7 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     steps = [r["step"] for r in rows]
-    for key in ["reward", *(f.__name__ for f in REWARD_FUNCS)]:
+    for key in ["reward", *names]:
         ax.plot(steps, [r[key] if r[key] is not None else float("nan") for r in rows], marker="o", ms=3,
                 label="total" if key == "reward" else key)
     ax.set_xlabel("GRPO step")
@@ -200,11 +200,12 @@ def _generation_config(tier_dir: Path, tok, cfg) -> GenerationConfig:
 def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: list[dict], trainable: list[str],
              spec: RlSpec, log=print) -> dict:
     """GRPO on the tier at `tier_dir`; the trained policy (safetensors, config, tokenizer), rewards.jsonl and
-    rewards.png go to `out_dir`. Returns held-out rewards before/after and parameter counts."""
+    rewards.png go to `out_dir`. Returns held-out rewards before/after and parameter counts. The rewards and
+    their weights are `spec.rewards`."""
     from datasets import Dataset  # heavy imports only when RL actually runs
     from trl import GRPOConfig, GRPOTrainer
 
-    tier_dir, out_dir = Path(tier_dir).resolve(), Path(out_dir)
+    tier_dir, out_dir, names = Path(tier_dir).resolve(), Path(out_dir), list(spec.rewards)
     if not (tier_dir / "config.json").is_file():
         raise RuyiError(f"rl: {tier_dir} is not a checkpoint folder (no config.json): export the tier first")
     if len(train_prompts) < spec.prompts_per_step:
@@ -222,7 +223,7 @@ def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: 
 
     def held_out() -> dict:
         return evaluate_reward(model, tok, heldout, spec.max_new_tokens, spec.seed, samples=spec.heldout_samples,
-                               temperature=spec.temperature)
+                               temperature=spec.temperature, rewards=spec.rewards)
 
     def said(r: dict) -> str:
         return (f"mean reward {r['reward']:.3f} ({spec.heldout_samples} samples/prompt at T={spec.temperature:g}), "
@@ -251,11 +252,11 @@ def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: 
             report_to=[], logging_steps=1, save_strategy="no", disable_tqdm=True,
             # Only the tier's own blocks train, so activations are small; checkpointing would only cost time.
             # (the new name: TRL's own gradient_checkpointing=True default trips transformers' rename warning)
-            activation_checkpointing=False, dataloader_num_workers=0,
+            activation_checkpointing=False, dataloader_num_workers=0, reward_weights=list(spec.rewards.values()),
         )
         with _rng_sandbox():
-            trainer = GRPOTrainer(model=model, reward_funcs=list(REWARD_FUNCS), args=args, train_dataset=ds,
-                                  processing_class=tok, callbacks=[_LogTo(log)])
+            trainer = GRPOTrainer(model=model, reward_funcs=[REWARDS[n] for n in names], args=args,
+                                  train_dataset=ds, processing_class=tok, callbacks=[_LogTo(log, names)])
             trainer.remove_callback(PrinterCallback)  # raw metric dicts on stdout; _LogTo reports instead
             if spec.beta > 0:
                 if _digest(trainer.ref_model, frozen_only=False) != _digest(model, frozen_only=False):
@@ -270,11 +271,11 @@ def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: 
 
     if _digest(model) != frozen_before:
         raise RuyiError("rl: a frozen parameter changed during GRPO; the other tiers would no longer match")
-    rows = _reward_rows(history)
+    rows = _reward_rows(history, names)
     with (out_dir / "rewards.jsonl").open("w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    _plot(rows, out_dir / "rewards.png", f"GRPO, G={spec.group_size}, {spec.prompts_per_step} prompts/step")
+    _plot(rows, names, out_dir / "rewards.png", f"GRPO, G={spec.group_size}, {spec.prompts_per_step} prompts/step")
 
     after = held_out()
     log(f"grpo: held-out after: {said(after)}")

@@ -96,3 +96,7 @@ def valid_steps(completions, prompts=None, **kw) -> list[float]:
             known.add(res)
         out.append(good / len(steps) if steps else 0.0)
     return out
+
+
+# The names a spec's `rl.rewards` may select; each key is its function's __name__, which TRL logs it under.
+REWARDS = {f.__name__: f for f in (exact_answer, valid_steps, answer_format)}

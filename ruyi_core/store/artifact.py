@@ -45,6 +45,7 @@ class Manifest(BaseModel):
     uri: str
     stage: str
     spec_hash: str
+    identity: str = ""  # the producing stage's identity (stage, code version, spec slice, inputs); see stages
     code_version: str
     created_at: str
     completed_at: str
@@ -64,7 +65,7 @@ class Manifest(BaseModel):
         return sum(f.size for f in self.files)
 
     def _content(self) -> tuple:
-        return self.stage, self.spec_hash, self.files, self.inputs, self.metadata
+        return self.stage, self.spec_hash, self.identity, self.files, self.inputs, self.metadata
 
 
 def clean_key(key: str, what: str = "key") -> str:
@@ -81,14 +82,6 @@ def _safe_rel(path: str) -> bool:
         return bool(path) and clean_key(path) == path
     except StoreError:
         return False
-
-
-def dataset_prefix(name: str) -> str:
-    return f"datasets/{clean_key(name, 'dataset name')}"
-
-
-def run_prefix(run_id: str, stage: str) -> str:
-    return f"runs/{clean_key(run_id, 'run id')}/{clean_key(stage, 'stage')}"
 
 
 def model_prefix(family: str, version: str, tier: str) -> str:
@@ -232,7 +225,7 @@ class ArtifactStore:
         tail = f"/{MANIFEST}"
         return sorted(self.uri(n[: -len(tail)], bucket) for n in names if n.endswith(tail))
 
-    def put_artifact(self, prefix: str, local_dir: str | Path, *, stage: str, spec_hash: str,
+    def put_artifact(self, prefix: str, local_dir: str | Path, *, stage: str, spec_hash: str, identity: str = "",
                      inputs: Iterable[str] = (), metadata: Mapping[str, Any] | None = None) -> Manifest:
         """Upload every file under `local_dir` to `<prefix>/<relpath>`, then `<prefix>/manifest.json` LAST.
         Files already stored intact (same sha256 and size) are not sent again; re-putting identical content
@@ -258,15 +251,16 @@ class ArtifactStore:
                 hashed = list(pool.map(hash_file, paths))
             files = [FileEntry(path=r, size=n, sha256=h) for r, (h, n, _) in zip(rels, hashed)]
             existing = self.read_manifest(uri)
-            same = existing is not None and existing._content() == (stage, spec_hash, files, refs, meta)
+            same = existing is not None and existing._content() == (stage, spec_hash, identity, files, refs, meta)
             if existing is not None and not same:
                 # hide the old artifact first: a crash mid-rewrite must not leave a manifest over mixed files
                 self.transfer.retry(self.client.remove_object, bucket, f"{key}/{MANIFEST}")
             self._upload_files(bucket, key, list(zip(paths, files, (m for *_, m in hashed))))
             if same:
                 return existing
-            manifest = Manifest(uri=uri, stage=stage, spec_hash=spec_hash, code_version=self._code(),
-                                created_at=created, completed_at=_now(), files=files, inputs=refs, metadata=meta)
+            manifest = Manifest(uri=uri, stage=stage, spec_hash=spec_hash, identity=identity,
+                                code_version=self._code(), created_at=created, completed_at=_now(), files=files,
+                                inputs=refs, metadata=meta)
             body = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True).encode()
             self.transfer.retry(lambda: self.client.put_object(
                 bucket, f"{key}/{MANIFEST}", BytesIO(body), len(body), content_type="application/json"))

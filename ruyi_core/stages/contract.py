@@ -1,0 +1,189 @@
+"""The stage contract: what every pipeline stage does around its own work, written once.
+
+A stage declares its name, a code version, the spec fields that determine its output and a typed result. From
+those, its parameters and the sha256 of its inputs' manifests, the contract derives the stage's identity and its
+store key, reuses a complete artifact with that identity, or gives the stage a work folder, uploads what the stage
+wrote there (manifest last) and returns the typed result. Operational settings (images, resources, timeouts,
+retries, poll intervals) are in no stage's fields, so changing them rebuilds nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from ruyi_core.errors import RuyiError
+from ruyi_core.spec import RunSpec, parse_spec_yaml
+from ruyi_core.store import ArtifactStore, Manifest
+
+ERROR_DIR_ENV = "RUYI_ERROR_DIR"  # a failed stage's one-line user error goes here for the local runner to show
+
+
+class Artifact(BaseModel):
+    """A stage's typed result: the artifact's URI and its manifest metadata (the rest of the fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+    uri: str
+
+    def metadata(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"uri"})
+
+    @classmethod
+    def of(cls, metadata: Mapping[str, Any]):
+        """From an orchestrator's artifact metadata (which may add keys, and turns ints into floats)."""
+        if cls.model_config.get("extra") == "allow":
+            return cls.model_validate(dict(metadata))
+        return cls.model_validate({k: v for k, v in metadata.items() if k in cls.model_fields})
+
+    def emit(self, output) -> None:
+        """Write this result to a KFP output artifact (anything with `.metadata` and `.path`)."""
+        emit(self, output)
+
+
+def emit(result: BaseModel, output) -> None:
+    data = result.model_dump(mode="json")
+    output.metadata.update(data)
+    Path(output.path).write_text(json.dumps(data))
+
+
+R = TypeVar("R", bound=Artifact)
+
+
+@dataclass(frozen=True)
+class Stage(Generic[R]):
+    """A stage's declaration. `root` is the key's folder, formatted with the family name, the stage name and the
+    parameters; the key is `<root>/<identity>` unless `named`, when it is `root` itself (a registry package, a
+    run's report): then a complete artifact there is reused only if its recorded identity matches."""
+
+    name: str
+    result: type[R]
+    fields: tuple[str, ...] = ()
+    version: int = 1
+    root: str = "stages/{family}/{stage}"
+    named: bool = False
+
+    def spec_slice(self, spec: RunSpec) -> dict[str, Any]:
+        return spec_slice(spec, self.fields)
+
+    def identity(self, spec: RunSpec, input_shas: Mapping[str, Any], params: Mapping[str, Any]) -> str:
+        doc = {"stage": self.name, "version": self.version, "spec": self.spec_slice(spec),
+               "inputs": input_shas, "params": params}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+    def key(self, spec: RunSpec, params: Mapping[str, Any], identity: str) -> str:
+        root = self.root.format(family=spec.family.name, stage=self.name, **params)
+        return root if self.named else f"{root}/{identity[:16]}"
+
+
+def spec_slice(spec: RunSpec, fields: Sequence[str]) -> dict[str, Any]:
+    """The named (dotted) fields of the spec, as JSON values."""
+    data, out = spec.model_dump(mode="json"), {}
+    for f in fields:
+        node = data
+        for part in f.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise KeyError(f"stage field {f!r} is not in the spec")
+            node = node[part]
+        out[f] = node
+    return out
+
+
+def slice_hash(spec: RunSpec, fields: Sequence[str], *extra: str) -> str:
+    text = json.dumps(spec_slice(spec, fields), sort_keys=True) + "\0" + "\0".join(extra)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class StageRun:
+    """What a stage's build function gets: the spec, the store, its input URIs, a work folder and `out`, the
+    folder whose files become the artifact. `key` is the artifact's store key (checkpoints nest under it)."""
+
+    spec: RunSpec
+    store: ArtifactStore
+    inputs: dict[str, str]
+    work: Path
+    key: str
+    log: Callable[[str], None]
+    lineage: list[str] = field(default_factory=list)  # more inputs to record (not part of the identity)
+
+    @property
+    def out(self) -> Path:
+        return self.work / "out"
+
+    def fetch(self, name: str) -> Path:
+        """Download input `name` into the work folder (once) and return its folder."""
+        dest = self.work / "inputs" / name
+        if not dest.is_dir():
+            self.store.get_artifact(self.inputs[name], dest)
+        return dest
+
+    def manifest(self, name: str) -> Manifest:
+        return manifest_of(self.store, self.inputs[name])
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)  # our stdout is a pipe when a pipeline step runs us: no block buffering
+
+
+def run_stage(stage: Stage[R], spec: RunSpec, store: ArtifactStore, build: Callable[[StageRun], Mapping | None], *,
+              inputs: Mapping[str, str | None] = (), params: Mapping[str, Any] | None = None,
+              log: Callable[[str], None] = _print) -> R:
+    """Reuse the stage's artifact when a complete one with this identity exists; otherwise run `build` (which
+    fills `run.out` and returns the metadata) and publish its output. Logs "reused" or "built" with the URI."""
+    inputs = {k: store.normalize_uri(v) for k, v in dict(inputs).items() if v}
+    params = dict(params or {})
+    shas = {k: manifest_of(store, u).sha256() for k, u in inputs.items()}
+    identity = stage.identity(spec, shas, params)
+    key = stage.key(spec, params, identity)
+    uri = store.uri(key)
+    if (m := store.read_manifest(uri)) is not None and m.identity == identity:
+        log(f"[{stage.name}] reused {uri}")
+        return stage.result(uri=uri, **m.metadata)
+    started = time.perf_counter()
+    with workdir(stage.name) as work:
+        run = StageRun(spec, store, inputs, work, key, log)
+        run.out.mkdir()
+        meta = stage.result(uri=uri, **(build(run) or {})).metadata()
+        store.put_artifact(key, run.out, stage=stage.name, spec_hash=slice_hash(spec, stage.fields),
+                           identity=identity, inputs=[*inputs.values(), *run.lineage], metadata=meta)
+    log(f"[{stage.name}] built {uri} in {time.perf_counter() - started:.1f} s")
+    return stage.result(uri=uri, **meta)
+
+
+def manifest_of(store: ArtifactStore, uri: str) -> Manifest:
+    m = store.read_manifest(uri)
+    if m is None:
+        raise RuyiError(f"{uri} is not a complete artifact (no manifest): re-run the stage that makes it")
+    return m
+
+
+@contextmanager
+def workdir(prefix: str) -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix=f"ruyi-{prefix}-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@contextmanager
+def open_run(spec_yaml: str) -> Iterator[tuple[RunSpec, ArtifactStore]]:
+    """What every component does: the spec from its YAML text and the store from spec + environment.
+    A user error inside is also written, as its one line, to $RUYI_ERROR_DIR for the local runner to show."""
+    try:
+        spec = parse_spec_yaml(spec_yaml)
+        yield spec, ArtifactStore.from_spec(spec.store, env=os.environ)
+    except RuyiError as e:
+        if os.environ.get(ERROR_DIR_ENV):
+            (Path(os.environ[ERROR_DIR_ENV]) / f"{os.getpid()}.txt").write_text(str(e))
+        raise

@@ -1,0 +1,207 @@
+"""DaE and GRPO as pipeline stages: expand the chosen tier (then stages.train trains it on megatron), GRPO on
+it, then compress what was added."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from pydantic import ConfigDict
+
+from ruyi_core.errors import RuyiError
+from ruyi_core.spec import RunSpec
+from ruyi_core.stages.contract import Artifact, Stage, StageRun, run_stage
+from ruyi_core.stages.data import corpus_records
+from ruyi_core.store import ArtifactStore
+
+
+class Expanded(Artifact):
+    tier: str
+    exit_point: int
+    blocks: int
+    init: str
+    added_parameters: int
+    heldout_loss_unexpanded: float
+
+
+class Grpo(Artifact):
+    model_config = ConfigDict(extra="allow")  # plus run_grpo's measurements (rewards before / after, ...)
+    tier: str
+
+
+class Compressed(Artifact):
+    tier: str
+    exit_point: int
+    ratio: float
+    removed_fraction: float
+    heldout_loss_dense: float
+    heldout_loss_compressed: float
+    relative_drop: float
+    heldout_loss_unexpanded: float
+    factored_parameters: int
+    dense_parameters: int
+
+
+EXPAND = Stage("dae_expand", Expanded, ("dae.tier", "dae.blocks", "dae.init", "dae.std", "family.seed",
+                                        "data.heldout", "data.seed"))
+GRPO = Stage("grpo", Grpo, ("rl", "data.rl_heldout", "data.seed"))
+SVD = Stage("svd_compress", Compressed, ("dae.tier", "dae.svd_ratio", "dae.sweep", "dae.calib_samples",
+                                         "data.seq_length", "data.heldout", "data.seed"))
+
+
+def _load(run: StageRun, section: str, tier: str):
+    from ruyi_core.family.io import load_family
+
+    fam, tok = load_family(run.fetch("family"))
+    if tier not in fam.config.tiers:
+        raise RuyiError(f"{section}.tier: unknown tier {tier!r}; this family has {', '.join(fam.config.tiers)}")
+    return fam, tok
+
+
+def dae_expand(spec: RunSpec, store: ArtifactStore, family: str) -> Expanded:
+    """Stable Block Expansion of `dae.tier` (zero-residual random blocks)."""
+
+    def build(run: StageRun) -> dict:
+        from ruyi_core.dae.expand import expand_tier
+        from ruyi_core.eval.heldout import heldout_loss, heldout_texts
+        from ruyi_core.family.io import save_family
+
+        d = spec.dae
+        fam, tok = _load(run, "dae", d.tier)
+        p = fam.config.tiers[d.tier]
+        before = heldout_loss(fam, tok, heldout_texts(spec, run.work), exit_point=p)
+        out = expand_tier(fam, d.tier, d.blocks, d.init, d.std, seed=spec.family.seed)
+        save_family(out, tok, run.out)
+        return {"tier": d.tier, "exit_point": p, "blocks": d.blocks, "init": d.init,
+                "added_parameters": out.tier_parameter_count(p) - fam.tier_parameter_count(p),
+                "heldout_loss_unexpanded": before}
+
+    return run_stage(EXPAND, spec, store, build, inputs={"family": family})
+
+
+def grpo(spec: RunSpec, store: ArtifactStore, family: str, rl_raw: str) -> Grpo:
+    """GRPO (TRL) on the exported tier with only its own parameters trainable, merged back into the family."""
+
+    def build(run: StageRun) -> dict:
+        from safetensors.torch import load_file
+
+        from ruyi_core.dae.expand import merge_tier, tier_own_prefixes
+        from ruyi_core.eval.heldout import heldout_prompts
+        from ruyi_core.family.convert import export_tier
+        from ruyi_core.family.io import save_family
+        from ruyi_core.rl.grpo import run_grpo
+
+        tier = spec.rl.tier
+        fam, tok = _load(run, "rl", tier)
+        export_tier(fam, tier, run.work / "tier", tok)
+        own = tier_own_prefixes(fam.config, tier)
+        policy = run.work / "policy"
+        res = run_grpo(run.work / "tier", policy, corpus_records(run, "rl", "rl"), heldout_prompts(spec), own,
+                       spec.rl, log=run.log)
+        state = {}
+        for f in sorted(policy.glob("*.safetensors")):
+            state.update(load_file(f))
+        merge_tier(fam, tier, state, own)
+        save_family(fam, tok, run.out)
+        for f in ("rewards.jsonl", "rewards.png"):
+            if (policy / f).is_file():
+                (run.out / f).write_bytes((policy / f).read_bytes())
+        return {"tier": tier, **{k: v for k, v in res.items() if isinstance(v, (int, float, str)) and k != "path"}}
+
+    return run_stage(GRPO, spec, store, build, inputs={"family": family, "rl": rl_raw})
+
+
+def svd_compress(spec: RunSpec, store: ArtifactStore, family: str, packed_pretrain: str, expanded: str) -> Compressed:
+    """SVD-LLM-v2 compression of the tier's added blocks and head: a factored tier (two factors per matrix), a
+    materialised plain-Qwen3 export, and a sweep of ratios (held-out loss vs parameters)."""
+
+    def build(run: StageRun) -> dict:
+        import torch
+        from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+        from ruyi_core.eval.heldout import heldout_texts
+        from ruyi_core.family.convert import export_tier
+
+        d = spec.dae
+        fam, tok = _load(run, "dae", d.tier)
+        p = fam.config.tiers[d.tier]
+        if not fam.config.expansion(p):
+            raise RuyiError(f"dae.tier {d.tier!r} is not expanded: run dae_expand first")
+        export_tier(fam, d.tier, run.work / "dense", tok)
+        dense = Qwen3ForCausalLM.from_pretrained(run.work / "dense", dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(run.work / "dense")
+        calib = _calibration(run, spec.data.seq_length, d.calib_samples)
+        chosen, rows, base_loss = _sweep(dense, tok, fam.config, d, calib, heldout_texts(spec, run.work))
+        model, rep, row = chosen
+        _save_compressed(model, rep, rows, base_loss, tok, run.out)
+        return {"tier": d.tier, "exit_point": p, "ratio": d.svd_ratio, "removed_fraction": row["removed_fraction"],
+                "heldout_loss_dense": base_loss, "heldout_loss_compressed": row["heldout_loss"],
+                "relative_drop": row["relative_drop"],
+                "heldout_loss_unexpanded": run.manifest("expanded").metadata["heldout_loss_unexpanded"],
+                "factored_parameters": row["tier_parameters"], "dense_parameters": dense.num_parameters()}
+
+    inputs = {"family": family, "packed": packed_pretrain, "expanded": expanded}
+    return run_stage(SVD, spec, store, build, inputs=inputs)
+
+
+def _calibration(run: StageRun, seq: int, n: int) -> list[dict]:
+    from ruyi_core.megatron.data import TokenStream
+
+    stream = TokenStream(run.fetch("packed"), seq, seed=12345)
+    return [{"input_ids": stream.batch(i, 8)["tokens"]} for i in range(0, n, 8)]
+
+
+def _sweep(dense, tok, cfg, d, calib, texts):
+    """Compress at every sweep ratio; returns ((model, report, row) at dae.svd_ratio, rows, dense loss)."""
+    from ruyi_core.dae.svd import compress
+    from ruyi_core.eval.heldout import heldout_loss
+    from ruyi_core.family.names import dae_linear_names
+
+    # Ranks are shared out within groups of same-type matrices across the added blocks (all q_proj, ...).
+    names = dae_linear_names(cfg, cfg.tiers[d.tier])
+    groups = {n: "lm_head" if n == "lm_head" else n.split(".", 3)[-1] for n in names}
+    base_loss = heldout_loss(dense, tok, texts)
+    rows, chosen = [], None
+    for ratio in sorted({*d.sweep, d.svd_ratio}):
+        model = copy.deepcopy(dense)
+        rep = compress(model, names, groups, calib, ratio)
+        loss = heldout_loss(model, tok, texts)
+        row = {"ratio": ratio, "removed_fraction": rep.removed_fraction, "heldout_loss": loss,
+               "relative_drop": (loss - base_loss) / base_loss, "tier_parameters": model.num_parameters()}
+        rows.append(row)
+        if ratio == d.svd_ratio:
+            chosen = (model, rep, row)
+    return chosen, rows, base_loss
+
+
+def _save_compressed(model, rep, rows: list[dict], base_loss: float, tok, out: Path) -> None:
+    from ruyi_core.dae.svd import materialize
+
+    (out / "factored").mkdir(parents=True)
+    model.save_pretrained(out / "factored")
+    tok.save_pretrained(out / "factored")
+    (out / "factored" / "ruyi_lowrank.json").write_text(json.dumps(rep.to_dict(), indent=2))
+    materialize(model).save_pretrained(out / "materialized")  # dense again, in place: after the factored save
+    tok.save_pretrained(out / "materialized")
+    (out / "sweep.json").write_text(json.dumps(rows, indent=2))
+    _sweep_png(rows, base_loss, out / "sweep.png")
+
+
+def _sweep_png(rows: list[dict], base_loss: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.plot([r["tier_parameters"] / 1e6 for r in rows], [r["heldout_loss"] for r in rows], "o-", label="compressed")
+    for r in rows:
+        ax.annotate(f"{r['ratio']:.0%}", (r["tier_parameters"] / 1e6, r["heldout_loss"]), fontsize=7)
+    ax.axhline(base_loss, color="grey", ls="--", label="dense (DaE-trained)")
+    ax.set_xlabel("tier parameters (M)")
+    ax.set_ylabel("held-out loss")
+    ax.set_title("SVD compression sweep")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

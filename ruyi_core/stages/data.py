@@ -1,0 +1,124 @@
+"""Data stages: the data gate (validate_data), the run plan behind it, and tokenize + pack (prepare_data)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from ruyi_core.errors import RuyiError
+from ruyi_core.spec import RunSpec
+from ruyi_core.stages.contract import Artifact, Stage, StageRun, run_stage, slice_hash, workdir
+from ruyi_core.store import ArtifactStore
+
+KINDS = ("pretrain", "sft", "rl")
+
+
+class RawDataset(Artifact):
+    kind: str
+    n_records: int
+    fingerprint: str
+
+
+class PackedDataset(Artifact):
+    kind: str
+    n_docs: int
+    n_tokens: int
+    fingerprint: str | None = None
+
+
+class RunPlan(BaseModel):
+    """What the data gate decides: the run's id (what determines its report), the model version (what determines
+    the weights) and the validated datasets."""
+
+    run_id: str
+    version: str
+    datasets: list[RawDataset]
+
+    def dataset(self, kind: str) -> RawDataset:
+        return next(d for d in self.datasets if d.kind == kind)
+
+
+# The raw corpus is keyed by its content (the fingerprint parameter), not by where the spec found it.
+VALIDATE = Stage("validate_data", RawDataset, ("data.allowed_sources", "data.allowed_langs", "data.thresholds"),
+                 root="datasets/raw/{kind}")
+PREPARE = Stage("prepare_data", PackedDataset, ("data.shard_tokens",), root="datasets/packed/{kind}")
+
+
+def resolve_corpus(spec: RunSpec, kind: str, store: ArtifactStore, work: Path) -> list[Path]:
+    """Local files for a corpus kind: `demo` generates the demo world, s3:// URIs are downloaded."""
+    from ruyi_core.data import world
+
+    out = []
+    for i, entry in enumerate(getattr(spec.data, kind)):
+        if entry == "demo":
+            n = spec.data.demo_records
+            paths = world.write_demo_corpus(work / "demo", spec.data.seed, n_pretrain=n.get("pretrain", 4000),
+                                            n_sft=n.get("sft", 1500), n_rl=n.get("rl", 300))
+            out.append(paths[kind])
+        elif entry.startswith("s3://"):
+            dest = work / "inputs" / f"{i:03d}-{Path(entry).name}"
+            store.get_file(entry, dest)
+            out.append(dest)
+        else:
+            p = Path(entry)
+            if not p.is_file():
+                raise RuyiError(f"data.{kind}: {entry} does not exist: point it at a JSONL/Parquet file, an "
+                                "s3:// URI, or 'demo'")
+            out.append(p)
+    return out
+
+
+def validate_data(spec: RunSpec, store: ArtifactStore, kind: str, docs_dir: Path | None = None) -> RawDataset:
+    """The data gate. Only a corpus that passes reaches datasets/, as raw files plus the gate's summary. The gate
+    always looks at the data; storing it is skipped when the same content already passed."""
+    from ruyi_core.data.validate import gate_or_raise, validate_corpus
+
+    with workdir("validate") as work:
+        paths = resolve_corpus(spec, kind, store, work)
+        gate = validate_corpus(paths, kind, spec.data, docs_dir)
+        gate_or_raise(gate)
+
+        def build(run: StageRun) -> dict:
+            for i, p in enumerate(paths):
+                shutil.copy(p, run.out / f"{i:03d}-{p.name}")
+            (run.out / "gate_summary.json").write_text(json.dumps(gate.summary, indent=2, default=str))
+            return {"kind": kind, "n_records": gate.n_records, "fingerprint": gate.fingerprint}
+
+        return run_stage(VALIDATE, spec, store, build, params={"kind": kind, "fingerprint": gate.fingerprint})
+
+
+def plan_run(spec: RunSpec, datasets: list[RawDataset]) -> RunPlan:
+    """The run id and model version, from what determines them: the validated data's fingerprints and the spec
+    fields the stages declare (the weights' stages for the version; every stage for the run)."""
+    from ruyi_core.stages import REPORT_FIELDS, WEIGHT_FIELDS
+
+    data = sorted(d.fingerprint for d in datasets)
+    weights = slice_hash(spec, WEIGHT_FIELDS, *data)[:12]
+    run = slice_hash(spec, sorted({*WEIGHT_FIELDS, *REPORT_FIELDS}), *data)[:12]
+    return RunPlan(run_id=f"{spec.family.name}-{run}", version=spec.package.version or weights,
+                   datasets=sorted(datasets, key=lambda d: d.kind))
+
+
+def corpus_records(run: StageRun, name: str, kind: str) -> list[dict]:
+    from ruyi_core.data.reader import expand_paths, read_corpus
+
+    return list(read_corpus(expand_paths([run.fetch(name)]), kind).records)
+
+
+def prepare_data(spec: RunSpec, store: ArtifactStore, kind: str, raw: str, family: str) -> PackedDataset:
+    """Tokenize and pack a validated corpus with the family's tokenizer (megatron indexed datasets)."""
+
+    def build(run: StageRun) -> dict:
+        from transformers import AutoTokenizer
+
+        from ruyi_core.data.pack import prepare_corpus
+
+        records = corpus_records(run, "raw", kind)
+        tok = AutoTokenizer.from_pretrained(run.fetch("family"))
+        prepare_corpus(records, kind, tok, run.out, spec.data.shard_tokens)
+        info = json.loads((run.out / "dataset.json").read_text())
+        return {k: info[k] for k in ("kind", "n_docs", "n_tokens", "fingerprint") if k in info}
+
+    return run_stage(PREPARE, spec, store, build, inputs={"raw": raw, "family": family}, params={"kind": kind})

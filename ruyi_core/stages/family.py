@@ -1,0 +1,92 @@
+"""Family stages: build the family from the spec's base (init_family) and export one tier (export_tier)."""
+from __future__ import annotations
+
+import shutil
+from typing import TYPE_CHECKING
+
+from ruyi_core.errors import RuyiError
+from ruyi_core.spec import RunSpec
+from ruyi_core.stages.contract import Artifact, Stage, StageRun, run_stage
+from ruyi_core.stages.data import corpus_records
+from ruyi_core.store import ArtifactStore
+
+if TYPE_CHECKING:
+    from ruyi_core.stages.dae import Compressed
+
+
+class Family(Artifact):
+    exit_points: list[int]
+    tiers: dict[str, int]
+    parameters: int
+    vocab_size: int
+
+
+class TierExport(Artifact):
+    tier: str
+    exit_point: int
+    depth: int
+    parameters: int
+    weight_bytes: int
+    sample: str
+    compressed: str | None = None  # how, when the tier ships SVD-compressed weights
+
+
+INIT = Stage("init_family", Family, ("family",))
+EXPORT = Stage("export_tier", TierExport, root="stages/{family}/{stage}/{tier}")
+
+
+def init_family(spec: RunSpec, store: ArtifactStore, pretrain: str) -> Family:
+    """The family from the spec's base; a preset's tokenizer is trained on the validated pretraining data."""
+
+    def build(run: StageRun) -> dict:
+        from ruyi_core.family.io import init_family as make, save_family
+
+        records = corpus_records(run, "pretrain", "pretrain")
+        fam, tok = make(spec.family, texts=(r["text"] for r in records))
+        save_family(fam, tok, run.out)
+        return {"exit_points": fam.config.early_exit_points, "tiers": fam.config.tiers,
+                "parameters": fam.num_parameters(), "vocab_size": fam.config.vocab_size}
+
+    return run_stage(INIT, spec, store, build, inputs={"pretrain": pretrain})
+
+
+def export_tier(spec: RunSpec, store: ArtifactStore, family: str, tier: str,
+                compressed: Compressed | None = None) -> TierExport:
+    """One tier as a standalone Qwen3 checkpoint, with its summary row in the manifest's metadata. The DaE tier,
+    when `compressed` (svd_compress's result) names it, ships the compressed weights: the materialised plain
+    checkpoint plus the factored form under factored/."""
+    compressed = compressed if compressed is not None and compressed.tier == tier else None
+
+    def build(run: StageRun) -> dict:
+        if compressed:
+            return _export_compressed(run, tier)
+        from ruyi_core.family.io import export_tiers, load_family
+
+        fam, tok = load_family(run.fetch("family"))
+        if tier not in fam.config.tiers:
+            raise RuyiError(f"unknown tier {tier!r}: this family has {', '.join(fam.config.tiers)}")
+        (row,) = export_tiers(fam, tok, run.work / "tiers", [tier])
+        row.pop("path")
+        shutil.copytree(run.work / "tiers" / tier, run.out, dirs_exist_ok=True)
+        return row
+
+    inputs = {"family": family, "compressed": compressed.uri if compressed else None}
+    return run_stage(EXPORT, spec, store, build, inputs=inputs, params={"tier": tier})
+
+
+def _export_compressed(run: StageRun, tier: str) -> dict:
+    import torch
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    from ruyi_core.family.io import dir_bytes, greedy_sample
+
+    svd = run.manifest("compressed").metadata
+    src = run.fetch("compressed")
+    shutil.copytree(src / "materialized", run.out, dirs_exist_ok=True)
+    shutil.copytree(src / "factored", run.out / "factored")
+    model = Qwen3ForCausalLM.from_pretrained(run.out, dtype=torch.float32).eval()
+    return {"tier": tier, "exit_point": int(svd["exit_point"]), "depth": model.config.num_hidden_layers,
+            "parameters": int(svd["factored_parameters"]), "weight_bytes": dir_bytes(run.out / "factored",
+                                                                                   "*.safetensors"),
+            "compressed": f"SVD {svd['ratio']:.0%} of the added parameters",
+            "sample": greedy_sample(model, AutoTokenizer.from_pretrained(run.out))}

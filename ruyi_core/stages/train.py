@@ -1,0 +1,95 @@
+"""Training stages (CPT, SFT, and DaE's CPT and SFT of the expanded tier): convert the family to a megatron
+checkpoint, run the trainer (a local torchrun, or a Kubeflow Trainer v2 TrainJob), convert the result back.
+
+Every input and checkpoint lives in the store under the stage's key, so a stage killed anywhere resumes from its
+latest complete checkpoint when run again, on either launcher.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from ruyi_core.errors import RuyiError
+from ruyi_core.spec import RunSpec
+from ruyi_core.stages.contract import Artifact, Stage, StageRun, _print, run_stage
+from ruyi_core.stages.data import PackedDataset
+from ruyi_core.store import ArtifactStore
+
+
+class Trained(Artifact):
+    stage: str
+    steps: int
+    exit_points: list[int]
+    first_exit_losses: list[float]
+    final_exit_losses: list[float]
+
+
+# The parallel layout is in the identity (TP changes the arithmetic); the launcher and its settings are not.
+TRAIN = {
+    "cpt": Stage("cpt", Trained, ("train.cpt", "train.parallel")),
+    "sft": Stage("sft", Trained, ("train.sft", "train.parallel")),
+    "dae_cpt": Stage("dae_cpt", Trained, ("dae.cpt", "dae.tier", "train.parallel")),
+    "dae_sft": Stage("dae_sft", Trained, ("dae.sft", "dae.tier", "train.parallel")),
+}
+
+
+def training_data(spec: RunSpec, stage: str, packed: list[PackedDataset]) -> tuple[str, str | None]:
+    """(data, replay) URIs for a training stage: its kind's packed dataset, and pretraining text for replay."""
+    kind = "pretrain" if stage in ("cpt", "dae_cpt") else "sft"
+    by_kind = {p.kind: p.uri for p in packed}
+    return by_kind[kind], by_kind["pretrain"] if spec.train_stage(stage).replay else None
+
+
+def train(spec: RunSpec, store: ArtifactStore, stage: str, family: str, data: str, replay: str | None = None,
+          log=_print) -> Trained:
+    """Joint multi-exit training of the family at `family` on the packed dataset `data` (SFT stages with `replay`
+    also on pretraining windows from `replay`); the result is an HF family with per-exit loss logs and curves."""
+    if stage not in TRAIN:
+        raise RuyiError(f"unknown training stage {stage!r}: one of {', '.join(TRAIN)}")
+    if spec.train_stage(stage).replay and replay is None:
+        raise RuyiError(f"{stage}: replay {spec.train_stage(stage).replay} needs a packed pretraining dataset")
+    replay = replay if spec.train_stage(stage).replay else None
+
+    def build(run: StageRun) -> dict:
+        return _train(run, stage)
+
+    return run_stage(TRAIN[stage], spec, store, build, inputs={"family": family, "data": data, "replay": replay},
+                     log=log)
+
+
+def _train(run: StageRun, stage: str) -> dict:
+    from ruyi_core.megatron.launch import run_child, torchrun, validate_layout
+
+    spec, store, st = run.spec, run.store, run.spec.train_stage(stage)
+    fam_dir = run.fetch("family")
+    validate_layout(spec, json.loads((fam_dir / "config.json").read_text()), stage)
+    init = f"{run.key}/init"
+    if not store.has_artifact(init):
+        run_child([sys.executable, "-m", "ruyi_core.megatron.ckpt", "from-hf", "--family", str(fam_dir),
+                   "--out", str(run.work / "init")], run.log)
+        store.put_artifact(init, run.work / "init", stage=f"{stage}_init", spec_hash="", inputs=[run.inputs["family"]])
+    args = ["--stage", stage, "--spec", spec.model_dump_json(), "--family", run.inputs["family"],
+            "--init", store.uri(init), "--data", run.inputs["data"], "--ckpt-prefix", f"{run.key}/checkpoints",
+            "--resume", "--log-every", str(max(1, st.steps // 10))]
+    if "replay" in run.inputs:
+        args += ["--replay", run.inputs["replay"]]
+    if spec.train.launcher == "local":
+        run_child(torchrun(spec.train.parallel.world_size, "ruyi_core.megatron.trainer",
+                           [*args, "--out", str(run.work / "run")]), run.log)
+    else:
+        from ruyi_core.megatron.trainjob import run_trainjob
+
+        # --out is the pod's scratch volume, shared by the ranks of a node; the job is named for this artifact.
+        run_trainjob(spec, stage, f"{spec.family.name}-{stage}-{run.key.rsplit('/', 1)[-1][:8]}",
+                     [*args, "--out", "/scratch/run"], log=run.log)
+    last = sorted(store.list_artifacts(f"{run.key}/checkpoints"))[-1]
+    final = run.work / "final"
+    store.get_artifact(last, final)
+    run_child([sys.executable, "-m", "ruyi_core.megatron.ckpt", "to-hf", "--ckpt", str(final), "--family",
+               str(fam_dir), "--out", str(run.out)], run.log)
+    history = [json.loads(line) for line in (final / f"{stage}_losses.jsonl").read_text().splitlines()]
+    for f in (f"{stage}_losses.jsonl", f"{stage}_losses.png"):
+        (run.out / f).write_bytes((final / f).read_bytes())
+    run.lineage.append(last)
+    return {"stage": stage, "steps": len(history), "exit_points": history[-1]["exit_points"],
+            "first_exit_losses": history[0]["exits"], "final_exit_losses": history[-1]["exits"]}
