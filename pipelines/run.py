@@ -98,7 +98,8 @@ def run_local(spec_path: str | Path, root: str | Path = ".ruyi/kfp", show=None) 
             msgs = [f.read_text().strip() for f in sorted(errors.glob("*.txt"))]
             if msgs:
                 raise RuyiError("; ".join(msgs) + f" (full log: {log_path})") from None
-            raise RuyiError(f"the local pipeline failed: {e} (full log: {log_path})") from None
+            # no stage reported a user error: a bug or an unexpected failure, whose traceback is in the log
+            raise RuntimeError(f"a pipeline task failed ({e}); its traceback is in {log_path}") from None
     report_uri = store.uri(REPORT.root.format(run_id=task.output.metadata["run_id"]))
     return {"report_uri": report_uri, "log": str(log_path),
             "events": tee.events, "executed": sum(1 for e in tee.events if e.startswith("Task ") and "finished with status" in e)}

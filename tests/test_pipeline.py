@@ -69,7 +69,7 @@ STAGE_LINE = re.compile(r"\[(\w+)\] (reused|built) (s3://\S+)")
 def stage_lines(run: dict) -> dict[str, set[str]]:
     """{stage: {"reused", "built"}} from the run log's per-stage lines."""
     out: dict[str, set[str]] = {}
-    for stage, what, _ in STAGE_LINE.findall(Path(run["log"]).read_text()):
+    for stage, what, _ in STAGE_LINE.findall(Path(run["log"]).read_text(errors="replace")):
         out.setdefault(stage, set()).add(what)
     return out
 

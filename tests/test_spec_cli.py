@@ -97,6 +97,23 @@ def test_bad_spec_in_a_real_process(tmp_path):
     assert "family.exit_points: must be strictly increasing" in r.stdout
 
 
+def test_a_bug_is_an_internal_error_not_a_user_error(tmp_path, run_cli, monkeypatch):
+    """Only a RuyiError is the user's to fix; anything else is one line pointing at the traceback's file."""
+    import ruyi_core.family.io
+
+    def broken(*a, **k):
+        raise ValueError("boom\nsecond line")
+
+    monkeypatch.setattr(ruyi_core.family.io, "init_family", broken)
+    spec = tmp_path / "ok.yaml"
+    spec.write_text("family:\n  base: micro\n  exit_points: [1, 3]\n")
+    code, out = run_cli(["family", "init", "--spec", spec, "--out", tmp_path / "f"])
+    (line,) = out.strip().splitlines()
+    assert code == 1 and line.startswith("internal error: ValueError: boom (traceback: ") and "Traceback" not in out
+    log = Path(re.search(r"traceback: (\S+);", line).group(1))
+    assert "raise ValueError" in log.read_text()
+
+
 def test_cli_init_export_generate(tmp_path, run_cli):
     spec = tmp_path / "micro.yaml"
     spec.write_text(yaml.safe_dump({"family": {"name": "micro", "base": "micro", "exit_points": [1, 3]}}))

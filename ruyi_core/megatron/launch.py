@@ -61,7 +61,8 @@ def run_child(cmd: list[str], log, env: dict | None = None) -> None:
         if errs:
             raise RuyiError(errs[-1][len("error:"):].strip())
         bugs = [t for t in tail if t.startswith("internal error:")]
-        what = bugs[-1][len("internal error:"):].strip() if bugs else f"exit {proc.returncode}: {tail[-1] if tail else ''}"
+        what = (bugs[-1][len("internal error:"):].strip() if bugs
+                else f"exit {proc.returncode}: {tail[-1] if tail else ''}")
         module = cmd[len(cmd) - 1 - cmd[::-1].index("-m") + 1] if "-m" in cmd else cmd[0]
         raise RuntimeError(f"internal error in {module} ({what}): its traceback is in the log")
 
