@@ -16,7 +16,8 @@ def report(spec_yaml: str, plan: Input[Dataset], promotion: Input[Artifact], pac
     from ruyi_core.stages import PackedDataset, Promotion, RunPlan, open_run, report
 
     with open_run(spec_yaml) as (spec, store):
-        result = report(spec, store, RunPlan.model_validate(plan.metadata), Promotion.model_validate(promotion.metadata),
+        result = report(spec, store, RunPlan.model_validate(plan.metadata),
+                        Promotion.model_validate(promotion.metadata),
                         [PackedDataset.of(d) for d in packed.metadata["datasets"]])
         store.get_file(f"{result.uri}/report.md", markdown.path)
         store.get_file(f"{result.uri}/report.html", page.path)

@@ -2,12 +2,15 @@
 the library's command line. This module is the `ruyi` entry point; ruyi_core itself never imports pipelines."""
 from __future__ import annotations
 
+import io
 import sys
 import time
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ruyi_core.cli import app, console
@@ -61,10 +64,12 @@ def _print_tiers(tiers: list[dict], promotion: dict) -> None:
     from ruyi_core.report import depth_flags
 
     benches = sorted({b for t in tiers for b in t["evaluation"]["benchmarks"]})
-    t = Table(title=f"{promotion['family']} version {promotion['version']}: tiers")
+    plain = not console.is_terminal
+    t = Table(title=f"{promotion['family']} version {promotion['version']}: tiers",
+              box=box.MARKDOWN if plain else box.HEAVY_HEAD)
     for c in ["tier", "params", "on disk", *benches, "average", "prefill tok/s", "decode tok/s", "peak MiB",
               "promoted"]:
-        t.add_column(c, justify="left" if c == "tier" else "right")
+        t.add_column(c, justify="left" if c == "tier" else "right", no_wrap=plain)
     for r in tiers:
         ev, sp, gate = r["evaluation"], r["evaluation"].get("speed", {}), r.get("gate") or {}
         vals = [f"{ev['benchmarks'][b]['value']:.3f}" if b in ev["benchmarks"] else "" for b in benches]
@@ -73,8 +78,10 @@ def _print_tiers(tiers: list[dict], promotion: dict) -> None:
                   f"{ev['average']:.3f}" if ev.get("average") is not None else "",
                   f"{sp.get('prefill_tokens_per_s', 0):,.0f}", f"{sp.get('decode_tokens_per_s', 0):,.0f}",
                   f"{mem:.0f}" if mem is not None else "", "yes" if gate.get("promoted") else "kept")
-    # A log file or pipe gets rich's 80 columns by default: too narrow for this table.
-    (console if console.is_terminal else Console(width=170)).print(t)
+    if plain:
+        console.out(_plain_text(t), highlight=False)
+    else:
+        console.print(t)
     for flag in depth_flags(tiers):
         console.print(f"[yellow]warning:[/] {flag}", highlight=False)
     for r in tiers:
@@ -85,6 +92,21 @@ def _print_tiers(tiers: list[dict], promotion: dict) -> None:
     served = ", ".join(f"{k} {v}" for k, v in sorted(promotion["promoted"].items()))
     console.print(f"registry {promotion['family']}: promoted {served}  (ruyi models list {promotion['family']})",
                   highlight=False, soft_wrap=True)
+
+
+def _plain_text(table: Table) -> str:
+    """The table for a log file or pipe: at its natural width (rich would otherwise lay it out in 80 columns,
+    cutting and wrapping the header), no colour, a Markdown table's ASCII rules, no blank edge lines."""
+    wide = Console(file=io.StringIO(), width=10_000, color_system=None)
+    out = Console(file=io.StringIO(), width=wide.measure(table).maximum, color_system=None)
+    out.print(table)
+    return "\n".join(line.rstrip() for line in out.file.getvalue().splitlines() if line.strip())
+
+
+def progress_printer(live: Console):
+    """Shows task events and progress lines, dimmed. Escaped: a line's "[grpo]" tag is text, not rich markup
+    (which would swallow it as an unknown style)."""
+    return lambda line: live.print(f"  [dim]{escape(line)}[/]", highlight=False)
 
 
 @pipeline_app.command("run")
@@ -111,7 +133,7 @@ def pipeline_run(spec: Path = typer.Option(..., help="run spec YAML"),
     quiet_hf()
     started = time.perf_counter()
     live = Console(file=sys.stdout)  # bound now: the runner redirects sys.stdout into its log meanwhile
-    res = run_local(spec, root, show=lambda m: live.print(f"  [dim]{m}[/]", highlight=False))
+    res = run_local(spec, root, show=progress_printer(live))
     rep = fetch_report(load_spec(spec), res["report_uri"], root / "reports" / res["report_uri"].split("/")[-2])
     _print_tiers(rep["tiers"], rep["promotion"])
     gated = not any("init-family" in e for e in res["events"])  # nothing ran past plan_run

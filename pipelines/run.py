@@ -11,7 +11,10 @@ from pathlib import Path
 
 from ruyi_core.errors import RuyiError
 from ruyi_core.spec import RunSpec, load_spec
+from ruyi_core.stages import PACKAGE, REPORT, WEIGHT_STAGES
 from ruyi_core.stages.contract import ERROR_DIR_ENV
+
+_STAGE_TAGS = "|".join(sorted({s.name for s in (*WEIGHT_STAGES, PACKAGE, REPORT)}))
 
 
 def compile_pipeline(spec_path: str | Path, out: str | Path) -> Path:
@@ -27,36 +30,49 @@ def compile_pipeline(spec_path: str | Path, out: str | Path) -> Path:
 
 
 class _TaskLog(io.TextIOBase):
-    """Tees the local runner's chatty output to a log file and shows one line per task event."""
+    """Tees the local runner's chatty output to a log file and shows one line per task event and progress line."""
 
     _event = re.compile(r"(Executing task|Task .* finished with status|Task .* cache hit|Pipeline .* finished)")
-    # the trainer's progress lines, and each stage's "reused" / "built" line
-    _progress = re.compile(r"\[\w+\] (step \d+/\d+|reused s3://|built s3://)")
+    # Progress: lines that our code tags with a stage's name, "[grpo] step 3/30 ...", "[package] end: ...",
+    # "[cpt] reused s3://..." (at the start of the line, or after a launcher's "[default0]:" prefix); not other
+    # libraries' tagged lines ("[transformers] ...").
+    _progress = re.compile(rf"(?:^|\]:)(\[(?:{_STAGE_TAGS})\] \S.*)")
     _ansi = re.compile(r"\x1b\[[0-9;]*m")
 
     def __init__(self, log, show):
-        self.log, self.show, self.events, self._showing = log, show, [], False
+        self.log, self.show, self.events, self._showing, self._partial = log, show, [], False, ""
 
     def write(self, s: str) -> int:
         self.log.write(s)
         if self._showing:  # `show` printed to the redirected stdout: it belongs in the log only
             return len(s)
-        self._showing = True
-        try:
-            self._events(s)
-        finally:
-            self._showing = False
+        # Writes arrive in arbitrary chunks (a task's output is read from a pipe): a line is judged only once
+        # it is complete, so a progress line is never shown cut in two or without its tag.
+        lines = (self._partial + s).splitlines(keepends=True)
+        self._partial = lines.pop() if lines and not lines[-1].endswith(("\n", "\r")) else ""
+        self._lines(lines)
         return len(s)
 
-    def _events(self, s: str) -> None:
-        for line in s.splitlines():
-            clean = self._ansi.sub("", line).strip()
-            if self._event.search(clean) and "INFO" in clean:
-                msg = clean.split(" - INFO - ", 1)[-1]
-                self.events.append(msg)
-                self.show(msg)
-            elif self._progress.search(clean):
-                self.show("  " + clean[self._progress.search(clean).start():])
+    def finish(self) -> None:
+        """Judge the last line, when the output did not end with a newline."""
+        rest, self._partial = self._partial, ""
+        self._lines([rest] if rest else [])
+
+    def _lines(self, lines: list[str]) -> None:
+        self._showing = True
+        try:
+            for line in lines:
+                self._line(self._ansi.sub("", line).strip())
+        finally:
+            self._showing = False
+
+    def _line(self, clean: str) -> None:
+        if self._event.search(clean) and "INFO" in clean:
+            msg = clean.split(" - INFO - ", 1)[-1]
+            self.events.append(msg)
+            self.show(msg)
+        elif m := self._progress.search(clean):
+            self.show("  " + m.group(1))
 
     def flush(self) -> None:
         self.log.flush()
@@ -93,7 +109,10 @@ def run_local(spec_path: str | Path, root: str | Path = ".ruyi/kfp", show=None) 
         tee = _TaskLog(log, show)
         try:
             with contextlib.redirect_stdout(tee), contextlib.redirect_stderr(tee):
-                task = pipeline()
+                try:
+                    task = pipeline()
+                finally:
+                    tee.finish()
         except RuntimeError as e:
             msgs = [f.read_text().strip() for f in sorted(errors.glob("*.txt"))]
             if msgs:
@@ -101,8 +120,8 @@ def run_local(spec_path: str | Path, root: str | Path = ".ruyi/kfp", show=None) 
             # no stage reported a user error: a bug or an unexpected failure, whose traceback is in the log
             raise RuntimeError(f"a pipeline task failed ({e}); its traceback is in {log_path}") from None
     report_uri = store.uri(REPORT.root.format(run_id=task.output.metadata["run_id"]))
-    return {"report_uri": report_uri, "log": str(log_path),
-            "events": tee.events, "executed": sum(1 for e in tee.events if e.startswith("Task ") and "finished with status" in e)}
+    executed = sum(1 for e in tee.events if e.startswith("Task ") and "finished with status" in e)
+    return {"report_uri": report_uri, "log": str(log_path), "events": tee.events, "executed": executed}
 
 
 def fetch_report(spec: RunSpec, report_uri: str, dest: Path) -> dict:

@@ -182,7 +182,7 @@ def train_cmd(stage: str = typer.Option(..., help="cpt or sft"),
                             f"outputs), got {uri!r}")
     s = load_spec(spec)
     store = ArtifactStore.from_spec(s.store, env=os.environ)
-    out = train(s, store, stage, family, data, replay, log=lambda m: console.print(m, highlight=False))
+    out = train(s, store, stage, family, data, replay, log=lambda m: console.print(m, highlight=False, markup=False))
     console.print(f"trained family: [bold]{out.uri}[/]\nfinal loss per exit: "
                   + ", ".join(f"exit {p}: {v:.3f}" for p, v in zip(out.exit_points, out.final_exit_losses)))
 

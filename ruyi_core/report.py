@@ -111,13 +111,16 @@ def tier_rows(tiers: list[dict], benchmarks: list[str]) -> list[dict]:
 
 
 def family_lines(tiers: list[dict]) -> list[str]:
-    """Each package against the family at the same exit: equal for a plain export, the cost of compression for
-    an SVD-compressed tier."""
+    """Each package against the family at the same exit: equal for a plain export (the same weights, so it was
+    evaluated once), the cost of compression for an SVD-compressed tier."""
     lines = []
     for t in tiers:
         ev = t.get("evaluation") or {}
         fam = ev.get("family")
         if not fam:
+            continue
+        if ev.get("family_same_weights"):
+            lines.append(f"- {t['tier']}: the same weights as the family's exit, so the same scores (evaluated once)")
             continue
         diffs = [f"{b} {r['value']:.4g} vs {fam[b]:.4g}" for b, r in ev["benchmarks"].items()
                  if b in fam and r["value"] != fam[b]]

@@ -218,7 +218,7 @@ class TrainJobSpec(_Strict):
 STAGE_DEFAULTS = {
     "train": {"cpt": {},
               # SFT takes many small steps: copying numbers from the prompt emerges with updates, not tokens.
-              "sft": {"steps": 80, "global_batch_size": 8, "lr": 1e-3, "min_lr": 1e-4}},
+              "sft": {"steps": 80, "global_batch_size": 8, "lr": 1e-3, "min_lr": 1e-4, "replay": 0.25}},
     "dae": {"cpt": {"steps": 20, "global_batch_size": 8, "lr": 2e-3, "min_lr": 2e-4},
             "sft": {"steps": 30, "global_batch_size": 8, "lr": 1e-3, "min_lr": 1e-4}},
 }
@@ -312,13 +312,16 @@ class RlSpec(_Strict):
 class BenchmarkSpec(_Strict):
     """One evaluation set in one of three forms (lm-evaluation-harness does the scoring):
     `exact_match`: JSONL {question, answer} (GSM8K's "... #### 42" answers work), scored on greedy generation;
-    `multiple_choice`: JSONL {question, choices, answer|gold} (MMLU's form), scored by log-likelihood;
+    `multiple_choice`: JSONL {question, choices, answer|gold} (MMLU's form), scored by log-likelihood, asked as
+    "Question: ...\nAnswer:" (`template: qa`) or with the question as the very text the choice completes
+    (`template: cloze`, e.g. "Alice lives in" -> " Paris");
     `perplexity`: JSONL {text}, rolling log-likelihood. `path` is a local file, an s3:// URI in the store, or
     `demo:<set>`, one of the demo world's held-out sets (ruyi_core.data.world.EVAL_SETS)."""
 
     format: Literal["exact_match", "multiple_choice", "perplexity"]
     path: str
     limit: int | None = Field(None, ge=1)  # first N records only
+    template: Literal["qa", "cloze"] = "qa"  # multiple_choice only
 
     @field_validator("path")
     @classmethod
@@ -342,7 +345,8 @@ class EvalSpec(_Strict):
 
     benchmarks: dict[str, BenchmarkSpec] = Field(default_factory=lambda: {
         "arithmetic": BenchmarkSpec(format="exact_match", path="demo:arithmetic"),
-        "facts_mc": BenchmarkSpec(format="multiple_choice", path="demo:facts_mc"),
+        # The demo world states facts as "Alice lives in Paris.": a cloze asks for them in that form.
+        "facts_mc": BenchmarkSpec(format="multiple_choice", path="demo:facts_mc", template="cloze"),
         "heldout_text": BenchmarkSpec(format="perplexity", path="demo:heldout_text")})
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(8, ge=1)

@@ -4,6 +4,7 @@ process-global, so it stays out of the pytest process). Prints one JSON line.
     python tests/mcore_probe.py exactness FAMILY_DIR
     python tests/mcore_probe.py joint-loss FAMILY_DIR
     python tests/mcore_probe.py rng-resume FAMILY_DIR
+    python tests/mcore_probe.py cpu-swaps FAMILY_DIR
 """
 import json
 import sys
@@ -118,8 +119,44 @@ def rng_resume(family_dir):
     return {"repeats": draws() == after_save, "extra": extra}
 
 
+def cpu_swaps(family_dir):
+    """The CPU spec's SDPAttention and SwiGLU against megatron's DotProductAttention and GLU (GQA, explicit
+    and implicit causal mask): outputs and input gradients."""
+    import torch.nn.functional as F
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from ruyi_core.megatron.attention import SDPAttention
+    from ruyi_core.megatron.swiglu import SwiGLU
+
+    _, model = setup(family_dir)
+    cfg, s, b = model.config, 12, 3
+    g = torch.Generator().manual_seed(2)
+    qkv = [torch.randn(s, b, n, cfg.kv_channels, generator=g, requires_grad=True)
+           for n in (cfg.num_attention_heads, cfg.num_query_groups, cfg.num_query_groups)]
+
+    def attn(module, mask):
+        out = module(*qkv, mask)
+        return [out, *torch.autograd.grad(out.square().sum(), qkv)]
+
+    want = attn(DotProductAttention(cfg, 1, AttnMaskType.causal, "self"), causal_mask(s))
+    sdpa = SDPAttention(cfg, 1, AttnMaskType.causal, "self")
+    worst = max(((x - y).abs().max() / y.abs().max()).item() for mask in (causal_mask(s), None)
+                for x, y in zip(attn(sdpa, mask), want))  # relative to each tensor's scale
+    x = torch.randn(s, b, 2 * cfg.ffn_hidden_size, generator=g, requires_grad=True)
+
+    def glu(fn):
+        out = fn(x)
+        return [out, *torch.autograd.grad(out.square().sum(), x)]
+
+    gate_up = lambda t: F.silu(t.chunk(2, -1)[0]) * (t.chunk(2, -1)[1] + cfg.glu_linear_offset)  # noqa: E731
+    exact = all(torch.equal(a, c) for a, c in zip(glu(SwiGLU(cfg)), glu(gate_up)))
+    return {"attention_max_rel_diff": worst, "swiglu_exact": exact,
+            "gqa": cfg.num_attention_heads > cfg.num_query_groups}
+
+
 if __name__ == "__main__":
     with cpu_shim():
         result = {"exactness": exactness, "joint-loss": joint_loss,
-                  "rng-resume": rng_resume}[sys.argv[1]](sys.argv[2])
+                  "rng-resume": rng_resume, "cpu-swaps": cpu_swaps}[sys.argv[1]](sys.argv[2])
     print(json.dumps(result))

@@ -58,8 +58,11 @@ def family_scores(family, tmp_path_factory):
 
 
 def test_evaluation_is_reproducible(family, family_scores, tmp_path):
-    again = evaluate(*family, SPEC, tmp_path, exit_point=EDGE)
+    lines = []
+    again = evaluate(*family, SPEC, tmp_path, exit_point=EDGE, log=lines.append)
     assert again == family_scores
+    assert [x.split(":")[0] for x in lines] == ["arithmetic 1/3", "facts_mc 2/3", "heldout_text 3/3"]
+    assert lines[1].startswith("facts_mc 2/3: acc ") and "(n=12) in " in lines[1]
     b = again["benchmarks"]
     assert {n: (r["metric"], r["n"]) for n, r in b.items()} == {
         "arithmetic": ("exact_match", 4), "facts_mc": ("acc", 12), "heldout_text": ("word_perplexity", 4)}
@@ -76,6 +79,37 @@ def test_tier_scores_equal_the_family_exit(family, edge, family_scores, tmp_path
         assert tier[name] == fam[name], name
     for key in ("value", "byte_perplexity", "bits_per_byte"):
         assert tier["heldout_text"][key] == pytest.approx(fam["heldout_text"][key], rel=1e-4), key
+
+
+def test_package_reuses_the_scores_of_a_plain_export(family, edge_dir, family_scores, tmp_path):
+    """A plain export holds the family exit's weights bit for bit, so package_tier does not evaluate the family
+    at that exit again: the package's scores are reused and marked so. Other weights (a compressed tier) are."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file, save_file
+
+    from ruyi_core.stages.ship import _family_comparison, same_weights
+
+    fam, tok = family
+    assert same_weights(edge_dir, fam, EDGE) and not same_weights(edge_dir, fam, 3)
+    run = SimpleNamespace(fetch=lambda name: edge_dir, spec=SPEC, work=tmp_path / "work", store=None)
+    lines = []
+    tier_scores = {"benchmarks": {"arithmetic": {"value": 0.25}, "facts_mc": {"value": 0.5}}}  # never recomputed
+    got = _family_comparison(run, fam, tok, "edge", tier_scores, lines.append)
+    assert got == {"family": {"arithmetic": 0.25, "facts_mc": 0.5}, "family_same_weights": True}
+    assert lines == [f"the family at exit {EDGE} has the same weights as the package: its scores are the package's"]
+
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    weights = load_file(edge_dir / "model.safetensors")
+    weights["lm_head.weight"][0, 0] += 1.0
+    save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
+    assert not same_weights(changed, fam, EDGE)
+    run.fetch = lambda name: changed
+    got = _family_comparison(run, fam, tok, "edge", tier_scores, lines.append)
+    assert got == {"family": {b: r["value"] for b, r in family_scores["benchmarks"].items()},
+                   "family_same_weights": False}
+    assert lines[2].startswith("family arithmetic 1/3: exact_match ")
 
 
 @torch.no_grad()

@@ -99,7 +99,9 @@ def test_grpo_trains_only_the_tier(tier, prompts, tmp_path):
     lines = []
     res = run_grpo(tier, tmp_path / "out", train, heldout, TRAINABLE, _spec(), log=lines.append)
     out = tmp_path / "out"
-    assert res["steps"] == 2 and any("grpo step 2" in x for x in lines)
+    assert res["steps"] == 2 and any(x.startswith("[grpo] step 2/2 | reward") for x in lines)
+    # held-out evaluation reports its progress per batch, before and after
+    assert "[grpo] held-out before: 4/4 prompts" in lines and "[grpo] held-out after: 4/4 prompts" in lines
     assert res["trainable_params"] > 0 and res["frozen_params"] > 0
 
     before, after = load_file(tier / "model.safetensors"), load_file(out / "model.safetensors")

@@ -62,6 +62,11 @@ def test_joint_loss_is_the_weighted_sum_of_exit_losses(workdir):
     assert any(t.startswith("branches.0") for t in out["exit0_touches"])
 
 
+def test_cpu_attention_and_swiglu_match_megatron(workdir):
+    out = probe("cpu-swaps", workdir / "family")
+    assert out["gqa"] and out["attention_max_rel_diff"] < 1e-5 and out["swiglu_exact"]
+
+
 def test_checkpoint_restores_every_rng(workdir):
     out = probe("rng-resume", workdir / "family")
     assert out["repeats"] and out["extra"] == {"step": 1}

@@ -23,7 +23,7 @@ def evaluation(score: float, ppl: float = 10.0) -> dict:
                        "n": 50},
         "heldout_text": {"format": "perplexity", "metric": "word_perplexity", "value": ppl,
                          "higher_is_better": False, "n": 20}},
-        "average": score, "speed": {"prefill_tok_s": 5123.4, "decode_tok_s": 210.5, "peak_memory_mib": 312.0},
+        "average": score, "speed": {"prefill_tokens_per_s": 5123.4, "decode_tokens_per_s": 210.5, "peak_memory_mib": 312.0},
         "parameters": 139648, "bytes_on_disk": 561144}
 
 

@@ -32,3 +32,6 @@ def test_depth_check_flags_a_deeper_tier_that_scores_lower():
     assert "promoted now: cloud v0, edge v1, end v1" in md
     assert "Quality vs parameters" in page and page.count("<tr>") >= 4
     assert "- end: identical scores" in md
+    same = [dict(t, evaluation=dict(t["evaluation"], family_same_weights=True)) for t in bad]
+    md, _, _ = render("f-v1", same, [], [], {}, promotion)
+    assert "- end: the same weights as the family's exit, so the same scores (evaluated once)" in md

@@ -1,6 +1,7 @@
 """DaE stage 2, SVD compression: the whitened factors match the DESIGN formula, the theoretical loss is the
 realised one, rank allocation keeps its budget, and compressing a real transformers model is exact about
 parameters and exports as a vanilla checkpoint."""
+import copy
 import itertools
 import json
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from ruyi_core.dae.svd import (CompressionReport, LowRankLinear, allocate_ranks, collect_gram, compress,
+from ruyi_core.dae.svd import (CompressionReport, LowRankLinear, allocate_ranks, calibrate, collect_gram, compress,
                                materialize, max_rank, truncation_losses, whitened_factors)
 
 PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -205,6 +206,21 @@ def test_compress_qwen3_counts_materialize_and_export(tmp_path):
         {k: tuple(v.shape) for k, v in dense.state_dict().items()}
     with torch.no_grad():
         torch.testing.assert_close(loaded(**ids).logits, again, rtol=0, atol=1e-6)
+
+
+def test_one_calibration_serves_every_ratio():
+    """A sweep calibrates once: compressing copies of the model from that Calibration gives exactly what
+    compressing each from the calibration batches gives."""
+    model = tiny_qwen3()
+    names = [f"model.layers.{i}.{p}" for i in (0, 1) for p in PROJ] + ["lm_head"]
+    groups = {n: n.rsplit(".", 1)[-1] for n in names}
+    cal = calibrate(model, names, calib(96))
+    for ratio in (0.3, 0.6):
+        a, b = copy.deepcopy(model), copy.deepcopy(model)
+        assert compress(a, names, groups, cal, ratio) == compress(b, names, groups, calib(96), ratio)
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(ValueError, match="no Gram for"):
+        compress(copy.deepcopy(model), ["lm_head"], {"lm_head": "h"}, calibrate(model, names[:1], calib(96)), 0.4)
 
 
 def test_low_rank_linear_from_factors():

@@ -309,35 +309,56 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, new)
 
 
-def compress(model: nn.Module, names: list[str], groups: dict[str, str], batches: Iterable[dict],
-             ratio: float, forward: Callable | None = None, eps: float = EPS) -> CompressionReport:
-    """Replace each named nn.Linear of `model` in place by a LowRankLinear (ranks by `allocate_ranks` over
-    `groups`, factors by `whitened_factors` from the Grams of `batches`, see `collect_gram`). The factors
-    keep the Linear's dtype, device and requires_grad. Removes >= `ratio` of the named weights' parameters."""
-    _check_ratio(ratio)
-    missing = [n for n in names if n not in groups]
-    if missing:
-        raise CompressionError(f"groups: no group for {missing}")
+@dataclass
+class Calibration:
+    """What compression takes from the calibration data, whatever the ratio: each named Linear's input Gram, the
+    tokens it saw and its truncation losses. `calibrate` once, then `compress` copies of the same model at
+    several ratios (a sweep) without running the calibration batches and the loss SVDs again."""
+
+    grams: dict[str, torch.Tensor]
+    tokens: dict[str, int]
+    losses: dict[str, torch.Tensor]
+
+
+def calibrate(model: nn.Module, names: list[str], batches: Iterable[dict], forward: Callable | None = None,
+              eps: float = EPS) -> Calibration:
+    """The Grams of `batches` (see `collect_gram`) and each Linear's `truncation_losses` for `compress`."""
     mods, grams, tokens = _collect(model, names, batches, forward)
     for n in names:
         if tokens[n] == 0 or not grams[n].abs().max() > 0:
             raise CompressionError(f"{n!r} saw no non-zero calibration input: is it on the forward path?")
+    return Calibration(grams, tokens, {n: truncation_losses(mods[n].weight.detach(), grams[n], eps) for n in names})
+
+
+def compress(model: nn.Module, names: list[str], groups: dict[str, str], batches: Iterable[dict] | Calibration,
+             ratio: float, forward: Callable | None = None, eps: float = EPS) -> CompressionReport:
+    """Replace each named nn.Linear of `model` in place by a LowRankLinear (ranks by `allocate_ranks` over
+    `groups`, factors by `whitened_factors` from the Grams of `batches`, see `collect_gram`). The factors
+    keep the Linear's dtype, device and requires_grad. Removes >= `ratio` of the named weights' parameters.
+    `batches` may be a `Calibration` of this model's (unchanged) weights instead, shared by several calls."""
+    _check_ratio(ratio)
+    missing = [n for n in names if n not in groups]
+    if missing:
+        raise CompressionError(f"groups: no group for {missing}")
+    cal = batches if isinstance(batches, Calibration) else calibrate(model, names, batches, forward, eps)
+    if missing := [n for n in names if n not in cal.grams]:
+        raise CompressionError(f"the calibration has no Gram for {missing}")
+    mods = _resolve(model, names)
     shapes = {n: tuple(mods[n].weight.shape) for n in names}
-    losses = {n: truncation_losses(mods[n].weight.detach(), grams[n], eps) for n in names}
-    ranks = allocate_ranks(shapes, losses, {n: groups[n] for n in names}, ratio)
+    ranks = allocate_ranks(shapes, cal.losses, {n: groups[n] for n in names}, ratio)
     report = CompressionReport(ratio=ratio)
     with torch.no_grad():
         for n in names:
-            lin, r, (m, k) = mods[n], ranks[n], shapes[n]
-            A, B = whitened_factors(lin.weight.detach(), grams.pop(n), r, eps)  # pop: free the Gram early
+            lin, r, (m, k), losses = mods[n], ranks[n], shapes[n], cal.losses[n]
+            A, B = whitened_factors(lin.weight.detach(), cal.grams[n], r, eps)
             new = LowRankLinear.from_factors(A, B, None if lin.bias is None else lin.bias.detach())
             new.requires_grad_(lin.weight.requires_grad)
             _set_submodule(model, n, new)
-            total = float(losses[n][0])
+            total = float(losses[0])
             report.matrices.append(MatrixReport(
                 name=n, group=groups[n], shape=(m, k), rank=r, dense_params=m * k, factored_params=r * (m + k),
-                loss=float(losses[n][r]), relative_loss=float(losses[n][r]) / total if total > 0 else 0.0,
-                tokens=tokens[n]))
+                loss=float(losses[r]), relative_loss=float(losses[r]) / total if total > 0 else 0.0,
+                tokens=cal.tokens[n]))
     return report
 
 

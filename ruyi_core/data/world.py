@@ -143,16 +143,15 @@ EVAL_SETS = ("arithmetic", "facts_mc", "heldout_text")
 
 
 def eval_sets(seed: int = 0, n: int = 50) -> dict[str, list[dict]]:
-    """Held-out evaluation sets: generative arithmetic (exact match), multiple-choice facts (log-likelihood)
-    and held-out text for perplexity."""
+    """Held-out evaluation sets: generative arithmetic (exact match), fact cloze over every value of an attribute
+    (log-likelihood of "Alice lives in" -> " Paris") and held-out text for perplexity."""
     rng, people = random.Random(seed + 5), make_people(seed)
     mc = []
-    for _ in range(n):
+    for _ in range(n):  # a cloze over every value of the attribute: chance is 1/8 .. 1/12
         p, a = rng.choice(people), rng.choice(list(ATTRS))
-        wrong = rng.sample([v for v in ATTRS[a] if v != getattr(p, a)], 3)
-        choices = wrong + [getattr(p, a)]
+        choices = list(ATTRS[a])
         rng.shuffle(choices)
-        mc.append({"question": QUESTIONS[a].format(n=p.name), "choices": choices,
+        mc.append({"question": ANSWERS[a].format(n=p.name, v="\0").split("\0")[0].rstrip(), "choices": choices,
                    "gold": choices.index(getattr(p, a))})
     arith = [{"question": r["prompt"], "answer": r["answer"]} for r in heldout_prompts(n, seed)]
     ppl = [{"text": f"{q} {work}"} for q, _, work in (_problem(rng, True) for _ in range(n))]

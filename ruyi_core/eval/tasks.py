@@ -114,7 +114,8 @@ def load_records(name: str, bench, spec, tokenizer, fetch_dir: Path, store=None)
     return [normalize(bench.format, r, tokenizer, f"{label} record {i + 1}") for i, r in enumerate(raw)]
 
 
-def task_config(name: str, fmt: str, data: Path, cache_dir: Path, max_new_tokens: int, stop: list[str]) -> dict:
+def task_config(name: str, fmt: str, data: Path, cache_dir: Path, max_new_tokens: int, stop: list[str],
+                template: str = "qa") -> dict:
     base = {
         "task": name,
         "dataset_path": "json",
@@ -132,7 +133,8 @@ def task_config(name: str, fmt: str, data: Path, cache_dir: Path, max_new_tokens
                        "generation_kwargs": {"until": stop, "do_sample": False, "max_gen_toks": max_new_tokens},
                        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]}
     if fmt == "multiple_choice":
-        return base | {"doc_to_text": _MC_TEMPLATE, "doc_to_choice": "choices", "doc_to_target": "gold",
+        return base | {"doc_to_text": _MC_TEMPLATE if template == "qa" else "{{question}}",
+                       "doc_to_choice": "choices", "doc_to_target": "gold",
                        "target_delimiter": " ",
                        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
                                        for m in ("acc", "acc_norm")]}  # acc_norm reuses the same log-probs
@@ -155,7 +157,7 @@ def write_tasks(spec, tokenizer, out_dir: Path, stop: list[str], store=None) -> 
         data = out_dir / "data" / f"{name}.jsonl"
         data.parent.mkdir(parents=True, exist_ok=True)
         data.write_text("".join(json.dumps(r) + "\n" for r in records[name]))
-        cfg = task_config(name, bench.format, data, out_dir / "hf_cache", ev.max_new_tokens, stop)
+        cfg = task_config(name, bench.format, data, out_dir / "hf_cache", ev.max_new_tokens, stop, bench.template)
         text = yaml.safe_dump(cfg, sort_keys=False)
         if bench.format == "exact_match":  # a YAML tag safe_dump cannot emit
             text += f"process_results: !function {__name__}.exact_match_results\n"

@@ -34,6 +34,7 @@ class TokenStream:
             raise RuyiError(f"{packed_dir}: {self.doc_start[-1]} tokens are fewer than one window of {seq_length}: "
                             "pack more text or lower seq_length")
         self.seed = seed
+        self._perm = (-1, None)  # (epoch, its window order): O(n_windows) to draw, so drawn once per epoch
 
     def _span(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
         toks, masks = [], []
@@ -51,7 +52,9 @@ class TokenStream:
     def window(self, sample: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(tokens, labels, loss_mask) of global sample index `sample` (epochs wrap with a new permutation)."""
         epoch, i = divmod(sample, self.n_windows)
-        perm = np.random.default_rng(self.seed + epoch).permutation(self.n_windows)
+        if self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng(self.seed + epoch).permutation(self.n_windows))
+        perm = self._perm[1]
         toks, mask = self._span(int(perm[i]) * self.seq, self.seq + 1)
         # The label at position t is token t+1; it counts when that token is a trained one (SFT: assistant).
         return torch.from_numpy(toks[:-1]), torch.from_numpy(toks[1:]), torch.from_numpy(mask[1:].astype(np.float32))

@@ -23,6 +23,9 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from ruyi_core.megatron.attention import uses_sdpa, with_sdpa
+from ruyi_core.megatron.swiglu import with_swiglu
+
 
 @dataclass(frozen=True)
 class FamilyShape:
@@ -52,6 +55,8 @@ def transformer_config(hf_cfg, tp: int = 1, pp: int = 1, bf16: bool = False, rec
         params_dtype=dtype, pipeline_dtype=dtype, bf16=bf16, use_cpu_initialization=not torch.cuda.is_available(),
         apply_rope_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False,
+        # Without CUDA the MLP runs our SwiGLU module (see layer_spec and swiglu.py); the flag routes it there.
+        use_te_activation_func=not torch.cuda.is_available(),
     )
     if recompute:
         kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -60,7 +65,9 @@ def transformer_config(hf_cfg, tp: int = 1, pp: int = 1, bf16: bool = False, rec
 
 
 def layer_spec(config: TransformerConfig):
-    """Transformer Engine's spec where it is installed (GPUs), megatron's local spec otherwise."""
+    """Transformer Engine's spec where it is installed (GPUs); otherwise megatron's local spec with SDPA as its
+    core attention (megatron's unfused DotProductAttention materialises the [b*heads, s, s] scores) and, on the
+    CPU, SwiGLU as its MLP activation."""
     try:
         if not torch.cuda.is_available():
             raise ImportError
@@ -68,7 +75,8 @@ def layer_spec(config: TransformerConfig):
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
     except ImportError:
-        return get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
+        spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
+        return with_swiglu(with_sdpa(spec)) if config.use_te_activation_func else with_sdpa(spec)
 
 
 class AttachLoss(torch.autograd.Function):
@@ -119,7 +127,11 @@ class ExitHead(MegatronModule):
 
     def loss(self, hidden, labels, loss_mask):
         """Mean cross-entropy over the masked tokens; labels and mask are [b, s]."""
-        per_token = tensor_parallel.vocab_parallel_cross_entropy(self.logits(hidden).float(), labels.t().contiguous())
+        logits, labels = self.logits(hidden).float(), labels.t().contiguous()
+        if ps.get_tensor_model_parallel_world_size() == 1:  # one fused log-softmax, not the vocab-parallel passes
+            per_token = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+        else:
+            per_token = tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
         mask = loss_mask.t().float()
         return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
@@ -154,6 +166,8 @@ class FamilyGPT(MegatronModule):
         self.share_embeddings_and_output_weights = False  # one head per exit, none tied to the embedding
         self.shape, self.pre_process, self.post_process = shape, pre_process, post_process
         spec = layer_spec(config)
+        # True: causal attention needs no explicit mask (pass None); Transformer Engine's path gets one.
+        self.implicit_causal = uses_sdpa(spec)
         if pre_process:
             self.embedding = LanguageModelEmbedding(config, shape.vocab_size, shape.max_seq_length,
                                                     position_embedding_type="none")

@@ -95,20 +95,21 @@ class StoreIO:
 
 class ExitLossMeter:
     """Per-exit losses of one step: recorded per microbatch on the stage that computes each exit, then
-    averaged over microbatches, summed over pipeline stages (each exit lives on one) and averaged over DP."""
+    averaged over microbatches, summed over pipeline stages (each exit lives on one) and averaged over DP.
+    Sums stay on the device (no host sync per microbatch); `reduce()` syncs once per step."""
 
-    def __init__(self, n_exits: int):
-        self.n, self.sums, self.counts = n_exits, torch.zeros(n_exits), torch.zeros(n_exits)
+    def __init__(self, n_exits: int, device: torch.device):
+        self.n, self.sums, self.counts = n_exits, torch.zeros(n_exits, device=device), [0] * n_exits
 
     def add(self, losses: dict[int, torch.Tensor]) -> None:
         for k, v in losses.items():
-            self.sums[k] += v.float().cpu()
+            self.sums[k] += v.float()
             self.counts[k] += 1
 
     def reduce(self) -> list[float]:
         from megatron.core import parallel_state as ps
 
-        vec = self.sums / self.counts.clamp(min=1)
+        vec = self.sums / torch.tensor(self.counts, dtype=torch.float32, device=self.sums.device).clamp(min=1)
         dist.all_reduce(vec, group=ps.get_pipeline_model_parallel_group())
         dist.all_reduce(vec, group=ps.get_data_parallel_group())
         return (vec / ps.get_data_parallel_world_size()).tolist()
@@ -215,7 +216,8 @@ class Trainer:
         if st.replay:
             extra = TokenStream(self.io.fetch(self.args.replay, "replay"), st.seq_length, st.seed)
             self.stream = ReplayStream(self.stream, extra, st.replay)
-        self.mask = causal_mask(st.seq_length, self.device)
+        # SDPA's causal kernel (the CPU spec) needs no mask; Transformer Engine's path keeps the explicit one.
+        self.mask = None if self.ddp.module.implicit_causal else causal_mask(st.seq_length, self.device)
         self.pos = torch.arange(st.seq_length, device=self.device).unsqueeze(0).expand(st.micro_batch_size, -1)
 
     def state_dict(self) -> dict:
@@ -240,20 +242,21 @@ class Trainer:
         for m in range(self.n_micro):
             yield {k: v.to(self.device) for k, v in self.stream.batch(first + m * mb, mb).items()}
 
-    def _forward_step(self, lam: list[float], meter: ExitLossMeter, data_iterator, model_chunk):
+    def _forward_step(self, lam: list[float], loss_scale: float, meter: ExitLossMeter, data_iterator,
+                      model_chunk):
         b = next(data_iterator)
         out, exit_losses = model_chunk(b["tokens"], self.pos, self.mask, labels=b["labels"],
-                                       loss_mask=b["loss_mask"], exit_weights=lam,
-                                       loss_scale=float(self.opt.get_loss_scale()) / self.n_micro)
+                                       loss_mask=b["loss_mask"], exit_weights=lam, loss_scale=loss_scale)
         meter.add(exit_losses)
         return out, _last_exit_loss
 
     def step(self) -> list[float]:
         """One optimizer step over the next global batch; returns every exit's loss (mean over the batch)."""
-        st, lam, meter = self.st, self.weights(), ExitLossMeter(len(self.exits))
+        st, lam, meter = self.st, self.weights(), ExitLossMeter(len(self.exits), self.device)
+        loss_scale = float(self.opt.get_loss_scale()) / self.n_micro  # once per step: a host sync on GPUs
         self.ddp.zero_grad_buffer()
         self.opt.zero_grad()
-        self.forward_backward(forward_step_func=partial(self._forward_step, lam, meter),
+        self.forward_backward(forward_step_func=partial(self._forward_step, lam, loss_scale, meter),
                               data_iterator=self._microbatches(), model=[self.ddp], num_microbatches=self.n_micro,
                               seq_length=st.seq_length, micro_batch_size=st.micro_batch_size, forward_only=False)
         _, grad_norm, _ = self.opt.step()

@@ -68,7 +68,7 @@ def model_card(*, family: str, version: str, tier: str, target: str, evaluation:
     lines += ["", f"Average of the higher-is-better scores: {_fmt(evaluation.get('average'))}", ""]
     speed = evaluation.get("speed") or {}
     lines += ["## Speed and memory", "", "| prefill tok/s | decode tok/s | peak memory MiB |", "|---|---|---|",
-              f"| {_fmt(speed.get('prefill_tok_s'))} | {_fmt(speed.get('decode_tok_s'))} | "
+              f"| {_fmt(speed.get('prefill_tokens_per_s'))} | {_fmt(speed.get('decode_tokens_per_s'))} | "
               f"{_fmt(speed.get('peak_memory_mib'))} |", ""]
     lines += ["## Lineage", "", "From this package back to the raw data (manifest sha256, first 12 hex digits):", "",
               "| stage | artifact | sha256 |", "|---|---|---|"]

@@ -77,13 +77,14 @@ def _eos_ids(model, tok) -> list[int]:
 @torch.no_grad()
 def evaluate_reward(model_or_dir, tokenizer, prompts: list[dict], max_new_tokens: int, seed: int = 0,
                     batch_size: int = 16, samples: int = 0, temperature: float = 1.0,
-                    rewards: dict[str, float] | None = None) -> dict:
+                    rewards: dict[str, float] | None = None, log=None) -> dict:
     """Held-out rewards on `prompts` ({prompt, answer} records, or eval_sets' {question, answer}), deterministic
     in `seed`: `exact_greedy`, the exact-answer rate of greedy completions, and with `samples` > 0 `reward`, the
     mean total reward (the weighted sum of `rewards`, as GRPO computes it; default RlSpec's) of `samples`
     completions per prompt drawn at `temperature`: the objective GRPO maximises, measured on prompts it never
     trained on, plus each reward's own mean.
-    `model_or_dir` is a model or a checkpoint folder (then `tokenizer` may be None: the folder's is used)."""
+    `model_or_dir` is a model or a checkpoint folder (then `tokenizer` may be None: the folder's is used).
+    `log`, when given, gets a line after each batch of prompts ("64/128 prompts")."""
     rewards = rewards or RlSpec().rewards
     if not prompts:
         return {"exact_greedy": 0.0, "reward": 0.0 if samples else None}
@@ -96,10 +97,9 @@ def evaluate_reward(model_or_dir, tokenizer, prompts: list[dict], max_new_tokens
     # Explicit configs: TRL leaves sampling settings on the model that must not leak into evaluation.
     common = dict(max_new_tokens=max_new_tokens, eos_token_id=_eos_ids(model, tokenizer),
                   pad_token_id=tokenizer.pad_token_id, use_cache=True)
-    modes = {"greedy": GenerationConfig(do_sample=False, **common)}
-    if samples:
-        modes["sampled"] = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                                            num_return_sequences=samples, **common)
+    greedy = GenerationConfig(do_sample=False, **common)
+    sampled = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                               num_return_sequences=samples, **common) if samples else None
     scores: dict[str, list[float]] = {}
     model.eval()
     tokenizer.padding_side = "left"  # decoder-only batching: prompts must end where generation starts
@@ -108,25 +108,9 @@ def evaluate_reward(model_or_dir, tokenizer, prompts: list[dict], max_new_tokens
             torch.manual_seed(seed)
             for i in range(0, len(prompts), batch_size):
                 batch = prompts[i:i + batch_size]
-                users = [r.get("prompt", r.get("question")) for r in batch]
-                texts = [tokenizer.apply_chat_template(_messages(u), add_generation_prompt=True, tokenize=False)
-                         for u in users]
-                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-                enc = {k: v.to(model.device) for k, v in enc.items()}
-                for mode, gen in modes.items():
-                    out = model.generate(**enc, generation_config=gen)
-                    done = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                    k = len(done) // len(batch)  # completions per prompt, in prompt order
-                    answers = [r["answer"] for r in batch for _ in range(k)]
-                    if mode == "greedy":
-                        scores.setdefault("exact_greedy", []).extend(exact_answer(done, answers))
-                        continue
-                    ps = [_messages(u) for u in users for _ in range(k)]
-                    per_fn = {n: REWARDS[n](done, answer=answers, prompts=ps) for n in rewards}
-                    for n, vals in per_fn.items():
-                        scores.setdefault(n, []).extend(vals)
-                    total = [sum(w * v for w, v in zip(rewards.values(), vs)) for vs in zip(*per_fn.values())]
-                    scores.setdefault("reward", []).extend(total)
+                _score_batch(model, tokenizer, batch, greedy, sampled, rewards, scores)
+                if log:
+                    log(f"{min(i + batch_size, len(prompts))}/{len(prompts)} prompts")
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
@@ -135,8 +119,33 @@ def evaluate_reward(model_or_dir, tokenizer, prompts: list[dict], max_new_tokens
     return out
 
 
+def _score_batch(model, tokenizer, batch: list[dict], greedy: GenerationConfig, sampled: GenerationConfig | None,
+                 rewards: dict[str, float], scores: dict[str, list[float]]) -> None:
+    """One batch of prompts, left-padded: one greedy generate call (exact answers) and, with `sampled`, one
+    call drawing every prompt's samples (each reward, and their weighted total); appended to `scores`."""
+    users = [r.get("prompt", r.get("question")) for r in batch]
+    texts = [tokenizer.apply_chat_template(_messages(u), add_generation_prompt=True, tokenize=False) for u in users]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    for gen in (greedy, sampled) if sampled else (greedy,):
+        out = model.generate(**enc, generation_config=gen)
+        done = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        k = len(done) // len(batch)  # completions per prompt, in prompt order
+        answers = [r["answer"] for r in batch for _ in range(k)]
+        if gen is greedy:
+            scores.setdefault("exact_greedy", []).extend(exact_answer(done, answers))
+            continue
+        ps = [_messages(u) for u in users for _ in range(k)]
+        per_fn = {n: REWARDS[n](done, answer=answers, prompts=ps) for n in rewards}
+        for n, vals in per_fn.items():
+            scores.setdefault(n, []).extend(vals)
+        total = [sum(w * v for w, v in zip(rewards.values(), vs)) for vs in zip(*per_fn.values())]
+        scores.setdefault("reward", []).extend(total)
+
+
 class _LogTo(TrainerCallback):
-    """Forwards each step's rewards to the caller's `log` as it happens (a GRPO run can be long)."""
+    """Forwards each step's rewards to the caller's `log` as it happens (a GRPO run can be long), as
+    "[grpo] step 3/30 | reward ...", the trainer's progress-line form that the local runner shows."""
 
     def __init__(self, log, names: list[str]):
         self.log, self.names = log, names
@@ -147,7 +156,7 @@ class _LogTo(TrainerCallback):
                 f"{n} {logs.get(f'rewards/{n}/mean', float('nan')):.3f}" for n in self.names]
             if "kl" in logs:
                 parts.append(f"kl {logs['kl']:.3g}")
-            self.log(f"grpo step {state.global_step}: " + ", ".join(parts))
+            self.log(f"[grpo] step {state.global_step}/{state.max_steps} | " + ", ".join(parts))
 
 
 def _reward_rows(log_history: list[dict], names: list[str]) -> list[dict]:
@@ -219,18 +228,19 @@ def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: 
     gen_cfg = _generation_config(tier_dir, tok, model.config)
     n_train, n_frozen = freeze_except(model, trainable)
     frozen_before = _digest(model)
-    log(f"grpo: {n_train:,} trainable / {n_frozen:,} frozen parameters (prefixes {trainable})")
+    log(f"[grpo] {n_train:,} trainable / {n_frozen:,} frozen parameters (prefixes {trainable})")
 
-    def held_out() -> dict:
+    def held_out(when: str) -> dict:
         return evaluate_reward(model, tok, heldout, spec.max_new_tokens, spec.seed, samples=spec.heldout_samples,
-                               temperature=spec.temperature, rewards=spec.rewards)
+                               temperature=spec.temperature, rewards=spec.rewards,
+                               log=lambda m: log(f"[grpo] held-out {when}: {m}"))
 
     def said(r: dict) -> str:
         return (f"mean reward {r['reward']:.3f} ({spec.heldout_samples} samples/prompt at T={spec.temperature:g}), "
                 f"greedy exact answers {r['exact_greedy']:.3f}, {len(heldout)} prompts")
 
-    before = held_out()
-    log(f"grpo: held-out before: {said(before)}")
+    before = held_out("before")
+    log(f"[grpo] held-out before: {said(before)}")
 
     # Conversational dataset: TRL applies the tokenizer's chat template; `answer` reaches the reward functions.
     ds = Dataset.from_list([{"prompt": _messages(r["prompt"]), "answer": str(r["answer"])} for r in train_prompts])
@@ -277,8 +287,8 @@ def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: 
             f.write(json.dumps(r) + "\n")
     _plot(rows, names, out_dir / "rewards.png", f"GRPO, G={spec.group_size}, {spec.prompts_per_step} prompts/step")
 
-    after = held_out()
-    log(f"grpo: held-out after: {said(after)}")
+    after = held_out("after")
+    log(f"[grpo] held-out after: {said(after)}")
 
     # A plain checkpoint again: no trainer traces in config, generation config without a length cap.
     for p in model.parameters():

@@ -155,7 +155,8 @@ def run_stage(stage: Stage[R], spec: RunSpec, store: ArtifactStore, build: Calla
         run.out.mkdir()
         meta = stage.result(uri=uri, **(build(run) or {})).metadata()
         store.put_artifact(key, run.out, stage=stage.name, spec_hash=slice_hash(spec, stage.fields),
-                           identity=identity, inputs=[*inputs.values(), *run.lineage], metadata=meta)
+                           identity=identity, inputs=[*inputs.values(), *run.lineage], metadata=meta,
+                           build_seconds=round(time.perf_counter() - started, 1))
     log(f"[{stage.name}] built {uri} in {time.perf_counter() - started:.1f} s")
     return stage.result(uri=uri, **meta)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from pathlib import Path
 
 from pydantic import ConfigDict
@@ -131,7 +132,7 @@ def svd_compress(spec: RunSpec, store: ArtifactStore, family: str, packed_pretra
         dense = Qwen3ForCausalLM.from_pretrained(run.work / "dense", dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(run.work / "dense")
         calib = _calibration(run, spec.data.seq_length, d.calib_samples)
-        chosen, rows, base_loss = _sweep(dense, tok, fam.config, d, calib, heldout_texts(spec, run.work))
+        chosen, rows, base_loss = _sweep(dense, tok, fam.config, d, calib, heldout_texts(spec, run.work), run.log)
         model, rep, row = chosen
         _save_compressed(model, rep, rows, base_loss, tok, run.out)
         return {"tier": d.tier, "exit_point": p, "ratio": d.svd_ratio, "removed_fraction": row["removed_fraction"],
@@ -151,9 +152,10 @@ def _calibration(run: StageRun, seq: int, n: int) -> list[dict]:
     return [{"input_ids": stream.batch(i, 8)["tokens"]} for i in range(0, n, 8)]
 
 
-def _sweep(dense, tok, cfg, d, calib, texts):
-    """Compress at every sweep ratio; returns ((model, report, row) at dae.svd_ratio, rows, dense loss)."""
-    from ruyi_core.dae.svd import compress
+def _sweep(dense, tok, cfg, d, calib, texts, log=print):
+    """Compress at every sweep ratio; returns ((model, report, row) at dae.svd_ratio, rows, dense loss).
+    `log` gets a line per ratio ("[svd_compress] ratio 0.4 (2/3): ...")."""
+    from ruyi_core.dae.svd import calibrate, compress
     from ruyi_core.eval.heldout import heldout_loss
     from ruyi_core.family.names import dae_linear_names
 
@@ -161,14 +163,23 @@ def _sweep(dense, tok, cfg, d, calib, texts):
     names = dae_linear_names(cfg, cfg.tiers[d.tier])
     groups = {n: "lm_head" if n == "lm_head" else n.split(".", 3)[-1] for n in names}
     base_loss = heldout_loss(dense, tok, texts)
+    started = time.perf_counter()
+    cal = calibrate(dense, names, calib)  # once: the Grams and truncation losses serve every ratio
+    log(f"[svd_compress] calibrated {len(names)} matrices on {len(calib)} batches in "
+        f"{time.perf_counter() - started:.1f} s")
     rows, chosen = [], None
-    for ratio in sorted({*d.sweep, d.svd_ratio}):
+    ratios = sorted({*d.sweep, d.svd_ratio})
+    for i, ratio in enumerate(ratios, 1):
+        started = time.perf_counter()
         model = copy.deepcopy(dense)
-        rep = compress(model, names, groups, calib, ratio)
+        rep = compress(model, names, groups, cal, ratio)
         loss = heldout_loss(model, tok, texts)
         row = {"ratio": ratio, "removed_fraction": rep.removed_fraction, "heldout_loss": loss,
                "relative_drop": (loss - base_loss) / base_loss, "tier_parameters": model.num_parameters()}
         rows.append(row)
+        log(f"[svd_compress] ratio {ratio:g} ({i}/{len(ratios)}): removed {rep.removed_fraction:.1%} of the added "
+            f"parameters, held-out loss {loss:.4f} ({row['relative_drop']:+.2%}), "
+            f"{time.perf_counter() - started:.1f} s")
         if ratio == d.svd_ratio:
             chosen = (model, rep, row)
     return chosen, rows, base_loss

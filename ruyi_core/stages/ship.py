@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,8 @@ def _scores(evaluation: dict) -> dict[str, float]:
 
 def package_tier(spec: RunSpec, store: ArtifactStore, plan: RunPlan, export: str, family: str) -> Package:
     """Benchmarks, speed and memory of the exported tier (a plain checkpoint, exactly what ships), the same
-    benchmarks on the family at that exit for comparison, and the package in models/<family>/<version>/<tier>."""
+    benchmarks on the family at that exit for comparison (reused when the weights are the same), and the package
+    in models/<family>/<version>/<tier>."""
     row = manifest_of(store, export).metadata
     params = {"version": plan.version, "tier": row["tier"], "run_id": plan.run_id}
     return run_stage(PACKAGE, spec, store, lambda run: _package(run, plan, row), inputs={"export": export,
@@ -65,19 +67,26 @@ def _package(run: StageRun, plan: RunPlan, row: dict) -> dict:
     from ruyi_core.package import build_package, check_publishable, lineage_entries, verify_package
 
     spec, store, tier, family = run.spec, run.store, row["tier"], run.spec.family.name
+
+    def say(msg: str) -> None:  # progress lines, tagged for the pipeline's log
+        run.log(f"[package] {tier}: {msg}")
+
     weights = run.manifest("export").sha256()
     check_publishable(store, family, plan.version, tier, weights)
     model = AutoModelForCausalLM.from_pretrained(run.fetch("export"), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(run.fetch("export"))
-    evaluation = evaluate(model, tok, spec, run.work, store)
-    evaluation["speed"] = measure(model, tok, spec, path=run.fetch("export"))
+    evaluation = evaluate(model, tok, spec, run.work, store, log=say)
+    started = time.perf_counter()
+    speed = evaluation["speed"] = measure(model, tok, spec, path=run.fetch("export"))
+    say(f"speed: prefill {speed['prefill_tokens_per_s']:,.0f} tok/s, decode {speed['decode_tokens_per_s']:,.0f} "
+        f"tok/s in {time.perf_counter() - started:.1f} s")
     evaluation["parameters"] = int(row["parameters"])  # a factored tier's own count (the dense one is larger)
     evaluation["bytes_on_disk"] = int(row["weight_bytes"])
     del model
     fam, ftok = load_family(run.fetch("family"))
     if tier not in fam.config.tiers:
         raise RuyiError(f"tier {tier!r} is not in the family at {run.inputs['family']}: export from the same family")
-    evaluation["family"] = _scores(evaluate(fam, ftok, spec, run.work, store, exit_point=fam.config.tiers[tier]))
+    evaluation.update(_family_comparison(run, fam, ftok, tier, evaluation, say))
     del fam
     pkg = build_package(run.fetch("export"), run.work / "package", family=family, version=plan.version, tier=tier,
                         target=spec.package.targets.get(tier, tier), evaluation=evaluation,
@@ -89,6 +98,41 @@ def _package(run: StageRun, plan: RunPlan, row: dict) -> dict:
         f.rename(run.out / f.name)
     return {"family": family, "version": plan.version, "tier": tier, "run_id": plan.run_id,
             "export_uri": run.inputs["export"], "weights": weights, "average": evaluation.get("average")}
+
+
+def _family_comparison(run: StageRun, fam, tok, tier: str, evaluation: dict, say) -> dict:
+    """{"family": the benchmarks' scores on the family at the tier's exit, "family_same_weights"}. A plain export
+    holds exactly that exit's weights, so the family scores what the package scores: its scores are reused, not
+    computed a second time. Only a tier whose weights differ (SVD-compressed) is evaluated on the family too."""
+    from ruyi_core.eval import evaluate
+
+    p = fam.config.tiers[tier]
+    if same_weights(run.fetch("export"), fam, p):
+        say(f"the family at exit {p} has the same weights as the package: its scores are the package's")
+        return {"family": _scores(evaluation), "family_same_weights": True}
+    say(f"the package's weights differ from the family's at exit {p}: evaluating the family there too")
+    scores = evaluate(fam, tok, run.spec, run.work, run.store, exit_point=p, log=lambda m: say(f"family {m}"))
+    return {"family": _scores(scores), "family_same_weights": False}
+
+
+def same_weights(export_dir: Path, fam, exit_point: int) -> bool:
+    """Whether the checkpoint in `export_dir` (its top-level safetensors; factored/ is a compressed form) holds
+    exactly the tensors the family's exit exports to, name for name, bit for bit."""
+    import torch
+    from safetensors import safe_open
+
+    from ruyi_core.family import names
+
+    want = names.convert(fam.state_dict(), fam.config, "family", "tier", exit_point)  # views: nothing copied
+    seen = set()
+    for f in sorted(Path(export_dir).glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for k in st.keys():
+                t = st.get_tensor(k)
+                if k not in want or t.dtype != want[k].dtype or not torch.equal(t, want[k]):
+                    return False
+                seen.add(k)
+    return seen == set(want)
 
 
 def promote(spec: RunSpec, store: ArtifactStore, plan: RunPlan, packages: list[Package]) -> Promotion:

@@ -46,6 +46,7 @@ class Manifest(BaseModel):
     stage: str
     spec_hash: str
     identity: str = ""  # the producing stage's identity (stage, code version, spec slice, inputs); see stages
+    build_seconds: float | None = None  # wall time of the stage that built it
     code_version: str
     created_at: str
     completed_at: str
@@ -226,7 +227,8 @@ class ArtifactStore:
         return sorted(self.uri(n[: -len(tail)], bucket) for n in names if n.endswith(tail))
 
     def put_artifact(self, prefix: str, local_dir: str | Path, *, stage: str, spec_hash: str, identity: str = "",
-                     inputs: Iterable[str] = (), metadata: Mapping[str, Any] | None = None) -> Manifest:
+                     inputs: Iterable[str] = (), metadata: Mapping[str, Any] | None = None,
+                     build_seconds: float | None = None) -> Manifest:
         """Upload every file under `local_dir` to `<prefix>/<relpath>`, then `<prefix>/manifest.json` LAST.
         Files already stored intact (same sha256 and size) are not sent again; re-putting identical content
         keeps the existing manifest, so hashes recorded by downstream artifacts stay valid."""
@@ -259,8 +261,8 @@ class ArtifactStore:
             if same:
                 return existing
             manifest = Manifest(uri=uri, stage=stage, spec_hash=spec_hash, identity=identity,
-                                code_version=self._code(), created_at=created, completed_at=_now(), files=files,
-                                inputs=refs, metadata=meta)
+                                build_seconds=build_seconds, code_version=self._code(), created_at=created,
+                                completed_at=_now(), files=files, inputs=refs, metadata=meta)
             body = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True).encode()
             self.transfer.retry(lambda: self.client.put_object(
                 bucket, f"{key}/{MANIFEST}", BytesIO(body), len(body), content_type="application/json"))
