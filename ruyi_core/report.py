@@ -66,6 +66,16 @@ CAPTIONS = {"quality": "Quality vs parameters (held-out benchmarks)", "cpt": "CP
             "svd_compress": "SVD sweep: held-out loss vs tier size"}
 
 
+def time_lines(chain: list[Manifest]) -> list[str]:
+    """Wall time of every stage behind this run, from the manifests (artifacts reused from earlier runs included)."""
+    timed = [m for m in chain if m.build_seconds is not None]
+    if not timed:
+        return []
+    lines = ["", "## Stage wall times", "", "| stage | seconds | artifact |", "|---|---|---|"]
+    lines += [f"| {m.stage} | {m.build_seconds:.1f} | {m.uri} |" for m in reversed(timed)]
+    return lines + [f"| total | {sum(m.build_seconds for m in timed):.1f} | |"]
+
+
 def _dae_lines(chain: list[Manifest]) -> list[str]:
     """Measured DaE / GRPO / SVD outcomes, from the stages' manifests."""
     by_stage = {m.stage: m.metadata for m in chain}
@@ -207,7 +217,7 @@ def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Man
         md += [f"| {m.stage} | {m.metadata['steps']} | " + " | ".join(
             f"{a:.3f} → {b:.3f}" for a, b in zip(m.metadata["first_exit_losses"], m.metadata["final_exit_losses"]))
             + " |" for m in trained]
-    md += _dae_lines(chain)
+    md += _dae_lines(chain) + time_lines(chain)
     md += ["", "## Lineage", ""] + [f"- `{m.stage}` {m.uri} (manifest sha256 {m.sha256()[:16]})" for m in chain]
     png = lineage_png(chain) if chain else b""
 
@@ -225,6 +235,10 @@ def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Man
     figs = "".join(f'<figure><img alt="{s}" src="data:image/png;base64,{base64.b64encode(b).decode()}">'
                    f"<figcaption>{CAPTIONS.get(s, s)}</figcaption></figure>" for s, b in curves.items())
     dae = _dae_lines(chain)
+    timed = [{"stage": m.stage, "s": f"{m.build_seconds:.1f}", "uri": m.uri} for m in reversed(chain)
+             if m.build_seconds is not None]
+    times = f"<h2>Stage wall times</h2>{table(timed, [('stage', 'stage'), ('s', 'seconds'), ('uri', 'artifact')])}" \
+        if timed else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Ruyi Flow {html.escape(run_id)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}th{{background:#f3f6fa}}
@@ -233,7 +247,7 @@ figure{{display:inline-block;margin:0 1em 1em 0}}</style></head><body>
 {items([f"- ⚠ {f}" for f in flags] or ["- every deeper tier scores at least as well as the shallower ones"])}
 {items(family_lines(tiers))}{f"<h2>Promotion</h2>{items(gate_lines)}" if gate_lines else ""}
 <h2>Charts</h2>{figs or "<p>no charts</p>"}{f"<h2>DaE and GRPO</h2>{items(dae)}" if dae else ""}
-<h2>Data</h2>{table(datasets, data_cols)}<h2>Lineage</h2>{img}</body></html>"""
+<h2>Data</h2>{table(datasets, data_cols)}{times}<h2>Lineage</h2>{img}</body></html>"""
     return "\n".join(md) + "\n", page, png
 
 
