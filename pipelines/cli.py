@@ -104,9 +104,9 @@ def _plain_text(table: Table) -> str:
 
 
 def progress_printer(live: Console):
-    """Shows task events and progress lines, dimmed. Escaped: a line's "[grpo]" tag is text, not rich markup
-    (which would swallow it as an unknown style)."""
-    return lambda line: live.print(f"  [dim]{escape(line)}[/]", highlight=False)
+    """Shows task events and progress lines, dimmed, each on one line however narrow the output (soft wrap: a pipe
+    gets 80 columns). Escaped: a line's "[grpo]" tag is text, not rich markup (which would swallow it)."""
+    return lambda line: live.print(f"  [dim]{escape(line)}[/]", highlight=False, soft_wrap=True)
 
 
 @pipeline_app.command("run")

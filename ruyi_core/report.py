@@ -68,11 +68,11 @@ CAPTIONS = {"quality": "Quality vs parameters (held-out benchmarks)", "cpt": "CP
 
 def time_lines(chain: list[Manifest]) -> list[str]:
     """Wall time of every stage behind this run, from the manifests (artifacts reused from earlier runs included)."""
-    timed = [m for m in chain if m.build_seconds is not None]
+    timed = sorted((m for m in chain if m.build_seconds is not None), key=lambda m: m.created_at)
     if not timed:
         return []
     lines = ["", "## Stage wall times", "", "| stage | seconds | artifact |", "|---|---|---|"]
-    lines += [f"| {m.stage} | {m.build_seconds:.1f} | {m.uri} |" for m in reversed(timed)]
+    lines += [f"| {m.stage} | {m.build_seconds:.1f} | {m.uri} |" for m in timed]
     return lines + [f"| total | {sum(m.build_seconds for m in timed):.1f} | |"]
 
 
@@ -235,8 +235,8 @@ def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Man
     figs = "".join(f'<figure><img alt="{s}" src="data:image/png;base64,{base64.b64encode(b).decode()}">'
                    f"<figcaption>{CAPTIONS.get(s, s)}</figcaption></figure>" for s, b in curves.items())
     dae = _dae_lines(chain)
-    timed = [{"stage": m.stage, "s": f"{m.build_seconds:.1f}", "uri": m.uri} for m in reversed(chain)
-             if m.build_seconds is not None]
+    timed = [{"stage": m.stage, "s": f"{m.build_seconds:.1f}", "uri": m.uri}
+             for m in sorted(chain, key=lambda m: m.created_at) if m.build_seconds is not None]
     times = f"<h2>Stage wall times</h2>{table(timed, [('stage', 'stage'), ('s', 'seconds'), ('uri', 'artifact')])}" \
         if timed else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Ruyi Flow {html.escape(run_id)}</title>

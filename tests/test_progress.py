@@ -31,10 +31,14 @@ def test_progress_lines_come_out_whole_with_their_tag(chunk):
     assert tee.events == ["Executing task 'grpo'"] and log.getvalue() == OUTPUT
 
 
-def test_shown_lines_keep_their_tag():
+def test_shown_lines_keep_their_tag_and_stay_whole():
     live = Console(file=io.StringIO(), width=200)
     progress_printer(live)("[grpo] step 3/30 | reward 0.5")
     assert live.file.getvalue() == "  [grpo] step 3/30 | reward 0.5\n"
+    narrow = Console(file=io.StringIO(), width=40)  # a pipe: rich's default width would wrap the line
+    line = "[cpt] step 240/240 | loss 0.9361 | exits 0.623 0.592 0.572 | lr 3.00e-04 | 2,596 tok/s | ETA 0s"
+    progress_printer(narrow)(line)
+    assert narrow.file.getvalue() == f"  {line}\n"
 
 
 def test_tier_table_keeps_its_header_in_a_pipe(capsys):
