@@ -220,7 +220,7 @@ STAGE_DEFAULTS = {
               # SFT takes many small steps: copying numbers from the prompt emerges with updates, not tokens.
               "sft": {"steps": 80, "global_batch_size": 8, "lr": 1e-3, "min_lr": 1e-4, "replay": 0.25}},
     "dae": {"cpt": {"steps": 20, "global_batch_size": 8, "lr": 2e-3, "min_lr": 2e-4},
-            "sft": {"steps": 30, "global_batch_size": 8, "lr": 1e-3, "min_lr": 1e-4}},
+            "sft": {"steps": 30, "global_batch_size": 8, "lr": 1e-3, "min_lr": 1e-4, "replay": 0.25}},
 }
 
 
