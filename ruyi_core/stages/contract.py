@@ -72,11 +72,8 @@ class Stage(Generic[R]):
     root: str = "stages/{family}/{stage}"
     named: bool = False
 
-    def spec_slice(self, spec: RunSpec) -> dict[str, Any]:
-        return spec_slice(spec, self.fields)
-
     def identity(self, spec: RunSpec, input_shas: Mapping[str, Any], params: Mapping[str, Any]) -> str:
-        doc = {"stage": self.name, "version": self.version, "spec": self.spec_slice(spec),
+        doc = {"stage": self.name, "version": self.version, "spec": spec_slice(spec, self.fields),
                "inputs": input_shas, "params": params}
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -154,10 +151,11 @@ def run_stage(stage: Stage[R], spec: RunSpec, store: ArtifactStore, build: Calla
         run = StageRun(spec, store, inputs, work, key, log)
         run.out.mkdir()
         meta = stage.result(uri=uri, **(build(run) or {})).metadata()
+        seconds = round(time.perf_counter() - started, 1)
         store.put_artifact(key, run.out, stage=stage.name, spec_hash=slice_hash(spec, stage.fields),
                            identity=identity, inputs=[*inputs.values(), *run.lineage], metadata=meta,
-                           build_seconds=round(time.perf_counter() - started, 1))
-    log(f"[{stage.name}] built {uri} in {time.perf_counter() - started:.1f} s")
+                           build_seconds=seconds)
+    log(f"[{stage.name}] built {uri} in {seconds:.1f} s")
     return stage.result(uri=uri, **meta)
 
 
