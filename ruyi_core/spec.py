@@ -312,13 +312,14 @@ class RlSpec(_Strict):
 class BenchmarkSpec(_Strict):
     """One evaluation set in one of three forms (lm-evaluation-harness does the scoring):
     `exact_match`: JSONL {question, answer} (GSM8K's "... #### 42" answers work), scored on greedy generation;
+    `contains`: JSONL {question, answer}, the greedy answer must contain `answer` as a whole word or phrase;
     `multiple_choice`: JSONL {question, choices, answer|gold} (MMLU's form), scored by log-likelihood, asked as
     "Question: ...\nAnswer:" (`template: qa`) or with the question as the very text the choice completes
     (`template: cloze`, e.g. "Alice lives in" -> " Paris");
     `perplexity`: JSONL {text}, rolling log-likelihood. `path` is a local file, an s3:// URI in the store, or
     `demo:<set>`, one of the demo world's held-out sets (ruyi_core.data.world.EVAL_SETS)."""
 
-    format: Literal["exact_match", "multiple_choice", "perplexity"]
+    format: Literal["exact_match", "contains", "multiple_choice", "perplexity"]
     path: str
     limit: int | None = Field(None, ge=1)  # first N records only
     template: Literal["qa", "cloze"] = "qa"  # multiple_choice only

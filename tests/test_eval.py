@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from ruyi_core.data import world
 from ruyi_core.errors import RuyiError
 from ruyi_core.eval import evaluate, measure
-from ruyi_core.eval.tasks import gold_answer, normalize
+from ruyi_core.eval.tasks import contains_results, gold_answer, normalize
 from ruyi_core.family.io import export_tiers, greedy_sample, init_family
 from ruyi_core.rl.rewards import extract_answer
 from ruyi_core.spec import BenchmarkSpec, EvalSpec, FamilySpec, RunSpec
@@ -142,7 +142,7 @@ def test_multiple_choice_and_perplexity_match_a_hand_computation(family, family_
     assert ppl == pytest.approx(math.exp(-total / words), rel=1e-4)
 
 
-def test_exact_match_matches_greedy_generation(family, edge, tmp_path):
+def test_generative_scores_match_greedy_generation(family, edge, tmp_path):
     """Gold answers made from the tier's own greedy chat replies (half of them spoiled): exact_match must be
     the fraction left intact, so prompting, stopping and answer extraction all agree with greedy_sample."""
     _, tok = family
@@ -153,9 +153,17 @@ def test_exact_match_matches_greedy_generation(family, edge, tmp_path):
     data = tmp_path / "em.jsonl"
     data.write_text("".join(json.dumps({"question": q, "answer": f"work #### {a}"}) + "\n"
                             for q, a in zip(questions, gold)))
-    spec = make_spec({"em": BenchmarkSpec(format="exact_match", path=str(data))}, batch_size=1)
-    score = evaluate(edge, tok, spec, tmp_path / "work")["benchmarks"]["em"]
-    assert score["n"] == 6 and score["value"] == sum(g == a for g, a in zip(got, gold)) / 6
+    # `contains`: the gold is a word of the greedy reply (for half of them, a word it does not contain).
+    replies = [greedy_sample(edge, tok, q, max_new_tokens=8) for q in questions]
+    words = [r.split()[-1] if i % 2 == 0 and r.split() else "zebra" for i, r in enumerate(replies)]
+    (tmp_path / "has.jsonl").write_text("".join(json.dumps({"question": q, "answer": w}) + "\n"
+                                                for q, w in zip(questions, words)))
+    spec = make_spec({"em": BenchmarkSpec(format="exact_match", path=str(data)),
+                      "has": BenchmarkSpec(format="contains", path=str(tmp_path / "has.jsonl"))}, batch_size=1)
+    scores = evaluate(edge, tok, spec, tmp_path / "work")["benchmarks"]
+    assert scores["em"]["n"] == 6 and scores["em"]["value"] == sum(g == a for g, a in zip(got, gold)) / 6
+    expect = sum(contains_results({"target": w}, [r])["contains"] for w, r in zip(words, replies)) / 6
+    assert scores["has"]["n"] == 6 and scores["has"]["value"] == expect >= 0.5
 
 
 def test_benchmark_from_the_store(family, family_scores, store, tmp_path):
@@ -200,6 +208,8 @@ def test_bad_records_are_one_line_errors(family, tmp_path):
 
 def test_answer_forms(family):
     _, tok = family
+    assert contains_results({"target": "Paris"}, ["The home of Alice is paris."]) == {"contains": 1.0}
+    assert contains_results({"target": "Paris"}, ["The home of Alice is Parisville."]) == {"contains": 0.0}
     assert [gold_answer(a) for a in ("She pays 3 * 4 = 12.\n#### 1,234", 42, " 07 ", "n/a")] == [
         "1234", "42", "7", "n/a"]
     mc = {"question": "q", "choices": list("wxyz"), "answer": "c"}

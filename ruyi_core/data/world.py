@@ -1,6 +1,8 @@
-"""A seeded synthetic world for the demo: people with attributes, arithmetic word problems and simple
-instructions. Small enough that a tiny model learns it in minutes on 2 cores, rich enough that deeper
-tiers do visibly better (fact recall and multi-step arithmetic both need capacity).
+"""A seeded synthetic world for the demo: 48 people with a home city (one each) and three more attributes,
+arithmetic tables and multi-step word problems with worked solutions, two-hop questions (the job of the
+person who lives in Oslo) and simple instructions. Small enough that a tiny model learns it in minutes on
+2 cores, rich enough that deeper tiers do visibly better: held-out problems and two-hop questions combine
+steps that training only shows apart.
 
 Every function is deterministic in its seed; nothing is downloaded.
 """
@@ -13,9 +15,14 @@ from pathlib import Path
 
 NAMES = ["Alice", "Bruno", "Chen", "Dara", "Emil", "Fatima", "Goran", "Hana", "Ivan", "Jun", "Kira", "Luca",
          "Maya", "Nils", "Omar", "Priya", "Quinn", "Rosa", "Sami", "Tara", "Umar", "Vera", "Wen", "Xenia",
-         "Yusuf", "Zoe", "Arjun", "Bea", "Cyrus", "Dmitri", "Elif", "Farid", "Greta", "Hugo", "Ines", "Jonas"]
+         "Yusuf", "Zoe", "Arjun", "Bea", "Cyrus", "Dmitri", "Elif", "Farid", "Greta", "Hugo", "Ines", "Jonas",
+         "Kofi", "Lena", "Mateo", "Nadia", "Oscar", "Pia", "Rafael", "Sofia", "Tomas", "Uma", "Viktor", "Yara"]
+# One home city per person (a permutation), so "the person who lives in Oslo" names exactly one person.
 CITIES = ["Paris", "Lagos", "Lima", "Oslo", "Kyoto", "Cairo", "Quito", "Perth", "Dakar", "Hanoi", "Tunis",
-          "Bergen"]
+          "Bergen", "Accra", "Delhi", "Dublin", "Havana", "Madrid", "Minsk", "Nairobi", "Porto", "Riga", "Rome",
+          "Seoul", "Hamburg", "Tokyo", "Vienna", "Warsaw", "Zagreb", "Athens", "Berlin", "Bogota", "Boston",
+          "Denver", "Geneva", "Lisbon", "London", "Manila", "Milan", "Munich", "Naples", "Ottawa", "Prague",
+          "Santiago", "Sydney", "Taipei", "Toronto", "Turin", "Venice"]
 COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"]
 PETS = ["cat", "dog", "parrot", "rabbit", "turtle", "horse", "goat", "hamster"]
 JOBS = ["baker", "pilot", "doctor", "farmer", "teacher", "painter", "sailor", "miner", "judge", "chef"]
@@ -26,8 +33,15 @@ QUESTIONS = {"city": "Where does {n} live?", "color": "What is the favorite colo
              "pet": "Which pet does {n} have?", "job": "What is the job of {n}?"}
 REPHRASED = {"city": "In which city does {n} live?", "color": "Which color does {n} like best?",
              "pet": "What animal does {n} keep as a pet?", "job": "What does {n} do for a living?"}
-ANSWERS = {"city": "{n} lives in {v}.", "color": "The favorite color of {n} is {v}.",
-           "pet": "{n} has a {v}.", "job": "{n} works as a {v}."}
+# Every fact sentence starts with "The": a chat answer's first token is then never a name, which would be a
+# different BPE token ("Alice") from the name in the question (" Alice") and so has to be learnt per name.
+ANSWERS = {"city": "The home of {n} is {v}.", "color": "The favorite color of {n} is {v}.",
+           "pet": "The pet of {n} is a {v}.", "job": "The job of {n} is {v}."}
+HOME = "The person who lives in {v} is {n}."  # a city fact read backwards: a two-hop question's first hop
+TWO_HOP = {"color": "What is the favorite color of the person who lives in {c}?",
+           "pet": "Which pet does the person who lives in {c} have?",
+           "job": "What is the job of the person who lives in {c}?"}
+MAX_VALUE = 18  # word problems keep every number in 0..18; operands are 1..9
 
 
 @dataclass(frozen=True)
@@ -41,37 +55,85 @@ class Person:
 
 def make_people(seed: int = 0) -> list[Person]:
     rng = random.Random(seed)
-    return [Person(n, *(rng.choice(ATTRS[a]) for a in ATTRS)) for n in NAMES]
+    cities = rng.sample(CITIES, len(NAMES))
+    return [Person(n, c, *(rng.choice(ATTRS[a]) for a in ("color", "pet", "job"))) for n, c in zip(NAMES, cities)]
 
 
 def _fact_text(p: Person, rng: random.Random) -> str:
     attrs = list(ATTRS)
     rng.shuffle(attrs)
-    return " ".join(ANSWERS[a].format(n=p.name, v=getattr(p, a)) for a in attrs)
+    out = [ANSWERS[a].format(n=p.name, v=getattr(p, a)) for a in attrs]
+    if rng.random() < 0.5:
+        out.insert(rng.randint(0, len(out)), HOME.format(v=p.city, n=p.name))
+    return " ".join(out)
 
 
-def _is_held_out(a: int, b: int, c: int) -> bool:
-    # A fixed tenth of the problem space never appears in training data.
-    return (a * 131 + b * 31 + c * 7) % 10 == 0
+def _is_held_out(start: int, ops: tuple) -> bool:
+    # A fixed tenth of the problem space never appears in training data (problems, not their single steps).
+    h = start * 131
+    for sign, k in ops:
+        h = h * 31 + sign * 7 + k
+    return h % 10 == 0
 
 
-def _problem(rng: random.Random, held_out: bool) -> tuple[str, int, str]:
-    """A two-step word problem, its answer and a worked solution."""
+def _steps(rng: random.Random, n_ops: int) -> tuple[int, tuple]:
     while True:
-        a, b, c = rng.randint(2, 20), rng.randint(1, 9), rng.randint(1, 9)
-        if _is_held_out(a, b, c) == held_out and a + b - c >= 0:
+        x = start = rng.randint(1, 9)
+        ops = []
+        for _ in range(n_ops):
+            k = rng.randint(1, 9)
+            sign = 1 if x + k <= MAX_VALUE and (x - k < 0 or rng.random() < 0.5) else -1
+            if x + sign * k < 0:
+                break
+            ops.append((sign, k))
+            x += sign * k
+        if len(ops) == n_ops:
+            return start, tuple(ops)
+
+
+def _problem(rng: random.Random, held_out: bool, n_ops: int | None = None) -> tuple[str, int, str]:
+    """A multi-step word problem (two or three steps), its answer and a worked solution."""
+    while True:
+        start, ops = _steps(rng, n_ops or rng.choice((2, 2, 3)))
+        if _is_held_out(start, ops) == held_out:
             break
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    q = f"{name} has {a} {item}, gets {b} more and gives away {c}. How many {item} are left?"
-    work = f"{a} + {b} = {a + b}. {a + b} - {c} = {a + b - c}. The answer is {a + b - c}."
-    return q, a + b - c, work
+    acts = [f"gets {k} more" if sign > 0 else f"gives away {k}" for sign, k in ops]
+    q = f"{name} has {start} {item}, {', '.join(acts[:-1])} and {acts[-1]}. How many {item} are left?"
+    work, x = [], start
+    for sign, k in ops:
+        work.append(f"{x} {'+' if sign > 0 else '-'} {k} = {x + sign * k}.")
+        x += sign * k
+    return q, x, " ".join(work) + f" The answer is {x}."
+
+
+def _drill(rng: random.Random) -> str:
+    """Single arithmetic facts of the tables the word problems use, as a textbook would list them."""
+    out = []
+    for _ in range(rng.randint(4, 8)):
+        x, k = rng.randint(0, MAX_VALUE), rng.randint(1, 9)
+        if x + k <= MAX_VALUE and (x < k or rng.random() < 0.5):
+            out.append(f"{x} + {k} = {x + k}.")
+        elif x >= k:
+            out.append(f"{x} - {k} = {x - k}.")
+    return " ".join(out) or "1 + 1 = 2."
 
 
 def _instruction(rng: random.Random) -> tuple[str, str]:
     w, k = rng.choice(WORDS), rng.randint(2, 4)
-    if rng.random() < 0.5:
-        return f"Repeat the word {w} {k} times.", " ".join([w] * k)
-    return f"Spell the word {w}.", "-".join(w)
+    if rng.random() < 0.5:  # answers start with "The", not the word (see ANSWERS)
+        return f"Repeat the word {w} {k} times.", f"The word {w} {k} times: " + " ".join([w] * k)
+    return f"Spell the word {w}.", f"The word {w} spelled out: " + "-".join(w)
+
+
+def _two_hop(p: Person, attr: str) -> tuple[str, str]:
+    """A question that needs two lookups (city -> person -> attribute) and its worked answer."""
+    return (TWO_HOP[attr].format(c=p.city),
+            HOME.format(v=p.city, n=p.name) + " " + ANSWERS[attr].format(n=p.name, v=getattr(p, attr)))
+
+
+def _two_hop_held_out(p: Person, attr: str) -> bool:
+    return (NAMES.index(p.name) * 3 + list(TWO_HOP).index(attr)) % 5 == 0
 
 
 def _unique(n: int, draw) -> list[dict]:
@@ -93,10 +155,12 @@ def pretrain_records(n: int, seed: int = 0) -> list[dict]:
 
     def draw() -> dict:
         r = rng.random()
-        if r < 0.5:
+        if r < 0.4:
             text = " ".join(_fact_text(p, rng) for p in rng.sample(people, rng.randint(1, 2)))
             return {"text": text, "source": "facts", "lang": "en"}
-        if r < 0.85:
+        if r < 0.55:
+            return {"text": _drill(rng), "source": "arithmetic", "lang": "en"}
+        if r < 0.9:
             q, _, work = _problem(rng, held_out=False)
             return {"text": f"{q} {work}", "source": "arithmetic", "lang": "en"}
         q, a = _instruction(rng)
@@ -107,13 +171,16 @@ def pretrain_records(n: int, seed: int = 0) -> list[dict]:
 
 def sft_records(n: int, seed: int = 0) -> list[dict]:
     rng, people = random.Random(seed + 2), make_people(seed)
+    hops = [(p, a) for p in people for a in TWO_HOP if not _two_hop_held_out(p, a)]
 
     def draw() -> dict:
         r = rng.random()
-        if r < 0.45:
+        if r < 0.35:
             p, a = rng.choice(people), rng.choice(list(ATTRS))
             q = rng.choice([QUESTIONS, REPHRASED])[a].format(n=p.name)
             ans = ANSWERS[a].format(n=p.name, v=getattr(p, a))
+        elif r < 0.5:
+            q, ans = _two_hop(*rng.choice(hops))
         elif r < 0.9:
             q, _, ans = _problem(rng, held_out=False)
         else:
@@ -139,23 +206,30 @@ def heldout_prompts(n: int, seed: int = 0) -> list[dict]:
 
 
 # The held-out evaluation sets a benchmark selects with `path: demo:<name>`, in eval_sets' order.
-EVAL_SETS = ("arithmetic", "facts_mc", "heldout_text")
+EVAL_SETS = ("arithmetic", "facts_mc", "heldout_text", "facts_qa", "two_hop")
 
 
 def eval_sets(seed: int = 0, n: int = 50) -> dict[str, list[dict]]:
-    """Held-out evaluation sets: generative arithmetic (exact match), fact cloze over every value of an attribute
-    (log-likelihood of "Alice lives in" -> " Paris") and held-out text for perplexity."""
+    """Held-out evaluation sets: generative arithmetic (exact match) on problems never trained on, fact cloze
+    over every value of an attribute (log-likelihood of "Alice lives in" -> " Paris"), held-out worked problems
+    for perplexity, fact questions answered in chat (the answer's value must appear), and two-hop questions
+    whose (person, attribute) pair no training question asks."""
     rng, people = random.Random(seed + 5), make_people(seed)
-    mc = []
-    for _ in range(n):  # a cloze over every value of the attribute: chance is 1/8 .. 1/12
+    mc, qa = [], []
+    for _ in range(n):  # a cloze over every value of the attribute: chance is 1/8 .. 1/48
         p, a = rng.choice(people), rng.choice(list(ATTRS))
         choices = list(ATTRS[a])
         rng.shuffle(choices)
         mc.append({"question": ANSWERS[a].format(n=p.name, v="\0").split("\0")[0].rstrip(), "choices": choices,
                    "gold": choices.index(getattr(p, a))})
+    for _ in range(n):
+        p, a = rng.choice(people), rng.choice(list(ATTRS))
+        qa.append({"question": QUESTIONS[a].format(n=p.name), "answer": getattr(p, a)})
     arith = [{"question": r["prompt"], "answer": r["answer"]} for r in heldout_prompts(n, seed)]
     ppl = [{"text": f"{q} {work}"} for q, _, work in (_problem(rng, True) for _ in range(n))]
-    return dict(zip(EVAL_SETS, (arith, mc, ppl), strict=True))
+    hops = [(p, a) for p in people for a in TWO_HOP if _two_hop_held_out(p, a)]
+    two = [{"question": _two_hop(p, a)[0], "answer": getattr(p, a)} for p, a in rng.sample(hops, min(n, len(hops)))]
+    return dict(zip(EVAL_SETS, (arith, mc, ppl, qa, two), strict=True))
 
 
 def heldout_texts(seed: int = 0) -> list[str]:

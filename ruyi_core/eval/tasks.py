@@ -8,6 +8,7 @@ runs, and lets the generative prompt be rendered with the model's own chat templ
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -16,8 +17,9 @@ from ruyi_core.errors import RuyiError
 from ruyi_core.rl.rewards import extract_answer
 
 # format -> (primary metric, higher is better). The lead's promotion gate compares these.
-PRIMARY = {"exact_match": ("exact_match", True), "multiple_choice": ("acc", True),
-           "perplexity": ("word_perplexity", False)}
+PRIMARY = {"exact_match": ("exact_match", True), "contains": ("contains", True),
+           "multiple_choice": ("acc", True), "perplexity": ("word_perplexity", False)}
+GENERATIVE = ("exact_match", "contains")  # scored on a greedy answer to a chat-templated question
 
 _MC_TEMPLATE = "Question: {{question}}\nAnswer:"  # lm-eval's usual zero-shot MC prompt; choices follow " "
 
@@ -26,6 +28,13 @@ def exact_match_results(doc: dict, results: list[str]) -> dict:
     """lm-eval `process_results` hook: the answer extracted from the generation equals the gold answer.
     Referenced from the YAML as an importable function, so no generated Python module is needed."""
     return {"exact_match": float(extract_answer(results[0]) == doc["target"])}
+
+
+def contains_results(doc: dict, results: list[str]) -> dict:
+    """lm-eval `process_results` hook: the gold answer appears in the generation as a whole word or phrase
+    (case-insensitive), as in "The home of Alice is Paris." for the gold "Paris"."""
+    found = re.search(rf"(?<!\w){re.escape(doc['target'])}(?!\w)", results[0], re.IGNORECASE)
+    return {"contains": float(found is not None)}
 
 
 def gold_answer(answer) -> str:
@@ -61,13 +70,14 @@ def normalize(fmt: str, rec: dict, tokenizer, where: str) -> dict:
     """One record in the schema its task YAML reads."""
     if not isinstance(rec, dict):
         raise RuyiError(f"{where}: each line must be a JSON object")
-    if fmt == "exact_match":
+    if fmt in GENERATIVE:
         q = _field(rec, "question", str, where)
-        if "answer" not in rec:
-            raise RuyiError(f"{where}: needs an 'answer' field")
+        if "answer" not in rec or not str(rec["answer"]).strip():
+            raise RuyiError(f"{where}: needs a non-empty 'answer' field")
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                                tokenize=False)
-        return {"prompt": prompt, "target": gold_answer(rec["answer"])}
+        target = gold_answer(rec["answer"]) if fmt == "exact_match" else str(rec["answer"]).strip()
+        return {"prompt": prompt, "target": target}
     if fmt == "multiple_choice":
         q, choices = _field(rec, "question", str, where), _field(rec, "choices", list, where)
         if len(choices) < 2 or not all(isinstance(c, str) for c in choices):
@@ -123,15 +133,15 @@ def task_config(name: str, fmt: str, data: Path, cache_dir: Path, max_new_tokens
         "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(cache_dir)},
         "test_split": "test",
         "num_fewshot": 0,
-        "output_type": {"exact_match": "generate_until", "multiple_choice": "multiple_choice",
-                        "perplexity": "loglikelihood_rolling"}[fmt],
+        "output_type": {"exact_match": "generate_until", "contains": "generate_until",
+                        "multiple_choice": "multiple_choice", "perplexity": "loglikelihood_rolling"}[fmt],
         "metadata": {"version": 1.0},
     }
-    if fmt == "exact_match":
+    if fmt in GENERATIVE:
         # `until` also keeps lm-eval from defaulting to "\n\n", which would cut multi-line answers.
         return base | {"doc_to_text": "prompt", "doc_to_target": "target",
                        "generation_kwargs": {"until": stop, "do_sample": False, "max_gen_toks": max_new_tokens},
-                       "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]}
+                       "metric_list": [{"metric": fmt, "aggregation": "mean", "higher_is_better": True}]}
     if fmt == "multiple_choice":
         return base | {"doc_to_text": _MC_TEMPLATE if template == "qa" else "{{question}}",
                        "doc_to_choice": "choices", "doc_to_target": "gold",
@@ -149,8 +159,9 @@ def write_tasks(spec, tokenizer, out_dir: Path, stop: list[str], store=None) -> 
     names (the benchmark names). Every benchmark is read before any is written, so a bad one fails fast."""
     out_dir = Path(out_dir)
     ev = spec.eval
-    if any(b.format == "exact_match" for b in ev.benchmarks.values()) and not tokenizer.chat_template:
-        raise RuyiError("exact_match benchmarks prompt through the chat template, but this tokenizer has none")
+    if any(b.format in GENERATIVE for b in ev.benchmarks.values()) and not tokenizer.chat_template:
+        raise RuyiError("exact_match and contains benchmarks prompt through the chat template, but this tokenizer "
+                        "has none")
     records = {name: load_records(name, b, spec, tokenizer, out_dir / "fetched", store)
                for name, b in ev.benchmarks.items()}
     for name, bench in ev.benchmarks.items():
@@ -159,7 +170,7 @@ def write_tasks(spec, tokenizer, out_dir: Path, stop: list[str], store=None) -> 
         data.write_text("".join(json.dumps(r) + "\n" for r in records[name]))
         cfg = task_config(name, bench.format, data, out_dir / "hf_cache", ev.max_new_tokens, stop, bench.template)
         text = yaml.safe_dump(cfg, sort_keys=False)
-        if bench.format == "exact_match":  # a YAML tag safe_dump cannot emit
-            text += f"process_results: !function {__name__}.exact_match_results\n"
+        if bench.format in GENERATIVE:  # a YAML tag safe_dump cannot emit
+            text += f"process_results: !function {__name__}.{bench.format}_results\n"
         (out_dir / f"{name}.yaml").write_text(text)
     return list(ev.benchmarks)
