@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from ruyi_core.megatron.attention import uses_sdpa, with_sdpa
+from ruyi_core.megatron.linear import with_torch_linears
 from ruyi_core.megatron.swiglu import with_swiglu
 
 
@@ -67,7 +68,7 @@ def transformer_config(hf_cfg, tp: int = 1, pp: int = 1, bf16: bool = False, rec
 def layer_spec(config: TransformerConfig):
     """Transformer Engine's spec where it is installed (GPUs); otherwise megatron's local spec with SDPA as its
     core attention (megatron's unfused DotProductAttention materialises the [b*heads, s, s] scores) and, on the
-    CPU, SwiGLU as its MLP activation."""
+    CPU, SwiGLU as its MLP activation and torch's linear autograd (megatron/linear.py)."""
     try:
         if not torch.cuda.is_available():
             raise ImportError
@@ -75,8 +76,8 @@ def layer_spec(config: TransformerConfig):
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
     except ImportError:
-        spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
-        return with_swiglu(with_sdpa(spec)) if config.use_te_activation_func else with_sdpa(spec)
+        spec = with_sdpa(get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm"))
+        return with_torch_linears(with_swiglu(spec)) if config.use_te_activation_func else spec
 
 
 class AttachLoss(torch.autograd.Function):
