@@ -194,6 +194,10 @@ def test_bad_credentials_and_unreachable_endpoint_are_one_line(s3_server):
         assert str(e.value) == (f"cannot reach the object store at 127.0.0.1:{port} (connection refused): "
                                 "start it with `ruyi store serve` or set RUYI_S3_ENDPOINT")
 
+    plain = env["RUYI_S3_ENDPOINT"].split("://")[-1]  # https against this plain-HTTP server: no retries
+    with pytest.raises(StoreError, match=r"\(TLS handshake failed; check store.secure\)"):
+        ArtifactStore.from_spec(spec, env={**env, "RUYI_S3_ENDPOINT": f"https://{plain}"})
+
     with pytest.raises(StoreError, match="set RUYI_S3_ACCESS_KEY and RUYI_S3_SECRET_KEY"):
         ArtifactStore.from_spec(spec, env={"RUYI_S3_ENDPOINT": env["RUYI_S3_ENDPOINT"]})
     with pytest.raises(StoreError, match="invalid object store endpoint"):

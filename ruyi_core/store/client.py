@@ -78,6 +78,8 @@ def is_transient(exc: BaseException) -> bool:
         return exc.status_code >= 500
     if isinstance(exc, InvalidResponseError):
         return "code: 5" in str(exc)  # the class keeps the HTTP status private; its message shows it
+    if _root_reason(exc).startswith("TLS"):  # TLS against a plain-HTTP server (or the reverse) never heals
+        return False
     return isinstance(exc, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError,
                             http.client.HTTPException))
 
@@ -90,7 +92,8 @@ def _root_reason(exc: BaseException) -> str:
         if e is None or any(e is c for c in chain):
             continue
         chain.append(e)
-        stack += [getattr(e, "reason", None), e.__cause__, e.__context__]
+        if isinstance(e, BaseException):  # an SSL error's `.reason` is a string, not an exception
+            stack += [getattr(e, "reason", None), e.__cause__, e.__context__]
     # most specific first: urllib3's NewConnectionError is itself a ConnectTimeoutError
     checks = [(lambda e: isinstance(e, ConnectionRefusedError) or "Connection refused" in str(e),
                "connection refused"),
@@ -99,7 +102,7 @@ def _root_reason(exc: BaseException) -> str:
               (lambda e: isinstance(e, ConnectionResetError), "connection reset"),
               (lambda e: isinstance(e, (urllib3.exceptions.TimeoutError, TimeoutError)), "timed out")]
     for test, reason in checks:
-        if any(test(e) for e in chain):
+        if any(isinstance(e, BaseException) and test(e) for e in chain):
             return reason
     return type(exc).__name__
 
