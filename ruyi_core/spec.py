@@ -117,8 +117,9 @@ class DataSpec(_Strict):
     heldout: list[str] = ["demo"]
     rl_heldout: list[str] = ["demo"]
     seed: int = 0
-    allowed_sources: list[str] = ["facts", "arithmetic", "instructions"]
-    allowed_langs: list[str] = ["en"]
+    # Allow-lists of pretraining records' `source` and `lang`: None accepts any (a spec narrows them, as the demo's).
+    allowed_sources: list[str] | None = None
+    allowed_langs: list[str] | None = None
     thresholds: dict[str, KindThresholds] = Field(default_factory=lambda: {
         "pretrain": KindThresholds(), "sft": KindThresholds(), "rl": KindThresholds(max_duplicate_rate=0.2)})
     demo_records: dict[str, int] = {"pretrain": 4000, "sft": 1500, "rl": 300}  # sizes of the generated corpus

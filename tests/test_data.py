@@ -245,3 +245,12 @@ def test_replay_mixes_pretraining_windows_into_sft_evenly_and_deterministically(
 
 def torch_equal(a, b) -> bool:
     return all(bool((x == y).all()) for x, y in zip(a, b))
+
+
+def test_any_source_by_default_and_allow_lists_when_a_spec_sets_them(tmp_path):
+    """The library's defaults take a real user's corpus (`source: web`, any language); a spec narrows them."""
+    recs = [{"text": f"page {i} of a crawl", "source": "web", "lang": "de"} for i in range(N)]
+    path = _write(tmp_path / "web.jsonl", recs)
+    assert validate_corpus([path], "pretrain", DataSpec()).passed
+    res = validate_corpus([path], "pretrain", DataSpec(allowed_sources=["facts"], allowed_langs=["en"]))
+    assert sorted(f["check"] for f in res.failures) == ["unknown_lang", "unknown_source"]

@@ -98,12 +98,11 @@ def _expectations(kind: str, spec: DataSpec, columns: Iterable[str], n_rows: int
         check = "missing_answer" if (kind, f) == ("rl", "answer") else "missing_field"
         exps.append(E.ExpectColumnValuesToNotBeNull(column=f, meta=m(check)))
     if kind == "pretrain":
-        exps += [
-            E.ExpectColumnValuesToMatchRegex(column="text", regex=r"\S", meta=m("empty_text")),
-            E.ExpectColumnValuesToBeInSet(column="source", value_set=list(spec.allowed_sources),
-                                          meta=m("unknown_source")),
-            E.ExpectColumnValuesToBeInSet(column="lang", value_set=list(spec.allowed_langs), meta=m("unknown_lang")),
-        ]
+        exps.append(E.ExpectColumnValuesToMatchRegex(column="text", regex=r"\S", meta=m("empty_text")))
+        for col, allowed in (("source", spec.allowed_sources), ("lang", spec.allowed_langs)):
+            if allowed is not None:
+                exps.append(E.ExpectColumnValuesToBeInSet(column=col, value_set=list(allowed),
+                                                          meta=m(f"unknown_{col}")))
     elif kind == "sft":
         exps += [
             E.ExpectColumnValuesToMatchRegex(column="roles", regex=ROLE_ORDER_REGEX, meta=m("bad_chat_roles")),
