@@ -210,10 +210,9 @@ def main(app: typer.Typer = app) -> None:
     except (typer.Abort, KeyboardInterrupt):
         console.print("aborted")
         sys.exit(130)
-    except Exception as e:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.ClickException):
+    except Exception as e:  # usage errors arrive here in non-standalone mode
+        # click's ClickException, or the copy typer vendors (typer._click): both show a usage line themselves.
+        if any(c.__name__ == "ClickException" for c in type(e).__mro__):
             e.show()
             sys.exit(e.exit_code)
         _internal_error(e)

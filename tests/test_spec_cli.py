@@ -95,6 +95,11 @@ def test_bad_spec_in_a_real_process(tmp_path):
                         str(tmp_path / "f")], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
     assert "family.exit_points: must be strictly increasing" in r.stdout
+    # A bad option value (typer's vendored click raises it) is a usage error, not an internal one.
+    r = subprocess.run([sys.executable, "-m", "ruyi_core.cli", "data", "validate", "--kind", "web", "x.jsonl"],
+                       capture_output=True, text=True)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "Invalid value for '--kind'" in out and "internal error" not in out
 
 
 def test_a_bug_is_an_internal_error_not_a_user_error(tmp_path, run_cli, monkeypatch):
