@@ -241,6 +241,15 @@ def test_replay_mixes_pretraining_windows_into_sft_evenly_and_deterministically(
     # a pure function of the sample index: a batch starting mid-stream (a resume) sees the same windows
     b = mixed.batch(12, 8)
     assert all(torch_equal((b["tokens"][k], b["labels"][k], b["loss_mask"][k]), got[12 + k]) for k in range(8))
+    # an SFT window never trains on an answer whose conversation began in the window before: up to the first
+    # document boundary (an end of text) nothing counts
+    eos = tok.eos_token_id
+    for i in range(sft.n_windows):
+        tokens, labels, mask = sft.window(i)
+        cut = int(sft._order(0)[i]) * sft.seq not in set(sft.doc_start.tolist())
+        first_end = int((tokens == eos).nonzero()[0]) if (tokens == eos).any() else len(tokens)
+        assert not cut or not mask[:first_end].any()
+    assert any(m.any() for _, _, m in (sft.window(i) for i in range(sft.n_windows)))
 
 
 def torch_equal(a, b) -> bool:

@@ -49,13 +49,21 @@ class TokenStream:
             start, length, d = start + n, length - n, d + 1
         return np.concatenate(toks).astype(np.int64), np.concatenate(masks)
 
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng(self.seed + epoch).permutation(self.n_windows))
+        return self._perm[1]
+
     def window(self, sample: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(tokens, labels, loss_mask) of global sample index `sample` (epochs wrap with a new permutation)."""
         epoch, i = divmod(sample, self.n_windows)
-        if self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng(self.seed + epoch).permutation(self.n_windows))
-        perm = self._perm[1]
-        toks, mask = self._span(int(perm[i]) * self.seq, self.seq + 1)
+        start = int(self._order(epoch)[i]) * self.seq
+        toks, mask = self._span(start, self.seq + 1)
+        if self.parts[0][1] is not None:  # SFT: no loss on a conversation whose start is in the previous window
+            d = int(np.searchsorted(self.doc_start, start, side="right") - 1)
+            if self.doc_start[d] != start:  # (an answer trained without its question learns to ignore questions)
+                mask = mask.copy()
+                mask[: int(self.doc_start[d + 1]) - start] = 0
         # The label at position t is token t+1; it counts when that token is a trained one (SFT: assistant).
         return torch.from_numpy(toks[:-1]), torch.from_numpy(toks[1:]), torch.from_numpy(mask[1:].astype(np.float32))
 

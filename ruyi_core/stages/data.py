@@ -92,9 +92,9 @@ def validate_data(spec: RunSpec, store: ArtifactStore, kind: str, docs_dir: Path
 def plan_run(spec: RunSpec, datasets: list[RawDataset]) -> RunPlan:
     """The run id and model version, from what determines them: the validated data's fingerprints and the spec
     fields the stages declare (the weights' stages for the version; every stage for the run)."""
-    from ruyi_core.stages import REPORT_FIELDS, WEIGHT_FIELDS
+    from ruyi_core.stages import REPORT_FIELDS, WEIGHT_FIELDS, WEIGHT_VERSIONS
 
-    data = sorted(d.fingerprint for d in datasets)
+    data = [*sorted(d.fingerprint for d in datasets), *WEIGHT_VERSIONS]
     weights = slice_hash(spec, WEIGHT_FIELDS, *data)[:12]
     run = slice_hash(spec, sorted({*WEIGHT_FIELDS, *REPORT_FIELDS}), *data)[:12]
     return RunPlan(run_id=f"{spec.family.name}-{run}", version=spec.package.version or weights,
