@@ -77,6 +77,7 @@ def _is_held_out(start: int, ops: tuple) -> bool:
 
 
 def _steps(rng: random.Random, n_ops: int) -> tuple[int, tuple]:
+    """A start value and n_ops signed operands (1..9) keeping every intermediate value in 0..MAX_VALUE."""
     while True:
         x = start = rng.randint(1, 9)
         ops = []
@@ -91,10 +92,10 @@ def _steps(rng: random.Random, n_ops: int) -> tuple[int, tuple]:
             return start, tuple(ops)
 
 
-def _problem(rng: random.Random, held_out: bool, n_ops: int | None = None) -> tuple[str, int, str]:
+def _problem(rng: random.Random, held_out: bool) -> tuple[str, int, str]:
     """A multi-step word problem (two or three steps), its answer and a worked solution."""
     while True:
-        start, ops = _steps(rng, n_ops or rng.choice((2, 2, 3)))
+        start, ops = _steps(rng, rng.choice((2, 2, 3)))
         if _is_held_out(start, ops) == held_out:
             break
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
