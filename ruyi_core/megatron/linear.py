@@ -17,22 +17,25 @@ def _plain(layer) -> bool:
     return layer.tp_group.size() == 1 and not layer.sequence_parallel
 
 
+def _linear(layer, input_):
+    """(output, bias) as megatron's linears return them: the bias is added unless skip_bias_add."""
+    if layer.skip_bias_add:
+        return F.linear(input_, layer.weight), layer.bias
+    return F.linear(input_, layer.weight, layer.bias), None
+
+
 class TorchColumnLinear(ColumnParallelLinear):
     def forward(self, input_, weight=None, runtime_gather_output=None):
         if weight is not None or not _plain(self):
             return super().forward(input_, weight, runtime_gather_output)
-        if self.skip_bias_add:
-            return F.linear(input_, self.weight), self.bias
-        return F.linear(input_, self.weight, self.bias), None
+        return _linear(self, input_)
 
 
 class TorchRowLinear(RowParallelLinear):
     def forward(self, input_):
         if not _plain(self):
             return super().forward(input_)
-        if self.skip_bias_add:
-            return F.linear(input_, self.weight), self.bias
-        return F.linear(input_, self.weight, self.bias), None
+        return _linear(self, input_)
 
 
 def with_torch_linears(spec):

@@ -34,7 +34,8 @@ WEIGHT_VERSIONS = tuple(sorted({f"{s.name}:{s.version}" for s in WEIGHT_STAGES})
 __all__ = [
     "Artifact", "Compressed", "EXPAND", "EXPORT", "Expanded", "Family", "GRPO", "Grpo", "INIT", "KINDS", "PACKAGE",
     "PREPARE", "PackedDataset", "Package", "Promotion", "REPORT", "REPORT_FIELDS", "RawDataset", "Report",
-    "RunPlan", "SVD", "Stage", "StageRun", "TRAIN", "TierExport", "Trained", "VALIDATE", "WEIGHT_FIELDS", "WEIGHT_VERSIONS",
+    "RunPlan", "SVD", "Stage", "StageRun", "TRAIN", "TierExport", "Trained", "VALIDATE", "WEIGHT_FIELDS",
+    "WEIGHT_VERSIONS",
     "dae_expand", "emit", "export_tier", "grpo", "init_family", "manifest_of", "open_run", "package_tier", "plan_run",
     "prepare_data", "promote", "report", "run_stage", "svd_compress", "train", "training_data",
     "validate_data", "workdir",

@@ -78,22 +78,27 @@ def is_transient(exc: BaseException) -> bool:
         return exc.status_code >= 500
     if isinstance(exc, InvalidResponseError):
         return "code: 5" in str(exc)  # the class keeps the HTTP status private; its message shows it
-    if _root_reason(exc).startswith("TLS"):  # TLS against a plain-HTTP server (or the reverse) never heals
+    if any(isinstance(e, urllib3.exceptions.SSLError) for e in _chain(exc)):  # TLS vs plain HTTP never heals
         return False
     return isinstance(exc, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError,
                             http.client.HTTPException))
 
 
-def _root_reason(exc: BaseException) -> str:
-    """Short cause of a connection failure, found anywhere in the exception chain."""
+def _chain(exc: BaseException) -> list[BaseException]:
+    """Every exception in `exc`'s chain: causes, contexts and urllib3's `.reason` (a string on SSL errors)."""
     chain, stack = [], [exc]
     while stack:
         e = stack.pop()
-        if e is None or any(e is c for c in chain):
+        if not isinstance(e, BaseException) or any(e is c for c in chain):
             continue
         chain.append(e)
-        if isinstance(e, BaseException):  # an SSL error's `.reason` is a string, not an exception
-            stack += [getattr(e, "reason", None), e.__cause__, e.__context__]
+        stack += [getattr(e, "reason", None), e.__cause__, e.__context__]
+    return chain
+
+
+def _root_reason(exc: BaseException) -> str:
+    """Short cause of a connection failure, found anywhere in the exception chain."""
+    chain = _chain(exc)
     # most specific first: urllib3's NewConnectionError is itself a ConnectTimeoutError
     checks = [(lambda e: isinstance(e, ConnectionRefusedError) or "Connection refused" in str(e),
                "connection refused"),
@@ -102,7 +107,7 @@ def _root_reason(exc: BaseException) -> str:
               (lambda e: isinstance(e, ConnectionResetError), "connection reset"),
               (lambda e: isinstance(e, (urllib3.exceptions.TimeoutError, TimeoutError)), "timed out")]
     for test, reason in checks:
-        if any(isinstance(e, BaseException) and test(e) for e in chain):
+        if any(test(e) for e in chain):
             return reason
     return type(exc).__name__
 
