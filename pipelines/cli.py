@@ -38,6 +38,7 @@ def pipeline_upload(spec: Path = typer.Option(..., help="run spec YAML"),
     """Upload the compiled pipeline (a new version named from the package version and git commit)."""
     from pipelines.remote import upload
 
+    _check_plan(spec)
     res = upload(spec, host, name=name, version=version, namespace=namespace)
     console.print(f"pipeline {res['pipeline_name']} version [bold]{res['version_name']}[/]\n{res['url']}",
                   highlight=False)
@@ -54,9 +55,18 @@ def pipeline_schedule(spec: Path = typer.Option(..., help="run spec YAML"),
     """A recurring retraining run of the latest uploaded version."""
     from pipelines.remote import schedule
 
+    _check_plan(spec)
     res = schedule(spec, host, cron, name=name, experiment=experiment, namespace=namespace,
                    service_account=service_account)
     console.print(f"recurring run [bold]{res['name']}[/] ({res['cron']})\n{res['url']}", highlight=False)
+
+
+def _check_plan(spec: Path) -> None:
+    """A spec whose plan does not fit never reaches a cluster (or this machine)."""
+    from ruyi_core.plan import check_fits
+    from ruyi_core.spec import load_spec
+
+    check_fits(load_spec(spec))
 
 
 def _print_tiers(tiers: list[dict], promotion: dict) -> None:
@@ -118,6 +128,7 @@ def pipeline_run(spec: Path = typer.Option(..., help="run spec YAML"),
                  service_account: str = typer.Option(None)):
     """Run the whole pipeline: --local runs every component here with the store from the environment;
     --host starts a run of the latest uploaded version on a cluster."""
+    _check_plan(spec)
     if host and not local:
         from pipelines.remote import run
 

@@ -187,6 +187,61 @@ def train_cmd(stage: str = typer.Option(..., help="cpt or sft"),
                   + ", ".join(f"exit {p}: {v:.3f}" for p, v in zip(out.exit_points, out.final_exit_losses)))
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else fmt_int(n)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f}" if n else "-"
+
+
+@app.command("plan")
+def plan_cmd(spec: Path = typer.Option(..., help="run spec YAML"),
+             gpu: str = typer.Option(None, help="h100-80gb, h200-141gb or cpu (default: what the spec trains on)")):
+    """Per stage: parameters, GiB per device for weights, gradients, optimizer state and activations under the
+    spec's layout, the devices needed and an estimated step time. Exit 2 when a stage cannot fit."""
+    from ruyi_core.plan import MFU, plan_run, refusal
+    from ruyi_core.spec import load_spec
+
+    s = load_spec(spec)
+    dev, a, rows = plan_run(s, gpu, store_config=_store_config(s))
+    total, body = a.base()
+    tiers = ", ".join(f"{t} {_count(a.tier(p))}" for t, p in sorted(s.family.tiers.items(), key=lambda x: x[1]))
+    wide = Console(width=max(console.width, 150))  # twelve columns: wider than a pipe's default 80
+    wide.print(f"base {s.family.base}: {_count(total)} parameters ({_count(body)} non-embedding), "
+                  f"{a.layers} layers; tiers: {tiers}; on {dev.name}"
+                  + (f", step times at {MFU:.0%} MFU" if dev.peak_flops else ""), highlight=False)
+    t = Table(title=f"{s.family.name}: memory per device (GiB)")
+    for c in ("stage", "params", "trained", "weights", "grads", "optimizer", "activations", "total", "devices",
+              "step s", "fits", "layout"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r.stage, _count(r.parameters), _count(r.trained) if r.trained else "-", _gib(r.weights),
+                  _gib(r.grads), _gib(r.optimizer), _gib(r.activations), _gib(r.total), str(r.gpus),
+                  f"{r.step_s:.1f}" if r.step_s else "-", "yes" if r.fits else "NO", r.note)
+    wide.print(t)
+    line = refusal(s, dev, rows)
+    if line:
+        raise RuyiError(line)
+
+
+def _store_config(spec):
+    """Reads a base's config.json from the store (for a base the plan does not know by name)."""
+    def read(base: str) -> dict | None:
+        import json
+        import tempfile
+
+        from ruyi_core.store import ArtifactStore
+
+        if not base.startswith("s3://"):
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            ArtifactStore.from_spec(spec.store, env=os.environ).get_file(base.rstrip("/") + "/config.json",
+                                                                         Path(tmp) / "config.json")
+            return json.loads((Path(tmp) / "config.json").read_text())
+    return read
+
+
 def _internal_error(e: Exception) -> None:
     """Not a user error: a bug or an unexpected failure. One line here, the traceback in a log file."""
     import tempfile

@@ -286,6 +286,9 @@ class RlSpec(_Strict):
     group_size: int = Field(8, ge=2)  # G completions per prompt
     steps: int = Field(30, ge=1)
     prompts_per_step: int = Field(4, ge=1)
+    # Completions per forward/backward pass; the step's prompts_per_step x group_size are accumulated into one
+    # optimizer step. Default: all of them in one pass (bounds activation memory on GPUs when set).
+    micro_batch_size: int | None = Field(None, ge=1)
     lr: float = Field(1e-4, gt=0)
     beta: float = Field(0.04, ge=0)  # KL to the reference policy (the tier before GRPO)
     clip_eps: float = Field(0.2, gt=0)
@@ -296,6 +299,14 @@ class RlSpec(_Strict):
     seed: int = 0
     # valid_steps: exact answers alone are too sparse for a small tier (a few percent of samples) to learn from.
     rewards: dict[str, float] = {"exact_answer": 1.0, "valid_steps": 1.0, "answer_format": 1.0}
+
+    @model_validator(mode="after")
+    def _micro(self) -> "RlSpec":
+        total = self.prompts_per_step * self.group_size
+        if self.micro_batch_size is not None and total % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size ({self.micro_batch_size}) must divide prompts_per_step x group_size "
+                             f"({total})")
+        return self
 
     @field_validator("rewards")
     @classmethod

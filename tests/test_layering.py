@@ -12,12 +12,13 @@ APPLICATION = ("pipelines", "components", "kfp")
 # registering the family with transformers' Auto classes) may be imported from anywhere. The bottom layer holds
 # leaf modules of plain data and functions that the spec validates names against (presets, rewards, demo sets).
 LAYERS = [
-    ["ruyi_core.errors", "ruyi_core.family.presets", "ruyi_core.rl.rewards", "ruyi_core.data.world"],
+    ["ruyi_core.errors", "ruyi_core.family.presets", "ruyi_core.family.architectures", "ruyi_core.rl.rewards",
+     "ruyi_core.data.world"],
     ["ruyi_core.spec"],
     ["ruyi_core.store"],
     ["ruyi_core.data"],
     ["ruyi_core.family"],
-    ["ruyi_core.megatron", "ruyi_core.dae", "ruyi_core.rl"],
+    ["ruyi_core.megatron", "ruyi_core.dae", "ruyi_core.rl", "ruyi_core.plan"],
     ["ruyi_core.eval"],
     ["ruyi_core.package"],
     ["ruyi_core.report"],

@@ -253,12 +253,15 @@ def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: 
             ref_dir = work / "reference"
             model.save_pretrained(ref_dir)
             model.config._name_or_path = str(ref_dir)
+        micro = spec.micro_batch_size or spec.prompts_per_step * spec.group_size
         args = GRPOConfig(
             output_dir=str(work / "trainer"), use_cpu=True, bf16=False, fp16=False, seed=spec.seed,
             num_generations=spec.group_size, max_steps=spec.steps, learning_rate=spec.lr, beta=spec.beta,
             epsilon=spec.clip_eps, max_completion_length=spec.max_new_tokens, temperature=spec.temperature,
-            # One optimizer step = one generation batch = prompts_per_step prompts x G completions.
-            per_device_train_batch_size=spec.prompts_per_step * spec.group_size, gradient_accumulation_steps=1,
+            # One optimizer step = one generation batch = prompts_per_step prompts x G completions, in passes of
+            # micro_batch_size completions.
+            per_device_train_batch_size=micro,
+            gradient_accumulation_steps=spec.prompts_per_step * spec.group_size // micro,
             report_to=[], logging_steps=1, save_strategy="no", disable_tqdm=True,
             # Only the tier's own blocks train, so activations are small; checkpointing would only cost time.
             # (the new name: TRL's own gradient_checkpointing=True default trips transformers' rename warning)

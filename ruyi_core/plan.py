@@ -1,0 +1,293 @@
+"""`ruyi plan`: what each stage of a run needs, per GPU, before any GPU is asked for.
+
+Sizes come from the base's architecture (a preset, a local config.json, or a published Qwen3 release by
+name); memory follows the runtime each stage uses on that hardware: bf16 weights, fp32 gradient buffers and
+megatron's distributed optimizer (fp32 master copy + Adam moments, sharded over data parallel) on GPUs; fp32
+everywhere on the CPU. Activations are Korthikanti et al.'s per-layer count (flash attention, so no s^2 term;
+sequence parallel under TP), times the microbatches a 1F1B pipeline keeps in flight. Step times are FLOPs
+(6 per parameter per token, plus causal attention) at a stated model-FLOPs utilisation."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ruyi_core.errors import RuyiError
+
+MFU = 0.40  # step-time estimates assume this share of the GPU's dense bf16 peak
+GRPO_PROMPT_TOKENS = 512  # the plan's bound on a GRPO prompt (chat-templated question)
+USABLE = 0.90  # of a device's memory: CUDA context, NCCL buffers and fragmentation take the rest
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    memory: float  # bytes
+    peak_flops: float  # dense, in the plan's compute dtype
+    weight_bytes: int  # bytes per weight in this runtime
+
+
+DEVICES = {
+    "h100-80gb": Device("H100 80GB", 80e9, 989e12, 2),
+    "h200-141gb": Device("H200 141GB", 141e9, 989e12, 2),
+}
+
+
+def cpu_device() -> Device:
+    import os
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return Device(f"CPU ({memory / 2**30:.0f} GiB)", float(memory), 0.0, 4)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The fields of a Qwen2/Qwen3 config that decide parameter counts and memory."""
+
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool = False
+    qk_norm: bool = True  # Qwen3; Qwen2 has q/k/v biases instead
+    positions: int = 32768
+
+    @classmethod
+    def from_config(cls, d: dict) -> "Arch":
+        return cls(vocab=d["vocab_size"], hidden=d["hidden_size"], intermediate=d["intermediate_size"],
+                   layers=d["num_hidden_layers"], heads=d["num_attention_heads"],
+                   kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+                   head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
+                   tied=bool(d.get("tie_word_embeddings", False)), qk_norm=d.get("model_type") != "qwen2",
+                   positions=d.get("max_position_embeddings", 32768))
+
+    @property
+    def block(self) -> int:
+        """One decoder block: attention (q, k, v, o), SwiGLU MLP, two norms (+ q/k norms or q/k/v biases)."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        attn = self.hidden * (q + 2 * kv) + q * self.hidden
+        extra = 2 * self.head_dim if self.qk_norm else q + 2 * kv
+        return attn + 3 * self.hidden * self.intermediate + 2 * self.hidden + extra
+
+    @property
+    def embedding(self) -> int:
+        return self.vocab * self.hidden
+
+    def base(self) -> tuple[int, int]:
+        """(total, non-embedding) parameters of the base, as model cards count them."""
+        body = self.layers * self.block + self.hidden
+        return body + self.embedding * (1 if self.tied else 2), body
+
+    def tier(self, exit_point: int, added: int = 0) -> int:
+        """A standalone tier: embeddings, exit_point + 1 (+ DaE) blocks, its norm and its own head."""
+        return self.embedding + (exit_point + 1 + added) * self.block + self.hidden + self.embedding
+
+    def family(self, exit_points: list[int], shared_heads: bool) -> int:
+        """Trunk, a branch block per early exit, a norm per exit, a head per exit (one when shared)."""
+        heads = 1 if shared_heads else len(exit_points)
+        return (self.embedding + (self.layers + len(exit_points) - 1) * self.block
+                + len(exit_points) * self.hidden + heads * self.embedding)
+
+
+def base_arch(base: str, store_config=None) -> Arch:
+    """The base's architecture: a preset, a local checkpoint, a published Qwen3 name, or the store's config."""
+    from ruyi_core.family.architectures import known_architecture
+    from ruyi_core.family.presets import PRESETS
+
+    if base in PRESETS:
+        p = PRESETS[base]
+        return Arch(p.tokenizer_vocab, p.hidden_size, p.intermediate_size, p.num_hidden_layers,
+                    p.num_attention_heads, p.num_key_value_heads, p.head_dim, positions=p.max_position_embeddings)
+    if "://" not in base and (Path(base) / "config.json").is_file():
+        return Arch.from_config(json.loads((Path(base) / "config.json").read_text()))
+    cfg = known_architecture(base) or (store_config(base) if store_config else None)
+    if cfg is None:
+        raise RuyiError(f"cannot size base {base!r}: it is not a preset, a local checkpoint or a published Qwen3 "
+                        "name, and its config.json could not be read from the store")
+    return Arch.from_config(cfg)
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    parameters: int
+    trained: int
+    weights: float = 0.0  # bytes per GPU
+    grads: float = 0.0
+    optimizer: float = 0.0
+    activations: float = 0.0
+    gpus: int = 1
+    step_s: float | None = None
+    note: str = ""
+    fits: bool = field(default=True)
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations
+
+
+def _layer_activation_bytes(a: Arch, tokens: int, act_bytes: int, tp: int) -> float:
+    """What one block keeps for its backward, per microbatch of `tokens` (= seq x micro batch): the block input,
+    both norm outputs and the residual, q/k/v and their norms' inputs, the attention output, and SwiGLU's gate,
+    up and product; split over TP with sequence parallelism."""
+    q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
+    per_token = 4 * a.hidden + 3 * q + 3 * kv + 3 * a.intermediate
+    return tokens * per_token * act_bytes / tp
+
+
+def _stage_layout(a: Arch, exits: list[int], shared: bool, pp: int, added: int = 0, dae_exit: int | None = None):
+    """Per pipeline stage: (parameters, blocks it runs, exits it holds); trunk layers split evenly, a branch
+    sits on the stage of its trunk layer, the embedding on the first, the last exit's head on the last."""
+    per = -(-a.layers // pp)
+    stages = []
+    for s in range(pp):
+        layers = range(s * per, min((s + 1) * per, a.layers))
+        held = [p for p in exits if p in layers]
+        blocks = len(layers) + sum(1 for p in held if p != exits[-1]) + (added if dae_exit in held else 0)
+        params = blocks * a.block + len(held) * a.hidden + (a.embedding if s == 0 else 0)
+        params += a.embedding * (len(held) if not shared else int(s == pp - 1))
+        stages.append((params, blocks, len(held)))
+    return stages
+
+
+def train_plan(name: str, a: Arch, exits: list[int], shared: bool, st, par, dev: Device,
+               added: int = 0, dae_exit: int | None = None) -> StagePlan:
+    """A megatron training stage (CPT, SFT, or a DaE stage when `added` blocks follow exit `dae_exit`)."""
+    gpu = dev.peak_flops > 0
+    wb, ab = dev.weight_bytes, dev.weight_bytes
+    tp, pp, dp = par.tp, par.pp, par.dp
+    tokens = st.seq_length * st.micro_batch_size
+    n_micro = max(st.global_batch_size // (st.micro_batch_size * dp), 1)
+    total = a.family(exits, shared) + added * a.block
+    trained = total if dae_exit is None else added * a.block + a.hidden + a.embedding
+    worst = None
+    for s, (params, blocks, heads) in enumerate(_stage_layout(a, exits, shared, pp, added, dae_exit)):
+        share = trained / total
+        w = params * wb / tp
+        g = params * share * 4 / tp  # fp32 gradient buffers (grad_reduce_in_fp32)
+        o = params * share * (12 / dp if gpu else 8) / tp  # fp32 master + Adam moments, sharded over DP
+        in_flight = min(pp - s, n_micro)
+        layer = _layer_activation_bytes(a, tokens, ab, tp)
+        kept = blocks * (2 * tokens * a.hidden * ab / tp if st.recompute else layer) + (layer if st.recompute else 0)
+        logits = heads * tokens * a.vocab * (10 if gpu else 8) / tp
+        plan = StagePlan(name, total, trained, w, g, o, kept * in_flight + logits, gpus=tp * pp * dp)
+        if worst is None or plan.total > worst.total:
+            worst = plan
+    if gpu:
+        compute_blocks = a.layers + len(exits) - 1 + added
+        per_token = 6 * (compute_blocks * a.block + len(exits) * a.embedding)
+        per_token += 6 * compute_blocks * st.seq_length * a.heads * a.head_dim  # causal attention, fwd + bwd
+        per_token *= 4 / 3 if st.recompute else 1  # a second forward
+        worst.step_s = per_token * st.global_batch_size * st.seq_length / (worst.gpus * dev.peak_flops * MFU)
+    worst.note = f"TP {tp} x PP {pp} x DP {dp}" + (", full recompute" if st.recompute else "")
+    return worst
+
+
+def infer_plan(name: str, params: int, a: Arch, depth: int, seqs: int, length: int, dev: Device,
+               note: str = "") -> StagePlan:
+    """A stage that loads one model and runs it: weights plus the KV cache of `seqs` sequences of `length`."""
+    kv = seqs * length * depth * 2 * a.kv_heads * a.head_dim * dev.weight_bytes
+    logits = seqs * length * a.vocab * 2 + length * a.vocab * 4  # bf16 logits; one row's fp32 log-softmax
+    return StagePlan(name, params, 0, params * dev.weight_bytes, activations=kv + logits, note=note)
+
+
+def grpo_plan(a: Arch, exit_point: int, added: int, rl, dev: Device) -> StagePlan:
+    """GRPO on one tier (TRL): only the tier's own blocks, norm and head train (the DaE blocks when expanded,
+    else its exit block), a frozen reference copy when the KL term is on, and one step's whole group of
+    completions (prompts_per_step x group_size) in the KV cache and through the trained blocks."""
+    n, depth, own = a.tier(exit_point, added), exit_point + 1 + added, added or 1
+    trained = own * a.block + a.hidden + a.embedding
+    seqs, length = rl.prompts_per_step * rl.group_size, GRPO_PROMPT_TOKENS + rl.max_new_tokens
+    w = n * dev.weight_bytes * (2 if rl.beta > 0 else 1)
+    kv = seqs * length * depth * 2 * a.kv_heads * a.head_dim * dev.weight_bytes
+    micro = rl.micro_batch_size or seqs
+    act = own * _layer_activation_bytes(a, micro * length, dev.weight_bytes, 1) + micro * rl.max_new_tokens * a.vocab * 8
+    opt = trained * (12 if dev.peak_flops else 8)
+    note = f"{rl.prompts_per_step} prompts x {rl.group_size} samples in passes of {micro}, prompts <= {GRPO_PROMPT_TOKENS} tokens"
+    return StagePlan("grpo", n, trained, w, trained * 4, opt, kv + act,
+                     note=note + (", reference copy" if rl.beta else ""))
+
+_UNITS = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def quantity_bytes(q: str) -> float:
+    """A Kubernetes memory quantity ("8Gi", "500M", "1e9") in bytes; ValueError names what is wrong."""
+    import re
+
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?(?:[eE][0-9]+)?)([a-zA-Z]*)", str(q).strip())
+    if m is None or m.group(2) not in _UNITS:
+        raise ValueError(f"{q!r} is not a Kubernetes quantity (a number with an optional unit such as Mi, Gi, G)")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def default_device(spec) -> str:
+    """What the spec's training runs on: GPUs when its train step asks for them or it uses the TrainJob
+    launcher, else this machine's CPU."""
+    wants_gpu = spec.pipeline.resources_for("train").gpus > 0 or spec.train.launcher == "trainjob"
+    return "h100-80gb" if wants_gpu else "cpu"
+
+
+def plan_run(spec, device: str | None = None, store_config=None) -> tuple[Device, Arch, list[StagePlan]]:
+    """Every stage's plan for `spec` on `device` (a DEVICES key or "cpu"; default from the spec)."""
+    device = device or default_device(spec)
+    if device != "cpu" and device not in DEVICES:
+        raise RuyiError(f"unknown --gpu {device!r}: use one of {', '.join(DEVICES)} or cpu")
+    dev = cpu_device() if device == "cpu" else DEVICES[device]
+    a = base_arch(spec.family.base, store_config)
+    fam, par, dae, rl = spec.family, spec.train.parallel, spec.dae, spec.rl
+    exits, tiers = fam.exit_points, fam.tiers
+    wb = dev.weight_bytes
+    rows = [StagePlan("init_family", a.family(exits, fam.shared_heads), 0,
+                      a.family(exits, fam.shared_heads) * wb, note="host")]
+    for stage in ("cpt", "sft"):
+        rows.append(train_plan(stage, a, exits, fam.shared_heads, spec.train_stage(stage), par, dev))
+    added = 0
+    if dae.enabled:
+        added, p = dae.blocks, tiers[dae.tier]
+        for stage in ("dae_cpt", "dae_sft"):
+            rows.append(train_plan(stage, a, exits, fam.shared_heads, spec.train_stage(stage), par, dev, added, p))
+        n = a.tier(p, added)
+        rows.append(StagePlan("svd_compress", n, 0, 2 * n * wb, note=f"host; tier {dae.tier} and its compressed copy"))
+    if rl.enabled:
+        p = tiers[rl.tier]
+        rows.append(grpo_plan(a, p, added if dae.enabled and dae.tier == rl.tier else 0, rl, dev))
+    deepest = max(tiers.values())
+    rows.append(StagePlan("export_tier", a.tier(deepest), 0, a.tier(deepest) * wb, note="host; the deepest tier"))
+    length = spec.train.sft.seq_length + spec.eval.max_new_tokens
+    rows.append(infer_plan("evaluate", a.tier(deepest), a, deepest + 1, spec.eval.batch_size, length, dev,
+                           note=f"the deepest tier, batch {spec.eval.batch_size}"))
+    for r in rows:
+        limit = dev.memory if device == "cpu" or not r.note.startswith("host") else \
+            quantity_bytes(spec.pipeline.resources_for(r.stage).memory)
+        r.fits = r.total <= limit * USABLE
+    return dev, a, rows
+
+
+def refusal(spec, dev: Device, rows: list[StagePlan]) -> str | None:
+    """One line naming the first stage that cannot fit, and what to change; None when all fit."""
+    for r in rows:
+        if not r.fits:
+            where = "its pod's memory (pipeline.resources)" if r.note.startswith("host") else dev.name
+            fix = ("raise train.parallel.tp / pp, turn on recompute, or lower micro_batch_size"
+                   if r.gpus > 1 or r.stage in ("cpt", "sft", "dae_cpt", "dae_sft") else
+                   "give the step more memory or a larger GPU (--gpu)")
+            return f"plan: stage {r.stage} needs {r.total / 2**30:.1f} GiB per device, more than {where}: {fix}"
+    return None
+
+
+def check_fits(spec) -> None:
+    """Refuse (RuyiError) a spec some stage of which cannot fit on what it trains on. A base known only to the
+    store is sized when it is fetched instead."""
+    try:
+        dev, _, rows = plan_run(spec)
+    except RuyiError as e:
+        if str(e).startswith("cannot size base"):
+            return
+        raise
+    line = refusal(spec, dev, rows)
+    if line:
+        raise RuyiError(f"{line} (ruyi plan --spec ... shows every stage)")
