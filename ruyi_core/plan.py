@@ -171,7 +171,8 @@ def train_plan(name: str, a: Arch, exits: list[int], shared: bool, st, par, dev:
         o = params * share * (12 / dp if gpu else 8) / tp  # fp32 master + Adam moments, sharded over DP
         in_flight = min(pp - s, n_micro)
         layer = _layer_activation_bytes(a, tokens, ab, tp)
-        kept = blocks * (2 * tokens * a.hidden * ab / tp if st.recompute else layer) + (layer if st.recompute else 0)
+        full = st.recompute in (True, "full")  # selective recompute saves the attention scores flash never keeps
+        kept = blocks * (2 * tokens * a.hidden * ab / tp if full else layer) + (layer if full else 0)
         logits = heads * tokens * a.vocab * (10 if gpu else 8) / tp
         plan = StagePlan(name, total, trained, w, g, o, kept * in_flight + logits, gpus=tp * pp * dp)
         if worst is None or plan.total > worst.total:
@@ -180,9 +181,10 @@ def train_plan(name: str, a: Arch, exits: list[int], shared: bool, st, par, dev:
         compute_blocks = a.layers + len(exits) - 1 + added
         per_token = 6 * (compute_blocks * a.block + len(exits) * a.embedding)
         per_token += 6 * compute_blocks * st.seq_length * a.heads * a.head_dim  # causal attention, fwd + bwd
-        per_token *= 4 / 3 if st.recompute else 1  # a second forward
+        per_token *= 4 / 3 if st.recompute in (True, "full") else 1  # a second forward
         worst.step_s = per_token * st.global_batch_size * st.seq_length / (worst.gpus * dev.peak_flops * MFU)
-    worst.note = f"TP {tp} x PP {pp} x DP {dp}" + (", full recompute" if st.recompute else "")
+    worst.note = f"TP {tp} x PP {pp} x DP {dp}" + (f", {'full' if st.recompute is True else st.recompute} recompute"
+                                                     if st.recompute else "")
     return worst
 
 

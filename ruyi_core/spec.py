@@ -174,7 +174,9 @@ class TrainStageSpec(_Strict):
     clip_grad: float = Field(1.0, ge=0)  # 0 disables clipping
     save_every: int = Field(20, ge=1)
     seed: int = 1234
-    recompute: bool = False
+    # Activation recompute: true / "full" keeps only each block's input for the backward; "selective" recomputes
+    # core attention (megatron's); false keeps everything (fastest, most memory).
+    recompute: bool | Literal["full", "selective"] = False
     # SFT stages: this fraction of every batch is pretraining text, so plain-text modelling is not forgotten.
     replay: float = Field(0.0, ge=0, lt=1)
     loss: LossSpec = Field(default_factory=LossSpec)
@@ -393,8 +395,17 @@ class PackageSpec(_Strict):
         "cloud": "cloud (data-centre GPUs)"})
 
 
+class RuntimeSpec(_Strict):
+    """Device and dtype of every stage that loads a model (ruyi_core.runtime). auto: CUDA + bf16 where a GPU is
+    visible, CPU + fp32 otherwise."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
 class RunSpec(_Strict):
     family: FamilySpec = Field(default_factory=FamilySpec)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     store: StoreSpec = Field(default_factory=StoreSpec)
     pipeline: PipelineSpec = Field(default_factory=PipelineSpec)

@@ -155,8 +155,45 @@ def cpu_swaps(family_dir):
             "gqa": cfg.num_attention_heads > cfg.num_query_groups}
 
 
+def recompute(family_dir):
+    """One training step with and without full / selective recompute: the same losses and gradients, and the
+    bytes autograd keeps for the backward (the activation memory) fall with full recompute."""
+    fam, plain = setup(family_dir)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, fam.config.vocab_size, (2, 16), generator=g)
+    labels, mask, pos = torch.roll(ids, -1, 1), torch.ones(2, 16), torch.arange(16).unsqueeze(0).expand(2, -1)
+
+    def step(model):
+        saved = []
+
+        def keep(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        model.train()
+        model.zero_grad(set_to_none=True)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            out, losses = model(ids, pos, causal_mask(16), labels=labels, loss_mask=mask,
+                                exit_weights=[1.0] * len(fam.config.early_exit_points))
+        out.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        return sum(saved), [v.item() for v in losses.values()], grads
+
+    base_bytes, base_losses, base_grads = step(plain)
+    result = {"bytes_plain": base_bytes}
+    for mode in ("full", "selective"):
+        seed_everything(0)
+        model = build_model(fam.config, seq_length=16, recompute=mode)
+        load_into(model, hf_to_megatron(fam.state_dict(), fam.config))
+        nbytes, losses, grads = step(model)
+        result[f"bytes_{mode}"] = nbytes
+        result[f"{mode}_same_losses"] = losses == base_losses
+        result[f"{mode}_grad_diff"] = (grads - base_grads).abs().max().item()
+    return result
+
+
 if __name__ == "__main__":
     with cpu_shim():
-        result = {"exactness": exactness, "joint-loss": joint_loss,
+        result = {"exactness": exactness, "joint-loss": joint_loss, "recompute": recompute,
                   "rng-resume": rng_resume, "cpu-swaps": cpu_swaps}[sys.argv[1]](sys.argv[2])
     print(json.dumps(result))

@@ -132,3 +132,114 @@ def test_import_published_matches_reference(tmp_path, arch, shared):
     with torch.no_grad():
         assert (tier(ids, attention_mask=mask).logits[real] - fam(ids, attention_mask=mask, exit_point=1)
                 .logits[real]).abs().max() <= TOL
+
+
+def test_import_keeps_4x_rope_scaling_and_unties_shared_tied_heads(tmp_path):
+    """A published config in the transformers 4.x form (`rope_theta` + `rope_scaling`, no `rope_parameters`) keeps
+    its scaling; shared heads tied to the embeddings (no head stored) become a head per exit."""
+    exits, scaling = [1, 3], {"type": "linear", "factor": 4.0}
+    sd, cfg_cls, model_cls, common = _published_checkpoint(tmp_path, "qwen3", exits, shared_heads=True)
+    sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw.pop("rope_parameters", None)
+    raw |= {"rope_theta": 10000.0, "rope_scaling": scaling, "tie_word_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    fam = import_published(tmp_path)
+    assert fam.config.rope_parameters["rope_type"] == "linear" and not fam.config.shared_heads
+    assert len(fam.lm_head) == 2 and fam.lm_head[0].weight.data_ptr() != fam.lm_head[1].weight.data_ptr()
+    ids, mask = padded_batch(97, [8, 5])
+    real = mask.bool()
+    rope = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+    for p in exits:
+        ref = reference_exit(sd | {"lm_head.weight": sd["model.embed_tokens.weight"]}, cfg_cls, model_cls,
+                             common | {"rope_parameters": rope}, exits, p, shared_heads=True)
+        plain = reference_exit(sd | {"lm_head.weight": sd["model.embed_tokens.weight"]}, cfg_cls, model_cls,
+                               common, exits, p, shared_heads=True)
+        with torch.no_grad():
+            want, unscaled = ref(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits
+            got = fam(ids, attention_mask=mask, exit_point=p).logits
+        assert (got[real] - want[real]).abs().max() <= TOL < (got[real] - unscaled[real]).abs().max(), f"exit {p}"
+
+
+def test_bf16_base_gives_bf16_family_and_tiers_and_no_tokenizer_exports(tmp_path, run_cli):
+    """bf16 in, bf16 out: the family and every tier are stored in the base's dtype (bytes = parameters x 2) and
+    load in vanilla transformers with the family's logits; a family without tokenizer files still exports."""
+    from ruyi_core.family.convert import build_preset_base
+    from ruyi_core.family.io import init_family, load_family, save_family
+    from ruyi_core.spec import FamilySpec
+
+    base, tok = build_preset_base("micro")
+    base.to(torch.bfloat16).save_pretrained(tmp_path / "base", max_shard_size="100KB")  # sharded, bf16
+    tok.save_pretrained(tmp_path / "base")
+    fam, tok = init_family(FamilySpec(base=str(tmp_path / "base"), exit_points=[1, 3]))
+    assert next(fam.parameters()).dtype == torch.bfloat16
+    save_family(fam, None, tmp_path / "family")  # no tokenizer files
+    fam32, none = load_family(tmp_path / "family")  # computed in fp32 here, stored in bf16
+    assert none is None and next(fam32.parameters()).dtype == torch.float32
+    code, out = run_cli(["family", "export", "--family", tmp_path / "family", "--out", tmp_path / "tiers"])
+    assert code == 0 and "no tokenizer files" in out
+    ids = torch.randint(0, fam.config.vocab_size, (2, 7))
+    for tier, p in fam.config.tiers.items():
+        files = list((tmp_path / "tiers" / tier).glob("*.safetensors"))
+        with safe_open(str(files[0]), "pt") as f:
+            assert all(f.get_slice(k).get_dtype() == "BF16" for k in f.keys())
+        header = sum(x.stat().st_size for x in files) - fam.tier_parameter_count(p) * 2
+        assert 0 < header < 2**14  # 2 bytes a parameter, plus the safetensors headers
+        tier_model = Qwen3ForCausalLM.from_pretrained(tmp_path / "tiers" / tier, dtype="auto").eval()
+        with torch.no_grad():
+            assert torch.equal(tier_model(ids).logits, fam(ids, exit_point=p).logits), tier
+
+
+def test_qwen3_shaped_base_from_s3_through_init_export_and_conversion(tmp_path, store, micro_base):
+    """A 2-layer base of Qwen3-0.6B's exact shape (vocabulary 151,936, hidden 1024, 16 / 8 heads of 128, tied
+    embeddings), bf16 and sharded, uploaded as plain objects: fetched from s3://, a family (a head per exit, made
+    from the tied embedding), bf16 tiers that vanilla transformers loads with the family's logits, and an exact
+    HF -> megatron -> HF round trip."""
+    from ruyi_core.family.architectures import QWEN3
+    from ruyi_core.family.io import init_family, load_family, save_family
+    from ruyi_core.runtime import resolve
+    from ruyi_core.spec import FamilySpec, RuntimeSpec
+
+    arch = QWEN3["Qwen3-0.6B"]
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")
+    cfg = Qwen3Config(**{k: arch[k] for k in keep}, num_hidden_layers=2,
+                      rope_parameters={"rope_type": "default", "rope_theta": arch["rope_theta"]})
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        base = Qwen3ForCausalLM(cfg).to(torch.bfloat16).eval()
+    base.save_pretrained(tmp_path / "base", max_shard_size="200MB")
+    micro_base[1].save_pretrained(tmp_path / "base")
+    assert len(list((tmp_path / "base").glob("*.safetensors"))) > 1
+    for f in (tmp_path / "base").iterdir():  # plain objects, as `mc cp -r` leaves them: no manifest
+        store.put_file(f, f"bases/q06-2l/{f.name}")
+    store.get_folder(store.uri("bases/q06-2l"), tmp_path / "fetched")
+    fam, tok = init_family(FamilySpec(base=str(tmp_path / "fetched"), exit_points=[0, 1]))
+    assert next(fam.parameters()).dtype == torch.bfloat16 and len(fam.lm_head) == 2
+    del base
+    ids = torch.randint(0, 512, (1, 9))
+    with torch.no_grad():  # the base as vanilla transformers loads it
+        ref = Qwen3ForCausalLM.from_pretrained(tmp_path / "fetched", dtype="auto").eval()
+        assert torch.equal(fam(ids, exit_point=1).logits, ref(ids).logits)
+    save_family(fam, tok, tmp_path / "family")
+    del fam, ref
+    fam, _ = load_family(tmp_path / "family")
+    export_tier(fam, "cloud", tmp_path / "cloud", tok)
+    files = list((tmp_path / "cloud").glob("*.safetensors"))
+    assert 0 < sum(f.stat().st_size for f in files) - fam.tier_parameter_count(1) * 2 < 2**16
+    tier = Qwen3ForCausalLM.from_pretrained(tmp_path / "cloud", dtype="auto").eval()
+    fam, _ = load_family(tmp_path / "family", resolve(RuntimeSpec(dtype="bfloat16"), cuda_available=False))
+    with torch.no_grad():
+        assert torch.equal(tier(ids).logits, fam(ids, exit_point=1).logits)
+    del tier, fam
+    for cmd, args in (("from-hf", ["--family", tmp_path / "family", "--out", tmp_path / "mcore"]),
+                      ("to-hf", ["--ckpt", tmp_path / "mcore", "--family", tmp_path / "family",
+                                 "--out", tmp_path / "back"])):
+        subprocess.run([sys.executable, "-m", "ruyi_core.megatron.ckpt", cmd, *map(str, args)], check=True,
+                       capture_output=True)
+    from safetensors.torch import load_file
+
+    a, b = ({k: v for f in sorted((tmp_path / d).glob("*.safetensors")) for k, v in load_file(f).items()}
+            for d in ("family", "back"))
+    assert set(a) == set(b) and all(a[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in a)

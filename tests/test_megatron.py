@@ -62,6 +62,13 @@ def test_joint_loss_is_the_weighted_sum_of_exit_losses(workdir):
     assert any(t.startswith("branches.0") for t in out["exit0_touches"])
 
 
+def test_recompute_applies_with_the_same_losses_and_gradients(workdir):
+    out = probe("recompute", workdir / "family")
+    assert out["full_same_losses"] and out["selective_same_losses"]
+    assert out["full_grad_diff"] < 1e-6 and out["selective_grad_diff"] < 1e-6
+    assert out["bytes_full"] < out["bytes_plain"] / 2  # only each block's input is kept for the backward
+
+
 def test_cpu_attention_and_swiglu_match_megatron(workdir):
     out = probe("cpu-swaps", workdir / "family")
     assert out["gqa"] and out["attention_max_rel_diff"] < 1e-5 and out["swiglu_exact"]

@@ -18,6 +18,8 @@ class RuyiConfig(Qwen3Config):
     base_arch: str = "qwen3"
     # DaE: exit point (as a string, JSON keys) -> number of blocks appended after that exit's branch block.
     expansions: dict[str, int] | None = None
+    # The dtype the weights are stored in (the base's: bf16 in, bf16 tiers out), whatever a stage computes in.
+    weights_dtype: str = "float32"
 
     def __post_init__(self, **kwargs):
         self.tie_word_embeddings = False  # one head per exit: nothing is tied to the embeddings

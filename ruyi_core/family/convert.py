@@ -9,6 +9,7 @@ from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, Qwen2Config, Qwen3Config
 from transformers import Qwen3ForCausalLM
+from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from ruyi_core.errors import RuyiError
 from ruyi_core.family import names
@@ -46,7 +47,7 @@ def load_base(path: str | Path) -> tuple[Qwen3ForCausalLM, PreTrainedTokenizerBa
     path = Path(path)
     if not (path / "config.json").is_file():
         raise RuyiError(f"base {path} has no config.json: point family.base at a Qwen3 checkpoint directory")
-    model = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = Qwen3ForCausalLM.from_pretrained(path, dtype="auto")  # the checkpoint's own dtype
     tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
     return model.eval(), tok
 
@@ -56,23 +57,42 @@ def family_config(base_cfg, exit_points: list[int], tiers: dict[str, int] | None
     d = base_cfg if isinstance(base_cfg, dict) else base_cfg.to_dict()
     kw = {k: d[k] for k in _ARCH_FIELDS if k in d}
     hd = d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]
-    rope = d.get("rope_parameters") or {"rope_type": "default", "rope_theta": d.get("rope_theta", 10000.0)}
+    rope = d.get("rope_parameters") or rope_parameters(d)
     return RuyiConfig(**kw, head_dim=hd, rope_parameters=rope, attention_bias=d.get("attention_bias", False),
                       early_exit_points=list(exit_points), tiers=tiers, shared_heads=shared_heads,
                       base_arch=base_arch)
 
 
+def rope_parameters(d: dict) -> dict:
+    """transformers 5's `rope_parameters` from a 4.x config (`rope_theta` + `rope_scaling` with `type` or
+    `rope_type`): scaling changes the logits, so it must survive import."""
+    rope = dict(d.get("rope_scaling") or {})
+    rope["rope_type"] = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
+    rope.pop("type", None)
+    return rope | {"rope_theta": d.get("rope_theta", 10000.0)}
+
+
 def family_from_base(base: Qwen3ForCausalLM | str | Path, exit_points: list[int],
-                     tiers: dict[str, int] | None = None, shared_heads: bool = False) -> RuyiForCausalLM:
-    """Branch block of exit p = copy of trunk layer p; norms and heads = copies of the base's. Right after
-    init, exit p computes exactly the base truncated to depth p + 1."""
+                     tiers: dict[str, int] | None = None, shared_heads: bool = False,
+                     take: bool = False) -> RuyiForCausalLM:
+    """Branch block of exit p = copy of trunk layer p; norms and heads = copies of the base's (tied embeddings
+    become a head per exit). Right after init, exit p computes exactly the base truncated to depth p + 1.
+    `take`: the trunk takes the base's own tensors (no second copy; the base must not be used afterwards)."""
     if not isinstance(base, torch.nn.Module):
         base, _ = load_base(base)
+        take = True
     cfg = family_config(base.config, exit_points, tiers, shared_heads)
+    dtype = next(base.parameters()).dtype
+    cfg.weights_dtype = str(dtype).removeprefix("torch.")
     cfg.validate_exits()
-    family = RuyiForCausalLM(cfg)
-    out = names.convert(base.state_dict(), cfg, "tier", "family")  # the base read as a full-depth tier
-    family.load_state_dict({k: v.clone() for k, v in out.items()}, strict=True)
+    with torch.device("meta"):  # no random init, no second copy: the trunk takes the base's tensors
+        family = RuyiForCausalLM(cfg)
+    out, taken = names.convert(base.state_dict(), cfg, "tier", "family"), set()  # the base as a full-depth tier
+    for k, v in out.items():  # a branch block or head made from a trunk tensor gets its own copy
+        out[k] = v.clone() if v.data_ptr() in taken or not take else v
+        taken.add(v.data_ptr())
+    family.load_state_dict(out, strict=True, assign=True)
+    family.model.rotary_emb = Qwen3RotaryEmbedding(config=cfg)  # its buffers are computed, not loaded
     return family.eval()
 
 
@@ -105,15 +125,22 @@ def import_published(src: str | Path) -> RuyiForCausalLM:
                         f"with early_exit_points); got model_type {raw.get('model_type')!r}")
     if arch == "qwen2":
         raw.setdefault("attention_bias", False)  # qwen2 blocks carry q/k/v biases by construction
-    cfg = family_config(raw, raw["early_exit_points"], shared_heads=bool(raw.get("shared_heads", False)),
+    # Tied heads (the embedding as every exit's head) become a head per exit, each a copy of the embedding.
+    tied = bool(raw.get("tie_word_embeddings", False))
+    cfg = family_config(raw, raw["early_exit_points"], shared_heads=bool(raw.get("shared_heads")) and not tied,
                         base_arch=arch)
     if raw.get("default_early_exit_point") is not None:
         cfg.default_early_exit_point = raw["default_early_exit_point"]
     sd = _read_state_dict(src)
+    if tied:
+        sd = {k: v for k, v in sd.items() if not k.startswith("lm_head.")}  # a stored copy, if any, is the same
+        for k in range(len(cfg.early_exit_points)):
+            sd[f"lm_head.{k}.weight"] = sd["model.embed_tokens.weight"].clone()
     for alias, name in names.published_aliases(cfg).items():
         if alias in sd and name not in sd:
             sd[name] = sd.pop(alias)
     unexpected = names.unplaced(sd, cfg, "published")
+    cfg.weights_dtype = str(sd["model.embed_tokens.weight"].dtype).removeprefix("torch.")  # kept on export
     family = RuyiForCausalLM(cfg)
     missing, wrong = family.load_state_dict(names.convert(sd, cfg, "published", "family"), strict=False)
     if missing or unexpected or wrong:
@@ -123,9 +150,12 @@ def import_published(src: str | Path) -> RuyiForCausalLM:
 
 
 def tier_state_dict(family: RuyiForCausalLM, exit_point: int) -> dict[str, torch.Tensor]:
-    """Only this exit's weights, renamed to a plain decoder of depth p + 1 (+ its DaE blocks)."""
+    """Only this exit's weights, renamed to a plain decoder of depth p + 1 (+ its DaE blocks), in the family's
+    storage dtype (bf16 base, bf16 tiers). The family's own tensors where the dtype already matches: exporting
+    never holds a second copy of the tier."""
     sd = names.convert(family.state_dict(), family.config, "family", "tier", exit_point)
-    return {n: t.detach().contiguous().clone() for n, t in sd.items()}
+    dtype = getattr(torch, family.config.weights_dtype)
+    return {n: t.detach().to(dtype).contiguous() for n, t in sd.items()}
 
 
 def tier_config(family: RuyiForCausalLM, exit_point: int):
@@ -134,6 +164,7 @@ def tier_config(family: RuyiForCausalLM, exit_point: int):
     depth = c.tier_depth(exit_point)
     kw.update(num_hidden_layers=depth, rope_parameters=c.rope_parameters, tie_word_embeddings=False,
               layer_types=c.layer_types[:depth], max_window_layers=min(c.max_window_layers, depth))
+    kw["dtype"] = c.weights_dtype
     if c.base_arch == "qwen2":
         return Qwen2Config(**kw, architectures=["Qwen2ForCausalLM"])
     return Qwen3Config(**kw, head_dim=c.head_dim, attention_bias=c.attention_bias,

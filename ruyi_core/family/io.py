@@ -28,24 +28,42 @@ def init_family(spec: FamilySpec, texts=None) -> tuple[RuyiForCausalLM, PreTrain
         check_exit_points(spec.exit_points, base.config.num_hidden_layers)
     except ValueError as e:
         raise RuyiError(f"family.{e}") from None
-    family = family_from_base(base, spec.exit_points, spec.tiers, spec.shared_heads)
+    family = family_from_base(base, spec.exit_points, spec.tiers, spec.shared_heads, take=True)
     return family, tok
 
 
-def save_family(family: RuyiForCausalLM, tok: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+def save_family(family: RuyiForCausalLM, tok: PreTrainedTokenizerBase | None, out_dir: str | Path) -> Path:
+    """Saved in the family's weights dtype (the base's), whatever dtype it was computed in."""
     out = Path(out_dir)
-    family.save_pretrained(out)
-    tok.save_pretrained(out)
+    dtype = getattr(torch, family.config.weights_dtype)
+    state = None
+    if next(family.parameters()).dtype != dtype:
+        state = {k: v.to(dtype) for k, v in family.state_dict().items()}
+    family.save_pretrained(out, state_dict=state)
+    computed, family.config.dtype = family.config.dtype, dtype  # save_pretrained records the computing dtype
+    family.config.save_pretrained(out)
+    family.config.dtype = computed
+    if tok is not None:
+        tok.save_pretrained(out)
     generation_config(tok, family.config).save_pretrained(out)
     return out
 
 
-def load_family(path: str | Path) -> tuple[RuyiForCausalLM, PreTrainedTokenizerBase]:
+def load_family(path: str | Path, runtime=None) -> tuple[RuyiForCausalLM, PreTrainedTokenizerBase]:
+    """A saved family, in `runtime`'s device and dtype (ruyi_core.runtime; default CPU fp32)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise RuyiError(f"{path} is not a family directory (no config.json): create one with `ruyi family init`")
-    model = RuyiForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    model = (runtime.load(RuyiForCausalLM, path) if runtime is not None else
+             RuyiForCausalLM.from_pretrained(path, dtype=torch.float32).eval())
+    return model, load_tokenizer(path)
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
+    """The tokenizer saved beside a checkpoint, or None when it has no tokenizer files."""
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    return AutoTokenizer.from_pretrained(path)
 
 
 def dir_bytes(path: Path, pattern: str = "*") -> int:
@@ -71,5 +89,5 @@ def export_tiers(family: RuyiForCausalLM, tok, out_dir: str | Path, tiers: list[
         path = export_tier(family, tier, Path(out_dir) / tier, tok)
         rows.append({"tier": tier, "exit_point": p, "depth": cfg.tier_depth(p), "parameters": family.tier_parameter_count(p),
                      "weight_bytes": dir_bytes(path, "*.safetensors"), "path": str(path),
-                     "sample": greedy_sample(family, tok, exit_point=p)})
+                     "sample": greedy_sample(family, tok, exit_point=p) if tok is not None else ""})
     return rows

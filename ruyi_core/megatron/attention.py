@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import math
 
-import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection

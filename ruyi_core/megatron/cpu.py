@@ -81,16 +81,26 @@ def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_
                 g.detach().mul_(coeff)
 
 
+def checkpoint_cpu(function, distribute_saved_activations: bool, *args):
+    """megatron's activation recompute saves and restores CUDA RNG states; on the CPU, torch's reentrant
+    checkpoint does the same with the CPU generator."""
+    import torch.utils.checkpoint
+
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=True, preserve_rng_state=True)
+
+
 @contextlib.contextmanager
 def cpu_shim() -> Iterator[None]:
     """Patches for megatron-core on a machine without CUDA; a no-op where CUDA is available."""
     if torch.cuda.is_available():
         yield
         return
+    from megatron.core import tensor_parallel
     from megatron.core.optimizer import optimizer as moptim
     from megatron.core.tensor_parallel import random as mrandom
 
     saved = {
+        "checkpoint": tensor_parallel.checkpoint,
         "current_device": torch.cuda.current_device,
         "synchronize": torch.cuda.synchronize,
         "tracker": mrandom._CUDA_RNG_STATE_TRACKER,
@@ -102,6 +112,7 @@ def cpu_shim() -> Iterator[None]:
     mrandom._CUDA_RNG_STATE_TRACKER = CpuRngTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     moptim.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
+    tensor_parallel.checkpoint = checkpoint_cpu  # what megatron's attention and FamilyGPT call
     try:
         with CudaToCpu():
             yield
@@ -111,6 +122,7 @@ def cpu_shim() -> Iterator[None]:
         mrandom._CUDA_RNG_STATE_TRACKER = saved["tracker"]
         mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = saved["tracker_init"]
         moptim.clip_grad_by_total_norm_fp32 = saved["clip"]
+        tensor_parallel.checkpoint = saved["checkpoint"]
 
 
 def seed_everything(seed: int) -> None:

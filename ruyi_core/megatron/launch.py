@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 from collections import deque
-from pathlib import Path
 
 from ruyi_core.errors import RuyiError
 from ruyi_core.spec import RunSpec

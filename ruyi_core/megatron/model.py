@@ -23,6 +23,7 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from ruyi_core.errors import RuyiError
 from ruyi_core.megatron.attention import uses_sdpa, with_sdpa
 from ruyi_core.megatron.linear import with_torch_linears
 from ruyi_core.megatron.swiglu import with_swiglu
@@ -59,8 +60,10 @@ def transformer_config(hf_cfg, tp: int = 1, pp: int = 1, bf16: bool = False, rec
         # Without CUDA the MLP runs our SwiGLU module (see layer_spec and swiglu.py); the flag routes it there.
         use_te_activation_func=not torch.cuda.is_available(),
     )
-    if recompute:
+    if recompute in (True, "full"):  # every block keeps only its input (FamilyGPT._block)
         kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif recompute == "selective":  # megatron recomputes core attention inside each block
+        kw.update(recompute_granularity="selective")
     kw.update(overrides)
     return TransformerConfig(**kw)
 
@@ -223,7 +226,7 @@ class FamilyGPT(MegatronModule):
         for i, layer in enumerate(self.decoder.layers):
             if (self.first_layer + i) in branch_at:
                 k, branch = branch_at[self.first_layer + i]
-                out = branch(h, attention_mask, rope)
+                out = self._block(branch, h, attention_mask, rope)
                 if logits_out is not None:
                     logits_out[k] = branch.head.logits(out).transpose(0, 1)
                 if labels is not None:
@@ -231,7 +234,8 @@ class FamilyGPT(MegatronModule):
                     exit_losses[k] = loss.detach()
                     if exit_weights is not None and torch.is_grad_enabled():
                         h = AttachLoss.apply(h, loss, exit_weights[k] * loss_scale)
-            h, _ = layer(hidden_states=h, attention_mask=attention_mask, rotary_pos_emb=rope)
+            h = self._block(lambda x, m, r, f=layer: f(hidden_states=x, attention_mask=m, rotary_pos_emb=r)[0],
+                            h, attention_mask, rope)
         if not self.post_process:
             return h if labels is None else (h, exit_losses)
         k = len(self.shape.exit_points) - 1
@@ -242,6 +246,13 @@ class FamilyGPT(MegatronModule):
         loss = self.final.loss(h, labels, loss_mask)
         exit_losses[k] = loss.detach()
         return loss * (exit_weights[k] if exit_weights is not None else 1.0), exit_losses
+
+    def _block(self, fn, h, attention_mask, rope):
+        """One block (a trunk layer or a branch); with full recompute, only its input is kept for the backward
+        and it runs again there (we walk the layers ourselves, so TransformerBlock's own recompute never runs)."""
+        if self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled():
+            return tensor_parallel.checkpoint(fn, False, h, attention_mask, rope)
+        return fn(h, attention_mask, rope)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """Branches' checkpoint keys use their global exit index, so any pipeline layout maps to the same keys;
@@ -269,7 +280,11 @@ def build_model(hf_cfg, tp: int = 1, pp: int = 1, seq_length: int = 256, bf16: b
                 recompute: bool = False) -> FamilyGPT:
     """This rank's part of the family (parallel state must be initialised)."""
     cfg = transformer_config(hf_cfg, tp, pp, bf16, recompute)
-    rope = hf_cfg.rope_parameters.get("rope_theta", 10000.0) if hf_cfg.rope_parameters else 10000.0
+    params = hf_cfg.rope_parameters or {}
+    if params.get("rope_type", "default") != "default":
+        raise RuyiError(f"megatron training supports plain RoPE only; this family's rope_type is "
+                        f"{params['rope_type']!r} (its tiers export and evaluate with it, but cannot be trained here)")
+    rope = params.get("rope_theta", 10000.0)
     shape = FamilyShape(tuple(hf_cfg.early_exit_points), hf_cfg.vocab_size,
                         max(seq_length, hf_cfg.max_position_embeddings), rope, hf_cfg.base_arch,
                         tuple((int(p), n) for p, n in (hf_cfg.expansions or {}).items()))

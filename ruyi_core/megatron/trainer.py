@@ -157,8 +157,11 @@ class Trainer:
         self.st, par = self.spec.train_stage(args.stage), self.spec.train.parallel
         if self.st.replay and not args.replay:
             raise RuyiError(f"train stage {args.stage} has replay {self.st.replay}: pass a --replay dataset")
-        self.cuda = torch.cuda.is_available()
-        self.device = torch.device("cuda" if self.cuda else "cpu")
+        from ruyi_core.runtime import for_spec
+
+        rt = for_spec(self.spec)  # CUDA + bf16 where GPUs are visible, CPU + fp32 here (spec.runtime)
+        self.cuda, self.bf16 = rt.cuda, rt.dtype == torch.bfloat16
+        self.device = rt.device
         ps.initialize_model_parallel(par.tp, par.pp)
         seed_everything(self.st.seed)
         self.io = StoreIO(self.spec, args.out)
@@ -181,7 +184,7 @@ class Trainer:
         from ruyi_core.megatron.model import build_model
 
         st, par = self.st, self.spec.train.parallel
-        model = build_model(self.hf_cfg, par.tp, par.pp, st.seq_length, bf16=self.cuda, recompute=st.recompute)
+        model = build_model(self.hf_cfg, par.tp, par.pp, st.seq_length, bf16=self.bf16, recompute=st.recompute)
         if self.only is not None:
             model.train_only(self.only)
         if self.cuda:
@@ -190,7 +193,7 @@ class Trainer:
                                            model)
         self.opt = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=st.lr, min_lr=st.min_lr, weight_decay=st.weight_decay, clip_grad=st.clip_grad,
-            adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, bf16=self.cuda, params_dtype=model.config.params_dtype,
+            adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, bf16=self.bf16, params_dtype=model.config.params_dtype,
             use_distributed_optimizer=False), [self.ddp])
         self.sched = OptimizerParamScheduler(
             self.opt, init_lr=0.0, max_lr=st.lr, min_lr=st.min_lr, lr_warmup_steps=st.warmup_steps,

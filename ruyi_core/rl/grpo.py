@@ -207,10 +207,10 @@ def _generation_config(tier_dir: Path, tok, cfg) -> GenerationConfig:
 
 
 def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: list[dict], trainable: list[str],
-             spec: RlSpec, log=print) -> dict:
+             spec: RlSpec, log=print, runtime=None) -> dict:
     """GRPO on the tier at `tier_dir`; the trained policy (safetensors, config, tokenizer), rewards.jsonl and
     rewards.png go to `out_dir`. Returns held-out rewards before/after and parameter counts. The rewards and
-    their weights are `spec.rewards`."""
+    their weights are `spec.rewards`; `runtime` (ruyi_core.runtime: device and dtype) defaults to CPU fp32."""
     from datasets import Dataset  # heavy imports only when RL actually runs
     from trl import GRPOConfig, GRPOTrainer
 
@@ -221,7 +221,11 @@ def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: 
         raise RuyiError(f"rl: {len(train_prompts)} training prompts, fewer than rl.prompts_per_step="
                         f"{spec.prompts_per_step}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = AutoModelForCausalLM.from_pretrained(tier_dir, dtype=torch.float32)
+    dtype = runtime.dtype if runtime is not None else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(tier_dir, dtype=dtype)
+    cuda = runtime is not None and runtime.cuda
+    if cuda:
+        model = model.to(runtime.device)
     tok = AutoTokenizer.from_pretrained(tier_dir)
     if tok.chat_template is None:
         raise RuyiError(f"rl: the tokenizer in {tier_dir} has no chat template (GRPO prompts are chat turns)")
@@ -255,7 +259,8 @@ def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: 
             model.config._name_or_path = str(ref_dir)
         micro = spec.micro_batch_size or spec.prompts_per_step * spec.group_size
         args = GRPOConfig(
-            output_dir=str(work / "trainer"), use_cpu=True, bf16=False, fp16=False, seed=spec.seed,
+            output_dir=str(work / "trainer"), use_cpu=not cuda, bf16=dtype == torch.bfloat16,
+            fp16=dtype == torch.float16, seed=spec.seed,
             num_generations=spec.group_size, max_steps=spec.steps, learning_rate=spec.lr, beta=spec.beta,
             epsilon=spec.clip_eps, max_completion_length=spec.max_new_tokens, temperature=spec.temperature,
             # One optimizer step = one generation batch = prompts_per_step prompts x G completions, in passes of

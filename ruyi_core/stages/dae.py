@@ -50,10 +50,11 @@ SVD = Stage("svd_compress", Compressed, ("dae.tier", "dae.svd_ratio", "dae.sweep
                                          "data.seq_length", "data.heldout", "data.seed"))
 
 
-def _load(run: StageRun, section: str, tier: str):
+def _load(run: StageRun, section: str, tier: str, spec: RunSpec):
     from ruyi_core.family.io import load_family
+    from ruyi_core.runtime import for_spec
 
-    fam, tok = load_family(run.fetch("family"))
+    fam, tok = load_family(run.fetch("family"), for_spec(spec))
     if tier not in fam.config.tiers:
         raise RuyiError(f"{section}.tier: unknown tier {tier!r}; this family has {', '.join(fam.config.tiers)}")
     return fam, tok
@@ -68,7 +69,7 @@ def dae_expand(spec: RunSpec, store: ArtifactStore, family: str) -> Expanded:
         from ruyi_core.family.io import save_family
 
         d = spec.dae
-        fam, tok = _load(run, "dae", d.tier)
+        fam, tok = _load(run, "dae", d.tier, spec)
         p = fam.config.tiers[d.tier]
         before = heldout_loss(fam, tok, heldout_texts(spec, run.work), exit_point=p)
         out = expand_tier(fam, d.tier, d.blocks, d.init, d.std, seed=spec.family.seed)
@@ -91,14 +92,15 @@ def grpo(spec: RunSpec, store: ArtifactStore, family: str, rl_raw: str) -> Grpo:
         from ruyi_core.family.convert import export_tier
         from ruyi_core.family.io import save_family
         from ruyi_core.rl.grpo import run_grpo
+        from ruyi_core.runtime import for_spec
 
         tier = spec.rl.tier
-        fam, tok = _load(run, "rl", tier)
+        fam, tok = _load(run, "rl", tier, spec)
         export_tier(fam, tier, run.work / "tier", tok)
         own = tier_own_prefixes(fam.config, tier)
         policy = run.work / "policy"
         res = run_grpo(run.work / "tier", policy, corpus_records(run, "rl", "rl"), heldout_prompts(spec), own,
-                       spec.rl, log=run.log)
+                       spec.rl, log=run.log, runtime=for_spec(spec))
         state = {}
         for f in sorted(policy.glob("*.safetensors")):
             state.update(load_file(f))
@@ -122,19 +124,20 @@ def svd_compress(spec: RunSpec, store: ArtifactStore, family: str, packed_pretra
 
         from ruyi_core.eval.heldout import heldout_texts
         from ruyi_core.family.convert import export_tier
+        from ruyi_core.runtime import for_spec
 
         d = spec.dae
-        fam, tok = _load(run, "dae", d.tier)
+        fam, tok = _load(run, "dae", d.tier, spec)
         p = fam.config.tiers[d.tier]
         if not fam.config.expansion(p):
             raise RuyiError(f"dae.tier {d.tier!r} is not expanded: run dae_expand first")
         export_tier(fam, d.tier, run.work / "dense", tok)
-        dense = Qwen3ForCausalLM.from_pretrained(run.work / "dense", dtype=torch.float32).eval()
+        dense = for_spec(spec).load(Qwen3ForCausalLM, run.work / "dense")
         tok = AutoTokenizer.from_pretrained(run.work / "dense")
         calib = _calibration(run, spec.data.seq_length, d.calib_samples)
         chosen, rows, base_loss = _sweep(dense, tok, fam.config, d, calib, heldout_texts(spec, run.work), run.log)
         model, rep, row = chosen
-        _save_compressed(model, rep, rows, base_loss, tok, run.out)
+        _save_compressed(model.to(getattr(torch, fam.config.weights_dtype)), rep, rows, base_loss, tok, run.out)
         return {"tier": d.tier, "exit_point": p, "ratio": d.svd_ratio, "removed_fraction": row["removed_fraction"],
                 "heldout_loss_dense": base_loss, "heldout_loss_compressed": row["heldout_loss"],
                 "relative_drop": row["relative_drop"],

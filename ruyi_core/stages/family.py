@@ -42,7 +42,12 @@ def init_family(spec: RunSpec, store: ArtifactStore, pretrain: str) -> Family:
         from ruyi_core.family.io import init_family as make, save_family
 
         records = corpus_records(run, "pretrain", "pretrain")
-        fam, tok = make(spec.family, texts=(r["text"] for r in records))
+        fam_spec = spec.family
+        if fam_spec.base.startswith("s3://"):  # a base in the store: fetched (and verified) into the work folder
+            run.log(f"[init_family] fetching base {fam_spec.base}")
+            run.store.get_folder(fam_spec.base, run.work / "base")
+            fam_spec = fam_spec.model_copy(update={"base": str(run.work / "base")})
+        fam, tok = make(fam_spec, texts=(r["text"] for r in records))
         save_family(fam, tok, run.out)
         return {"exit_points": fam.config.early_exit_points, "tiers": fam.config.tiers,
                 "parameters": fam.num_parameters(), "vocab_size": fam.config.vocab_size}
@@ -75,16 +80,16 @@ def export_tier(spec: RunSpec, store: ArtifactStore, family: str, tier: str,
 
 
 def _export_compressed(run: StageRun, tier: str) -> dict:
-    import torch
     from transformers import AutoTokenizer, Qwen3ForCausalLM
 
     from ruyi_core.family.io import dir_bytes, greedy_sample
+    from ruyi_core.runtime import for_spec
 
     svd = run.manifest("compressed").metadata
     src = run.fetch("compressed")
     shutil.copytree(src / "materialized", run.out, dirs_exist_ok=True)
     shutil.copytree(src / "factored", run.out / "factored")
-    model = Qwen3ForCausalLM.from_pretrained(run.out, dtype=torch.float32).eval()
+    model = for_spec(run.spec).load(Qwen3ForCausalLM, run.out)
     return {"tier": tier, "exit_point": int(svd["exit_point"]), "depth": model.config.num_hidden_layers,
             "parameters": int(svd["factored_parameters"]), "weight_bytes": dir_bytes(run.out / "factored",
                                                                                    "*.safetensors"),

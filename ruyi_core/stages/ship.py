@@ -59,12 +59,12 @@ def package_tier(spec: RunSpec, store: ArtifactStore, plan: RunPlan, export: str
 
 
 def _package(run: StageRun, plan: RunPlan, row: dict) -> dict:
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ruyi_core.eval import evaluate, measure
     from ruyi_core.family.io import load_family
     from ruyi_core.package import build_package, check_publishable, lineage_entries
+    from ruyi_core.runtime import for_spec
 
     spec, store, tier, family = run.spec, run.store, row["tier"], run.spec.family.name
 
@@ -73,7 +73,8 @@ def _package(run: StageRun, plan: RunPlan, row: dict) -> dict:
 
     weights = run.manifest("export").sha256()
     check_publishable(store, family, plan.version, tier, weights)
-    model = AutoModelForCausalLM.from_pretrained(run.fetch("export"), dtype=torch.float32).eval()
+    rt = for_spec(spec)
+    model = rt.load(AutoModelForCausalLM, run.fetch("export"))
     tok = AutoTokenizer.from_pretrained(run.fetch("export"))
     evaluation = evaluate(model, tok, spec, run.work, store, log=say)
     started = time.perf_counter()
@@ -83,7 +84,7 @@ def _package(run: StageRun, plan: RunPlan, row: dict) -> dict:
     evaluation["parameters"] = int(row["parameters"])  # a factored tier's own count (the dense one is larger)
     evaluation["bytes_on_disk"] = int(row["weight_bytes"])
     del model
-    fam, ftok = load_family(run.fetch("family"))
+    fam, ftok = load_family(run.fetch("family"), rt)
     if tier not in fam.config.tiers:
         raise RuyiError(f"tier {tier!r} is not in the family at {run.inputs['family']}: export from the same family")
     evaluation.update(_family_comparison(run, fam, ftok, tier, evaluation, say))

@@ -333,6 +333,23 @@ class ArtifactStore:
             self._upload_one(bucket, k, local_path, entry, mtime)
         return entry
 
+    def get_folder(self, uri: str, local_dir: str | Path) -> list[str]:
+        """A folder of objects into `local_dir`: an artifact (every file checked against its manifest) or a plain
+        prefix as `mc cp -r` / `aws s3 cp --recursive` leave it (each object checked against its recorded sha256
+        when it has one). Returns the relative paths."""
+        if self.has_artifact(uri):
+            return [f.path for f in self.get_artifact(uri, local_dir).files]
+        bucket, key = self.split(uri)
+        with self._errors(f"listing {self.uri(key, bucket)}", bucket):
+            names = self.transfer.retry(lambda: [o.object_name for o in self.client.list_objects(
+                bucket, prefix=f"{key}/", recursive=True)])
+        if not names:
+            raise StoreError(f"no objects under {self.uri(key, bucket)}: upload the folder there first")
+        rels = [n[len(key) + 1:] for n in names]
+        for n, rel in zip(names, rels):
+            self.get_file(self.uri(n, bucket), Path(local_dir) / rel)
+        return rels
+
     def get_file(self, key_or_uri: str, local_path: str | Path) -> FileEntry:
         """Download one object; verified against the sha256 in its metadata when it has one."""
         bucket, k = self.split(key_or_uri)
