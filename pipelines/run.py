@@ -18,12 +18,13 @@ _STAGE_TAGS = "|".join(sorted({s.name for s in (*WEIGHT_STAGES, PACKAGE, REPORT)
 
 
 def compile_pipeline(spec_path: str | Path, out: str | Path) -> Path:
+    spec_path, out = Path(spec_path), Path(out)
+    spec = load_spec(spec_path)  # a bad spec is refused before kfp is imported
+
     from kfp import compiler
 
     from pipelines.dag import build_pipeline
 
-    spec_path, out = Path(spec_path), Path(out)
-    spec = load_spec(spec_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(build_pipeline(spec, spec.model_dump_json(), cluster=True), str(out))
     return out

@@ -90,6 +90,9 @@ def family_export(family: Path = typer.Option(..., help="family checkpoint direc
                                                   "params": "parameters", "mb": "on disk",
                                                   "sample": "greedy sample"}))
     console.print(f"tiers under [bold]{out}[/]")
+    if tok is None:
+        console.print(f"[yellow]warning:[/] {family} has no tokenizer files: exported weights and config only; copy "
+                      "the base's tokenizer files into each tier's folder", highlight=False)
 
 
 @family_app.command("import-published")
@@ -97,10 +100,11 @@ def family_import(src: Path = typer.Option(..., help="published AI-Flow-Ruyi / R
                   out: Path = typer.Option(..., help="output family directory")):
     """Import a checkpoint in the published layout (ruyi_qwen2 / ruyi_qwen3) as a family."""
     from ruyi_core.family.convert import import_published
+    from ruyi_core.family.io import save_family
 
     quiet_hf()
     fam = import_published(src)
-    fam.save_pretrained(out)
+    save_family(fam, None, out)  # in the checkpoint's own dtype
     for f in src.iterdir():  # tokenizer files travel with the weights
         if f.name.startswith(("tokenizer", "vocab", "merges", "special_tokens", "chat_template")):
             shutil.copy(f, out / f.name)
@@ -122,7 +126,9 @@ def generate(prompt: str = typer.Argument(..., help="the user message"),
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import ruyi_core  # noqa: F401  (registers the family with the Auto classes)
+    import ruyi_core
+
+    ruyi_core.register()  # a family folder loads through the Auto classes too
 
     if (model is None) == (registry is None):
         raise RuyiError("say what to run: --model DIR, or --registry FAMILY --tier TIER")

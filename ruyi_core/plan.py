@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ruyi_core.errors import RuyiError
+from ruyi_core.spec_checks import quantity
 
 MFU = 0.40  # step-time estimates assume this share of the GPU's dense bf16 peak
 GRPO_PROMPT_TOKENS = 512  # the plan's bound on a GRPO prompt (chat-templated question)
@@ -212,20 +213,6 @@ def grpo_plan(a: Arch, exit_point: int, added: int, rl, dev: Device) -> StagePla
     return StagePlan("grpo", n, trained, w, trained * 4, opt, kv + act,
                      note=note + (", reference copy" if rl.beta else ""))
 
-_UNITS = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
-          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
-
-
-def quantity_bytes(q: str) -> float:
-    """A Kubernetes memory quantity ("8Gi", "500M", "1e9") in bytes; ValueError names what is wrong."""
-    import re
-
-    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?(?:[eE][0-9]+)?)([a-zA-Z]*)", str(q).strip())
-    if m is None or m.group(2) not in _UNITS:
-        raise ValueError(f"{q!r} is not a Kubernetes quantity (a number with an optional unit such as Mi, Gi, G)")
-    return float(m.group(1)) * _UNITS[m.group(2)]
-
-
 def default_device(spec) -> str:
     """What the spec's training runs on: GPUs when its train step asks for them or it uses the TrainJob
     launcher, else this machine's CPU."""
@@ -264,7 +251,7 @@ def plan_run(spec, device: str | None = None, store_config=None) -> tuple[Device
                            note=f"the deepest tier, batch {spec.eval.batch_size}"))
     for r in rows:
         limit = dev.memory if device == "cpu" or not r.note.startswith("host") else \
-            quantity_bytes(spec.pipeline.resources_for(r.stage).memory)
+            quantity(spec.pipeline.resources_for(r.stage).memory)
         r.fits = r.total <= limit * USABLE
     return dev, a, rows
 

@@ -15,7 +15,7 @@ from ruyi_core.family.presets import PRESETS
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a NaN learning rate is never what was meant
 
 
 def default_tier_names(n_exits: int) -> list[str]:
@@ -44,10 +44,10 @@ def base_num_layers(base: str) -> int | None:
 
 
 class FamilySpec(_Strict):
-    name: str = Field("ruyi-tiny", pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    name: str = Field("ruyi-tiny", pattern=r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
     base: str = "tiny"
     exit_points: list[int] = [1, 6, 11]
-    tiers: dict[str, int] = Field(default_factory=dict)
+    tiers: dict[str, int] | None = None  # default: end / edge / cloud over the exits
     shared_heads: bool = False
     seed: int = 0
 
@@ -67,9 +67,16 @@ class FamilySpec(_Strict):
         n = base_num_layers(self.base)
         if n is not None:
             check_exit_points(self.exit_points, n)
-        if not self.tiers:
+        if self.tiers is None:
             self.tiers = dict(zip(default_tier_names(len(self.exit_points)), self.exit_points))
+        if not self.tiers:
+            raise ValueError("tiers is empty: map at least one tier name to an exit point (or leave tiers out)")
+        from ruyi_core.spec_checks import NAME
+
         for tier, p in self.tiers.items():
+            if not NAME.match(tier):
+                raise ValueError(f"tiers: {tier!r} is not a safe tier name (lowercase letters, digits and -, at most "
+                                 "63, as S3 keys and Kubernetes names need)")
             if p not in self.exit_points:
                 raise ValueError(f"tiers.{tier} = {p} is not one of exit_points {self.exit_points}")
         return self
@@ -132,6 +139,15 @@ class Resources(_Strict):
     memory: str = "8Gi"
     gpus: int = Field(0, ge=0)  # on a cluster: GPUs for this step (training steps on a GPU node pool)
 
+    @field_validator("cpu", "memory")
+    @classmethod
+    def _quantity(cls, v: str) -> str:
+        from ruyi_core.spec_checks import quantity
+
+        if quantity(v) <= 0:
+            raise ValueError(f"{v!r} must be a positive Kubernetes quantity")
+        return v
+
 
 class PipelineSpec(_Strict):
     """How the KFP pipeline runs on a cluster (ignored by the local runner)."""
@@ -158,6 +174,13 @@ class LossSpec(_Strict):
 
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
     weights: list[float] | None = None  # per exit, shallowest first; default 1.0 each
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (any(w < 0 for w in v) or not v or v[-1] <= 0):
+            raise ValueError(f"weights {v}: every weight must be >= 0 and the last exit's > 0")
+        return v
     final_scale: float = Field(0.3, ge=0, le=1)
     warmup_steps: int = Field(0, ge=0)
 
@@ -215,6 +238,17 @@ class TrainJobSpec(_Strict):
     memory: str = "256Gi"
     poll_s: float = Field(10.0, gt=0)
     timeout_s: int = Field(7 * 24 * 3600, ge=60)
+
+    _quantities = field_validator("cpu", "memory")(Resources._quantity.__func__)
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        from ruyi_core.spec_checks import NAME
+
+        if not NAME.match(v):
+            raise ValueError(f"{v!r} is not a Kubernetes namespace name (lowercase letters, digits and -)")
+        return v
 
 
 # Each stage's own defaults. A partial stage section in a spec (say, only `steps`) keeps the rest of them.
@@ -423,6 +457,15 @@ class RunSpec(_Strict):
         return stages[stage]
 
     @model_validator(mode="after")
+    def _layout(self) -> "RunSpec":
+        from ruyi_core.spec_checks import layout_problems
+
+        problems = layout_problems(self)
+        if problems:
+            raise ValueError(problems[0])
+        return self
+
+    @model_validator(mode="after")
     def _tiers(self) -> "RunSpec":
         tiers = self.family.tiers
         for section, sub in (("dae", self.dae), ("rl", self.rl)):
@@ -441,10 +484,10 @@ class RunSpec(_Strict):
 
 def _one_line(err: ValidationError, source: str) -> str:
     e = err.errors()[0]
-    where = ".".join(str(x) for x in e["loc"]) or "spec"
+    where = "".join(f"{x}: " for x in [".".join(str(x) for x in e["loc"])] if x)  # none: the message names it
     msg = e["msg"].removeprefix("Value error, ")
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{source}: {where}: {msg}{more}"
+    return f"{source}: {where}{msg}{more}"
 
 
 def load_spec(path: str | Path) -> RunSpec:

@@ -6,7 +6,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import ruyi_core  # noqa: E402,F401
+import ruyi_core  # noqa: E402
+
+ruyi_core.register()
 from ruyi_core.family.convert import build_preset_base  # noqa: E402
 
 TOL = 1e-5

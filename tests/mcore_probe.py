@@ -11,7 +11,8 @@ import sys
 
 import torch
 
-import ruyi_core  # noqa: F401
+import ruyi_core
+ruyi_core.register()
 from ruyi_core.family.io import load_family
 from ruyi_core.megatron.ckpt import init_distributed
 from ruyi_core.megatron.convert import hf_to_megatron, load_into, megatron_to_hf

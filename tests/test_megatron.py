@@ -177,21 +177,27 @@ def test_trainer_errors_are_one_line_for_users_and_a_traceback_for_bugs(workdir,
 
 
 def test_bad_layouts_stop_before_any_process(capsys):
+    """A base only the store has is checked against the fetched family's config when training starts."""
     from ruyi_core.megatron.launch import validate_layout
 
-    cfg = {"num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4, "vocab_size": 512}
+    cfg = {"num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4, "vocab_size": 510}
+    ok = parse_spec({"family": {"base": "s3://ruyi/bases/mine", "exit_points": EXITS}})
 
     def spec(**train):
-        return parse_spec({"family": {"base": "micro", "exit_points": EXITS}, "train": train})
+        return ok.model_copy(update={"train": ok.train.model_copy(update={
+            k: getattr(ok.train, k).model_copy(update=v) if isinstance(v, dict) else v for k, v in train.items()})})
 
-    with pytest.raises(RuyiError, match=r"tp = 4 must divide the 4 attention heads and 2 KV heads"):
+    with pytest.raises(RuyiError, match=r"tp = 4 must divide the base's 4 attention heads and 2 key/value heads"):
         validate_layout(spec(parallel={"tp": 4}), cfg, "cpt")
-    with pytest.raises(RuyiError, match=r"pp = 3 must divide the 4 layers"):
+    with pytest.raises(RuyiError, match=r"tp = 4 must divide the base's 4 attention heads"):
+        validate_layout(spec(parallel={"tp": 4}), cfg, "cpt")
+    with pytest.raises(RuyiError, match=r"pp = 3 must divide the base's 4 layers"):
         validate_layout(spec(parallel={"pp": 3}), cfg, "cpt")
-    with pytest.raises(RuyiError, match=r"world size tp x pp x dp = 2 does not match nodes x gpus_per_node = 8"):
-        validate_layout(spec(parallel={"dp": 2}, launcher="trainjob"), cfg, "cpt")
-    with pytest.raises(RuyiError, match=r"global_batch_size = 12 must be a multiple of micro_batch_size x dp = 8"):
-        validate_layout(spec(parallel={"dp": 2}, cpt={"global_batch_size": 12, "micro_batch_size": 4}), cfg, "cpt")
+    with pytest.raises(RuyiError, match=r"tp = 4 must divide the vocabulary \(510\)"):
+        validate_layout(spec(parallel={"tp": 4}), cfg | {"num_attention_heads": 8, "num_key_value_heads": 4}, "cpt")
+    with pytest.raises(RuyiError, match=r"shared_heads"):
+        validate_layout(ok, cfg | {"shared_heads": True}, "cpt")
+    validate_layout(ok, cfg, "cpt")
 
 
 def test_cpu_shim_canary():

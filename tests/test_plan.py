@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ruyi_core.plan import Arch, base_arch, plan_run, quantity_bytes
+from ruyi_core.plan import Arch, base_arch, plan_run
+from ruyi_core.spec_checks import quantity
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +40,8 @@ def test_flagship_plan_fits_and_a_single_gpu_layout_is_refused(tmp_path, run_cli
     assert code == 0 and "14.77B parameters (13.21B non-embedding)" in out and "NO" not in out
     assert all(stage in out for stage in ("cpt", "sft", "dae_cpt", "grpo", "evaluate"))
     raw = yaml.safe_load((ROOT / "specs/ruyi2-14b.yaml").read_text())
-    raw["train"]["parallel"] = {"tp": 1, "pp": 1, "dp": 1, "nodes": 1}
+    raw["train"]["parallel"] = {"tp": 1, "pp": 1, "dp": 1, "nodes": 1}  # one GPU
+    raw["train"]["trainjob"]["gpus_per_node"] = 1
     (tmp_path / "one.yaml").write_text(yaml.safe_dump(raw))
     code, out = run_cli(["plan", "--spec", tmp_path / "one.yaml", "--gpu", "h200-141gb"])
     last = out.strip().splitlines()[-1]
@@ -65,6 +67,6 @@ def test_plan_tracks_layout_recompute_and_quantities():
     spec.train.parallel.dp = 2
     _, _, rows = plan_run(spec, "h100-80gb")
     assert next(r for r in rows if r.stage == "cpt").weights == pytest.approx(cpt.weights / 2)
-    assert quantity_bytes("8Gi") == 8 * 2**30 and quantity_bytes("500M") == 5e8
+    assert quantity("8Gi") == 8 * 2**30 and quantity("500M") == 5e8 and quantity("250m") == 0.25
     with pytest.raises(ValueError, match="not a Kubernetes quantity"):
-        quantity_bytes("lots")
+        quantity("lots")

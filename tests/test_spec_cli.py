@@ -70,6 +70,20 @@ def test_bad_specs_one_line(tmp_path, run_cli, family, field, words):
     ({"rl": {"rewards": {}}}, "rl.rewards: needs at least one reward"),
     ({"eval": {"benchmarks": {}}}, "needs at least one benchmark"),
     ({"package": {"tolerance": -0.1}}, "package.tolerance: Input should be greater than or equal to 0"),
+    # known before any work from the spec and the base's config (tiny: 12 layers, 6 heads, 2 KV heads, 1024 positions)
+    ({"train": {"cpt": {"lr": float("nan")}}}, "train.cpt.lr: Input should be a finite number"),
+    ({"train": {"parallel": {"tp": 3}}}, "train.parallel.tp = 3 must divide the base's 6 attention heads and 2"),
+    ({"train": {"parallel": {"pp": 5}}}, "train.parallel.pp = 5 must divide the base's 12 layers"),
+    ({"train": {"sft": {"seq_length": 4096}}}, "train.sft.seq_length (4096) exceeds the base's 1024 positions"),
+    ({"train": {"cpt": {"loss": {"weights": [1.0, 1.0]}}}}, "train.cpt.loss.weights has 2 entries for 3 exits"),
+    ({"train": {"cpt": {"loss": {"weights": [1.0, -0.5, 1.0]}}}}, "every weight must be >= 0"),
+    ({"train": {"parallel": {"dp": 3}}}, "must be a multiple of micro_batch_size x train.parallel.dp (8 x 3)"),
+    ({"family": {"tiers": {}}}, "tiers is empty"),
+    ({"family": {"tiers": {"End_Tier": 11}}}, "'End_Tier' is not a safe tier name"),
+    ({"pipeline": {"resources": {"train": {"memory": "lots"}}}}, "'lots' is not a Kubernetes quantity"),
+    ({"train": {"trainjob": {"memory": "12Gb"}}}, "'12Gb' is not a Kubernetes quantity"),
+    ({"train": {"launcher": "trainjob", "parallel": {"tp": 2, "pp": 2}, "trainjob": {"gpus_per_node": 2}}},
+     "TP x PP x DP = 4 processes, but train.parallel.nodes x train.trainjob.gpus_per_node = 2"),
 ])
 def test_bad_stage_specs_one_line(section, words):
     with pytest.raises(SpecError, match=re.escape(words)):
@@ -131,3 +145,16 @@ def test_cli_init_export_generate(tmp_path, run_cli):
     assert code == 0 and out.strip()
     code, out = run_cli(["generate", "--model", tmp_path / "fam", "--tier", "edge", "hi"])
     assert code == 2 and "unknown tier 'edge'" in out
+
+
+def test_refusing_a_spec_imports_no_torch(tmp_path):
+    """`ruyi pipeline compile/run/upload` refuse a bad spec before the heavy imports (torch, transformers, kfp)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {cpt: {lr: .nan}}\n")
+    code = ("import sys; sys.argv = ['ruyi', 'pipeline', 'compile', '--spec', sys.argv[1], '--out', 'x.yaml']\n"
+            "import pipelines.cli\n"
+            "try:\n    pipelines.cli.main()\nexcept SystemExit as e:\n"
+            "    print(e.code, sorted(m for m in ('torch', 'transformers', 'kfp') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, cwd=ROOT)
+    assert r.stdout.strip().splitlines()[-1] == "2 []", r.stdout + r.stderr
+    assert "train.cpt.lr: Input should be a finite number" in r.stdout

@@ -30,10 +30,13 @@ POD = "cpt-job-node-0-0-abcde"
 def _spec(**trainjob) -> RunSpec:
     tj = {"namespace": NS, "image": "registry.example/ruyi-trainer:test", "gpus_per_node": 4,
           "cpu": "8", "memory": "64Gi", **trainjob}
+    dp = 2 * (tj["gpus_per_node"] or 1) // 2  # nodes x GPUs per node = tp x pp x dp
     return RunSpec.model_validate({
         "store": {"endpoint": "seaweedfs.ruyi.svc:8333"},
         "pipeline": {"s3_secret": "my-s3-creds"},
-        "train": {"launcher": "trainjob", "parallel": {"tp": 2, "nodes": 2}, "trainjob": tj},
+        "train": {"launcher": "trainjob", "parallel": {"tp": 2, "nodes": 2, "dp": dp}, "trainjob": tj,
+                  "cpt": {"global_batch_size": 8 * dp}, "sft": {"global_batch_size": 8 * dp}},
+        "dae": {"enabled": False},
     })
 
 

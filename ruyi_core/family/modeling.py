@@ -173,3 +173,13 @@ class RuyiForCausalLM(RuyiPreTrainedModel, GenerationMixin):
         k, m = self.config.exit_index(exit_point), self.model
         mods = [m.embed_tokens, *m.tier_blocks(exit_point), m.norms[k], self.head(exit_point)]
         return sum(t.numel() for mod in mods for t in mod.parameters())
+
+
+def _register() -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoConfig.register(RuyiConfig.model_type, RuyiConfig, exist_ok=True)
+    AutoModelForCausalLM.register(RuyiConfig, RuyiForCausalLM, exist_ok=True)
+
+
+_register()  # any code that can build a family can also load one through the Auto classes

@@ -12,28 +12,13 @@ from ruyi_core.spec import RunSpec
 
 
 def validate_layout(spec: RunSpec, family_cfg: dict, stage: str) -> None:
-    """Stops a bad TP/PP/DP layout with one line before any process starts."""
-    par, st = spec.train.parallel, spec.train_stage(stage)
-    heads, groups = family_cfg["num_attention_heads"], family_cfg["num_key_value_heads"]
-    layers, vocab = family_cfg["num_hidden_layers"], family_cfg["vocab_size"]
-    if heads % par.tp or groups % par.tp:
-        raise RuyiError(f"train.parallel.tp = {par.tp} must divide the {heads} attention heads and {groups} KV "
-                        f"heads: pick a divisor of {groups}")
-    if vocab % par.tp:
-        raise RuyiError(f"train.parallel.tp = {par.tp} must divide the vocabulary ({vocab})")
-    if layers % par.pp:
-        raise RuyiError(f"train.parallel.pp = {par.pp} must divide the {layers} layers")
-    if st.global_batch_size % (st.micro_batch_size * par.dp):
-        raise RuyiError(f"train.{stage}.global_batch_size = {st.global_batch_size} must be a multiple of "
-                        f"micro_batch_size x dp = {st.micro_batch_size * par.dp}")
-    if spec.train.launcher == "local":
-        if par.nodes != 1:
-            raise RuyiError("train.parallel.nodes > 1 needs train.launcher: trainjob")
-    else:
-        per_node = spec.train.trainjob.gpus_per_node or 1
-        if par.world_size != par.nodes * per_node:
-            raise RuyiError(f"world size tp x pp x dp = {par.world_size} does not match nodes x gpus_per_node = "
-                            f"{par.nodes * per_node}: adjust train.parallel.dp")
+    """Stops a bad TP/PP/DP layout with one line before any process starts: the spec's own checks, now against
+    the fetched family's config (a base only the store had was not checked when the spec was loaded)."""
+    from ruyi_core.spec_checks import layout_problems
+
+    problems = layout_problems(spec, family_cfg)
+    if problems:
+        raise RuyiError(problems[0])
     if family_cfg.get("shared_heads"):
         raise RuyiError("family.shared_heads: the megatron trainer gives every exit its own head; "
                         "train a family with shared_heads: false")
