@@ -495,7 +495,15 @@ def load_spec(path: str | Path) -> RunSpec:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"spec file {path} not found: pass --spec with an existing YAML file")
-    return parse_spec_yaml(path.read_text(), source=str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(f"{path} is not a text file (not UTF-8): pass --spec with a YAML run spec") from None
+    except OSError as e:
+        raise SpecError(f"cannot read spec file {path} ({e.strerror}): check its permissions") from None
+    if "\x00" in text:
+        raise SpecError(f"{path} is a binary file, not a YAML run spec: pass --spec with a YAML file")
+    return parse_spec_yaml(text, source=str(path))
 
 
 def parse_spec_yaml(text: str, source: str = "spec") -> RunSpec:

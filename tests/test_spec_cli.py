@@ -158,3 +158,13 @@ def test_refusing_a_spec_imports_no_torch(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, cwd=ROOT)
     assert r.stdout.strip().splitlines()[-1] == "2 []", r.stdout + r.stderr
     assert "train.cpt.lr: Input should be a finite number" in r.stdout
+
+
+@pytest.mark.parametrize("content,words", [(b"\x7fELF\x02\x01\x01\x00\xd0\x00", "not a text file"),
+                                           (b"family:\n  name: x\x00\n", "is a binary file"),
+                                           (b"family: [1, 2\n", "not valid YAML")])
+def test_a_spec_that_is_not_yaml_is_one_line(tmp_path, run_cli, content, words):
+    spec = tmp_path / "spec.yaml"
+    spec.write_bytes(content)
+    code, out = run_cli(["plan", "--spec", spec])
+    assert code == 2 and len(out.strip().splitlines()) == 1 and words in out and "Traceback" not in out
