@@ -122,6 +122,29 @@ def test_promotion_gate_both_ways(store, tier_dir, tmp_path):
         read_index(store, "nosuch")
 
 
+def test_eight_concurrent_promotes_lose_no_entry(store, tier_dir, tmp_path):
+    """Promotes of eight versions at once: every version lands in the index, and the promoted end tier is the
+    best one's (each gate decision was taken against the index as it stood when its write succeeded)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    scores = {f"c{i}": 0.30 + 0.05 * i for i in range(8)}
+    uris = {}
+    for v, sc in scores.items():
+        pkg = build(tier_dir, tmp_path / v, v, evaluation(sc))
+        uris[v] = publish(store, pkg, FAMILY, v, "end", run_id=f"run-{v}", spec_hash="0" * 16)
+
+    def one(v):
+        return promote(store, FAMILY, v, f"run-{v}", {"end": {"uri": uris[v], "evaluation": evaluation(scores[v])}},
+                       GATE)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, scores))
+    index = read_index(store, FAMILY)
+    assert sorted(v["version"] for v in index["versions"]) == sorted(scores)
+    promoted = [v["version"] for v in index["versions"] if v["tiers"]["end"]["promoted"]]
+    assert index["promoted"]["end"] == promoted[-1] == "c7"  # the best, whatever order they landed in
+
+
 def test_gate_ignores_benchmarks_missing_on_one_side():
     only_mc = {"benchmarks": {"facts_mc": {"format": "multiple_choice", "metric": "acc", "value": 0.1,
                                            "higher_is_better": True, "n": 9}}}

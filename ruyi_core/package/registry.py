@@ -17,7 +17,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -73,27 +72,26 @@ def families(store: ArtifactStore) -> list[str]:
 
 def read_index(store: ArtifactStore, family: str, *, missing_ok: bool = False) -> dict | None:
     """The family's index; a family without one is an error (None with missing_ok)."""
-    key = index_key(family)
-    if store.transfer.stat(store.bucket, key) is None:
+    got = _read_index(store, family)
+    if got is None:
         if missing_ok:
             return None
         known = families(store)
         have = f"the registry has {', '.join(known)}" if known else "the registry is empty"
         raise RuyiError(f"no model family {family!r} at {store.uri('models')} ({have}): check the family name, "
                         "or run the pipeline to publish and promote one")
-    with tempfile.TemporaryDirectory(prefix="ruyi-index-") as d:
-        store.get_file(key, Path(d) / INDEX)
-        return json.loads((Path(d) / INDEX).read_text())
+    return got[0]
 
 
-def _write_index(store: ArtifactStore, index: dict) -> None:
-    # Read-modify-write without a lock: correct because one promote step per run updates the index, and runs of
-    # one family are not promoted at the same moment. Two concurrent promotes could lose one update (the lost
-    # version's packages stay in the store; promoting it again records it).
-    with tempfile.TemporaryDirectory(prefix="ruyi-index-") as d:
-        f = Path(d) / INDEX
-        f.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        store.put_file(f, index_key(index["family"]))
+def _read_index(store: ArtifactStore, family: str) -> tuple[dict, str] | None:
+    got = store.read_object(index_key(family))
+    if got is None:
+        return None
+    try:
+        return json.loads(got[0]), got[1]
+    except ValueError:
+        raise RuyiError(f"{store.uri(index_key(family))} is not valid JSON: restore it from a copy, or delete it "
+                        "and promote the family's versions again") from None
 
 
 def _find(index: dict, version: str) -> dict | None:
@@ -137,8 +135,32 @@ def gate(evaluation: dict, baseline: dict | None, package: PackageSpec) -> tuple
 def promote(store: ArtifactStore, family: str, version: str, run_id: str, candidates: dict[str, dict],
             package: PackageSpec) -> dict:
     """Record `version` in the family's index and gate each tier ({tier: {"uri", "evaluation"}}) against the
-    tier's promoted version; returns the new index."""
-    index = read_index(store, family, missing_ok=True) or {"family": family, "versions": [], "promoted": {}}
+    tier's promoted version; returns the new index. The index is written only if nobody changed it since it was
+    read (a conditional write); a promote that loses the race reads it again and re-decides, so concurrent
+    promotes never lose an entry."""
+    import random
+    import time
+
+    for cand in candidates.values():
+        if not store.has_artifact(cand["uri"]):
+            raise RuyiError(f"{cand['uri']} is not a published package: publish it before promoting")
+    for attempt in range(_INDEX_ATTEMPTS):
+        got = _read_index(store, family)
+        index, etag = got if got else ({"family": family, "versions": [], "promoted": {}}, None)
+        _decide(store, index, version, run_id, candidates, package)
+        body = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+        if store.write_object_if(index_key(family), body, etag):
+            return index
+        time.sleep(random.uniform(0.02, 0.1) * (attempt + 1))  # another promote wrote first: read it again
+    raise RuyiError(f"{store.uri(index_key(family))} kept changing under {_INDEX_ATTEMPTS} attempts to record "
+                    f"{version}: run the promote step again")
+
+
+_INDEX_ATTEMPTS = 30
+
+
+def _decide(store: ArtifactStore, index: dict, version: str, run_id: str, candidates: dict[str, dict],
+            package: PackageSpec) -> None:
     entry = _find(index, version)
     if entry is None:
         created = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
@@ -149,8 +171,6 @@ def promote(store: ArtifactStore, family: str, version: str, run_id: str, candid
     for tier, cand in sorted(candidates.items()):
         if tier in entry["tiers"]:
             continue  # decided before: the decision stands
-        if not store.has_artifact(cand["uri"]):
-            raise RuyiError(f"{cand['uri']} is not a published package: publish it before promoting")
         current = index["promoted"].get(tier)
         ev = cand["evaluation"]
         if current == version:
@@ -163,8 +183,6 @@ def promote(store: ArtifactStore, family: str, version: str, run_id: str, candid
                                 "average": ev.get("average")}
         if ok:
             index["promoted"][tier] = version
-    _write_index(store, index)
-    return index
 
 
 def resolve(store: ArtifactStore, family: str, tier: str, version: str | None = None) -> str:

@@ -333,6 +333,37 @@ class ArtifactStore:
             self._upload_one(bucket, k, local_path, entry, mtime)
         return entry
 
+    # ---- small shared objects, updated with conditional writes (no lost updates) ------------------------------
+
+    def read_object(self, key: str) -> tuple[bytes, str] | None:
+        """(bytes, ETag) of a small object in this bucket, or None when there is none."""
+        with self._errors(f"reading {self.uri(key)}"):
+            try:
+                resp = self.transfer.retry(self.client.get_object, self.bucket, clean_key(key))
+            except S3Error as e:
+                if e.code in _MISSING:
+                    return None
+                raise
+            try:
+                return resp.read(), resp.headers.get("ETag", "")
+            finally:
+                resp.close()
+                resp.release_conn()
+
+    def write_object_if(self, key: str, data: bytes, etag: str | None) -> bool:
+        """Write `key` only if it is still as read: absent (`etag` None) or unchanged (that ETag). False when
+        another writer got there first (S3 conditional writes: MinIO, SeaweedFS and AWS honour them)."""
+        cond = {"If-None-Match": "*"} if etag is None else {"If-Match": etag}
+        with self._errors(f"writing {self.uri(key)}"):
+            try:
+                self.client._put_object(self.bucket, clean_key(key), data,
+                                        headers={"Content-Type": "application/json", **cond})
+            except S3Error as e:
+                if e.code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                raise
+        return True
+
     def get_folder(self, uri: str, local_dir: str | Path) -> list[str]:
         """A folder of objects into `local_dir`: an artifact (every file checked against its manifest) or a plain
         prefix as `mc cp -r` / `aws s3 cp --recursive` leave it (each object checked against its recorded sha256
