@@ -221,3 +221,32 @@ def test_cpu_shim_canary():
         with mrandom.get_cuda_rng_tracker().fork():
             pass
     assert moptim.clip_grad_by_total_norm_fp32 is clip_grads.clip_grad_by_total_norm_fp32
+
+
+def test_a_worker_dies_with_its_parent(tmp_path):
+    """torchrun's workers live in their own session; killing the parent (SIGKILL, no cleanup) stops them too."""
+    import os
+    import signal
+    import time
+
+    pid_file = tmp_path / "worker.pid"
+    worker = ("import os, sys, time; from ruyi_core.megatron.launch import die_with_parent; "
+              f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
+    parent = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}], "
+              "start_new_session=True); time.sleep(60)")
+    p = subprocess.Popen([sys.executable, "-c", parent], cwd=Path(__file__).resolve().parents[1])
+    for _ in range(200):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the worker outlived its killed parent")

@@ -51,6 +51,22 @@ def run_child(cmd: list[str], log, env: dict | None = None) -> None:
         raise RuntimeError(f"internal error in {module} ({what}): its traceback is in the log")
 
 
+def die_with_parent() -> None:
+    """torchrun starts its workers in their own session, so killing a runner's process group (or torchrun itself,
+    with SIGKILL) would leave them training and uploading. Ask the kernel to stop this process when its parent
+    goes (Linux prctl PR_SET_PDEATHSIG); elsewhere a no-op."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def torchrun(nproc: int, module: str, args: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
             "--master-port", str(_free_port()), "-m", module, *args]

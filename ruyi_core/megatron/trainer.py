@@ -335,6 +335,9 @@ class Trainer:
 
 
 def main(argv=None) -> None:
+    from ruyi_core.megatron.launch import die_with_parent
+
+    die_with_parent()  # a killed runner leaves no worker training behind
     args = parse_args(argv)
     try:
         ckpt.init_distributed()
