@@ -101,6 +101,9 @@ class StoreSpec(_Strict):
     part_size_mb: int = Field(16, ge=5, le=5120)  # S3 multipart parts are at least 5 MiB
     parallel_parts: int = Field(4, ge=1, le=64)
     retries: int = Field(5, ge=0, le=20)
+    # Seconds without a byte from the store before a call gives up (then it is retried): an endpoint that accepts
+    # connections but never answers fails in about this long, not minutes.
+    read_timeout_s: float = Field(20.0, gt=0, le=600)
 
 
 class KindThresholds(_Strict):

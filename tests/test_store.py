@@ -198,6 +198,17 @@ def test_bad_credentials_and_unreachable_endpoint_are_one_line(s3_server):
     with pytest.raises(StoreError, match=r"\(TLS handshake failed; check store.secure\)"):
         ArtifactStore.from_spec(spec, env={**env, "RUYI_S3_ENDPOINT": f"https://{plain}"})
 
+    # an endpoint that accepts connections and never answers: one line after store.read_timeout_s
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        where = f"127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(StoreError, match=rf"cannot reach the object store at {where} \(timed out\)"):
+            ArtifactStore.from_spec(spec.model_copy(update={"read_timeout_s": 0.5}),
+                                    env={**env, "RUYI_S3_ENDPOINT": where})
+
     with pytest.raises(StoreError, match="set RUYI_S3_ACCESS_KEY and RUYI_S3_SECRET_KEY"):
         ArtifactStore.from_spec(spec, env={"RUYI_S3_ENDPOINT": env["RUYI_S3_ENDPOINT"]})
     with pytest.raises(StoreError, match="invalid object store endpoint"):

@@ -32,19 +32,23 @@ def run_child(cmd: list[str], log, env: dict | None = None) -> None:
     """Streams a child's output into `log`. A failure becomes one line: the child's own `error:` line (a user
     error), or an internal error pointing at the traceback the log now holds."""
     tail: deque[str] = deque(maxlen=40)
+    errs, bugs = [], []  # the workers' own one-line verdicts, however long torchrun's report after them is
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})})
     assert proc.stdout is not None
     for line in proc.stdout:
         line = line.rstrip()
         tail.append(line)
+        verdict = line.split("]: ", 1)[-1] if line.startswith("[rank") else line  # torchrun's rank prefix
+        if verdict.startswith("error:"):
+            errs.append(verdict)
+        elif verdict.startswith("internal error:"):
+            bugs.append(verdict)
         if not any(w in line for w in ("Warning", "warnings.warn", "warn(")):
             log(line)
     if proc.wait() != 0:
-        errs = [t for t in tail if t.startswith("error:")]
         if errs:
             raise RuyiError(errs[-1][len("error:"):].strip())
-        bugs = [t for t in tail if t.startswith("internal error:")]
         what = (bugs[-1][len("internal error:"):].strip() if bugs
                 else f"exit {proc.returncode}: {tail[-1] if tail else ''}")
         module = cmd[len(cmd) - 1 - cmd[::-1].index("-m") + 1] if "-m" in cmd else cmd[0]

@@ -133,7 +133,7 @@ class ArtifactStore:
             raise StoreError("no object store credentials: set RUYI_S3_ACCESS_KEY and RUYI_S3_SECRET_KEY "
                              "(for the local server: `set -a; source .ruyi/s3/s3.env; set +a`)")
         client = make_client(endpoint, access, secret, secure=secure, region=spec.region,
-                             pool_size=2 * spec.parallel_parts + 2)
+                             pool_size=2 * spec.parallel_parts + 2, read_timeout_s=spec.read_timeout_s)
         store = cls(client, spec, endpoint, secret)
         # no retries here: a wrong endpoint or key should fail in seconds, not after minutes of backoff
         with store._errors(f"opening bucket {spec.bucket!r}"):

@@ -25,7 +25,7 @@ from minio.error import InvalidResponseError, S3Error, ServerError
 from ruyi_core.errors import RuyiError
 
 CONNECT_TIMEOUT_S = 3.0  # an unreachable endpoint must fail fast
-READ_TIMEOUT_S = 120.0  # a part of a few hundred MB on a slow link still fits
+READ_TIMEOUT_S = 20.0  # between bytes (not for a whole part): a silent endpoint fails in seconds
 CHUNK = 1 << 20
 SHA_META = "x-amz-meta-sha256"
 AUTH_CODES = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "InvalidToken", "ExpiredToken",
@@ -57,11 +57,11 @@ def parse_endpoint(value: str, secure: bool) -> tuple[str, bool]:
 
 
 def make_client(endpoint: str, access_key: str, secret_key: str, *, secure: bool, region: str | None,
-                pool_size: int) -> Minio:
+                pool_size: int, read_timeout_s: float = READ_TIMEOUT_S) -> Minio:
     # Our own pool: short connect timeout, and no urllib3-level retries (we retry whole operations with
     # backoff, and never on auth errors); enough connections for every part in flight.
     http = urllib3.PoolManager(
-        timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=READ_TIMEOUT_S),
+        timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=read_timeout_s),
         maxsize=max(10, pool_size), cert_reqs="CERT_REQUIRED",
         ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
         retries=urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=3))
