@@ -241,15 +241,21 @@ def test_replay_mixes_pretraining_windows_into_sft_evenly_and_deterministically(
     # a pure function of the sample index: a batch starting mid-stream (a resume) sees the same windows
     b = mixed.batch(12, 8)
     assert all(torch_equal((b["tokens"][k], b["labels"][k], b["loss_mask"][k]), got[12 + k]) for k in range(8))
-    # an SFT window never trains on an answer whose conversation began in the window before: up to the first
-    # document boundary (an end of text) nothing counts
-    eos = tok.eos_token_id
-    for i in range(sft.n_windows):
-        tokens, labels, mask = sft.window(i)
-        cut = int(sft._order(0)[i]) * sft.seq not in set(sft.doc_start.tolist())
-        first_end = int((tokens == eos).nonzero()[0]) if (tokens == eos).any() else len(tokens)
-        assert not cut or not mask[:first_end].any()
-    assert any(m.any() for _, _, m in (sft.window(i) for i in range(sft.n_windows)))
+    # SFT windows hold whole conversations (a window edge never separates an answer from its question): an
+    # epoch trains every assistant token exactly once, and the next epoch packs them differently
+    n_assistant = json.loads((tmp_path / "sft" / "dataset.json").read_text())["n_assistant_tokens"]
+    sft = TokenStream(tmp_path / "sft", 160, seed=3)  # longer than any conversation (a longer one is cut)
+    first = [sft.window(i) for i in range(sft.n_windows)]
+    assert sum(int(m.sum()) for _, _, m in first) == n_assistant
+    docs = {tuple(ids.tolist()) for ids, _ in read_documents(tmp_path / "sft")}
+    for tokens, labels, _ in first:
+        window, held = [int(tokens[0])] + labels.tolist(), []
+        while window and window[0] != tok.eos_token_id:  # documents, each ending with EOS, then EOS padding
+            end = window.index(tok.eos_token_id) + 1
+            held.append(tuple(window[:end]))
+            window = window[end:]
+        assert held and set(held) <= docs and set(window) <= {tok.eos_token_id}
+    assert not all(torch_equal(a, sft.window(sft.n_windows + i)) for i, a in enumerate(first))
 
 
 def torch_equal(a, b) -> bool:

@@ -1,6 +1,11 @@
-"""Training batches from packed megatron indexed datasets: the documents of every shard form one token stream
-(each ends with EOS), cut into windows of seq_length + 1. Window order is a seeded permutation per epoch, so a
-batch is a pure function of (seed, sample index): resuming needs only the number of samples consumed."""
+"""Training batches from packed megatron indexed datasets, a pure function of (seed, sample index), so resuming
+needs only the number of samples consumed.
+
+Pretraining text: each epoch, the documents of every shard (each ends with EOS) form one token stream in a seeded
+order, cut into windows of seq_length + 1 that are visited in a seeded order. Conversations (SFT): every window holds whole conversations,
+drawn in a fresh seeded order each epoch and padded at the end. A conversation cut by a window edge would train
+its answer without its question (the model learns to ignore questions), and fixed cuts would put the same
+conversations side by side every epoch; packing whole ones, reshuffled, avoids both."""
 from __future__ import annotations
 
 import json
@@ -11,6 +16,8 @@ import torch
 
 from ruyi_core.errors import RuyiError
 
+_OPEN_WINDOWS = 8  # conversations: windows still being filled while packing an epoch
+
 
 class TokenStream:
     def __init__(self, packed_dir: str | Path, seq_length: int, seed: int):
@@ -18,7 +25,7 @@ class TokenStream:
 
         packed_dir = Path(packed_dir)
         meta = json.loads((packed_dir / "dataset.json").read_text())
-        self.kind, self.seq = meta["kind"], seq_length
+        self.kind, self.seq, self.seed, self.eos = meta["kind"], seq_length, seed, int(meta["eos_token_id"])
         self.parts = []  # (IndexedDataset, mask IndexedDataset | None) per shard
         lengths = []
         for s in meta["shards"]:
@@ -26,44 +33,92 @@ class TokenStream:
             mask = IndexedDataset(str(packed_dir / s["mask_prefix"]), mmap=True) if s.get("mask_prefix") else None
             self.parts.append((tok, mask))
             lengths.append(np.asarray(tok.sequence_lengths, dtype=np.int64))
+        self.doc_len = np.concatenate(lengths)
         self.doc_shard = np.concatenate([np.full(len(n), i) for i, n in enumerate(lengths)])
         self.doc_local = np.concatenate([np.arange(len(n)) for n in lengths])
-        self.doc_start = np.concatenate([[0], np.cumsum(np.concatenate(lengths))])
-        self.n_windows = int((self.doc_start[-1] - 1) // seq_length)
+        total = int(self.doc_len.sum())
+        self.conversations = self.parts[0][1] is not None
+        self.n_windows = len(self._packing(0)[0]) if self.conversations else (total - 1) // seq_length
         if self.n_windows < 1:
-            raise RuyiError(f"{packed_dir}: {self.doc_start[-1]} tokens are fewer than one window of {seq_length}: "
+            raise RuyiError(f"{packed_dir}: {total} tokens are fewer than one window of {seq_length}: "
                             "pack more text or lower seq_length")
-        self.seed = seed
-        self._perm = (-1, None)  # (epoch, its window order): O(n_windows) to draw, so drawn once per epoch
+        self._cache: dict = {}  # epoch -> its stream or packing (O(documents) to draw: once per epoch)
+        self._epoch_starts = [0]  # conversations: the first sample of each epoch (epochs differ in length)
 
-    def _span(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    def _doc(self, d: int, offset: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        tok, mask = self.parts[self.doc_shard[d]]
+        ids = tok.get(int(self.doc_local[d]), offset=offset, length=length)
+        m = mask.get(int(self.doc_local[d]), offset=offset, length=length) if mask is not None else None
+        return ids, (m if m is not None else np.ones(length, dtype=np.uint8))
+
+    def _span(self, order: np.ndarray, starts: np.ndarray, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """`length` tokens from `start` of the stream of documents `order` (`starts`: where each begins)."""
         toks, masks = [], []
-        d = int(np.searchsorted(self.doc_start, start, side="right") - 1)
+        k = int(np.searchsorted(starts, start, side="right") - 1)
         while length > 0:
-            off = start - int(self.doc_start[d])
-            n = min(length, int(self.doc_start[d + 1]) - start)
-            tok, mask = self.parts[self.doc_shard[d]]
-            toks.append(tok.get(int(self.doc_local[d]), offset=off, length=n))
-            masks.append(mask.get(int(self.doc_local[d]), offset=off, length=n) if mask is not None
-                         else np.ones(n, dtype=np.uint8))
-            start, length, d = start + n, length - n, d + 1
+            d, off = int(order[k]), start - int(starts[k])
+            n = min(length, int(starts[k + 1]) - start)
+            ids, m = self._doc(d, off, n)
+            toks.append(ids)
+            masks.append(m)
+            start, length, k = start + n, length - n, k + 1
         return np.concatenate(toks).astype(np.int64), np.concatenate(masks)
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng(self.seed + epoch).permutation(self.n_windows))
-        return self._perm[1]
+    def _stream(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(document order, where each starts in the epoch's stream, window order): both drawn per epoch, as
+        megatron's GPT dataset does, so the same texts do not share a window epoch after epoch."""
+        rng = np.random.default_rng(self.seed + epoch)
+        order = rng.permutation(len(self.doc_len))
+        return order, np.concatenate([[0], np.cumsum(self.doc_len[order])]), rng.permutation(self.n_windows)
+
+    def _packing(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(windows, order): conversations in this epoch's order, first-fit into the last few open windows of
+        seq + 1 tokens (so little is padding); row k of `windows` is the (first, end) slice of `order` that
+        window k holds."""
+        cap, open_ = self.seq + 1, []  # open windows: [room, their conversations]
+        done = []
+        for d in np.random.default_rng(self.seed + epoch).permutation(len(self.doc_len)).tolist():
+            n = int(self.doc_len[d])
+            slot = next((w for w in open_ if w[0] >= n), None)
+            if slot is None:  # a conversation longer than a window gets one to itself, cut
+                slot = [cap, []]
+                open_.append(slot)
+                if len(open_) > _OPEN_WINDOWS:
+                    done.append(open_.pop(0)[1])
+            slot[0] -= n
+            slot[1].append(d)
+        done += [w[1] for w in open_]
+        sizes = np.array([len(w) for w in done])
+        ends = np.cumsum(sizes)
+        return np.stack([ends - sizes, ends], 1), np.array([d for w in done for d in w], dtype=np.int64)
+
+    def _epoch(self, epoch: int):
+        if epoch not in self._cache:
+            self._cache = {epoch: self._packing(epoch) if self.conversations else self._stream(epoch)}
+        return self._cache[epoch]
+
+    def _locate(self, sample: int) -> tuple[int, int]:
+        if not self.conversations:
+            return divmod(sample, self.n_windows)
+        while self._epoch_starts[-1] <= sample:
+            e = len(self._epoch_starts) - 1
+            self._epoch_starts.append(self._epoch_starts[-1] + len(self._epoch(e)[0]))
+        e = int(np.searchsorted(self._epoch_starts, sample, side="right") - 1)
+        return e, sample - self._epoch_starts[e]
 
     def window(self, sample: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(tokens, labels, loss_mask) of global sample index `sample` (epochs wrap with a new permutation)."""
-        epoch, i = divmod(sample, self.n_windows)
-        start = int(self._order(epoch)[i]) * self.seq
-        toks, mask = self._span(start, self.seq + 1)
-        if self.parts[0][1] is not None:  # SFT: no loss on a conversation whose start is in the previous window
-            d = int(np.searchsorted(self.doc_start, start, side="right") - 1)
-            if self.doc_start[d] != start:  # (an answer trained without its question learns to ignore questions)
-                mask = mask.copy()
-                mask[: int(self.doc_start[d + 1]) - start] = 0
+        """(tokens, labels, loss_mask) of global sample index `sample` (epochs wrap in a new order)."""
+        epoch, i = self._locate(sample)
+        if self.conversations:
+            (first, end), order = self._epoch(epoch)[0][i], self._epoch(epoch)[1]
+            pieces = [self._doc(int(d), 0, int(self.doc_len[d])) for d in order[first:end]]
+            toks = np.concatenate([p[0] for p in pieces]).astype(np.int64)[: self.seq + 1]
+            mask = np.concatenate([p[1] for p in pieces])[: self.seq + 1]
+            pad = self.seq + 1 - len(toks)  # padding: end-of-text tokens that are never trained
+            toks, mask = np.pad(toks, (0, pad), constant_values=self.eos), np.pad(mask, (0, pad))
+        else:
+            order, starts, windows = self._epoch(epoch)
+            toks, mask = self._span(order, starts, int(windows[i]) * self.seq, self.seq + 1)
         # The label at position t is token t+1; it counts when that token is a trained one (SFT: assistant).
         return torch.from_numpy(toks[:-1]), torch.from_numpy(toks[1:]), torch.from_numpy(mask[1:].astype(np.float32))
 

@@ -26,11 +26,12 @@ class Trained(Artifact):
 
 # The parallel layout is in the identity (TP changes the arithmetic); the launcher and its settings are not.
 TRAIN = {
-    "cpt": Stage("cpt", Trained, ("train.cpt", "train.parallel")),
-    # version 2: SFT windows no longer train an answer whose question is in the window before (megatron/data.py)
-    "sft": Stage("sft", Trained, ("train.sft", "train.parallel"), version=2),
-    "dae_cpt": Stage("dae_cpt", Trained, ("dae.cpt", "dae.tier", "train.parallel")),
-    "dae_sft": Stage("dae_sft", Trained, ("dae.sft", "dae.tier", "train.parallel"), version=2),
+    # version 2: the text stream is reshuffled by document every epoch (megatron/data.py)
+    "cpt": Stage("cpt", Trained, ("train.cpt", "train.parallel"), version=2),
+    # version 3: SFT windows hold whole conversations, repacked every epoch (megatron/data.py)
+    "sft": Stage("sft", Trained, ("train.sft", "train.parallel"), version=3),
+    "dae_cpt": Stage("dae_cpt", Trained, ("dae.cpt", "dae.tier", "train.parallel"), version=2),
+    "dae_sft": Stage("dae_sft", Trained, ("dae.sft", "dae.tier", "train.parallel"), version=3),
 }
 
 
