@@ -83,7 +83,9 @@ def spec_file(d: Path, name: str, parallel: dict, steps: int = 10, bucket: str =
     spec = {"family": {"name": "micro", "base": "micro", "exit_points": EXITS}, "store": {"bucket": bucket},
             "train": {"parallel": parallel, "cpt": {"steps": steps, "micro_batch_size": 4, "global_batch_size": 8,
                                                     "seq_length": 32, "save_every": 3, "lr": 3e-3,
-                                                    "warmup_steps": 1}}}
+                                                    "warmup_steps": 1},
+                      "sft": {"micro_batch_size": 4}},  # every stage's batch must split over DP 2
+            "dae": {"cpt": {"micro_batch_size": 4}, "sft": {"micro_batch_size": 4}}}
     path = d / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path

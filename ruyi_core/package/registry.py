@@ -225,10 +225,13 @@ def fetch(store: ArtifactStore, family: str, tier: str, version: str | None = No
     # into a sibling folder first, so an interrupted download never looks like a cached package
     tmp = dest.with_name(f".{tier}.{os.getpid()}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    store.get_artifact(uri, tmp)
-    if problems := verify_package(tmp):
+    try:
+        store.get_artifact(uri, tmp)
+        if problems := verify_package(tmp):
+            raise RuyiError(f"{uri} fails its {SUMS}: {'; '.join(problems)}")
+    except BaseException:  # a failed or interrupted download leaves nothing behind
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RuyiError(f"{uri} fails its {SUMS}: {'; '.join(problems)}")
+        raise
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     log(f"downloaded {uri} to {dest}")
