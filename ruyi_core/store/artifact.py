@@ -306,8 +306,17 @@ class ArtifactStore:
             (local_dir / f.path).parent.mkdir(parents=True, exist_ok=True)
 
         def one(f: FileEntry) -> None:
-            self.transfer.download(bucket, f"{key}/{f.path}", local_dir / f.path, f.size, f.sha256,
-                                   label=f"{uri}/{f.path}")
+            get = (bucket, f"{key}/{f.path}", local_dir / f.path, f.size, f.sha256)
+            try:
+                self.transfer.download(*get, label=f"{uri}/{f.path}")
+            except IntegrityError:
+                try:  # once more: bytes damaged on the way are not damaged in the store
+                    self.transfer.download(*get, label=f"{uri}/{f.path}")
+                except IntegrityError as e:
+                    self._quarantine(bucket, key, f.path)
+                    raise IntegrityError(f"{str(e).split('; re-upload')[0]}; removed it and the artifact's "
+                                         f"manifest, so running the stage that built {uri} again rebuilds "
+                                         "it") from None
 
         with self._errors(f"downloading {uri}", bucket):
             small = [f for f in manifest.files if f.size <= self.part_size]
@@ -317,6 +326,13 @@ class ArtifactStore:
                 if f.size > self.part_size:
                     one(f)
         return manifest
+
+    def _quarantine(self, bucket: str, key: str, path: str) -> None:
+        """A stored object that fails its manifest twice: remove it and the manifest (the manifest first, so the
+        artifact is never complete-looking without it); the next upload of the artifact writes it again."""
+        with contextlib.suppress(Exception):
+            self.client.remove_object(bucket, f"{key}/{MANIFEST}")
+            self.client.remove_object(bucket, f"{key}/{path}")
 
     # ---- single objects -------------------------------------------------------------------------------
     def put_file(self, local_path: str | Path, key: str) -> FileEntry:
