@@ -150,7 +150,7 @@ def test_sigkill_then_resume_repeats_the_loss_sequence_exactly(workdir, referenc
     out = p.communicate()[0]
     assert p.returncode == 0, out[-3000:]
     # iter 3, or iter 6 when the kill lands after the next upload (a loaded machine reads the pipe late)
-    resumed = re.search(r"resumed from iter_(\d+)", out)
+    resumed = re.search(r"\[cpt\] resumed from step (\d+) \(iter_\d+\)", out)
     assert resumed and int(resumed.group(1)) in (3, 6), out[-3000:]
     assert losses(workdir, "killed") == reference  # bit-exact, every exit, every step
 

@@ -295,7 +295,8 @@ class Trainer:
             return False
         self.load_state_dict(ckpt.load(last, self.ddp.module, self.opt, rng=True))
         if _rank0():
-            print(f"resumed from {last.name} (step {self.step_idx})", flush=True)
+            # tagged like the progress lines, so the pipeline's screen shows it, not only its log
+            print(f"[{self.args.stage}] resumed from step {self.step_idx} ({last.name})", flush=True)
         return True
 
     def load_init(self) -> None:
