@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ruyi_core.errors import RuyiError
-from ruyi_core.spec_checks import quantity
+from ruyi_core.spec.checks import quantity
 
 MFU = 0.40  # step-time estimates assume this share of the GPU's dense bf16 peak
 GRPO_PROMPT_TOKENS = 512  # the plan's bound on a GRPO prompt (chat-templated question)

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from ruyi_core.plan import Arch, base_arch, plan_run
-from ruyi_core.spec_checks import quantity
+from ruyi_core.spec.checks import quantity
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ from ruyi_core.spec import RunSpec
 def validate_layout(spec: RunSpec, family_cfg: dict, stage: str) -> None:
     """Stops a bad TP/PP/DP layout with one line before any process starts: the spec's own checks, now against
     the fetched family's config (a base only the store had was not checked when the spec was loaded)."""
-    from ruyi_core.spec_checks import layout_problems
+    from ruyi_core.spec.checks import layout_problems
 
     problems = layout_problems(spec, family_cfg)
     if problems:

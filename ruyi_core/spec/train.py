@@ -1,0 +1,199 @@
+"""Spec sections for training: the stages (CPT, SFT, DaE's), the parallel layout and launcher, GRPO."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ruyi_core.spec.base import _Strict
+from ruyi_core.spec.sections import Resources
+
+
+class LossSpec(_Strict):
+    """Joint loss L = sum_k lambda_k(t) L_k. The last exit keeps its weight; early exits start at their
+    weight (strong deep supervision) and decay to weight * final_scale by `schedule`, after an optional
+    linear warm-up from 0."""
+
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    weights: list[float] | None = None  # per exit, shallowest first; default 1.0 each
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (any(w < 0 for w in v) or not v or v[-1] <= 0):
+            raise ValueError(f"weights {v}: every weight must be >= 0 and the last exit's > 0")
+        return v
+    final_scale: float = Field(0.3, ge=0, le=1)
+    warmup_steps: int = Field(0, ge=0)
+
+
+class TrainStageSpec(_Strict):
+    steps: int = Field(60, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
+    global_batch_size: int = Field(16, ge=1)
+    seq_length: int = Field(128, ge=8)
+    lr: float = Field(3e-3, gt=0)
+    min_lr: float = Field(3e-4, ge=0)
+    warmup_steps: int = Field(5, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    clip_grad: float = Field(1.0, ge=0)  # 0 disables clipping
+    save_every: int = Field(20, ge=1)
+    seed: int = 1234
+    # Activation recompute: true / "full" keeps only each block's input for the backward; "selective" recomputes
+    # core attention (megatron's); false keeps everything (fastest, most memory).
+    recompute: bool | Literal["full", "selective"] = False
+    # SFT stages: this fraction of every batch is pretraining text, so plain-text modelling is not forgotten.
+    replay: float = Field(0.0, ge=0, lt=1)
+    loss: LossSpec = Field(default_factory=LossSpec)
+
+    @model_validator(mode="after")
+    def _schedule(self) -> "TrainStageSpec":
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"global_batch_size ({self.global_batch_size}) must be a multiple of "
+                             f"micro_batch_size ({self.micro_batch_size})")
+        return self
+
+
+class ParallelSpec(_Strict):
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    dp: int = Field(1, ge=1)
+    nodes: int = Field(1, ge=1)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+class TrainJobSpec(_Strict):
+    """Kubeflow Trainer v2 TrainJob settings for the `trainjob` launcher."""
+
+    image: str = "ghcr.io/ruyi-flow/ruyi-trainer:0.1.0"
+    namespace: str = "ruyi"
+    runtime: str = "ruyi-megatron"  # a ClusterTrainingRuntime/TrainingRuntime (manifests/)
+    gpus_per_node: int = Field(8, ge=0)
+    cpu: str = "16"
+    memory: str = "256Gi"
+    poll_s: float = Field(10.0, gt=0)
+    timeout_s: int = Field(7 * 24 * 3600, ge=60)
+
+    _quantities = field_validator("cpu", "memory")(Resources._quantity.__func__)
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        from ruyi_core.spec.checks import NAME
+
+        if not NAME.match(v):
+            raise ValueError(f"{v!r} is not a Kubernetes namespace name (lowercase letters, digits and -)")
+        return v
+
+
+# Each stage's own defaults. A partial stage section in a spec (say, only `steps`) keeps the rest of them.
+STAGE_DEFAULTS = {
+    "train": {"cpt": {},
+              # SFT takes many small steps: copying numbers from the prompt emerges with updates, not tokens.
+              "sft": {"steps": 80, "global_batch_size": 8, "lr": 1e-3, "min_lr": 1e-4, "replay": 0.25}},
+    "dae": {"cpt": {"steps": 20, "global_batch_size": 8, "lr": 2e-3, "min_lr": 2e-4},
+            "sft": {"steps": 30, "global_batch_size": 8, "lr": 1e-3, "min_lr": 1e-4, "replay": 0.25}},
+}
+
+
+def _stage_field(section: str, stage: str):
+    return Field(default_factory=lambda: TrainStageSpec(**STAGE_DEFAULTS[section][stage]))
+
+
+def _merge_stage_defaults(section: str, data):
+    if isinstance(data, dict):
+        for stage, defaults in STAGE_DEFAULTS[section].items():
+            if isinstance(data.get(stage), dict):
+                data = {**data, stage: {**defaults, **data[stage]}}
+    return data
+
+
+class TrainSpec(_Strict):
+    cpt: TrainStageSpec = _stage_field("train", "cpt")
+    sft: TrainStageSpec = _stage_field("train", "sft")
+    parallel: ParallelSpec = Field(default_factory=ParallelSpec)
+    launcher: Literal["local", "trainjob"] = "local"
+    trainjob: TrainJobSpec = Field(default_factory=TrainJobSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stages(cls, data):
+        return _merge_stage_defaults("train", data)
+
+
+class DaeSpec(_Strict):
+    """DaE for one tier: Stable Block Expansion (zero-residual random blocks), then SVD compression."""
+
+    enabled: bool = True
+    tier: str = "end"
+    blocks: int = Field(3, ge=1)
+    init: Literal["zero", "clone"] = "zero"  # clone: copies of the branch block (the report's ablation)
+    std: float = Field(0.02, gt=0)
+    cpt: TrainStageSpec = _stage_field("dae", "cpt")
+    sft: TrainStageSpec = _stage_field("dae", "sft")
+    svd_ratio: float = Field(0.4, gt=0, lt=1)  # fraction of the added parameters to remove
+    sweep: list[float] = [0.2, 0.4, 0.6]
+    calib_samples: int = Field(64, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stages(cls, data):
+        return _merge_stage_defaults("dae", data)
+
+    @field_validator("sweep")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        if any(not 0 < r < 1 for r in v):
+            raise ValueError(f"every sweep ratio must be in (0, 1), got {v}")
+        return v
+
+
+class RlSpec(_Strict):
+    """GRPO on one tier with verifiable rewards. `rewards` maps a reward in ruyi_core.rl.rewards.REWARDS to its
+    weight; GRPO maximises their weighted sum (default: exact answer, correct worked steps, answer format)."""
+
+    enabled: bool = True
+    tier: str = "end"
+    group_size: int = Field(8, ge=2)  # G completions per prompt
+    steps: int = Field(30, ge=1)
+    prompts_per_step: int = Field(4, ge=1)
+    # Completions per forward/backward pass; the step's prompts_per_step x group_size are accumulated into one
+    # optimizer step. Default: all of them in one pass (bounds activation memory on GPUs when set).
+    micro_batch_size: int | None = Field(None, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    beta: float = Field(0.04, ge=0)  # KL to the reference policy (the tier before GRPO)
+    clip_eps: float = Field(0.2, gt=0)
+    max_new_tokens: int = Field(64, ge=1)  # a 3-step worked answer is ~30 tokens; generation stops at EOS
+    temperature: float = Field(1.0, gt=0)
+    heldout_prompts: int = Field(128, ge=1)
+    heldout_samples: int = Field(8, ge=1)  # completions per held-out prompt for the mean reward
+    seed: int = 0
+    # valid_steps: exact answers alone are too sparse for a small tier (a few percent of samples) to learn from.
+    rewards: dict[str, float] = {"exact_answer": 1.0, "valid_steps": 1.0, "answer_format": 1.0}
+
+    @model_validator(mode="after")
+    def _micro(self) -> "RlSpec":
+        total = self.prompts_per_step * self.group_size
+        if self.micro_batch_size is not None and total % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size ({self.micro_batch_size}) must divide prompts_per_step x group_size "
+                             f"({total})")
+        return self
+
+    @field_validator("rewards")
+    @classmethod
+    def _rewards(cls, v: dict[str, float]) -> dict[str, float]:
+        from ruyi_core.rl.rewards import REWARDS
+
+        if not v:
+            raise ValueError(f"needs at least one reward, from {', '.join(REWARDS)}")
+        for name in v:
+            if name not in REWARDS:
+                raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(REWARDS)}")
+        return v
