@@ -215,8 +215,8 @@ def plan_cmd(spec: Path = typer.Option(..., help="run spec YAML"),
     tiers = ", ".join(f"{t} {_count(a.tier(p))}" for t, p in sorted(s.family.tiers.items(), key=lambda x: x[1]))
     wide = Console(width=max(console.width, 150))  # twelve columns: wider than a pipe's default 80
     wide.print(f"base {s.family.base}: {_count(total)} parameters ({_count(body)} non-embedding), "
-                  f"{a.layers} layers; tiers: {tiers}; on {dev.name}"
-                  + (f", step times at {MFU:.0%} MFU" if dev.peak_flops else ""), highlight=False)
+               f"{a.layers} layers; tiers: {tiers}; on {dev.name}"
+               + (f", step times at {MFU:.0%} MFU" if dev.peak_flops else ""), highlight=False)
     t = Table(title=f"{s.family.name}: memory per device (GiB)")
     for c in ("stage", "params", "trained", "weights", "grads", "optimizer", "activations", "total", "devices",
               "step s", "fits", "layout"):

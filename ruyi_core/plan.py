@@ -8,9 +8,7 @@ sequence parallel under TP), times the microbatches a 1F1B pipeline keeps in fli
 (6 per parameter per token, plus causal attention) at a stated model-FLOPs utilisation."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ruyi_core.errors import RuyiError
 from ruyi_core.spec.checks import quantity
@@ -94,17 +92,16 @@ class Arch:
 
 
 def base_arch(base: str, store_config=None) -> Arch:
-    """The base's architecture: a preset, a local checkpoint, a published Qwen3 name, or the store's config."""
-    from ruyi_core.family.architectures import known_architecture
-    from ruyi_core.family.presets import PRESETS
+    """The base's architecture: what the spec checks know (a preset, a local checkpoint, a published Qwen3 name),
+    else the config.json `store_config` reads from the store."""
+    from ruyi_core.spec.checks import base_config
 
-    if base in PRESETS:
-        p = PRESETS[base]
-        return Arch(p.tokenizer_vocab, p.hidden_size, p.intermediate_size, p.num_hidden_layers,
-                    p.num_attention_heads, p.num_key_value_heads, p.head_dim, positions=p.max_position_embeddings)
-    if "://" not in base and (Path(base) / "config.json").is_file():
-        return Arch.from_config(json.loads((Path(base) / "config.json").read_text()))
-    cfg = known_architecture(base) or (store_config(base) if store_config else None)
+    try:
+        cfg = base_config(base)
+    except ValueError as e:
+        raise RuyiError(str(e)) from None
+    if cfg is None and store_config is not None and "://" in base:
+        cfg = store_config(base)
     if cfg is None:
         raise RuyiError(f"cannot size base {base!r}: it is not a preset, a local checkpoint or a published Qwen3 "
                         "name, and its config.json could not be read from the store")
@@ -207,9 +204,11 @@ def grpo_plan(a: Arch, exit_point: int, added: int, rl, dev: Device) -> StagePla
     w = n * dev.weight_bytes * (2 if rl.beta > 0 else 1)
     kv = seqs * length * depth * 2 * a.kv_heads * a.head_dim * dev.weight_bytes
     micro = rl.micro_batch_size or seqs
-    act = own * _layer_activation_bytes(a, micro * length, dev.weight_bytes, 1) + micro * rl.max_new_tokens * a.vocab * 8
+    act = (own * _layer_activation_bytes(a, micro * length, dev.weight_bytes, 1)
+           + micro * rl.max_new_tokens * a.vocab * 8)
     opt = trained * (12 if dev.peak_flops else 8)
-    note = f"{rl.prompts_per_step} prompts x {rl.group_size} samples in passes of {micro}, prompts <= {GRPO_PROMPT_TOKENS} tokens"
+    note = (f"{rl.prompts_per_step} prompts x {rl.group_size} samples in passes of {micro}, "
+            f"prompts <= {GRPO_PROMPT_TOKENS} tokens")
     return StagePlan("grpo", n, trained, w, trained * 4, opt, kv + act,
                      note=note + (", reference copy" if rl.beta else ""))
 

@@ -2,10 +2,10 @@
 needs only the number of samples consumed.
 
 Pretraining text: each epoch, the documents of every shard (each ends with EOS) form one token stream in a seeded
-order, cut into windows of seq_length + 1 that are visited in a seeded order. Conversations (SFT): every window holds whole conversations,
-drawn in a fresh seeded order each epoch and padded at the end. A conversation cut by a window edge would train
-its answer without its question (the model learns to ignore questions), and fixed cuts would put the same
-conversations side by side every epoch; packing whole ones, reshuffled, avoids both."""
+order, cut into windows of seq_length + 1 that are visited in a seeded order. Conversations (SFT): every window
+holds whole conversations, drawn in a fresh seeded order each epoch and padded at the end. A conversation cut by a
+window edge would train its answer without its question (the model learns to ignore questions), and fixed cuts
+would put the same texts side by side every epoch (the model memorises contexts); reshuffling avoids both."""
 from __future__ import annotations
 
 import json

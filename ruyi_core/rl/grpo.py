@@ -221,11 +221,10 @@ def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: 
         raise RuyiError(f"rl: {len(train_prompts)} training prompts, fewer than rl.prompts_per_step="
                         f"{spec.prompts_per_step}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    dtype = runtime.dtype if runtime is not None else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(tier_dir, dtype=dtype)
-    cuda = runtime is not None and runtime.cuda
-    if cuda:
-        model = model.to(runtime.device)
+    from ruyi_core.runtime import Runtime
+
+    rt = runtime or Runtime(torch.device("cpu"), torch.float32)
+    model, dtype, cuda = rt.load(AutoModelForCausalLM, tier_dir), rt.dtype, rt.cuda  # the trainer sets train mode
     tok = AutoTokenizer.from_pretrained(tier_dir)
     if tok.chat_template is None:
         raise RuyiError(f"rl: the tokenizer in {tier_dir} has no chat template (GRPO prompts are chat turns)")

@@ -22,19 +22,18 @@ def quantity(q) -> float:
 
 
 def base_config(base: str) -> dict | None:
-    """The fields of the base's config that the checks need: a preset's, a local checkpoint's, or a published
-    Qwen3 release's by name; None for a base only the store has (checked when it is fetched)."""
+    """The base's config (as config.json would hold it): a preset's (its vocabulary the tokenizer's target), a local
+    checkpoint's, or a published Qwen3 release's by name; None for a base only the store has (checked when it is
+    fetched)."""
     from ruyi_core.family.architectures import known_architecture
     from ruyi_core.family.presets import PRESETS
 
     if base in PRESETS:
-        p = PRESETS[base]
-        return {"num_hidden_layers": p.num_hidden_layers, "num_attention_heads": p.num_attention_heads,
-                "num_key_value_heads": p.num_key_value_heads, "max_position_embeddings": p.max_position_embeddings}
-    if "://" not in base:
-        cfg = Path(base) / "config.json"
+        return PRESETS[base].qwen3_kwargs(PRESETS[base].tokenizer_vocab)
+    cfg = Path(base) / "config.json"
+    if "://" not in base and cfg.is_file():
         try:
-            return json.loads(cfg.read_text()) if cfg.is_file() else None
+            return json.loads(cfg.read_text())
         except (OSError, ValueError):
             raise ValueError(f"family.base: {cfg} is not readable JSON: point family.base at a checkpoint folder")
     return known_architecture(base)

@@ -50,11 +50,11 @@ SVD = Stage("svd_compress", Compressed, ("dae.tier", "dae.svd_ratio", "dae.sweep
                                          "data.seq_length", "data.heldout", "data.seed"))
 
 
-def _load(run: StageRun, section: str, tier: str, spec: RunSpec):
+def _load(run: StageRun, section: str, tier: str):
     from ruyi_core.family.io import load_family
     from ruyi_core.runtime import for_spec
 
-    fam, tok = load_family(run.fetch("family"), for_spec(spec))
+    fam, tok = load_family(run.fetch("family"), for_spec(run.spec))
     if tier not in fam.config.tiers:
         raise RuyiError(f"{section}.tier: unknown tier {tier!r}; this family has {', '.join(fam.config.tiers)}")
     return fam, tok
@@ -69,7 +69,7 @@ def dae_expand(spec: RunSpec, store: ArtifactStore, family: str) -> Expanded:
         from ruyi_core.family.io import save_family
 
         d = spec.dae
-        fam, tok = _load(run, "dae", d.tier, spec)
+        fam, tok = _load(run, "dae", d.tier)
         p = fam.config.tiers[d.tier]
         before = heldout_loss(fam, tok, heldout_texts(spec, run.work), exit_point=p)
         out = expand_tier(fam, d.tier, d.blocks, d.init, d.std, seed=spec.family.seed)
@@ -95,7 +95,7 @@ def grpo(spec: RunSpec, store: ArtifactStore, family: str, rl_raw: str) -> Grpo:
         from ruyi_core.runtime import for_spec
 
         tier = spec.rl.tier
-        fam, tok = _load(run, "rl", tier, spec)
+        fam, tok = _load(run, "rl", tier)
         export_tier(fam, tier, run.work / "tier", tok)
         own = tier_own_prefixes(fam.config, tier)
         policy = run.work / "policy"
@@ -127,7 +127,7 @@ def svd_compress(spec: RunSpec, store: ArtifactStore, family: str, packed_pretra
         from ruyi_core.runtime import for_spec
 
         d = spec.dae
-        fam, tok = _load(run, "dae", d.tier, spec)
+        fam, tok = _load(run, "dae", d.tier)
         p = fam.config.tiers[d.tier]
         if not fam.config.expansion(p):
             raise RuyiError(f"dae.tier {d.tier!r} is not expanded: run dae_expand first")
