@@ -12,9 +12,10 @@ The megatron step is the trainer's (ruyi_core/megatron/trainer.py) minus data lo
 DDP, `get_megatron_optimizer` (Adam, clip 1.0; torch's AdamW underneath on the CPU) and the schedule from
 `get_forward_backward_func` with num_microbatches=1, so what is timed is what training runs, including the
 DDP grad buffer, the (world-of-one) grad all-reduce, the grad-norm clip and the CPU shim (megatron/cpu.py),
-entered around each megatron step. The transformers step runs outside the shim, as a plain HF loop:
-`forward_exits(ids, labels=ids)`, summed losses, backward, `clip_grad_norm_(1.0)` (to match megatron's clip)
-and `torch.optim.AdamW` with the same hyperparameters. All exit weights are 1.
+entered around each megatron step, and torch's fused AdamW inside megatron's optimizer (as the trainer sets it
+on the CPU). The transformers step runs outside the shim, as a plain HF loop: `forward_exits(ids, labels=ids)`,
+summed losses, backward, `clip_grad_norm_(1.0)` (to match megatron's clip) and `torch.optim.AdamW(fused=True)`
+(the transformers Trainer's default optimizer) with the same hyperparameters. All exit weights are 1.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch
 
 EXITS = {"tiny": [1, 6, 11], "micro": [1, 3]}
 LR, BETAS, EPS, WD, CLIP = 1e-4, (0.9, 0.95), 1e-8, 0.1, 1.0
+FUSED = True  # torch's fused AdamW: the transformers Trainer's default (torch >= 2.8) and the trainer's on the CPU
 MATMUL_SIZES = (1024, 2048)
 FLOPS_FORMULA = ("train FLOPs/token = 6*N + 6*L*s*a: N = matmul weights (all 2-D parameters but the input "
                  "embedding), L = decoder blocks on the family's paths (trunk + exit branches), s = seq len, "
@@ -48,6 +50,7 @@ def megatron_step_fn(fam, batch: dict, seq: int):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from ruyi_core.megatron.convert import hf_to_megatron, load_into
+    from ruyi_core.megatron.cpu import fuse_cpu_adam, native_torch
     from ruyi_core.megatron.model import build_model, causal_mask
 
     model = build_model(fam.config, 1, 1, seq)
@@ -57,6 +60,7 @@ def megatron_step_fn(fam, batch: dict, seq: int):
         optimizer="adam", lr=LR, min_lr=LR, weight_decay=WD, clip_grad=CLIP, adam_beta1=BETAS[0],
         adam_beta2=BETAS[1], adam_eps=EPS, bf16=False, params_dtype=torch.float32,
         use_distributed_optimizer=False), [ddp])
+    fuse_cpu_adam(opt)  # as the trainer does
     model.config.grad_scale_func = opt.scale_loss
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.no_sync_func = ddp.no_sync
@@ -68,8 +72,9 @@ def megatron_step_fn(fam, batch: dict, seq: int):
 
     def forward_step(data_iterator, model_chunk):
         b = next(data_iterator)
-        out, exit_losses = model_chunk(b["tokens"], pos, mask, labels=b["labels"], loss_mask=b["loss_mask"],
-                                       exit_weights=weights, loss_scale=scale)
+        with native_torch():  # as the trainer's forward step
+            out, exit_losses = model_chunk(b["tokens"], pos, mask, labels=b["labels"], loss_mask=b["loss_mask"],
+                                           exit_weights=weights, loss_scale=scale)
         losses.update(exit_losses)
         return out, lambda t: (t, {"loss": t.detach()})
 
@@ -87,7 +92,7 @@ def megatron_step_fn(fam, batch: dict, seq: int):
 
 def hf_step_fn(fam, ids: torch.Tensor):
     fam.train()
-    opt = torch.optim.AdamW(fam.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    opt = torch.optim.AdamW(fam.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, fused=FUSED)
 
     def step() -> list[float]:
         opt.zero_grad(set_to_none=True)

@@ -25,7 +25,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from ruyi_core.errors import RuyiError
 from ruyi_core.megatron.attention import uses_sdpa, with_sdpa
-from ruyi_core.megatron.linear import with_torch_linears
+from ruyi_core.megatron.linear import TorchColumnLinear, with_torch_linears
 from ruyi_core.megatron.swiglu import with_swiglu
 
 
@@ -121,7 +121,9 @@ class ExitHead(MegatronModule):
         super().__init__(config=config)
         self.norm = build_module(norm_class(), config=config, hidden_size=config.hidden_size,
                                  eps=config.layernorm_epsilon)
-        self.output_layer = tensor_parallel.ColumnParallelLinear(
+        # The CPU takes torch's linear autograd, as the blocks do there (megatron/linear.py).
+        linear = tensor_parallel.ColumnParallelLinear if torch.cuda.is_available() else TorchColumnLinear
+        self.output_layer = linear(
             config.hidden_size, vocab_size, config=config, init_method=config.init_method, bias=False,
             gather_output=False, skip_bias_add=False)
 

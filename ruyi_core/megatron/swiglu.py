@@ -1,7 +1,7 @@
-"""SwiGLU for megatron's local MLP (no Transformer Engine, i.e. the CPU). megatron's unfused GLU computes
-silu(gate) * (up + config.glu_linear_offset) on strided halves of fc1's output: the offset add is a full
-copy even at 0, and autograd then rebuilds fc1's gradient with a cat. This module computes the same numbers
-and writes both halves of that gradient in place.
+"""SwiGLU for megatron's local MLP (no Transformer Engine, i.e. the CPU): silu(gate) * up, taking fc1's
+output either as the (gate, up) pair that `linear.TorchGateUpLinear` returns or as megatron's one
+[s, b, 2f] tensor (a tensor-parallel fc1). megatron's own unfused GLU computes silu(gate) * (up +
+config.glu_linear_offset) on strided halves: the offset add is a full copy even at 0.
 
 megatron's MLP applies its `activation_func` submodule to the whole fc1 output only when
 config.use_te_activation_func is set (the flag TE's activation ops use); `transformer_config` sets it
@@ -15,24 +15,6 @@ import torch
 import torch.nn.functional as F
 
 
-class _SwiGLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        gate, up = x.chunk(2, dim=-1)
-        act = F.silu(gate)
-        ctx.save_for_backward(gate, up, act)
-        return act * up
-
-    @staticmethod
-    def backward(ctx, grad):
-        gate, up, act = ctx.saved_tensors
-        out = torch.empty(*grad.shape[:-1], 2 * grad.shape[-1], dtype=grad.dtype, device=grad.device)
-        d_gate, d_up = out.chunk(2, dim=-1)
-        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)
-        torch.mul(grad, act, out=d_up)
-        return out
-
-
 class SwiGLU(torch.nn.Module):
     """silu(gate) * up over fc1's [gate; up] output (per TP rank, as megatron's GLU)."""
 
@@ -44,7 +26,8 @@ class SwiGLU(torch.nn.Module):
             raise ValueError("SwiGLU: needs a plain silu GLU (no offset, no clamp)")
 
     def forward(self, x):
-        return _SwiGLU.apply(x)
+        gate, up = x if isinstance(x, tuple) else x.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         return {}  # no parameters

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from ruyi_core.errors import RuyiError
 from ruyi_core.megatron import ckpt
-from ruyi_core.megatron.cpu import cpu_shim, seed_everything
+from ruyi_core.megatron.cpu import cpu_shim, fuse_cpu_adam, native_torch, seed_everything
 from ruyi_core.megatron.loss import exit_weights
 
 
@@ -195,6 +195,7 @@ class Trainer:
             optimizer="adam", lr=st.lr, min_lr=st.min_lr, weight_decay=st.weight_decay, clip_grad=st.clip_grad,
             adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, bf16=self.bf16, params_dtype=model.config.params_dtype,
             use_distributed_optimizer=False), [self.ddp])
+        fuse_cpu_adam(self.opt)
         self.sched = OptimizerParamScheduler(
             self.opt, init_lr=0.0, max_lr=st.lr, min_lr=st.min_lr, lr_warmup_steps=st.warmup_steps,
             lr_decay_steps=st.steps, lr_decay_style="cosine", start_wd=st.weight_decay, end_wd=st.weight_decay,
@@ -248,8 +249,9 @@ class Trainer:
     def _forward_step(self, lam: list[float], loss_scale: float, meter: ExitLossMeter, data_iterator,
                       model_chunk):
         b = next(data_iterator)
-        out, exit_losses = model_chunk(b["tokens"], self.pos, self.mask, labels=b["labels"],
-                                       loss_mask=b["loss_mask"], exit_weights=lam, loss_scale=loss_scale)
+        with native_torch():
+            out, exit_losses = model_chunk(b["tokens"], self.pos, self.mask, labels=b["labels"],
+                                           loss_mask=b["loss_mask"], exit_weights=lam, loss_scale=loss_scale)
         meter.add(exit_losses)
         return out, _last_exit_loss
 
