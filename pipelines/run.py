@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -97,11 +98,10 @@ def run_local(spec_path: str | Path, root: str | Path = ".ruyi/kfp", show=None) 
     spec = load_spec(spec_path)
     store = ArtifactStore.from_spec(spec.store, env=os.environ)  # fail fast, one line, on a bad store/credentials
     root.mkdir(parents=True, exist_ok=True)
-    errors = root / "errors"
-    errors.mkdir(exist_ok=True)
-    for f in errors.glob("*.txt"):
-        f.unlink()
-    log_path = root / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    tag = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # two runs in one folder share neither file
+    errors = root / "errors" / tag
+    errors.mkdir(parents=True)
+    log_path = root / f"run-{tag}.log"
     os.environ[ERROR_DIR_ENV] = str(errors)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), enable_caching=True,
                raise_on_error=True)
@@ -116,10 +116,12 @@ def run_local(spec_path: str | Path, root: str | Path = ".ruyi/kfp", show=None) 
                     tee.finish()
         except RuntimeError as e:
             msgs = [f.read_text().strip() for f in sorted(errors.glob("*.txt"))]
+            shutil.rmtree(errors, ignore_errors=True)
             if msgs:
                 raise RuyiError("; ".join(msgs) + f" (full log: {log_path})") from None
             # no stage reported a user error: a bug or an unexpected failure, whose traceback is in the log
             raise RuntimeError(f"a pipeline task failed ({e}); its traceback is in {log_path}") from None
+    shutil.rmtree(errors, ignore_errors=True)
     report_uri = store.uri(REPORT.root.format(run_id=task.output.metadata["run_id"]))
     executed = sum(1 for e in tee.events if e.startswith("Task ") and "finished with status" in e)
     return {"report_uri": report_uri, "log": str(log_path), "events": tee.events, "executed": executed}

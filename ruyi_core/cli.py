@@ -14,6 +14,7 @@ from rich.table import Table
 from ruyi_core.data.cli import data_app
 from ruyi_core.errors import RuyiError
 from ruyi_core.package.cli import models_app
+from ruyi_core.serve.cli import serve_command
 from ruyi_core.store.cli import lineage_command, store_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -27,6 +28,7 @@ app.add_typer(data_app, name="data", help="Validate and pack corpora.")
 app.add_typer(store_app, name="store", help="The local S3 server.")
 app.add_typer(models_app, name="models", help="The model registry: packages per tier, promotion, verification.")
 app.command("lineage", help="The chain from an artifact back to the raw data files, with hashes.")(lineage_command)
+app.command("serve")(serve_command)
 
 
 def quiet_hf() -> None:
@@ -120,7 +122,10 @@ def generate(prompt: str = typer.Argument(..., help="the user message"),
              spec: Path = typer.Option(None, help="with --registry: run spec YAML whose store section locates "
                                                   "the registry (default: the local server)"),
              max_new_tokens: int = typer.Option(64), temperature: float = typer.Option(0.0),
-             chat: bool = typer.Option(True, help="wrap the prompt in the chat template")):
+             chat: bool = typer.Option(True, help="wrap the prompt in the chat template"),
+             draft: str = typer.Option(None, help="self-speculative decoding: this shallower tier drafts, --tier "
+                                                  "verifies (greedy; the same tokens as --tier alone)"),
+             draft_tokens: int = typer.Option(4, min=1, max=16, help="with --draft: tokens drafted per round")):
     """Generate from one tier (greedy unless --temperature > 0): a local model, or a registry package
     (downloaded once to ~/.cache/ruyi/models or $RUYI_CACHE/models, verified before every use)."""
     import torch
@@ -132,6 +137,9 @@ def generate(prompt: str = typer.Argument(..., help="the user message"),
 
     if (model is None) == (registry is None):
         raise RuyiError("say what to run: --model DIR, or --registry FAMILY --tier TIER")
+    if draft is not None:
+        return _generate_speculative(prompt, model, registry, version, spec, tier, draft, draft_tokens,
+                                     max_new_tokens, temperature, chat)
     if registry is not None:
         from ruyi_core.package import fetch
         from ruyi_core.package.cli import open_store
@@ -163,6 +171,33 @@ def generate(prompt: str = typer.Argument(..., help="the user message"),
     with torch.no_grad():
         out = m.generate(**ids, max_new_tokens=max_new_tokens, **sample, **kw)
     print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+def _generate_speculative(prompt, model, registry, version, spec, tier, draft, k, max_new_tokens, temperature,
+                          chat) -> None:
+    from ruyi_core.serve.cli import load_served
+    from ruyi_core.serve.decode import SpecStats, speculative
+
+    if temperature > 0:
+        raise RuyiError("--draft decodes greedily: drop --temperature")
+    log = Console(stderr=True)
+    quiet_hf()
+    served = load_served(model, registry, version, spec, lambda m: log.print(f"[dim]{m}[/]", highlight=False))
+    for name, what in ((tier, "--tier"), (draft, "--draft")):
+        if name not in served.tiers:
+            raise RuyiError(f"{what} {name}: {served.name} has tiers {', '.join(served.tiers)}")
+    if served.depth(draft) >= served.depth(tier):
+        raise RuyiError(f"--draft {draft} is not shallower than --tier {tier}: draft with a shallower tier")
+    tok = served.tokenizer
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                   tokenize=False) if chat and tok.chat_template else prompt
+    stats, t0 = SpecStats(), time.perf_counter()
+    out = speculative(served.tiers[draft], served.tiers[tier], tok(text)["input_ids"], max_new_tokens, served.eos,
+                      k=k, stats=stats)
+    print(tok.decode(out, skip_special_tokens=True))
+    log.print(f"[dim]{len(out)} tokens in {time.perf_counter() - t0:.2f} s; {draft} drafted {stats.drafted}, "
+              f"{tier} accepted {stats.accepted} ({stats.acceptance:.0%}) in {stats.rounds} rounds[/]",
+              highlight=False)
 
 
 @app.command("train")

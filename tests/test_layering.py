@@ -22,7 +22,7 @@ LAYERS = [
     ["ruyi_core.megatron", "ruyi_core.dae", "ruyi_core.rl", "ruyi_core.plan"],
     ["ruyi_core.eval"],
     ["ruyi_core.package"],
-    ["ruyi_core.report"],
+    ["ruyi_core.report", "ruyi_core.serve"],
     ["ruyi_core.stages"],
     ["ruyi_core.cli"],
 ]

@@ -291,3 +291,80 @@ def test_dockerfiles_agree_with_pyproject():
         assert re.search(r"^USER 1000(:1000)?$", text, re.M)
         assert "HF_HUB_OFFLINE=1" in text and re.search(r"pip install (--no-deps )?\"?\.(\[gpu\])?\"? ", text)
         assert not re.search(r"^(ENV|ARG)\s+\S*(KEY|SECRET|TOKEN|PASSWORD)", text, re.M | re.I)
+
+
+def _inference_service_model():
+    """The InferenceService fields we emit, typed after KServe's v1beta1 API (the kserve SDK itself pins
+    pandas < 3 and psutil < 6, which conflict with this project's pins): unknown or misplaced fields fail."""
+    from typing import Literal
+
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class Strict(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    class Format(Strict):
+        name: Literal["huggingface"]
+
+    class Model(Strict):
+        modelFormat: Format
+        storageUri: str = Field(pattern=r"^s3://[a-z0-9.-]+/.+")
+        args: list[str]
+        resources: dict
+
+    class Predictor(Strict):
+        serviceAccountName: str | None = None
+        model: Model | None = None
+        containers: list[dict] | None = None
+
+    class Spec(Strict):
+        predictor: Predictor
+
+    class Meta(Strict):
+        name: str = Field(pattern=r"^[a-z]([-a-z0-9]{0,43}[a-z0-9])?$")
+        namespace: str
+        labels: dict[str, str]
+        annotations: dict[str, str] | None = None
+
+    class InferenceService(Strict):
+        apiVersion: Literal["serving.kserve.io/v1beta1"]
+        kind: Literal["InferenceService"]
+        metadata: Meta
+        spec: Spec
+
+    return InferenceService
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
+def test_kserve_services_validate(gpu):
+    import kubernetes_validate
+
+    from ruyi_core.package.deploy import family_manifests
+    from ruyi_core.spec import StoreSpec
+
+    index = {"family": "ruyi-tiny", "promoted": {"end": "v2", "edge": "v1"}, "versions": [
+        {"version": "v1", "tiers": {"edge": {"uri": "s3://ruyi/models/ruyi-tiny/v1/edge"}}},
+        {"version": "v2", "tiers": {"end": {"uri": "s3://ruyi/models/ruyi-tiny/v2/end"}}}]}
+    docs = family_manifests(index, store=StoreSpec(endpoint="minio.ruyi.svc:9000"), image="ghcr.io/x/ruyi:0.1.0",
+                            s3_secret="ruyi-s3", gpu=gpu)
+    kinds = [d["kind"] for d in docs]
+    assert kinds == ["Secret", "ServiceAccount", "InferenceService", "InferenceService", "InferenceService"]
+    model = _inference_service_model()
+    for d in docs:
+        if d["kind"] == "InferenceService":
+            model.model_validate(d)
+            pred = d["spec"]["predictor"]
+            containers = pred.get("containers") or [{"name": "kserve-container", "image": "kserve/huggingfaceserver",
+                                                     "args": pred["model"]["args"],
+                                                     "resources": pred["model"]["resources"]}]
+            pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": d["metadata"]["name"]},
+                   "spec": {"containers": containers, "serviceAccountName": pred.get("serviceAccountName")}}
+            kubernetes_validate.validate(_strip_none(pod), K8S_OLDEST, strict=True)
+        else:
+            kubernetes_validate.validate(d, K8S_OLDEST, strict=True)
+    tiers = {d["metadata"]["labels"].get("ruyi.ai/tier"): d for d in docs if d["kind"] == "InferenceService"}
+    assert tiers["edge"]["spec"]["predictor"]["model"]["storageUri"].endswith("/v1/edge")
+    assert ("--backend=vllm" in tiers["end"]["spec"]["predictor"]["model"]["args"]) == gpu
+    assert all(v == "REPLACE_ME" for v in docs[0]["stringData"].values())
+    server = tiers[None]["spec"]["predictor"]["containers"][0]
+    assert server["command"][:4] == ["ruyi", "serve", "--registry", "ruyi-tiny"]

@@ -108,7 +108,7 @@ def prepare(files: list[Path] = typer.Argument(..., help="JSONL / Parquet files 
     result = _validate(files, kind, spec, docs, summary)
     tok = AutoTokenizer.from_pretrained(tokenizer)
     n = shard_tokens if shard_tokens is not None else _data_spec(spec).shard_tokens
-    res = prepare_corpus(result.records, kind.value, tok, out, n)
+    res = prepare_corpus(result.iter_records(), kind.value, tok, out, n, total=result.n_records)
     t = Table(title=f"packed {kind.value}")
     for c in ("docs", "tokens", "shards", "dtype", "fingerprint"):
         t.add_column(c)

@@ -192,7 +192,8 @@ def _progress(enabled: bool | None, total: int | None):
 
 
 def prepare_corpus(records: Iterable[dict], kind: str, tokenizer, out_dir: str | Path,
-                   shard_tokens: int = 50_000_000, progress: bool | None = None) -> PackResult:
+                   shard_tokens: int = 50_000_000, progress: bool | None = None,
+                   total: int | None = None) -> PackResult:
     """Tokenize `records` (normalized, gate-checked) and write the indexed dataset; see the module doc."""
     check_kind(kind)
     if not getattr(tokenizer, "is_fast", False):
@@ -214,7 +215,7 @@ def prepare_corpus(records: Iterable[dict], kind: str, tokenizer, out_dir: str |
     specials = _special_strings(tokenizer)
     h = hashlib.sha256(f"ruyi-packed:{kind}\n".encode())
     n_docs = n_tokens = n_masked = 0
-    bar = _progress(progress, len(records) if hasattr(records, "__len__") else None)
+    bar = _progress(progress, len(records) if hasattr(records, "__len__") else total)
     answers = (out / ANSWERS).open("w", encoding="utf-8") if kind == "rl" else None
     try:
         it = iter(records)

@@ -6,14 +6,16 @@ by it, so a class checked on several columns (missing_field) is reported once wi
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Iterable
+from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ruyi_core.data.reader import ReadResult, read_corpus
-from ruyi_core.data.schema import DEFECTS, FIELDS, ROLE_ORDER_REGEX, check_kind, dedup_key, roles_string
+from ruyi_core.data.reader import BadRecords, expand_paths, iter_records
+from ruyi_core.data.schema import DEFECTS, FIELDS, ROLE_ORDER_REGEX, canonical, check_kind, dedup_key, roles_string
 from ruyi_core.errors import RuyiError
 from ruyi_core.spec import DataSpec, KindThresholds
 
@@ -36,11 +38,10 @@ class GateResult:
     n_records: int  # valid records (what would be packed)
     fingerprint: str  # sha256 over the normalized valid records
     files: list[str] = field(default_factory=list)
-    read: ReadResult | None = field(default=None, repr=False)  # the records, so prepare reads only once
 
-    @property
-    def records(self) -> list[dict]:
-        return self.read.records if self.read else []
+    def iter_records(self) -> Iterator[dict]:
+        """The valid records again, streamed from the files (the gate keeps none of them in memory)."""
+        return (rec for rec, _, _ in iter_records(self.files, self.kind, BadRecords()))
 
 
 def _thresholds(spec: DataSpec, kind: str) -> KindThresholds:
@@ -52,31 +53,92 @@ def _chars(s: str | None) -> float:
     return float(len(s)) if s is not None and s.strip() else math.nan
 
 
-def build_frame(read: ReadResult):
-    """One row per valid record: the kind's fields that occur in the input plus derived columns."""
+PRESENT = "<text>"  # what the frame holds for a text that is there and not blank (see _presence)
+
+
+def _presence(s: str | None) -> str | None:
+    """A text field as the gate's checks need it: null, blank (kept, truncated, for the examples) or present.
+    The frame never holds whole texts, so a corpus larger than memory validates in bounded memory."""
+    if s is None:
+        return None
+    return PRESENT if s.strip() else s[:40]
+
+
+@dataclass
+class Scan:
+    """One streaming pass over a corpus: per valid record only what the expectations look at (a few small
+    columns, ~100 bytes a record), where it came from, the unreadable lines and the fingerprint."""
+
+    kind: str
+    files: list[str]
+    columns: dict[str, list]
+    file_idx: array
+    lines: array
+    bad: BadRecords
+    seen: set[str]
+    fingerprint: str
+
+    @property
+    def n_records(self) -> int:
+        return len(self.lines)
+
+    @property
+    def n_read(self) -> int:
+        return self.n_records + self.bad.total
+
+    def where(self, i: int) -> tuple[str, int]:
+        return self.files[self.file_idx[i]], self.lines[i]
+
+
+def _row(rec: dict, kind: str, intern: dict) -> dict:
+    """The frame's columns for one record; short repeated strings (source, lang, roles) shared, not copied."""
+    share = lambda v: v if v is None else intern.setdefault(v[:256], v[:256])  # noqa: E731
+    if kind == "sft":
+        m = rec["messages"]
+        lens = [] if m is None else [n for n in (_chars(x["content"]) for x in m) if not math.isnan(n)]
+        return {"messages": None if m is None else PRESENT, "roles": None if m is None else share(roles_string(m)),
+                "blank_contents": math.nan if m is None else sum(not x["content"].strip() for x in m),
+                "shortest": min(lens, default=math.nan), "longest": max(lens, default=math.nan)}
+    if kind == "pretrain":
+        return {"text": _presence(rec["text"]), "chars": _chars(rec["text"]), "source": share(rec["source"]),
+                "lang": share(rec["lang"])}
+    return {"prompt": _presence(rec["prompt"]), "chars": _chars(rec["prompt"]), "answer": _presence(rec["answer"])}
+
+
+def scan_corpus(paths: Iterable[str | Path], kind: str) -> Scan:
+    paths = [str(p) for p in expand_paths(paths)]
+    index = {p: i for i, p in enumerate(paths)}
+    bad, seen, intern, columns = BadRecords(), set(), {}, {}
+    file_idx, lines = array("I"), array("Q")
+    h = hashlib.sha256(f"ruyi-corpus:{kind}\n".encode())
+    for rec, file, line in iter_records(paths, kind, bad, seen):
+        for k, v in _row(rec, kind, intern).items():
+            columns.setdefault(k, []).append(v)
+        key = dedup_key(rec, kind)
+        columns.setdefault("dup_key", []).append(None if key is None else int(key[:15], 16))
+        file_idx.append(index[file])
+        lines.append(line)
+        h.update(canonical(rec).encode())
+        h.update(b"\n")
+    return Scan(kind, paths, columns, file_idx, lines, bad, seen, h.hexdigest())
+
+
+def build_frame(scan: Scan):
+    """One row per valid record: the kind's fields that occur in the input (as _presence has them) plus
+    derived columns."""
     import pandas as pd
 
-    kind, recs, cols = read.kind, read.records, {}
-    seen = read.seen_fields if recs else set(FIELDS[kind])  # no records: min_records says it all
+    kind = scan.kind
+    seen = scan.seen if scan.n_records else set(FIELDS[kind])  # no records: min_records says it all
+    derived = {"messages": ["roles", "blank_contents", "shortest", "longest"], "text": ["chars"],
+               "prompt": ["chars"]}
+    cols = {}
     for f in FIELDS[kind]:
-        if f not in seen:
-            continue  # absent from every record: reported once by missing_columns
-        if kind == "sft":
-            msgs = [r["messages"] for r in recs]
-            cols["messages"] = [None if m is None else json.dumps(m, ensure_ascii=False) for m in msgs]
-            cols["roles"] = [None if m is None else roles_string(m) for m in msgs]
-            cols["blank_contents"] = [math.nan if m is None else sum(not x["content"].strip() for x in m)
-                                      for m in msgs]
-            lens = [[] if m is None else [_chars(x["content"]) for x in m] for m in msgs]
-            cols["shortest"] = [min((n for n in ls if not math.isnan(n)), default=math.nan) for ls in lens]
-            cols["longest"] = [max((n for n in ls if not math.isnan(n)), default=math.nan) for ls in lens]
-        else:
-            cols[f] = [r[f] for r in recs]
-            if f in ("text", "prompt"):
-                cols["chars"] = [_chars(r[f]) for r in recs]
+        if f in seen:  # a field absent from every record is reported once by missing_columns
+            cols |= {c: scan.columns.get(c, []) for c in [f, *derived.get(f, [])]}
     if DEDUP_FIELD[kind] in seen:
-        cols["dup_key"] = [dedup_key(r, kind) for r in recs]
-    return pd.DataFrame(cols, index=pd.RangeIndex(len(recs)))
+        cols["dup_key"] = pd.array(scan.columns.get("dup_key", []), dtype="Int64")
+    return pd.DataFrame(cols, index=pd.RangeIndex(scan.n_records))
 
 
 def _expectations(kind: str, spec: DataSpec, columns: Iterable[str], n_rows: int) -> list:
@@ -158,19 +220,18 @@ def _fmt_value(v) -> str:
     return s if len(s) <= 40 else s[:36] + '..."'
 
 
-def _record_examples(r: dict, column: str | None, read: ReadResult) -> list[tuple[str, int, str]]:
+def _record_examples(r: dict, column: str | None, scan: Scan) -> list[tuple[str, int, str]]:
     idx, vals = r.get("partial_unexpected_index_list") or [], r.get("partial_unexpected_list") or []
-    return [(*read.where[int(i)], f"{column}={_fmt_value(v)}") for i, v in zip(idx, vals)]
+    return [(*scan.where(int(i)), f"{column}={_fmt_value(v)}") for i, v in zip(idx, vals)]
 
 
-def _duplicate_examples(df, read: ReadResult) -> tuple[int, list[tuple[str, int, str]]]:
+def _duplicate_examples(df, scan: Scan) -> tuple[int, list[tuple[str, int, str]]]:
     keys = df["dup_key"]
     dup = keys.duplicated(keep="first") & keys.notna()
-    first: dict[str, int] = {}
-    for i, k in enumerate(keys):
-        if k is not None and k not in first:
-            first[k] = i
-    ex = [(*read.where[i], f"= {_loc(read.where[first[keys.iat[i]]])}") for i in dup[dup].index[:5]]
+    shown = [int(i) for i in dup[dup].index[:5]]
+    firsts = keys[keys.isin(keys.iloc[shown]) & ~keys.duplicated(keep="first")]
+    first = {k: int(i) for i, k in firsts.items()}  # the first occurrence of each shown key
+    ex = [(*scan.where(i), f"= {_loc(scan.where(first[keys.iat[i]]))}") for i in shown]
     return int(dup.sum()), ex
 
 
@@ -178,7 +239,7 @@ def _ex_str(e: tuple[str, int, str]) -> str:
     return f"{_loc(e)} {e[2]}"
 
 
-def _summarize(kind: str, df, read: ReadResult, th: KindThresholds, results: list) -> tuple[list, list]:
+def _summarize(kind: str, df, scan: Scan, th: KindThresholds, results: list) -> tuple[list, list]:
     """(summary rows, failures) from the GX validation results."""
     rows, by_check = [], {}
     for suite_result in results:
@@ -194,9 +255,9 @@ def _summarize(kind: str, df, read: ReadResult, th: KindThresholds, results: lis
                 row["error"] = x.exception_info.get("exception_message")
             ex = []
             if check == "readable":
-                ex = [(*e[:2], f"{d}: {e[2]}") for d, v in read.bad.items() for e in v["examples"]]
+                ex = [(*e[:2], f"{d}: {e[2]}") for d, v in scan.bad.as_dict().items() for e in v["examples"]]
             elif check not in ("duplicates", "min_records", "missing_columns"):
-                ex = _record_examples(res, row["column"], read)
+                ex = _record_examples(res, row["column"], scan)
             row["examples"] = [_ex_str(e) for e in ex]
             rows.append(row)
             if not x.success:
@@ -206,7 +267,7 @@ def _summarize(kind: str, df, read: ReadResult, th: KindThresholds, results: lis
     for check, items in by_check.items():
         if check == "readable":
             # The total unreadable rate is over the limit: every class that occurred is a failure.
-            for d, v in read.bad.items():
+            for d, v in scan.bad.as_dict().items():
                 failures.append({"check": d, "count": v["count"], "unit": "files" if d == "bad_file" else "lines",
                                  "examples": [_ex_str(e) for e in v["examples"]], "detail": None})
             continue
@@ -218,7 +279,7 @@ def _summarize(kind: str, df, read: ReadResult, th: KindThresholds, results: lis
             if row.get("error"):
                 f["detail"] = f"error: {row['error']}"
         if check == "duplicates":
-            f["count"], ex = _duplicate_examples(df, read)
+            f["count"], ex = _duplicate_examples(df, scan)
             f["detail"] = f"rate {1 - float(items[0][1].get('observed_value') or 0):.3f} > {th.max_duplicate_rate}"
         elif check == "min_records":
             f["count"] = len(df)
@@ -237,26 +298,26 @@ def _summarize(kind: str, df, read: ReadResult, th: KindThresholds, results: lis
 
 def validate_corpus(paths: Iterable[str | Path], kind: str, spec: DataSpec | None = None,
                     docs_dir: str | Path | None = None) -> GateResult:
-    """Read the corpus (streaming), run the kind's suite and the readable-lines suite, and build Data Docs
-    into `docs_dir` when given."""
+    """Scan the corpus (one streaming pass, bounded memory), run the kind's suite and the readable-lines suite,
+    and build Data Docs into `docs_dir` when given."""
     import great_expectations as gx
     import pandas as pd
 
     check_kind(kind)
     spec = spec or DataSpec()
     th = _thresholds(spec, kind)
-    read = read_corpus(paths, kind)
-    df = build_frame(read)
+    scan = scan_corpus(paths, kind)
+    df = build_frame(scan)
     docs = Path(docs_dir) if docs_dir is not None else None
     ctx = _context(docs)
     results = [_run_suite(ctx, kind, df, _expectations(kind, spec, df.columns, len(df)))]
 
     # Every line read, valid or not: GX's `mostly` is exactly "unreadable rate <= max_bad_record_rate".
-    defects = ["ok"] * len(read.records) + [d for d, v in read.bad.items() for _ in range(v["count"])]
+    defects = ["ok"] * scan.n_records + [d for d, n in scan.bad.counts.items() for _ in range(n)]
     readable = gx.expectations.ExpectColumnValuesToBeInSet(
         column="defect", value_set=["ok"], mostly=1 - th.max_bad_record_rate, meta={"check": "readable"})
     results.append(_run_suite(ctx, f"{kind}_readable", pd.DataFrame({"defect": defects}), [readable]))
-    rows, failures = _summarize(kind, df, read, th, results)
+    rows, failures = _summarize(kind, df, scan, th, results)
 
     docs_index = None
     if docs is not None:
@@ -269,13 +330,13 @@ def validate_corpus(paths: Iterable[str | Path], kind: str, spec: DataSpec | Non
             docs_index = Path(unquote(urlparse(urls[0]["site_url"]).path)) if urls else None
     passed = not failures
     summary = {
-        "kind": kind, "passed": passed, "files": read.files, "n_read": read.n_read,
-        "n_records": len(read.records), "fingerprint": read.fingerprint,
-        "thresholds": th.model_dump(), "bad_records": read.bad, "checks": rows, "failures": failures,
+        "kind": kind, "passed": passed, "files": scan.files, "n_read": scan.n_read,
+        "n_records": scan.n_records, "fingerprint": scan.fingerprint,
+        "thresholds": th.model_dump(), "bad_records": scan.bad.as_dict(), "checks": rows, "failures": failures,
         "docs_index": str(docs_index) if docs_index else None,
     }
-    return GateResult(kind, passed, _jsonable(summary), failures, docs_index, len(read.records), read.fingerprint,
-                      read.files, read)
+    return GateResult(kind, passed, _jsonable(summary), failures, docs_index, scan.n_records, scan.fingerprint,
+                      scan.files)
 
 
 def _jsonable(v):
@@ -320,4 +381,5 @@ def gate_or_raise(result: GateResult) -> GateResult:
     return result
 
 
-__all__ = ["DataGateError", "GateResult", "build_frame", "format_failures", "gate_or_raise", "validate_corpus"]
+__all__ = ["DataGateError", "GateResult", "build_frame", "format_failures", "gate_or_raise", "scan_corpus",
+           "validate_corpus"]

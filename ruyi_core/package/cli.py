@@ -1,5 +1,6 @@
-"""`ruyi models list|show|verify`: the registry from the command line. The store comes from --spec's store
-section (default: the local server) and the RUYI_S3_* environment, as for `ruyi lineage`."""
+"""`ruyi models list|show|verify|deploy`: the registry from the command line. The store comes from --spec's
+store section (default: the local server; RUYI_S3_BUCKET names another bucket) and the RUYI_S3_* environment,
+as for `ruyi lineage`."""
 from __future__ import annotations
 
 import os
@@ -25,7 +26,8 @@ def open_store(spec: Path | None, uri: str | None = None) -> ArtifactStore:
     """The registry's store, read-only (a lookup creates no bucket); an s3:// URI picks its own bucket."""
     from ruyi_core.spec import StoreSpec, load_spec
 
-    store_spec = load_spec(spec).store if spec is not None else StoreSpec()
+    store_spec = load_spec(spec).store if spec is not None else StoreSpec(
+        **({"bucket": os.environ["RUYI_S3_BUCKET"]} if os.environ.get("RUYI_S3_BUCKET") else {}))
     if uri and uri.startswith("s3://"):
         store_spec = store_spec.model_copy(update={"bucket": uri[5:].partition("/")[0] or store_spec.bucket})
     return ArtifactStore.from_spec(store_spec, env=os.environ, create_bucket=False)
@@ -124,7 +126,10 @@ def verify_command(target: str | None = typer.Argument(None, help="a family, or 
                 if (version is None or u.split("/")[-2] == version) and (tier is None or u.split("/")[-1] == tier)]
         if not uris:
             raise RuyiError(f"no packages under {store.normalize_uri(prefix)}"
-                            + (f" for version {version}" if version else "") + (f" tier {tier}" if tier else ""))
+                            + (f" for version {version}" if version else "") + (f" tier {tier}" if tier else "")
+                            + (": that is the default bucket; pass --spec with the run's spec (its store section), "
+                               "set RUYI_S3_BUCKET, or give the package's s3:// URI"
+                               if spec is None and not target.startswith("s3://") else ""))
         for uri in uris:
             with tempfile.TemporaryDirectory(prefix="ruyi-verify-") as d:
                 try:
@@ -141,3 +146,26 @@ def verify_command(target: str | None = typer.Argument(None, help="a family, or 
             c.print(f"[green]OK[/] {label}", highlight=False, soft_wrap=True)
     if any(p for _, p in results):
         raise typer.Exit(1)
+
+
+@models_app.command("deploy")
+def deploy_command(family: str = typer.Argument(..., help="a family in the registry"),
+                   tier: str | None = typer.Option(None, help="only this tier's service (default: every promoted "
+                                                              "tier and the family server)"),
+                   gpu: bool = typer.Option(False, help="GPU services: vLLM backend, one GPU each"),
+                   namespace: str = typer.Option("ruyi", help="Kubernetes namespace"),
+                   spec: Path | None = typer.Option(None, help=SPEC_HELP + "; also the image and S3 Secret")) -> None:
+    """Print KServe InferenceServices for the promoted tiers (`kubectl apply -f -`), with the S3 credentials'
+    ServiceAccount and Secret template."""
+    from ruyi_core.package.deploy import family_manifests, to_yaml
+    from ruyi_core.spec import PipelineSpec, load_spec
+
+    store = open_store(spec)
+    run = load_spec(spec) if spec is not None else None
+    index = read_index(store, family)
+    if tier is not None and tier not in index["promoted"]:
+        raise RuyiError(f"{family} has no promoted {tier!r} tier: promoted are {', '.join(index['promoted']) or 'none'}")
+    pipe = run.pipeline if run is not None else PipelineSpec()
+    docs = family_manifests(index, store=run.store if run is not None else store.spec, image=pipe.image,
+                            s3_secret=pipe.s3_secret, namespace=namespace, tier=tier, gpu=gpu)
+    print(to_yaml(docs), end="")

@@ -166,9 +166,35 @@ def manifest_of(store: ArtifactStore, uri: str) -> Manifest:
     return m
 
 
+WORK_PREFIX = "ruyi-work-"  # + pid + stage: a work folder names the process that owns it
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_workdirs(tmp: Path | None = None) -> int:
+    """Remove the work folders of processes that are gone (a killed run cannot clean up after itself);
+    returns how many. A reused pid keeps its folder until the next sweep after that process ends."""
+    n = 0
+    for d in Path(tmp or tempfile.gettempdir()).glob(f"{WORK_PREFIX}*"):
+        pid = d.name[len(WORK_PREFIX):].partition("-")[0]
+        if d.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            n += 1
+    return n
+
+
 @contextmanager
 def workdir(prefix: str) -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix=f"ruyi-{prefix}-"))
+    sweep_workdirs()
+    d = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}-{prefix}-"))
     try:
         yield d
     finally:

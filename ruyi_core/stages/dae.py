@@ -99,7 +99,7 @@ def grpo(spec: RunSpec, store: ArtifactStore, family: str, rl_raw: str) -> Grpo:
         export_tier(fam, tier, run.work / "tier", tok)
         own = tier_own_prefixes(fam.config, tier)
         policy = run.work / "policy"
-        res = run_grpo(run.work / "tier", policy, corpus_records(run, "rl", "rl"), heldout_prompts(spec), own,
+        res = run_grpo(run.work / "tier", policy, list(corpus_records(run, "rl", "rl")), heldout_prompts(spec), own,
                        spec.rl, log=run.log, runtime=for_spec(spec))
         state = {}
         for f in sorted(policy.glob("*.safetensors")):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -101,10 +102,11 @@ def plan_run(spec: RunSpec, datasets: list[RawDataset]) -> RunPlan:
                    datasets=sorted(datasets, key=lambda d: d.kind))
 
 
-def corpus_records(run: StageRun, name: str, kind: str) -> list[dict]:
-    from ruyi_core.data.reader import expand_paths, read_corpus
+def corpus_records(run: StageRun, name: str, kind: str) -> Iterator[dict]:
+    """A validated corpus's records, streamed from its files."""
+    from ruyi_core.data.reader import BadRecords, iter_records
 
-    return list(read_corpus(expand_paths([run.fetch(name)]), kind).records)
+    return (rec for rec, _, _ in iter_records([run.fetch(name)], kind, BadRecords()))
 
 
 def prepare_data(spec: RunSpec, store: ArtifactStore, kind: str, raw: str, family: str) -> PackedDataset:

@@ -144,6 +144,21 @@ def promote(spec: RunSpec, store: ArtifactStore, plan: RunPlan, packages: list[P
             store.get_file(f"{p.uri}/eval.json", Path(d) / "eval.json")
             candidates[p.tier] = {"uri": p.uri, "evaluation": json.loads((Path(d) / "eval.json").read_text())}
     index = record(store, family, plan.version, plan.run_id, candidates, spec.package)
+    _write_deploy(spec, store, index)
     entry = next(v for v in index["versions"] if v["version"] == plan.version)
     return Promotion(family=family, version=plan.version, run_id=plan.run_id, tiers=entry["tiers"],
                      promoted=index["promoted"], packages=packages)
+
+
+def _write_deploy(spec: RunSpec, store: ArtifactStore, index: dict) -> None:
+    """KServe services for what is promoted now (models/<family>/deploy.yaml; `ruyi models deploy` prints the
+    same). A concurrent promote may write it first: both write what their index says, the later one wins."""
+    from ruyi_core.package.deploy import family_manifests, to_yaml
+
+    gpu = any(r.gpus for r in spec.pipeline.resources.values())
+    text = to_yaml(family_manifests(index, store=spec.store, image=spec.pipeline.image,
+                                    s3_secret=spec.pipeline.s3_secret, namespace=spec.train.trainjob.namespace,
+                                    gpu=gpu))
+    key = f"models/{spec.family.name}/deploy.yaml"
+    got = store.read_object(key)
+    store.write_object_if(key, text.encode(), got[1] if got else None)

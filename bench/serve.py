@@ -1,0 +1,147 @@
+"""Serving a family, measured in one run: per tier and for `auto`, requests/s, generated tokens/s and p50/p99
+latency under N concurrent OpenAI-API clients, with held-out quality (the demo world's arithmetic, fact and
+two-hop questions); then self-speculative decoding of the deepest tier (identical tokens checked on every
+prompt) against the same tier decoding alone, per draft tier and draft length.
+
+    python bench/serve.py --family DIR | --registry FAMILY [--clients 8] [--requests 48] [--prompts 100]
+                          [--out bench/results/serve.json]
+
+With --registry, the store comes from the RUYI_S3_* environment (the local server: source .ruyi/s3/s3.env).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import socket
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from ruyi_core.data import world
+from ruyi_core.eval.tasks import gold_answer
+from ruyi_core.rl.rewards import extract_answer
+from ruyi_core.serve.decode import SpecStats, generate, speculative
+
+
+def questions(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
+    """(set, question, gold) from the demo world's held-out generative sets."""
+    sets = world.eval_sets(seed, n)
+    out = [("arithmetic", r["question"], gold_answer(r["answer"])) for r in sets["arithmetic"]]
+    out += [(name, r["question"], str(r["answer"])) for name in ("facts_qa", "two_hop") for r in sets[name]]
+    return out
+
+
+def correct(kind: str, text: str, gold: str) -> bool:
+    if kind == "arithmetic":
+        return extract_answer(text) == gold
+    return re.search(rf"(?<!\w){re.escape(gold)}(?!\w)", text, re.IGNORECASE) is not None
+
+
+def start_server(served, **kw):
+    import uvicorn
+
+    from ruyi_core.serve.api import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(served, **kw), host="127.0.0.1", port=port, log_level="error"))
+    threading.Thread(target=srv.run, daemon=True).start()
+    while not srv.started:
+        time.sleep(0.05)
+    return srv, f"http://127.0.0.1:{port}/v1"
+
+
+async def load(url: str, model: str, qs, clients: int, max_tokens: int) -> dict:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+    todo, lat, toks, right = list(enumerate(qs)), [], 0, 0
+    lock = asyncio.Lock()
+
+    async def worker():
+        nonlocal toks, right
+        while True:
+            async with lock:
+                if not todo:
+                    return
+                _, (kind, q, gold) = todo.pop()
+            t0 = time.perf_counter()
+            r = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}],
+                                                     max_tokens=max_tokens, temperature=0)
+            lat.append(time.perf_counter() - t0)
+            toks += r.usage.completion_tokens
+            right += correct(kind, r.choices[0].message.content, gold)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    wall = time.perf_counter() - t0
+    lat.sort()
+    return {"model": model, "requests_per_s": round(len(qs) / wall, 2), "tokens_per_s": round(toks / wall, 1),
+            "p50_s": round(statistics.median(lat), 3), "p99_s": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 3),
+            "quality": round(right / len(qs), 3)}
+
+
+def speculative_rows(served, prompts: list[list[int]], max_new: int) -> list[dict]:
+    target = served.tiers[served.deepest]
+    t0 = time.perf_counter()
+    alone = [generate(target, [p], [max_new], served.eos)[0] for p in prompts]
+    base = time.perf_counter() - t0
+    rows = [{"draft": None, "k": None, "seconds": round(base, 2), "speedup": 1.0, "identical": True}]
+    for draft in list(served.tiers)[:-1]:
+        for k in (2, 3, 4, 6):
+            stats, t0 = SpecStats(), time.perf_counter()
+            got = [speculative(served.tiers[draft], target, p, max_new, served.eos, k=k, stats=stats) for p in prompts]
+            sec = time.perf_counter() - t0
+            same = sum(a == b for a, b in zip(got, alone))
+            rows.append({"draft": draft, "k": k, "seconds": round(sec, 2), "speedup": round(base / sec, 3),
+                         "acceptance": round(stats.acceptance, 3), "identical": same == len(prompts),
+                         "identical_prompts": same})
+    return rows
+
+
+def main() -> None:
+    from ruyi_core.serve.cli import load_served
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", type=Path)
+    ap.add_argument("--registry")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=48, help="held-out questions per model")
+    ap.add_argument("--prompts", type=int, default=100, help="prompts for the speculative comparison")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--out", default="bench/results/serve.json")
+    a = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    served = load_served(a.family, a.registry, None, None, print)
+    qs = questions(a.requests)[: a.requests]
+    srv, url = start_server(served, max_batch=a.clients)
+    rows = []
+    for model in [*served.tiers, "auto"]:
+        rows.append(asyncio.run(load(url, f"{served.name}:{model}", qs, a.clients, a.max_tokens)))
+        r = rows[-1]
+        print(f"{r['model']:<22} {r['requests_per_s']:7.2f} req/s {r['tokens_per_s']:8.1f} tok/s  p50 {r['p50_s']:6.3f} s"
+              f"  p99 {r['p99_s']:6.3f} s  quality {r['quality']:.3f}")
+    srv.should_exit = True
+    tok = served.tokenizer
+    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                           tokenize=False))["input_ids"] for _, q, _ in questions(a.prompts)][: a.prompts]
+    spec = speculative_rows(served, prompts, a.max_tokens)
+    for r in spec:
+        print(f"speculative {served.deepest} draft={r['draft']} k={r['k']}: {r['seconds']:.2f} s, speedup "
+              f"{r['speedup']:.2f}x, acceptance {r.get('acceptance', '-')}, identical {r['identical']}")
+    out = {"family": served.name, "tiers": {t: served.depth(t) for t in served.tiers}, "clients": a.clients,
+           "requests": len(qs), "max_tokens": a.max_tokens, "threads": torch.get_num_threads(), "serve": rows,
+           "speculative": spec}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Serving a family: its tiers over an OpenAI-compatible API, one trunk in memory."""

@@ -1,0 +1,85 @@
+"""Batches concurrent requests: one worker thread takes whatever requests are waiting (up to `max_batch`),
+groups them by tier and sampling settings, and decodes each group as one batch. Tokens go back to each
+request's asyncio queue as they are made, so streaming and batching work together."""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+DONE = None  # the last item a job's queue receives
+
+
+@dataclass
+class Job:
+    tier: str
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float
+    seed: int | None
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)
+    stop: threading.Event = field(default_factory=threading.Event)  # set: the request wants no more tokens
+    answered_by: str | None = None  # the tier that answered (set before the first token; `auto` routes)
+
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+
+class Batcher:
+    def __init__(self, run: Callable, max_batch: int = 8):
+        """`run(tier, jobs, on_token) -> None` decodes one batch of jobs (same tier and sampling settings);
+        on_token(i, token) returns True when job i should stop."""
+        self.run, self.max_batch = run, max_batch
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.batches = 0  # how many batches ran (and so how many requests shared one)
+        self.thread = threading.Thread(target=self._loop, name="ruyi-decode", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> Job:
+        self.jobs.put(job)
+        return job
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(timeout=30)
+
+    def _take(self) -> list[Job] | None:
+        first = self.jobs.get()
+        if first is None:
+            return None
+        jobs = [first]
+        while len(jobs) < self.max_batch:
+            try:
+                nxt = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None:
+                self.jobs.put(None)
+                break
+            jobs.append(nxt)
+        return jobs
+
+    def _loop(self) -> None:
+        while (jobs := self._take()) is not None:
+            groups: dict[tuple, list[Job]] = {}
+            for j in jobs:
+                groups.setdefault((j.tier, j.temperature, j.seed), []).append(j)
+            for (tier, _, _), group in groups.items():
+                self.batches += 1
+                self._run_group(tier, group)
+
+    def _run_group(self, tier: str, group: list[Job]) -> None:
+        def on_token(i: int, token: int) -> bool:
+            group[i].put(token)
+            return group[i].stop.is_set()
+
+        try:
+            self.run(tier, group, on_token)
+        except Exception as e:  # noqa: BLE001 - reported to every request of the batch, the server lives on
+            for j in group:
+                j.put(e)
+        for j in group:
+            j.put(DONE)

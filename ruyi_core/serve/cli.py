@@ -1,0 +1,62 @@
+"""`ruyi serve`: a family behind an OpenAI-compatible HTTP API, one trunk in memory."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from ruyi_core.errors import RuyiError
+
+
+def load_served(family: Path | None, registry: str | None, version: str | None, spec: Path | None, log):
+    """The family to serve: a family folder, or a family's packages from the registry."""
+    from ruyi_core.runtime import resolve
+    from ruyi_core.serve.tiers import from_family, from_registry
+    from ruyi_core.spec import RuntimeSpec, load_spec
+
+    if (family is None) == (registry is None):
+        raise RuyiError("say what to serve: --family DIR, or --registry FAMILY")
+    runtime = resolve(load_spec(spec).runtime if spec is not None else RuntimeSpec())
+    if family is not None:
+        if version is not None:
+            raise RuyiError("--version goes with --registry")
+        return from_family(family, runtime)
+    from ruyi_core.package.cli import open_store
+
+    return from_registry(open_store(spec), registry, runtime, version, log=log)
+
+
+def serve_command(family: Path | None = typer.Option(None, help="a family folder (all its tiers)"),
+                  registry: str | None = typer.Option(None, help="a family in the model registry: its promoted "
+                                                                 "package per tier"),
+                  version: str | None = typer.Option(None, help="with --registry: this version's packages"),
+                  spec: Path | None = typer.Option(None, help="run spec YAML: its store section locates the "
+                                                              "registry, its runtime section the device"),
+                  host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
+                  port: int = typer.Option(8000, min=1, max=65535),
+                  max_batch: int = typer.Option(8, min=1, help="requests decoded together at most"),
+                  draft: str | None = typer.Option(None, help="decode greedy requests to deeper tiers "
+                                                              "self-speculatively, this tier drafting"),
+                  draft_tokens: int = typer.Option(4, min=1, max=16, help="tokens drafted per round")):
+    """Serve every tier of a family over an OpenAI-compatible API (/v1/chat/completions, /v1/completions,
+    /v1/models; streaming), one shared trunk in memory. Models are named FAMILY:TIER."""
+    import uvicorn
+
+    from ruyi_core.serve.api import create_app
+
+    c = Console(stderr=True)
+    served = load_served(family, registry, version, spec, lambda m: c.print(f"[dim]{m}[/]", highlight=False))
+    if draft is not None and draft not in served.tiers:
+        raise RuyiError(f"--draft {draft}: {served.name} has tiers {', '.join(served.tiers)}")
+    app = create_app(served, max_batch=max_batch, draft=draft, draft_tokens=draft_tokens)
+    own = sum(p.numel() for m in served.tiers.values() for p in m.parameters())
+    c.print(f"serving {served.name}" + (f" {served.version}" if served.version else "") + " at "
+            f"http://{host}:{port}/v1: " + ", ".join(f"{served.name}:{t}" for t in served.tiers)
+            + f" ({served.parameters_in_memory() / 1e6:.1f}M parameters in memory for {own / 1e6:.1f}M "
+            "across the tiers)", highlight=False, soft_wrap=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=os.environ.get("RUYI_SERVE_LOG", "warning"))
+    except OSError as e:
+        raise RuyiError(f"cannot listen on {host}:{port} ({e.strerror or e}): pick another --port") from None

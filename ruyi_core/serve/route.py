@@ -1,0 +1,88 @@
+"""Adaptive routing over a family's tiers (the model `FAMILY:auto`): a request is answered by the shallowest tier
+whose answer is confident enough and escalates to the next deeper tier otherwise; the deepest tier always
+answers. An answer's confidence is the lowest probability its tier gave any of its tokens (one unsure token is
+where small models go wrong). Per request, in the spirit of CALM's per-token exits, so every answer is exactly
+one tier's own answer.
+
+Compute is counted in block-tokens: a tier of depth d that reads a prompt of n tokens and writes m costs
+d * (n + m); an escalated request pays for every tier it tried. `calibrate` measures, on held-out questions,
+every tier's answers once and then the whole quality-versus-compute curve of one shared threshold, and picks
+the cheapest point within `tolerance` of the deepest tier's quality."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ruyi_core.serve.decode import generate
+from ruyi_core.serve.tiers import ServedFamily
+
+
+@dataclass
+class Attempt:
+    tier: str
+    tokens: list[int]
+    confidence: float
+    cost: int  # block-tokens
+
+
+def attempt(served: ServedFamily, tier: str, prompt: list[int], max_new_tokens: int) -> Attempt:
+    conf: list[list[float]] = []
+    out = generate(served.tiers[tier], [prompt], [max_new_tokens], served.eos, confidence=conf)[0]
+    return Attempt(tier, out, min(conf[0], default=1.0), served.depth(tier) * (len(prompt) + len(out)))
+
+
+def answer(served: ServedFamily, prompt: list[int], max_new_tokens: int, threshold: float) -> list[Attempt]:
+    """The attempts made for one request; the last one answers."""
+    tried = []
+    for tier in served.tiers:
+        tried.append(attempt(served, tier, prompt, max_new_tokens))
+        if tried[-1].confidence >= threshold:
+            break
+    return tried
+
+
+def route(per_tier: list[Attempt], threshold: float) -> tuple[int, int]:
+    """(index of the answering tier, cost) for one question whose every tier's attempt is known."""
+    cost = 0
+    for i, a in enumerate(per_tier):
+        cost += a.cost
+        if a.confidence >= threshold or i == len(per_tier) - 1:
+            return i, cost
+    raise ValueError("no tiers")
+
+
+def curve(attempts: list[list[Attempt]], correct: list[list[bool]]) -> list[dict]:
+    """Quality and compute (relative to always asking the deepest tier) at every threshold that changes a
+    decision, from 0 (the shallowest tier always answers) to above 1 (the deepest always does)."""
+    deep = sum(a[-1].cost for a in attempts)
+    cuts = sorted({a.confidence for per in attempts for a in per[:-1]} | {0.0, 1.01})
+    points = []
+    for t in cuts:
+        routed = [route(per, t) for per in attempts]
+        quality = sum(c[i] for (i, _), c in zip(routed, correct)) / len(attempts)
+        share = {}
+        for i, _ in routed:
+            share[attempts[0][i].tier] = share.get(attempts[0][i].tier, 0) + 1 / len(attempts)
+        points.append({"threshold": round(t, 6), "quality": round(quality, 4),
+                       "compute": round(sum(c for _, c in routed) / deep, 4),
+                       "answered_by": {k: round(v, 3) for k, v in share.items()}})
+    return points
+
+
+def calibrate(served: ServedFamily, questions: list[tuple[list[int], Callable[[str], bool]]],
+              max_new_tokens: int = 32, tolerance: float = 0.02) -> dict:
+    """Thresholds from held-out (prompt ids, is-this-answer-right) pairs: the curve, every tier's own
+    quality, and the operating point (the cheapest within `tolerance` of the deepest tier's quality)."""
+    tok = served.tokenizer
+    attempts, correct = [], []
+    for prompt, ok in questions:
+        per = [attempt(served, t, prompt, max_new_tokens) for t in served.tiers]
+        attempts.append(per)
+        correct.append([ok(tok.decode(a.tokens, skip_special_tokens=True)) for a in per])
+    points = curve(attempts, correct)
+    tiers = {t: round(sum(c[i] for c in correct) / len(correct), 4) for i, t in enumerate(served.tiers)}
+    target = tiers[served.deepest] - tolerance
+    good = [p for p in points if p["quality"] >= target] or [max(points, key=lambda p: p["quality"])]
+    chosen = min(good, key=lambda p: (p["compute"], -p["quality"]))
+    return {"rule": "min token probability >= threshold, shallowest tier first", "tolerance": tolerance,
+            "questions": len(questions), "tier_quality": tiers, "operating_point": chosen, "curve": points}

@@ -1,0 +1,184 @@
+"""`ruyi serve`: each tier answers over the OpenAI API exactly as its exported package does in vanilla
+transformers; streaming; 100 concurrent requests batched; bad requests get 4xx JSON and the server lives on;
+self-speculative decoding gives the target tier's own greedy tokens; registry packages share their trunk."""
+import asyncio
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from conftest import randomize_
+
+from ruyi_core.family.convert import export_tier, family_from_base
+from ruyi_core.family.io import save_family
+from ruyi_core.runtime import Runtime
+from ruyi_core.serve.decode import SpecStats, generate, shared_depth, speculative
+from ruyi_core.serve.tiers import from_family, share_equal_blocks
+
+CPU = Runtime(torch.device("cpu"), torch.float32)
+PROMPTS = ["Where does Ada live?", "What is 3 + 4?", "Tell me about Oslo.", "hi"]
+
+
+@pytest.fixture(scope="module")
+def family_dir(tmp_path_factory, micro_base):
+    base, tok = micro_base
+    d = tmp_path_factory.mktemp("serve") / "micro-fam"
+    save_family(randomize_(family_from_base(base, [0, 2, 3]), seed=5).eval(), tok, d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def served(family_dir):
+    return from_family(family_dir, CPU, name="micro")
+
+
+@pytest.fixture(scope="module")
+def packages(family_dir, tmp_path_factory):
+    """Each tier exported as its own package, loaded by vanilla transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from ruyi_core.family.io import load_family
+
+    fam, tok = load_family(family_dir)
+    out = {}
+    for tier in fam.config.tiers:
+        d = export_tier(fam, tier, tmp_path_factory.mktemp("pkg") / tier, tok)
+        out[tier] = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    return out
+
+
+def _post(url: str, content: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=content, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _chat_ids(tok, text: str) -> list[int]:
+    t = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    return tok(t)["input_ids"]
+
+
+def _vanilla(model, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    import uvicorn
+
+    from ruyi_core.serve.api import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(served, max_batch=16)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/v1", app
+    srv.should_exit = True
+    th.join(timeout=10)
+
+
+def test_one_trunk_and_every_tier_equals_its_package(served, packages):
+    assert list(served.tiers) == ["end", "edge", "cloud"] or len(served.tiers) == 3
+    a, b, c = served.tiers.values()
+    assert shared_depth(a, c) == 0 and shared_depth(b, c) == 2  # exits 0, 2, 3: embeddings; + trunk blocks 0, 1
+    tok = served.tokenizer
+    for tier, pkg in packages.items():
+        for p in PROMPTS:
+            ids = _chat_ids(tok, p)
+            got = generate(served.tiers[tier], [ids], [12], set())[0]
+            assert got == _vanilla(pkg, ids, 12), (tier, p)
+
+
+def test_openai_client_streaming_and_models(server, served, packages):
+    from openai import OpenAI
+
+    url, _ = server
+    client = OpenAI(base_url=url, api_key="unused")
+    assert [m.id for m in client.models.list().data] == [f"micro:{t}" for t in [*served.tiers, "auto"]]
+    tok = served.tokenizer
+    for tier, pkg in packages.items():
+        r = client.chat.completions.create(model=f"micro:{tier}", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                           max_tokens=10, temperature=0)
+        want = tok.decode(_vanilla(pkg, _chat_ids(tok, PROMPTS[0]), 10), skip_special_tokens=True)
+        assert r.choices[0].message.content == want and r.usage.completion_tokens == 10
+        assert r.choices[0].finish_reason == "length"
+        chunks = client.chat.completions.create(model=f"micro:{tier}", messages=[{"role": "user",
+                                                                                  "content": PROMPTS[0]}],
+                                                max_tokens=10, stream=True)
+        parts = list(chunks)
+        assert "".join(c.choices[0].delta.content or "" for c in parts) == want
+        assert parts[-1].choices[0].finish_reason == "length"
+    c = client.completions.create(model="micro:edge", prompt="Oslo is", max_tokens=5)
+    ids = served.tokenizer("Oslo is")["input_ids"]
+    assert c.choices[0].text == tok.decode(_vanilla(packages["edge"], ids, 5), skip_special_tokens=True)
+
+
+def test_hundred_concurrent_requests_are_batched(server):
+    from openai import AsyncOpenAI
+
+    url, app = server
+    before = app.state.batcher.batches
+
+    async def main():
+        client = AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+        tiers = ["end", "edge", "cloud"]
+        return await asyncio.gather(*(client.completions.create(model=f"micro:{tiers[i % 3]}", prompt=f"n {i}",
+                                                                max_tokens=8) for i in range(100)))
+
+    out = asyncio.run(main())
+    assert len(out) == 100
+    assert all(r.usage.completion_tokens == 8 or r.choices[0].finish_reason == "stop" for r in out)
+    assert app.state.batcher.batches - before < 100  # some requests shared a batch
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ({"model": "micro:nope", "prompt": "x"}, 404, "does not exist"),
+    ("{not json", 400, "not valid JSON"),
+    ({"model": "micro:edge", "prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
+    ({"model": "micro:edge", "prompt": "word " * 400}, 400, "maximum context length"),
+    ({"model": "micro:edge"}, 400, "prompt"),
+])
+def test_bad_requests_get_openai_errors_and_the_server_lives_on(server, body, status, needle):
+    url, _ = server
+    code, got = _post(f"{url}/completions", (body if isinstance(body, str) else json.dumps(body)).encode())
+    assert code == status, got
+    err = got["error"]
+    assert needle in err["message"] and err["type"].endswith("_error")
+    code, ok = _post(f"{url}/completions", json.dumps({"model": "micro:end", "prompt": "x", "max_tokens": 2}).encode())
+    assert code == 200 and ok["usage"]["completion_tokens"] == 2
+
+
+def test_self_speculative_decoding_gives_the_target_tiers_greedy_tokens(served):
+    end, edge, cloud = served.tiers.values()
+    tok, stats = served.tokenizer, SpecStats()
+    for i in range(20):
+        ids = _chat_ids(tok, f"question {i}: {PROMPTS[i % len(PROMPTS)]}")
+        want = generate(cloud, [ids], [24], served.eos)[0]
+        for draft, k in ((end, 3), (edge, 5)):
+            assert speculative(draft, cloud, ids, 24, served.eos, k=k, stats=stats) == want, (i, k)
+    assert stats.rounds > 0 and 0 <= stats.acceptance <= 1
+
+
+def test_equal_blocks_of_separate_packages_are_kept_once(packages):
+    tiers = {t: m for t, m in packages.items()}
+    n_before = len({id(p) for m in tiers.values() for p in m.parameters()})
+    dropped = share_equal_blocks(tiers)
+    assert dropped == 2 + 2  # the embeddings of edge and cloud (equal to end's), cloud's trunk blocks 0 and 1
+    assert len({id(p) for m in tiers.values() for p in m.parameters()}) < n_before
+    assert shared_depth(tiers["edge"], tiers["cloud"]) == 2 and shared_depth(tiers["end"], tiers["cloud"]) == 0
