@@ -60,7 +60,6 @@ def start_server(served, **kw):
 async def load(url: str, model: str, qs, clients: int, max_tokens: int) -> dict:
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
     todo, lat, toks, right = list(enumerate(qs)), [], 0, 0
     lock = asyncio.Lock()
 
@@ -78,9 +77,10 @@ async def load(url: str, model: str, qs, clients: int, max_tokens: int) -> dict:
             toks += r.usage.completion_tokens
             right += correct(kind, r.choices[0].message.content, gold)
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(clients)))
-    wall = time.perf_counter() - t0
+    async with AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - t0
     lat.sort()
     return {"model": model, "requests_per_s": round(len(qs) / wall, 2), "tokens_per_s": round(toks / wall, 1),
             "p50_s": round(statistics.median(lat), 3), "p99_s": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 3),
@@ -94,7 +94,7 @@ def speculative_rows(served, prompts: list[list[int]], max_new: int) -> list[dic
     base = time.perf_counter() - t0
     rows = [{"draft": None, "k": None, "seconds": round(base, 2), "speedup": 1.0, "identical": True}]
     for draft in list(served.tiers)[:-1]:
-        for k in (2, 3, 4, 6):
+        for k in (2, 4, 6, 8, 12):
             stats, t0 = SpecStats(), time.perf_counter()
             got = [speculative(served.tiers[draft], target, p, max_new, served.eos, k=k, stats=stats) for p in prompts]
             sec = time.perf_counter() - t0

@@ -61,7 +61,8 @@ def lineage_png(chain: list[Manifest]) -> bytes:
     return buf.getvalue()
 
 
-CAPTIONS = {"quality": "Quality vs parameters (held-out benchmarks)", "cpt": "CPT: loss per exit", "sft": "SFT: loss per exit", "dae_cpt": "DaE CPT: loss per exit",
+CAPTIONS = {"quality": "Quality vs parameters (held-out benchmarks)",
+            "routing": "Adaptive routing (FAMILY:auto): quality vs compute, one point per threshold", "cpt": "CPT: loss per exit", "sft": "SFT: loss per exit", "dae_cpt": "DaE CPT: loss per exit",
             "dae_sft": "DaE SFT: loss per exit", "grpo": "GRPO: reward per step",
             "svd_compress": "SVD sweep: held-out loss vs tier size"}
 
@@ -186,11 +187,50 @@ def quality_png(tiers: list[dict]) -> bytes:
     return buf.getvalue()
 
 
+def routing_lines(routing: dict | None) -> list[str]:
+    """The calibrated `auto` routing: every tier's own quality, the chosen operating point, the curve's ends."""
+    if not routing:
+        return []
+    op = routing["operating_point"]
+    share = ", ".join(f"{t} {v:.0%}" for t, v in op["answered_by"].items())
+    lines = ["", "## Adaptive routing (`auto`)", "",
+             f"- calibrated on {routing['questions']} held-out questions; rule: {routing['rule']}",
+             "- each tier alone: " + ", ".join(f"{t} {q:.3f}" for t, q in routing["tier_quality"].items()),
+             f"- operating point: threshold {op['threshold']:.4f}: quality {op['quality']:.3f} at "
+             f"{op['compute']:.0%} of the deepest tier's compute (answered by {share}); within "
+             f"{routing['tolerance']} of the deepest tier's quality"]
+    return lines
+
+
+def routing_png(routing: dict) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    pts = sorted(routing["curve"], key=lambda p: p["compute"])
+    ax.plot([p["compute"] for p in pts], [p["quality"] for p in pts], "o-", ms=3, label="auto, per threshold")
+    op = routing["operating_point"]
+    ax.plot([op["compute"]], [op["quality"]], "r*", ms=12, label="operating point")
+    ax.axhline(list(routing["tier_quality"].values())[-1], color="k", lw=0.8, ls="--", label="deepest tier")
+    ax.set_xlabel("compute (share of the deepest tier's block-tokens)")
+    ax.set_ylabel("quality")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
 def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Manifest],
-           curves: dict[str, bytes] | None = None, promotion: dict | None = None) -> tuple[str, str, bytes]:
+           curves: dict[str, bytes] | None = None, promotion: dict | None = None,
+           routing: dict | None = None) -> tuple[str, str, bytes]:
     """Markdown, HTML and the lineage PNG for one run. `tiers` carry their export row, `evaluation` and `gate`;
-    `curves` are the stages' PNGs (loss curves, rewards, the SVD sweep) by stage name."""
-    curves = dict(curves or {})
+    `curves` are the stages' PNGs (loss curves, rewards, the SVD sweep) by stage name; `routing` the
+    calibrated `auto` routing (serve/route.py)."""
+    curves = dict(curves or {}) | ({"routing": routing_png(routing)} if routing else {})
     tiers = sorted(tiers, key=lambda r: r["exit_point"])
     benchmarks = sorted({b for t in tiers for b in (t.get("evaluation") or {}).get("benchmarks", {})})
     cols = TIER_COLS + [(b, b) for b in benchmarks] + [("average", "average")] + SPEED_COLS + [("promoted", "promoted")]
@@ -203,7 +243,7 @@ def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Man
     md += ["| " + " | ".join(str(r.get(k, "")).replace("|", "\\|") for k, _ in cols) + " |" for r in rows]
     md += [""] + ([f"- ⚠ {f}" for f in flags] or ["- every deeper tier scores at least as well as the shallower ones"])
     md += family_lines(tiers)
-    gate_lines = _gate_lines(tiers, promotion)
+    gate_lines = _gate_lines(tiers, promotion) + routing_lines(routing)
     md += gate_lines
     md += ["", "Greedy samples:", ""] + [f"- {t['tier']}: {t.get('sample', '')!r}" for t in tiers]
     md += ["", "## Data", "", "| kind | documents | fingerprint | packed tokens | store URI |", "|---|---|---|---|---|"]

@@ -80,7 +80,7 @@ def _peak_rss_mib(code: str, *args: str) -> int:
 
 
 def test_gate_memory_does_not_grow_with_the_corpus(tmp_path):
-    """The gate keeps ~100 bytes per record, never the texts: validating 64 MiB of long documents takes
+    """The gate keeps a few small columns per record, never the texts: validating 64 MiB of long documents takes
     little more memory than validating 1 MiB of them (bench/gate_memory.py measures 1 GiB)."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
     from gate_memory import write_corpus

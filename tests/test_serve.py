@@ -182,3 +182,31 @@ def test_equal_blocks_of_separate_packages_are_kept_once(packages):
     assert dropped == 2 + 2  # the embeddings of edge and cloud (equal to end's), cloud's trunk blocks 0 and 1
     assert len({id(p) for m in tiers.values() for p in m.parameters()}) < n_before
     assert shared_depth(tiers["edge"], tiers["cloud"]) == 2 and shared_depth(tiers["end"], tiers["cloud"]) == 0
+
+
+def test_routing_curve_and_operating_point():
+    from ruyi_core.serve.route import Attempt, curve
+
+    # two questions, three tiers of depth 1, 2, 4 (cost = depth * 10 tokens); the shallow tier is sure and right
+    # on the first, unsure and wrong on the second
+    per = [[Attempt("end", [1], 0.9, 10), Attempt("edge", [1], 0.8, 20), Attempt("cloud", [1], 0.9, 40)],
+           [Attempt("end", [2], 0.3, 10), Attempt("edge", [2], 0.7, 20), Attempt("cloud", [2], 0.9, 40)]]
+    right = [[True, True, True], [False, True, True]]
+    pts = {p["threshold"]: p for p in curve(per, right)}
+    assert pts[0.0]["quality"] == 0.5 and pts[0.0]["compute"] == 20 / 80  # the shallowest tier answers all
+    assert pts[1.01]["quality"] == 1.0 and pts[1.01]["compute"] == (70 + 70) / 80  # every tier tried
+    assert pts[0.7] == {"threshold": 0.7, "quality": 1.0, "compute": (10 + 30) / 80,
+                        "answered_by": {"end": 0.5, "edge": 0.5}}
+
+
+def test_auto_answers_as_one_tier_and_says_which(server, served):
+    from openai import OpenAI
+
+    url, app = server
+    client = OpenAI(base_url=url, api_key="unused")
+    r = client.chat.completions.create(model="micro:auto", messages=[{"role": "user", "content": PROMPTS[1]}],
+                                       max_tokens=8)
+    tier = r.system_fingerprint.split(":")[1]
+    ids = _chat_ids(served.tokenizer, PROMPTS[1])
+    want = served.tokenizer.decode(generate(served.tiers[tier], [ids], [8], served.eos)[0], skip_special_tokens=True)
+    assert tier in served.tiers and r.choices[0].message.content == want

@@ -39,7 +39,7 @@ def serve_command(family: Path | None = typer.Option(None, help="a family folder
                   max_batch: int = typer.Option(8, min=1, help="requests decoded together at most"),
                   draft: str | None = typer.Option(None, help="decode greedy requests to deeper tiers "
                                                               "self-speculatively, this tier drafting"),
-                  draft_tokens: int = typer.Option(4, min=1, max=16, help="tokens drafted per round")):
+                  draft_tokens: int = typer.Option(6, min=1, max=16, help="tokens drafted per round")):
     """Serve every tier of a family over an OpenAI-compatible API (/v1/chat/completions, /v1/completions,
     /v1/models; streaming), one shared trunk in memory. Models are named FAMILY:TIER."""
     import uvicorn

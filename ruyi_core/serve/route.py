@@ -31,6 +31,19 @@ def attempt(served: ServedFamily, tier: str, prompt: list[int], max_new_tokens: 
     return Attempt(tier, out, min(conf[0], default=1.0), served.depth(tier) * (len(prompt) + len(out)))
 
 
+def attempts_batched(served: ServedFamily, tier: str, prompts: list[list[int]], max_new_tokens: int,
+                     batch: int = 16) -> list[Attempt]:
+    """`attempt` for many prompts, decoded `batch` at a time (left-padded: the same answers up to float
+    rounding in near-ties)."""
+    out = []
+    for i in range(0, len(prompts), batch):
+        chunk, conf = prompts[i:i + batch], []
+        toks = generate(served.tiers[tier], chunk, [max_new_tokens] * len(chunk), served.eos, confidence=conf)
+        out += [Attempt(tier, t, min(c, default=1.0), served.depth(tier) * (len(p) + len(t)))
+                for p, t, c in zip(chunk, toks, conf)]
+    return out
+
+
 def answer(served: ServedFamily, prompt: list[int], max_new_tokens: int, threshold: float) -> list[Attempt]:
     """The attempts made for one request; the last one answers."""
     tried = []
@@ -74,11 +87,11 @@ def calibrate(served: ServedFamily, questions: list[tuple[list[int], Callable[[s
     """Thresholds from held-out (prompt ids, is-this-answer-right) pairs: the curve, every tier's own
     quality, and the operating point (the cheapest within `tolerance` of the deepest tier's quality)."""
     tok = served.tokenizer
-    attempts, correct = [], []
-    for prompt, ok in questions:
-        per = [attempt(served, t, prompt, max_new_tokens) for t in served.tiers]
-        attempts.append(per)
-        correct.append([ok(tok.decode(a.tokens, skip_special_tokens=True)) for a in per])
+    prompts = [p for p, _ in questions]
+    per_tier = {t: attempts_batched(served, t, prompts, max_new_tokens) for t in served.tiers}
+    attempts = [[per_tier[t][i] for t in served.tiers] for i in range(len(prompts))]
+    correct = [[ok(tok.decode(a.tokens, skip_special_tokens=True)) for a in per]
+               for (_, ok), per in zip(questions, attempts)]
     points = curve(attempts, correct)
     tiers = {t: round(sum(c[i] for c in correct) / len(correct), 4) for i, t in enumerate(served.tiers)}
     target = tiers[served.deepest] - tolerance

@@ -4,6 +4,7 @@ registry, each tier's package is loaded as vanilla transformers loads it, and bl
 packages (the trunk they share) are kept once."""
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,9 +105,7 @@ def share_equal_blocks(tiers: dict[str, torch.nn.Module]) -> int:
 def from_registry(store, family: str, runtime, version: str | None = None,
                   log: Callable[[str], None] = lambda m: None) -> ServedFamily:
     """Each tier's package (the promoted one per tier, or `version`'s), verified, loaded by vanilla
-    transformers, with the blocks the packages share kept once."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    transformers, with the blocks the packages share kept once, and the version's calibrated routing."""
     from ruyi_core.package.registry import fetch, read_index
 
     index = read_index(store, family)
@@ -121,10 +120,21 @@ def from_registry(store, family: str, runtime, version: str | None = None,
                             f"{', '.join(v['version'] for v in index['versions'])}")
         tier_names = sorted(entry["tiers"])
     dirs = {t: fetch(store, family, t, version, log=log) for t in tier_names}
+    served = from_packages(family, dirs, runtime, log)
+    versions = sorted({d.parent.name for d in dirs.values()})
+    served.version = version or ",".join(versions)
+    if len(versions) == 1:  # routing is calibrated per version, on that version's tiers
+        got = store.read_object(f"models/{family}/{versions[0]}/routing.json")
+        served.routing = json.loads(got[0]) if got else None
+    return served
+
+
+def from_packages(name: str, dirs: dict[str, Path], runtime, log: Callable[[str], None] = lambda m: None):
+    """Tier packages in local folders, loaded by vanilla transformers, equal blocks kept once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tiers = _sort({t: runtime.load(AutoModelForCausalLM, d) for t, d in dirs.items()})
     dropped = share_equal_blocks(tiers)
-    log(f"{family}: {len(tiers)} tiers, {dropped} shared blocks kept once")
+    log(f"{name}: {len(tiers)} tiers, {dropped} shared blocks kept once")
     tok = AutoTokenizer.from_pretrained(dirs[list(tiers)[-1]])
-    versions = {d.parent.name for d in dirs.values()}
-    return ServedFamily(family, tiers, tok, version=version or ",".join(sorted(versions)),
-                        eos=_eos(tok, next(iter(tiers.values()))))
+    return ServedFamily(name, tiers, tok, eos=_eos(tok, next(iter(tiers.values()))))

@@ -233,6 +233,10 @@ class PackageSpec(_Strict):
     targets: dict[str, str] = Field(default_factory=lambda: {
         "end": "end device (phone / PC, on-device NPU or CPU)", "edge": "edge server (one mid-range GPU)",
         "cloud": "cloud (data-centre GPUs)"})
+    # `FAMILY:auto` routing, calibrated on the generative benchmarks' first `routing_questions` records each: the
+    # cheapest threshold whose quality is within `routing_tolerance` of the deepest tier's (0 questions: off).
+    routing_questions: int = Field(30, ge=0)
+    routing_tolerance: float = Field(0.02, ge=0)
 
 
 class RuntimeSpec(_Strict):

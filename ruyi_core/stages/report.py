@@ -16,7 +16,7 @@ class Report(Artifact):
     tiers: list[str]
 
 
-REPORT = Stage("report", Report, ("eval", "package"), root="runs/{run_id}/report", named=True)
+REPORT = Stage("report", Report, ("eval", "package"), version=2, root="runs/{run_id}/report", named=True)
 # The figure each stage's artifact may carry, shown in the report.
 PICTURES = {"cpt": "cpt_losses.png", "sft": "sft_losses.png", "dae_cpt": "dae_cpt_losses.png",
             "dae_sft": "dae_sft_losses.png", "grpo": "rewards.png", "svd_compress": "sweep.png"}
@@ -57,10 +57,47 @@ def _report(run: StageRun, plan: RunPlan, promotion: Promotion, datasets: list[P
             store.get_file(f"{m.uri}/{name}", run.work / f"{m.stage}.png")
             figures[m.stage] = (run.work / f"{m.stage}.png").read_bytes()
     promo = promotion.model_dump(mode="json")
-    md, page, png = render(plan.run_id, tiers, rows, chain, figures, promo)
+    routing = _calibrate(run, promotion)
+    md, page, png = render(plan.run_id, tiers, rows, chain, figures, promo, routing)
     (run.out / "report.md").write_text(md)
     (run.out / "report.html").write_text(page)
     (run.out / "lineage.png").write_bytes(png)
     (run.out / "tiers.json").write_text(json.dumps(tiers, indent=2))
     (run.out / "promotion.json").write_text(json.dumps(promo, indent=2))
     return {"run_id": plan.run_id, "tiers": [t["tier"] for t in tiers]}
+
+
+def _calibrate(run: StageRun, promotion: Promotion) -> dict | None:
+    """`auto` routing over this version's packages, on the generative benchmarks' first questions; kept in the
+    report and beside the version's packages (models/<family>/<version>/routing.json, which `ruyi serve` reads)."""
+    from ruyi_core.eval.tasks import GENERATIVE, contains_results, exact_match_results, load_records
+    from ruyi_core.runtime import for_spec
+    from ruyi_core.serve.route import calibrate
+    from ruyi_core.serve.tiers import from_packages
+
+    spec, n = run.spec, run.spec.package.routing_questions
+    benches = {k: b for k, b in spec.eval.benchmarks.items() if b.format in GENERATIVE}
+    if not n or not benches or len(promotion.packages) < 2:
+        return None
+    dirs = {}
+    for p in promotion.packages:
+        run.store.get_artifact(p.uri, run.work / "routing" / p.tier)
+        dirs[p.tier] = run.work / "routing" / p.tier
+    served = from_packages(promotion.family, dirs, for_spec(spec))
+    tok, questions = served.tokenizer, []
+    for name, bench in sorted(benches.items()):
+        score = exact_match_results if bench.format == "exact_match" else contains_results
+        for rec in load_records(name, bench, spec, tok, run.work, run.store)[:n]:
+            questions.append((tok(rec["prompt"])["input_ids"],
+                              lambda text, rec=rec, score=score: bool(next(iter(score(rec, [text]).values())))))
+    routing = calibrate(served, questions, max_new_tokens=spec.eval.max_new_tokens,
+                        tolerance=spec.package.routing_tolerance)
+    text = json.dumps(routing, indent=2)
+    (run.out / "routing.json").write_text(text)
+    key = f"models/{promotion.family}/{promotion.version}/routing.json"
+    got = run.store.read_object(key)
+    run.store.write_object_if(key, text.encode(), got[1] if got else None)
+    op = routing["operating_point"]
+    run.log(f"[report] routing: threshold {op['threshold']:.4f}, quality {op['quality']:.3f} at "
+            f"{op['compute']:.0%} compute (deepest tier alone {list(routing['tier_quality'].values())[-1]:.3f})")
+    return routing
