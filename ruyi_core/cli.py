@@ -125,7 +125,7 @@ def generate(prompt: str = typer.Argument(..., help="the user message"),
              chat: bool = typer.Option(True, help="wrap the prompt in the chat template"),
              draft: str = typer.Option(None, help="self-speculative decoding: this shallower tier drafts, --tier "
                                                   "verifies (greedy; the same tokens as --tier alone)"),
-             draft_tokens: int = typer.Option(6, min=1, max=16, help="with --draft: tokens drafted per round")):
+             draft_tokens: int = typer.Option(8, min=1, max=16, help="with --draft: tokens drafted per round")):
     """Generate from one tier (greedy unless --temperature > 0): a local model, or a registry package
     (downloaded once to ~/.cache/ruyi/models or $RUYI_CACHE/models, verified before every use)."""
     import torch

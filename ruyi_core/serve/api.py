@@ -70,11 +70,29 @@ def create_app(family: ServedFamily, max_batch: int = 8, default_max_tokens: int
     `FAMILY:auto` routes each request (route.py) at `auto_threshold` (default: the family's calibrated
     operating point, else 0.5)."""
     from ruyi_core.serve.decode import SpecStats, generate, speculative
-    from ruyi_core.serve.route import answer
 
     app = FastAPI(title=f"ruyi serve: {family.name}")
     tok = family.tokenizer
     app.state.spec_stats = SpecStats()
+
+    def route_batch(jobs, on_token):
+        """`auto` for a batch: each tier decodes the requests still open, shallowest first (route.py)."""
+        pending = list(range(len(jobs)))
+        for tier in family.tiers:
+            conf: list[list[float]] = []
+            outs = generate(family.tiers[tier], [jobs[i].prompt for i in pending],
+                            [jobs[i].max_new_tokens for i in pending], family.eos, confidence=conf)
+            still = []
+            for i, toks, c in zip(pending, outs, conf):
+                if min(c, default=1.0) < threshold and tier != family.deepest:
+                    still.append(i)
+                    continue
+                jobs[i].answered_by = tier
+                for t in toks:
+                    if on_token(i, t):
+                        break
+            if not (pending := still):
+                return
 
     routing = family.routing or {}
     threshold = auto_threshold if auto_threshold is not None else routing.get("operating_point", {}).get(
@@ -83,12 +101,7 @@ def create_app(family: ServedFamily, max_batch: int = 8, default_max_tokens: int
 
     def run(tier, jobs, on_token):
         if tier == "auto":
-            for i, j in enumerate(jobs):
-                final = answer(family, j.prompt, j.max_new_tokens, threshold)[-1]
-                j.answered_by = final.tier
-                for t in final.tokens:
-                    if on_token(i, t):
-                        break
+            route_batch(jobs, on_token)
             return
         model, temperature = family.tiers[tier], jobs[0].temperature
         for j in jobs:

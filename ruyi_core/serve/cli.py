@@ -39,13 +39,16 @@ def serve_command(family: Path | None = typer.Option(None, help="a family folder
                   max_batch: int = typer.Option(8, min=1, help="requests decoded together at most"),
                   draft: str | None = typer.Option(None, help="decode greedy requests to deeper tiers "
                                                               "self-speculatively, this tier drafting"),
-                  draft_tokens: int = typer.Option(6, min=1, max=16, help="tokens drafted per round")):
+                  draft_tokens: int = typer.Option(8, min=1, max=16, help="tokens drafted per round")):
     """Serve every tier of a family over an OpenAI-compatible API (/v1/chat/completions, /v1/completions,
     /v1/models; streaming), one shared trunk in memory. Models are named FAMILY:TIER."""
     import uvicorn
 
     from ruyi_core.serve.api import create_app
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the server's own lines only
     c = Console(stderr=True)
     served = load_served(family, registry, version, spec, lambda m: c.print(f"[dim]{m}[/]", highlight=False))
     if draft is not None and draft not in served.tiers:
