@@ -132,12 +132,14 @@ def main() -> None:
     for model in [*served.tiers, "auto"]:
         rows.append(asyncio.run(load(url, f"{served.name}:{model}", qs, a.clients, a.max_tokens)))
         r = rows[-1]
-        print(f"{r['model']:<22} {r['requests_per_s']:7.2f} req/s {r['tokens_per_s']:8.1f} tok/s  p50 {r['p50_s']:6.3f} s"
+        print(f"{r['model']:<22} {r['requests_per_s']:7.2f} req/s {r['tokens_per_s']:8.1f} tok/s  "
+              f"p50 {r['p50_s']:6.3f} s"
               f"  p99 {r['p99_s']:6.3f} s  quality {r['quality']:.3f}")
     srv.should_exit = True
     tok = served.tokenizer
-    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                           tokenize=False))["input_ids"] for _, q, _ in questions(a.prompts)][: a.prompts]
+    chats = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+             for _, q, _ in questions(a.prompts)][: a.prompts]
+    prompts = [tok(c)["input_ids"] for c in chats]
     spec = speculative_rows(served, prompts, a.max_tokens)
     for r in spec:
         print(f"speculative {served.deepest} draft={r['draft']} k={r['k']}: {r['seconds']:.2f} s, speedup "

@@ -164,7 +164,8 @@ def deploy_command(family: str = typer.Argument(..., help="a family in the regis
     run = load_spec(spec) if spec is not None else None
     index = read_index(store, family)
     if tier is not None and tier not in index["promoted"]:
-        raise RuyiError(f"{family} has no promoted {tier!r} tier: promoted are {', '.join(index['promoted']) or 'none'}")
+        have = ", ".join(index["promoted"]) or "none"
+        raise RuyiError(f"{family} has no promoted {tier!r} tier: promoted are {have}")
     pipe = run.pipeline if run is not None else PipelineSpec()
     docs = family_manifests(index, store=run.store if run is not None else store.spec, image=pipe.image,
                             s3_secret=pipe.s3_secret, namespace=namespace, tier=tier, gpu=gpu)
