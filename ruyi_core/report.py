@@ -157,14 +157,27 @@ def depth_flags(tiers: list[dict]) -> list[str]:
     return flags
 
 
-def quality_png(tiers: list[dict]) -> bytes:
-    """Each higher-is-better benchmark and the average against the tier's parameter count."""
+def _axes(width: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(width, 3.5), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    return fig, fig.add_subplot()
+
+
+def _png(fig, ax) -> bytes:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def quality_png(tiers: list[dict]) -> bytes:
+    """Each higher-is-better benchmark and the average against the tier's parameter count."""
+    fig, ax = _axes(6)
     tiers = sorted(tiers, key=lambda r: r["parameters"])
     xs = [t["parameters"] / 1e6 for t in tiers]
     names = sorted({b for t in tiers for b, r in t["evaluation"]["benchmarks"].items() if r.get("higher_is_better")})
@@ -179,12 +192,7 @@ def quality_png(tiers: list[dict]) -> bytes:
     ax.set_ylabel("score")
     ax.set_ylim(0, 1.05)
     ax.set_title("quality vs parameters")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return _png(fig, ax)
 
 
 def routing_lines(routing: dict | None) -> list[str]:
@@ -203,12 +211,7 @@ def routing_lines(routing: dict | None) -> list[str]:
 
 
 def routing_png(routing: dict) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5, 3.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = _axes(5)
     pts = sorted(routing["curve"], key=lambda p: p["compute"])
     ax.plot([p["compute"] for p in pts], [p["quality"] for p in pts], "o-", ms=3, label="auto, per threshold")
     op = routing["operating_point"]
@@ -216,12 +219,7 @@ def routing_png(routing: dict) -> bytes:
     ax.axhline(list(routing["tier_quality"].values())[-1], color="k", lw=0.8, ls="--", label="deepest tier")
     ax.set_xlabel("compute (share of the deepest tier's block-tokens)")
     ax.set_ylabel("quality")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return _png(fig, ax)
 
 
 def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Manifest],

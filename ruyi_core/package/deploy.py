@@ -14,16 +14,19 @@ CREDENTIALS = "ruyi-kserve-s3"  # the ServiceAccount and its Secret
 PORT = 8080  # KServe's container port
 
 
-def service_name(family: str, tier: str | None = None) -> str:
-    """A DNS-1035 label (KServe's rule for InferenceService names): lowercase, starts with a letter."""
-    raw = f"{family}-{tier}" if tier else f"{family}-family"
+def _dns(raw: str) -> str:
+    """A DNS-1035 label: lowercase letters, digits and '-', starting with a letter."""
     name = re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-")
-    name = name if name[:1].isalpha() else f"r-{name}"
-    return name[:45].rstrip("-")  # KServe adds suffixes (-predictor-...) within the 63-character limit
+    return name if name[:1].isalpha() else f"r-{name}"
+
+
+def service_name(family: str, tier: str | None = None) -> str:
+    """KServe's rule for InferenceService names is DNS-1035; it adds suffixes (-predictor-...) within 63."""
+    return _dns(f"{family}-{tier}" if tier else f"{family}-family")[:45].rstrip("-")
 
 
 def _labels(family: str, version: str | None, tier: str | None) -> dict:
-    out = {"app.kubernetes.io/part-of": "ruyi-flow", "ruyi.ai/family": service_name(family, "x")[:-2]}
+    out = {"app.kubernetes.io/part-of": "ruyi-flow", "ruyi.ai/family": _dns(family)[:63].rstrip("-")}
     if tier:
         out["ruyi.ai/tier"] = tier
     if version:

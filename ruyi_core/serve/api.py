@@ -70,29 +70,11 @@ def create_app(family: ServedFamily, max_batch: int = 8, default_max_tokens: int
     `FAMILY:auto` routes each request (route.py) at `auto_threshold` (default: the family's calibrated
     operating point, else 0.5)."""
     from ruyi_core.serve.decode import SpecStats, generate, speculative
+    from ruyi_core.serve.route import answer
 
     app = FastAPI(title=f"ruyi serve: {family.name}")
     tok = family.tokenizer
     app.state.spec_stats = SpecStats()
-
-    def route_batch(jobs, on_token):
-        """`auto` for a batch: each tier decodes the requests still open, shallowest first (route.py)."""
-        pending = list(range(len(jobs)))
-        for tier in family.tiers:
-            conf: list[list[float]] = []
-            outs = generate(family.tiers[tier], [jobs[i].prompt for i in pending],
-                            [jobs[i].max_new_tokens for i in pending], family.eos, confidence=conf)
-            still = []
-            for i, toks, c in zip(pending, outs, conf):
-                if min(c, default=1.0) < threshold and tier != family.deepest:
-                    still.append(i)
-                    continue
-                jobs[i].answered_by = tier
-                for t in toks:
-                    if on_token(i, t):
-                        break
-            if not (pending := still):
-                return
 
     routing = family.routing or {}
     threshold = auto_threshold if auto_threshold is not None else routing.get("operating_point", {}).get(
@@ -100,8 +82,13 @@ def create_app(family: ServedFamily, max_batch: int = 8, default_max_tokens: int
     app.state.auto_threshold = threshold
 
     def run(tier, jobs, on_token):
-        if tier == "auto":
-            route_batch(jobs, on_token)
+        if tier == "auto":  # a batch escalates together, tier by tier
+            for i, (j, a) in enumerate(zip(jobs, answer(family, [j.prompt for j in jobs],
+                                                         [j.max_new_tokens for j in jobs], threshold))):
+                j.answered_by = a.tier
+                for t in a.tokens:
+                    if on_token(i, t):
+                        break
             return
         model, temperature = family.tiers[tier], jobs[0].temperature
         for j in jobs:

@@ -25,33 +25,37 @@ class Attempt:
     cost: int  # block-tokens
 
 
-def attempt(served: ServedFamily, tier: str, prompt: list[int], max_new_tokens: int) -> Attempt:
-    conf: list[list[float]] = []
-    out = generate(served.tiers[tier], [prompt], [max_new_tokens], served.eos, confidence=conf)[0]
-    return Attempt(tier, out, min(conf[0], default=1.0), served.depth(tier) * (len(prompt) + len(out)))
-
-
-def attempts_batched(served: ServedFamily, tier: str, prompts: list[list[int]], max_new_tokens: int,
+def attempts_batched(served: ServedFamily, tier: str, prompts: list[list[int]], max_new_tokens: list[int],
                      batch: int = 16) -> list[Attempt]:
-    """`attempt` for many prompts, decoded `batch` at a time (left-padded: the same answers up to float
-    rounding in near-ties)."""
+    """One tier's answers to many prompts, decoded `batch` at a time (left-padded: the same answers as one by
+    one up to float rounding in near-ties), with each answer's confidence and cost."""
     out = []
     for i in range(0, len(prompts), batch):
         chunk, conf = prompts[i:i + batch], []
-        toks = generate(served.tiers[tier], chunk, [max_new_tokens] * len(chunk), served.eos, confidence=conf)
+        toks = generate(served.tiers[tier], chunk, max_new_tokens[i:i + batch], served.eos, confidence=conf)
         out += [Attempt(tier, t, min(c, default=1.0), served.depth(tier) * (len(p) + len(t)))
                 for p, t, c in zip(chunk, toks, conf)]
     return out
 
 
-def answer(served: ServedFamily, prompt: list[int], max_new_tokens: int, threshold: float) -> list[Attempt]:
-    """The attempts made for one request; the last one answers."""
-    tried = []
+def answer(served: ServedFamily, prompts: list[list[int]], max_new_tokens: list[int],
+           threshold: float) -> list[Attempt]:
+    """The answering attempt per prompt: every tier, shallowest first, decodes the prompts still open; an
+    answer whose confidence reaches `threshold` (or the deepest tier's) closes its prompt."""
+    done: dict[int, Attempt] = {}
+    pending = list(range(len(prompts)))
     for tier in served.tiers:
-        tried.append(attempt(served, tier, prompt, max_new_tokens))
-        if tried[-1].confidence >= threshold:
+        got = attempts_batched(served, tier, [prompts[i] for i in pending], [max_new_tokens[i] for i in pending],
+                               batch=len(pending))
+        still = []
+        for i, a in zip(pending, got):
+            if a.confidence < threshold and tier != served.deepest:
+                still.append(i)
+            else:
+                done[i] = a
+        if not (pending := still):
             break
-    return tried
+    return [done[i] for i in range(len(prompts))]
 
 
 def route(per_tier: list[Attempt], threshold: float) -> tuple[int, int]:
@@ -88,7 +92,7 @@ def calibrate(served: ServedFamily, questions: list[tuple[list[int], Callable[[s
     quality, and the operating point (the cheapest within `tolerance` of the deepest tier's quality)."""
     tok = served.tokenizer
     prompts = [p for p, _ in questions]
-    per_tier = {t: attempts_batched(served, t, prompts, max_new_tokens) for t in served.tiers}
+    per_tier = {t: attempts_batched(served, t, prompts, [max_new_tokens] * len(prompts)) for t in served.tiers}
     attempts = [[per_tier[t][i] for t in served.tiers] for i in range(len(prompts))]
     correct = [[ok(tok.decode(a.tokens, skip_special_tokens=True)) for a in per]
                for (_, ok), per in zip(questions, attempts)]

@@ -166,6 +166,13 @@ def manifest_of(store: ArtifactStore, uri: str) -> Manifest:
     return m
 
 
+def overwrite(store: ArtifactStore, key: str, text: str) -> None:
+    """A small derived object (deploy manifests, routing) rewritten from what its writer knows now; when another
+    writer changes it in between, theirs stays: both wrote what their state said."""
+    got = store.read_object(key)
+    store.write_object_if(key, text.encode(), got[1] if got else None)
+
+
 WORK_PREFIX = "ruyi-work-"  # + pid + stage: a work folder names the process that owns it
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ruyi_core.spec import RunSpec
-from ruyi_core.stages.contract import Artifact, Stage, StageRun, manifest_of, run_stage
+from ruyi_core.stages.contract import Artifact, Stage, StageRun, manifest_of, overwrite, run_stage
 from ruyi_core.stages.data import PackedDataset, RunPlan
 from ruyi_core.stages.ship import Promotion
 from ruyi_core.store import ArtifactStore, lineage
@@ -94,9 +94,7 @@ def _calibrate(run: StageRun, promotion: Promotion) -> dict | None:
                         tolerance=spec.package.routing_tolerance)
     text = json.dumps(routing, indent=2)
     (run.out / "routing.json").write_text(text)
-    key = f"models/{promotion.family}/{promotion.version}/routing.json"
-    got = run.store.read_object(key)
-    run.store.write_object_if(key, text.encode(), got[1] if got else None)
+    overwrite(run.store, f"models/{promotion.family}/{promotion.version}/routing.json", text)
     op = routing["operating_point"]
     run.log(f"[report] routing: threshold {op['threshold']:.4f}, quality {op['quality']:.3f} at "
             f"{op['compute']:.0%} compute (deepest tier alone {list(routing['tier_quality'].values())[-1]:.3f})")

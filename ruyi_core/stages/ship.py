@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from ruyi_core.errors import RuyiError
 from ruyi_core.spec import RunSpec
-from ruyi_core.stages.contract import Artifact, Stage, StageRun, manifest_of, run_stage
+from ruyi_core.stages.contract import Artifact, Stage, StageRun, manifest_of, overwrite, run_stage
 from ruyi_core.stages.data import RunPlan
 from ruyi_core.store import ArtifactStore
 
@@ -152,13 +152,11 @@ def promote(spec: RunSpec, store: ArtifactStore, plan: RunPlan, packages: list[P
 
 def _write_deploy(spec: RunSpec, store: ArtifactStore, index: dict) -> None:
     """KServe services for what is promoted now (models/<family>/deploy.yaml; `ruyi models deploy` prints the
-    same). A concurrent promote may write it first: both write what their index says, the later one wins."""
+    same)."""
     from ruyi_core.package.deploy import family_manifests, to_yaml
 
     gpu = any(r.gpus for r in spec.pipeline.resources.values())
     text = to_yaml(family_manifests(index, store=spec.store, image=spec.pipeline.image,
                                     s3_secret=spec.pipeline.s3_secret, namespace=spec.train.trainjob.namespace,
                                     gpu=gpu))
-    key = f"models/{spec.family.name}/deploy.yaml"
-    got = store.read_object(key)
-    store.write_object_if(key, text.encode(), got[1] if got else None)
+    overwrite(store, f"models/{spec.family.name}/deploy.yaml", text)
