@@ -7,6 +7,7 @@ markers, and the world-1 conversions HF family <-> megatron checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -37,6 +38,20 @@ def init_distributed() -> None:
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
+@contextlib.contextmanager
+def _one_intraop_thread():
+    """Threads that torch and gloo start during checkpoint I/O take the intra-op thread count of that
+    moment, and each then keeps an OpenMP team of its own. With more OpenMP threads than CPUs, libgomp
+    makes every team sleep instead of spin between parallel regions: every later training step in the
+    process ran ~30% slower. Started under one thread, they add no team."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def save(path: Path, model, optimizer=None, extra: dict | None = None, rng: bool = False) -> None:
     """Model (and optimizer, and with `rng` every rank's generators) from every rank, then the marker."""
     from megatron.core import dist_checkpointing
@@ -50,7 +65,8 @@ def save(path: Path, model, optimizer=None, extra: dict | None = None, rng: bool
         sd["rng"], sd["rng_layout"] = _rng_object(rng_state()), _layout()
     if extra is not None:
         sd["extra"] = extra
-    dist_checkpointing.save(sd, str(path))
+    with _one_intraop_thread():
+        dist_checkpointing.save(sd, str(path))
     dist.barrier()
     if dist.get_rank() == 0:
         (path / DONE).write_text(json.dumps({"step": (extra or {}).get("step")}))
@@ -78,7 +94,8 @@ def load(path: Path, model, optimizer=None, rng: bool = False) -> dict | None:
             raise RuyiError(f"{path} holds RNG states for pp x tp x dp = {saved}, this run is {_layout()}: "
                             "resume with the layout it was saved with (RNG states cannot be resharded)")
         sd["rng"] = _rng_object(None)
-    loaded, missing, unexpected = dist_checkpointing.load(sd, str(path), strict=StrictHandling.RETURN_ALL)
+    with _one_intraop_thread():
+        loaded, missing, unexpected = dist_checkpointing.load(sd, str(path), strict=StrictHandling.RETURN_ALL)
     not_asked = tuple(k for k, asked in (("optimizer.", optimizer is not None), (RNG_KEY, rng)) if not asked)
     missing = {k for k in missing if not k.startswith(not_asked)}
     if missing or unexpected:
