@@ -127,13 +127,13 @@ class StagePlan:
         return self.weights + self.grads + self.optimizer + self.activations
 
 
-def _layer_activation_bytes(a: Arch, tokens: int, act_bytes: int, tp: int) -> float:
+def _layer_activation_bytes(a: Arch, tokens: int, act_bytes: int, tp: int, seq_par: bool = True) -> float:
     """What one block keeps for its backward, per microbatch of `tokens` (= seq x micro batch): the block input,
     both norm outputs and the residual, q/k/v and their norms' inputs, the attention output, and SwiGLU's gate,
-    up and product; split over TP with sequence parallelism."""
+    up and product; all split over TP with sequence parallelism, only the TP-sharded ones without."""
     q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
-    per_token = 4 * a.hidden + 3 * q + 3 * kv + 3 * a.intermediate
-    return tokens * per_token * act_bytes / tp
+    replicated, sharded = 4 * a.hidden, 3 * q + 3 * kv + 3 * a.intermediate
+    return tokens * act_bytes * ((replicated + sharded) / tp if seq_par else replicated + sharded / tp)
 
 
 def _stage_layout(a: Arch, exits: list[int], shared: bool, pp: int, added: int = 0, dae_exit: int | None = None):
@@ -155,6 +155,7 @@ def train_plan(name: str, a: Arch, exits: list[int], shared: bool, st, par, dev:
                added: int = 0, dae_exit: int | None = None) -> StagePlan:
     """A megatron training stage (CPT, SFT, or a DaE stage when `added` blocks follow exit `dae_exit`)."""
     gpu = dev.peak_flops > 0
+    dist_opt, seq_par = par.resolved(gpu)
     wb, ab = dev.weight_bytes, dev.weight_bytes
     tp, pp, dp = par.tp, par.pp, par.dp
     tokens = st.seq_length * st.micro_batch_size
@@ -166,11 +167,13 @@ def train_plan(name: str, a: Arch, exits: list[int], shared: bool, st, par, dev:
         share = trained / total
         w = params * wb / tp
         g = params * share * 4 / tp  # fp32 gradient buffers (grad_reduce_in_fp32)
-        o = params * share * (12 / dp if gpu else 8) / tp  # fp32 master + Adam moments, sharded over DP
+        # Adam moments (+ an fp32 master copy of bf16 weights), sharded over DP by the distributed optimizer
+        o = params * share * (12 if gpu else 8) / (dp if dist_opt else 1) / tp
         in_flight = min(pp - s, n_micro)
-        layer = _layer_activation_bytes(a, tokens, ab, tp)
+        layer = _layer_activation_bytes(a, tokens, ab, tp, seq_par)
         full = st.recompute in (True, "full")  # selective recompute saves the attention scores flash never keeps
-        kept = blocks * (2 * tokens * a.hidden * ab / tp if full else layer) + (layer if full else 0)
+        block_input = 2 * tokens * a.hidden * ab / (tp if seq_par else 1)
+        kept = blocks * (block_input if full else layer) + (layer if full else 0)
         logits = heads * tokens * a.vocab * (10 if gpu else 8) / tp
         plan = StagePlan(name, total, trained, w, g, o, kept * in_flight + logits, gpus=tp * pp * dp)
         if worst is None or plan.total > worst.total:
@@ -181,7 +184,7 @@ def train_plan(name: str, a: Arch, exits: list[int], shared: bool, st, par, dev:
         per_token += 6 * compute_blocks * st.seq_length * a.heads * a.head_dim  # causal attention, fwd + bwd
         per_token *= 4 / 3 if st.recompute in (True, "full") else 1  # a second forward
         worst.step_s = per_token * st.global_batch_size * st.seq_length / (worst.gpus * dev.peak_flops * MFU)
-    worst.note = f"TP {tp} x PP {pp} x DP {dp}" + (f", {'full' if st.recompute is True else st.recompute} recompute"
+    worst.note = f"TP {tp}{' (SP)' if seq_par else ''} x PP {pp} x DP {dp}" + (f", {'full' if st.recompute is True else st.recompute} recompute"
                                                      if st.recompute else "")
     return worst
 

@@ -114,9 +114,11 @@ def reference(workdir):
     return losses(workdir, "tp1")
 
 
-@pytest.mark.parametrize("layout", [{"tp": 2}, {"pp": 2}, {"dp": 2}], ids=["tp2", "pp2", "dp2"])
+@pytest.mark.parametrize("layout", [{"tp": 2}, {"pp": 2}, {"dp": 2}, {"tp": 2, "sequence_parallel": True}],
+                         ids=["tp2", "pp2", "dp2", "tp2_sp"])
 def test_parallel_layouts_match_tp1(workdir, reference, layout):
-    name = "_".join(f"{k}{v}" for k, v in layout.items())
+    """Also megatron's sequence parallelism, which GPU runs switch on under TP by default."""
+    name = "_".join(k if v is True else f"{k}{v}" for k, v in layout.items())
     p = train(workdir, name, layout)
     out = p.communicate()[0]
     assert p.returncode == 0, out[-3000:]
@@ -124,6 +126,25 @@ def test_parallel_layouts_match_tp1(workdir, reference, layout):
     assert len(got) == len(reference) == 10
     assert max(abs(a - b) for r, s in zip(reference, got) for a, b in zip(r, s)) <= 2e-3
     assert all(r[-1] < r[0] for r in zip(*got))  # every exit's loss falls
+
+
+def test_distributed_optimizer_matches_tp1_and_resumes_exactly(workdir, reference):
+    """megatron's distributed optimizer (GPU runs' default) over torch's Adam: DP 2 learns as TP 1 does, and a
+    run resumed from its step-6 checkpoint repeats the uninterrupted run's losses bit for bit."""
+    import shutil
+
+    layout = {"dp": 2, "distributed_optimizer": True}
+    p = train(workdir, "distopt", layout)
+    out = p.communicate()[0]
+    assert p.returncode == 0, out[-3000:]
+    full = losses(workdir, "distopt")
+    assert max(abs(a - b) for r, s in zip(reference, full) for a, b in zip(r, s)) <= 2e-3
+    for it in ("iter_0000009", "iter_0000010"):
+        shutil.rmtree(workdir / "distopt" / "checkpoints" / it)
+    p = train(workdir, "distopt", layout, ["--resume"])
+    out = p.communicate()[0]
+    assert p.returncode == 0 and "[cpt] resumed from step 6" in out, out[-3000:]
+    assert losses(workdir, "distopt") == full
 
 
 def test_sigkill_then_resume_repeats_the_loss_sequence_exactly(workdir, reference, s3_server):
@@ -199,6 +220,10 @@ def test_bad_layouts_stop_before_any_process(capsys):
         validate_layout(spec(parallel={"tp": 4}), cfg | {"num_attention_heads": 8, "num_key_value_heads": 4}, "cpt")
     with pytest.raises(RuyiError, match=r"shared_heads"):
         validate_layout(ok, cfg | {"shared_heads": True}, "cpt")
+    with pytest.raises(RuyiError, match=r"sequence_parallel needs tp > 1"):
+        validate_layout(spec(parallel={"sequence_parallel": True}), cfg, "cpt")
+    with pytest.raises(RuyiError, match=r"train.cpt.seq_length \(127\) must be a multiple of train.parallel.tp \(2\)"):
+        validate_layout(spec(parallel={"tp": 2}, cpt={"seq_length": 127}), cfg, "cpt")
     validate_layout(ok, cfg, "cpt")
 
 

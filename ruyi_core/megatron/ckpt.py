@@ -22,6 +22,9 @@ from ruyi_core.errors import RuyiError
 
 DONE = "ruyi_complete.json"  # written last, by rank 0, after every rank has saved
 RNG_KEY = "rng_state"
+# The distributed optimizer's state, one shard per DP rank, written in parallel (resumable with the same TP x PP;
+# the model's weights reshard into any layout). The default gathers everything on one rank: at 14B, ~170 GB.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def init_distributed() -> None:
@@ -60,7 +63,7 @@ def save(path: Path, model, optimizer=None, extra: dict | None = None, rng: bool
     model_sd = model.sharded_state_dict()
     sd = {"model": model_sd}
     if optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(model_sd)
+        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA)
     if rng:
         sd["rng"], sd["rng_layout"] = _rng_object(rng_state()), _layout()
     if extra is not None:
@@ -85,7 +88,8 @@ def load(path: Path, model, optimizer=None, rng: bool = False) -> dict | None:
     model_sd = model.sharded_state_dict()
     sd = {"model": model_sd}
     if optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
+        _prime_adam_state(optimizer)
+        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_METADATA)
     if rng:
         saved = dist_checkpointing.load_common_state_dict(str(path)).get("rng_layout")
         if saved is None:
@@ -103,10 +107,44 @@ def load(path: Path, model, optimizer=None, rng: bool = False) -> dict | None:
                         f"not in the checkpoint {sorted(unexpected)[:4]}: was it made for another family?")
     model.load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # fp32 weights: the distributed optimizer's shards are views of the parameters
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer)
     if rng:
         set_rng_state(loaded["rng"])
     return loaded.get("extra")
+
+
+def _prime_adam_state(optimizer) -> None:
+    """megatron's distributed optimizer over torch's Adam (no Apex or Transformer Engine) reads the inner state's
+    step while building the state dict it loads into, and a fresh optimizer has none: give every parameter
+    zero moments at step 0, which the checkpoint then overwrites."""
+    for inner in _torch_adams(optimizer):
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
+
+
+def _torch_adams(optimizer):
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(opt, DistributedOptimizer) and isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            yield inner
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """The distributed optimizer saves torch Adam's step count in its parameter groups, but its load leaves the
+    per-parameter counts at the primed 0 (or one tensor shared by all, which Adam would advance once per
+    parameter): give every parameter its own count, as a run that never stopped has."""
+    for inner in _torch_adams(optimizer):
+        for group in inner.param_groups:
+            if "step" in group:
+                for p in group["params"]:
+                    inner.state[p]["step"] = torch.tensor(float(group["step"]))
 
 
 def rng_state() -> dict:

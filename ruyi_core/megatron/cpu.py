@@ -28,6 +28,9 @@ class CudaToCpu(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:  # the optimizers' dtype checks
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if name.count(".") == 1 else name
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs["device"] = "cpu"
         if func in (torch.Tensor.to,) and args and len(args) > 1 and _is_cuda(args[1]):

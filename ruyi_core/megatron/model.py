@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from ruyi_core.errors import RuyiError
 from ruyi_core.megatron.attention import uses_sdpa, with_sdpa
 from ruyi_core.megatron.linear import TorchColumnLinear, with_torch_linears
+from ruyi_core.megatron.norm import SequenceParallelRMSNorm, with_sequence_parallel_norms
 from ruyi_core.megatron.swiglu import with_swiglu
 
 
@@ -42,7 +43,7 @@ class FamilyShape:
 
 
 def transformer_config(hf_cfg, tp: int = 1, pp: int = 1, bf16: bool = False, recompute: bool = False,
-                       **overrides) -> TransformerConfig:
+                       sequence_parallel: bool = False, **overrides) -> TransformerConfig:
     """megatron's config for an HF Qwen3/Qwen2 family config (fp32 on the CPU, bf16 on GPUs)."""
     qwen3 = getattr(hf_cfg, "base_arch", "qwen3") == "qwen3"
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -53,7 +54,7 @@ def transformer_config(hf_cfg, tp: int = 1, pp: int = 1, bf16: bool = False, rec
         layernorm_epsilon=hf_cfg.rms_norm_eps, gated_linear_unit=True, activation_func=F.silu,
         add_bias_linear=False, add_qkv_bias=not qwen3, qk_layernorm=qwen3, hidden_dropout=0.0,
         attention_dropout=0.0, init_method_std=hf_cfg.initializer_range,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=False,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sequence_parallel,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=bf16, use_cpu_initialization=not torch.cuda.is_available(),
         apply_rope_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False,
@@ -80,6 +81,8 @@ def layer_spec(config: TransformerConfig):
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
     except ImportError:
         spec = with_sdpa(get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm"))
+        if config.sequence_parallel:
+            spec = with_sequence_parallel_norms(spec)
         return with_torch_linears(with_swiglu(spec)) if config.use_te_activation_func else spec
 
 
@@ -99,7 +102,7 @@ class AttachLoss(torch.autograd.Function):
         return grad, torch.full_like(loss, ctx.scale), None
 
 
-def norm_class():
+def norm_class(config: TransformerConfig):
     """The block-level RMSNorm: Transformer Engine's on GPUs, torch's otherwise (the TE layer spec fuses
     its layer norms into the linears, so the head cannot borrow one from the spec)."""
     if torch.cuda.is_available():
@@ -111,7 +114,7 @@ def norm_class():
             pass
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    return WrappedTorchNorm
+    return SequenceParallelRMSNorm if config.sequence_parallel else WrappedTorchNorm
 
 
 class ExitHead(MegatronModule):
@@ -119,7 +122,7 @@ class ExitHead(MegatronModule):
 
     def __init__(self, config: TransformerConfig, vocab_size: int):
         super().__init__(config=config)
-        self.norm = build_module(norm_class(), config=config, hidden_size=config.hidden_size,
+        self.norm = build_module(norm_class(config), config=config, hidden_size=config.hidden_size,
                                  eps=config.layernorm_epsilon)
         # The CPU takes torch's linear autograd, as the blocks do there (megatron/linear.py).
         linear = tensor_parallel.ColumnParallelLinear if torch.cuda.is_available() else TorchColumnLinear
@@ -222,7 +225,9 @@ class FamilyGPT(MegatronModule):
         loss is attached with weight * loss_scale. Otherwise returns the hidden state.
         Evaluation (`logits_out` given): fills {exit index: [b, s, V/tp] logits}."""
         h = self.embedding(input_ids, position_ids) if self.pre_process else self.input_tensor
-        rope = self.rotary_pos_emb(input_ids.shape[1] if self.pre_process else h.shape[0])
+        # A later pipeline stage sees s/TP tokens per rank under sequence parallelism; rope spans all s.
+        seq = h.shape[0] * (ps.get_tensor_model_parallel_world_size() if self.config.sequence_parallel else 1)
+        rope = self.rotary_pos_emb(input_ids.shape[1] if self.pre_process else seq)
         exit_losses = {}
         branch_at = {p: (k, b) for (k, p), b in zip(self.local_exits.items(), self.branches)}
         for i, layer in enumerate(self.decoder.layers):
@@ -279,9 +284,9 @@ def causal_mask(seq_len: int, device=None) -> torch.Tensor:
 
 
 def build_model(hf_cfg, tp: int = 1, pp: int = 1, seq_length: int = 256, bf16: bool = False,
-                recompute: bool = False) -> FamilyGPT:
+                recompute: bool = False, sequence_parallel: bool = False) -> FamilyGPT:
     """This rank's part of the family (parallel state must be initialised)."""
-    cfg = transformer_config(hf_cfg, tp, pp, bf16, recompute)
+    cfg = transformer_config(hf_cfg, tp, pp, bf16, recompute, sequence_parallel)
     params = hf_cfg.rope_parameters or {}
     if params.get("rope_type", "default") != "default":
         raise RuyiError(f"megatron training supports plain RoPE only; this family's rope_type is "

@@ -184,17 +184,20 @@ class Trainer:
         from ruyi_core.megatron.model import build_model
 
         st, par = self.st, self.spec.train.parallel
-        model = build_model(self.hf_cfg, par.tp, par.pp, st.seq_length, bf16=self.bf16, recompute=st.recompute)
+        dist_opt, seq_par = par.resolved(self.cuda)
+        model = build_model(self.hf_cfg, par.tp, par.pp, st.seq_length, bf16=self.bf16, recompute=st.recompute,
+                            sequence_parallel=seq_par)
         if self.only is not None:
             model.train_only(self.only)
         if self.cuda:
             model.cuda()
-        self.ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True),
-                                           model)
+        self.ddp = DistributedDataParallel(
+            model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt),
+            model)
         self.opt = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=st.lr, min_lr=st.min_lr, weight_decay=st.weight_decay, clip_grad=st.clip_grad,
             adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, bf16=self.bf16, params_dtype=model.config.params_dtype,
-            use_distributed_optimizer=False), [self.ddp])
+            use_distributed_optimizer=dist_opt), [self.ddp])
         fuse_cpu_adam(self.opt)
         self.sched = OptimizerParamScheduler(
             self.opt, init_lr=0.0, max_lr=st.lr, min_lr=st.min_lr, lr_warmup_steps=st.warmup_steps,

@@ -62,8 +62,23 @@ def layout_problems(spec, cfg: dict | None = None) -> list[str]:
             out.append(f"train.parallel: TP x PP x DP = {par.world_size} processes, but train.parallel.nodes x "
                        f"train.trainjob.gpus_per_node = {par.nodes * per_node}: adjust train.parallel.dp")
     cfg = cfg if cfg is not None else base_config(spec.family.base)
-    if cfg is None:
-        return out
+    if cfg is not None:
+        out += _base_problems(spec, cfg, stages)
+    return out + _sequence_parallel_problems(par, stages)
+
+
+def _sequence_parallel_problems(par, stages: dict) -> list[str]:
+    out = []
+    if par.sequence_parallel and par.tp == 1:
+        out.append("train.parallel.sequence_parallel needs tp > 1 (it splits the sequence over the TP ranks)")
+    if par.sequence_parallel is not False and par.tp > 1:  # on by default on GPUs
+        out += [f"{name}.seq_length ({st.seq_length}) must be a multiple of train.parallel.tp ({par.tp}) for "
+                "sequence parallelism" for name, st in stages.items() if st.seq_length % par.tp]
+    return out
+
+
+def _base_problems(spec, cfg: dict, stages: dict) -> list[str]:
+    par, out = spec.train.parallel, []
     heads, layers = cfg["num_attention_heads"], cfg["num_hidden_layers"]
     kv = cfg.get("num_key_value_heads") or heads
     if heads % par.tp or kv % par.tp:

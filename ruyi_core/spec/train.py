@@ -63,10 +63,21 @@ class ParallelSpec(_Strict):
     pp: int = Field(1, ge=1)
     dp: int = Field(1, ge=1)
     nodes: int = Field(1, ge=1)
+    # megatron's distributed optimizer: fp32 master weights and Adam moments sharded over DP (ZeRO-1), grads
+    # reduce-scattered. Sequence parallelism: the blocks' norms and residuals hold s/TP tokens per rank.
+    # None = on where the run has GPUs (sequence parallelism only with tp > 1), as `ruyi plan` assumes.
+    distributed_optimizer: bool | None = None
+    sequence_parallel: bool | None = None
 
     @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp
+
+    def resolved(self, cuda: bool) -> tuple[bool, bool]:
+        """(distributed optimizer, sequence parallel) for a run on GPUs (`cuda`) or not."""
+        dist_opt = cuda if self.distributed_optimizer is None else self.distributed_optimizer
+        seq_par = (cuda and self.tp > 1) if self.sequence_parallel is None else self.sequence_parallel
+        return dist_opt, seq_par
 
 
 class TrainJobSpec(_Strict):
