@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench store-stop clean images
+.PHONY: setup demo test bench rehearsal store-stop clean images
 
 setup: $(STAMP)
 
@@ -28,6 +28,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+# The whole pipeline on a random base of Qwen3-0.6B's exact shape, a few steps per stage: wall time and peak
+# memory per stage (bench/rehearsal.py). Not part of `make test`: tens of minutes and ~16 GiB here.
+rehearsal: $(STAMP)
+	@if [ -z "$$RUYI_S3_ENDPOINT" ]; then $(BIN)/ruyi store serve; fi
+	@if [ -z "$$RUYI_S3_ENDPOINT" ]; then set -a; . .ruyi/s3/s3.env; set +a; fi; \
+	  $(BIN)/python bench/rehearsal.py --spec specs/rehearsal.yaml --json bench/results/rehearsal.json
 
 bench: $(STAMP)
 	$(BIN)/python bench/tier_speed.py --spec specs/tiny.yaml

@@ -72,9 +72,13 @@ def time_lines(chain: list[Manifest]) -> list[str]:
     timed = sorted((m for m in chain if m.build_seconds is not None), key=lambda m: m.created_at)
     if not timed:
         return []
-    lines = ["", "## Stage wall times", "", "| stage | seconds | artifact |", "|---|---|---|"]
-    lines += [f"| {m.stage} | {m.build_seconds:.1f} | {m.uri} |" for m in timed]
-    return lines + [f"| total | {sum(m.build_seconds for m in timed):.1f} | |"]
+    lines = ["", "## Stage wall times", "", "| stage | seconds | peak MiB | artifact |", "|---|---|---|---|"]
+    lines += [f"| {m.stage} | {m.build_seconds:.1f} | {_peak(m)} | {m.uri} |" for m in timed]
+    return lines + [f"| total | {sum(m.build_seconds for m in timed):.1f} | | |"]
+
+
+def _peak(m: Manifest) -> str:
+    return f"{m.build_peak_mib:,.0f}" if m.build_peak_mib is not None else "-"
 
 
 def _dae_lines(chain: list[Manifest]) -> list[str]:
@@ -273,10 +277,10 @@ def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Man
     figs = "".join(f'<figure><img alt="{s}" src="data:image/png;base64,{base64.b64encode(b).decode()}">'
                    f"<figcaption>{CAPTIONS.get(s, s)}</figcaption></figure>" for s, b in curves.items())
     dae = _dae_lines(chain)
-    timed = [{"stage": m.stage, "s": f"{m.build_seconds:.1f}", "uri": m.uri}
+    timed = [{"stage": m.stage, "s": f"{m.build_seconds:.1f}", "peak": _peak(m), "uri": m.uri}
              for m in sorted(chain, key=lambda m: m.created_at) if m.build_seconds is not None]
-    times = f"<h2>Stage wall times</h2>{table(timed, [('stage', 'stage'), ('s', 'seconds'), ('uri', 'artifact')])}" \
-        if timed else ""
+    cols = [("stage", "stage"), ("s", "seconds"), ("peak", "peak MiB"), ("uri", "artifact")]
+    times = f"<h2>Stage wall times</h2>{table(timed, cols)}" if timed else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Ruyi Flow {html.escape(run_id)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}th{{background:#f3f6fa}}

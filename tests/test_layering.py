@@ -15,7 +15,7 @@ LAYERS = [
     ["ruyi_core.errors", "ruyi_core.family.presets", "ruyi_core.family.architectures", "ruyi_core.rl.rewards",
      "ruyi_core.data.world"],
     ["ruyi_core.spec.checks"],
-    ["ruyi_core.spec", "ruyi_core.runtime"],
+    ["ruyi_core.spec", "ruyi_core.runtime", "ruyi_core.launch"],
     ["ruyi_core.store"],
     ["ruyi_core.data"],
     ["ruyi_core.family"],

@@ -257,7 +257,7 @@ def test_a_worker_dies_with_its_parent(tmp_path):
     import time
 
     pid_file = tmp_path / "worker.pid"
-    worker = ("import os, sys, time; from ruyi_core.megatron.launch import die_with_parent; die_with_parent(); "
+    worker = ("import os, sys, time; from ruyi_core.launch import die_with_parent; die_with_parent(); "
               f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
     parent = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}], "
               "start_new_session=True); time.sleep(60)")

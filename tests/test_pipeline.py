@@ -157,6 +157,7 @@ def test_local_pipeline_end_to_end_then_cached(tmp_path, s3_server, monkeypatch)
     assert store.read_manifest(first["report_uri"]).created_at == report.created_at
     check_identity_follows_the_weights(tmp_path, spec, store, first, version)
     check_a_worse_version_is_kept(spec, store, end["init_family"].uri, version)
+    check_concurrent_runs(tmp_path, spec, store, env)
 
 
 def check_identity_follows_the_weights(tmp_path, spec, store, first, version):
@@ -187,6 +188,30 @@ def check_identity_follows_the_weights(tmp_path, spec, store, first, version):
     assert {"sft", "dae_expand", "dae_cpt", "dae_sft", "grpo", "svd_compress", "export_tier", "package",
             "report"} <= {s for s, v in lines.items() if v == {"built"}}, lines
     assert version not in {v["version"] for v in read_index(store, "micro")["versions"][1:]}
+
+
+def check_concurrent_runs(tmp_path, spec, store, env):
+    """Two pipeline runs at once against one store and in one folder, each publishing its own version of the same
+    family (training reused, evaluation, packaging, promotion and report concurrent): both finish, and the
+    registry index holds both versions, every tier with its gate decision."""
+    from ruyi_core.package import read_index
+
+    procs = []
+    for version in ("conc-a", "conc-b"):
+        data = yaml.safe_load(spec.read_text())
+        data.setdefault("package", {})["version"] = version
+        path = tmp_path / f"{version}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        procs.append(subprocess.Popen([sys.executable, "-m", "pipelines.cli", "pipeline", "run", "--local", "--spec",
+                                       str(path)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=1200)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    got = {v["version"]: v for v in read_index(store, "micro")["versions"]}
+    for version in ("conc-a", "conc-b"):
+        tiers = got[version]["tiers"]
+        assert set(tiers) == {"cloud", "end"} and all(isinstance(t["promoted"], bool) and t["reason"]
+                                                      for t in tiers.values()), got[version]
 
 
 def check_a_worse_version_is_kept(spec, store, init_uri, version):

@@ -13,7 +13,7 @@ import pytest
 from test_megatron import spec_file, workdir  # noqa: F401  (the micro family, its checkpoint, a packed corpus)
 
 from ruyi_core.errors import RuyiError
-from ruyi_core.megatron.launch import run_child
+from ruyi_core.launch import run_child
 from ruyi_core.stages.contract import WORK_PREFIX, sweep_workdirs, workdir as stage_workdir
 
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-import traceback
 from functools import partial
 from pathlib import Path
 
@@ -341,28 +339,16 @@ class Trainer:
 
 
 def main(argv=None) -> None:
-    from ruyi_core.megatron.launch import die_with_parent
+    from ruyi_core.launch import worker_main
 
-    die_with_parent()  # a killed runner leaves no worker training behind
     args = parse_args(argv)
-    try:
+
+    def body() -> None:
         ckpt.init_distributed()
         with cpu_shim():
             Trainer(args).run()
-    except RuyiError as e:  # the user can fix it: one line, no traceback
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except (SystemExit, KeyboardInterrupt):
-        raise
-    except BaseException as e:  # a bug: the whole traceback for the run log, then one line naming it
-        # (BaseException: torch.distributed.checkpoint's CheckpointException is not an Exception)
-        traceback.print_exc()
-        first = (str(e).strip().splitlines() or [""])[0]
-        print(f"internal error: {type(e).__name__}: {first}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+    worker_main(body, cleanup=lambda: dist.destroy_process_group() if dist.is_initialized() else None)
 
 
 if __name__ == "__main__":

@@ -147,16 +147,39 @@ def run_stage(stage: Stage[R], spec: RunSpec, store: ArtifactStore, build: Calla
         log(f"[{stage.name}] reused {uri}")
         return stage.result(uri=uri, **m.metadata)
     started = time.perf_counter()
+    _reset_peak()
     with workdir(stage.name) as work:
         run = StageRun(spec, store, inputs, work, key, log)
         run.out.mkdir()
         meta = stage.result(uri=uri, **(build(run) or {})).metadata()
-        seconds = round(time.perf_counter() - started, 1)
+        seconds, peak = round(time.perf_counter() - started, 1), peak_mib()
         store.put_artifact(key, run.out, stage=stage.name, spec_hash=slice_hash(spec, stage.fields),
                            identity=identity, inputs=[*inputs.values(), *run.lineage], metadata=meta,
-                           build_seconds=seconds)
-    log(f"[{stage.name}] built {uri} in {seconds:.1f} s")
+                           build_seconds=seconds, build_peak_mib=peak)
+    log(f"[{stage.name}] built {uri} in {seconds:.1f} s, peak {peak:,.0f} MiB")
     return stage.result(uri=uri, **meta)
+
+
+def _reset_peak() -> None:
+    """Linux: restart this process's peak-RSS count (VmHWM), so that a stage's peak is its own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_mib() -> float:
+    """Peak resident memory since _reset_peak of this process, or of its largest finished child (a trainer under
+    torchrun, a conversion), whichever is larger. Children are counted over the process's life."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+        own = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    return round(max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024, 1)
 
 
 def manifest_of(store: ArtifactStore, uri: str) -> Manifest:

@@ -82,7 +82,8 @@ def dae_expand(spec: RunSpec, store: ArtifactStore, family: str) -> Expanded:
 
 
 def grpo(spec: RunSpec, store: ArtifactStore, family: str, rl_raw: str) -> Grpo:
-    """GRPO (TRL) on the exported tier with only its own parameters trainable, merged back into the family."""
+    """GRPO (TRL) on the exported tier with only its own parameters trainable, merged back into the family. It runs
+    as training does, under torchrun: one worker per GPU the step was given (one on the CPU)."""
 
     def build(run: StageRun) -> dict:
         from safetensors.torch import load_file
@@ -91,16 +92,23 @@ def grpo(spec: RunSpec, store: ArtifactStore, family: str, rl_raw: str) -> Grpo:
         from ruyi_core.eval.heldout import heldout_prompts
         from ruyi_core.family.convert import export_tier
         from ruyi_core.family.io import save_family
-        from ruyi_core.rl.grpo import run_grpo
-        from ruyi_core.runtime import for_spec
+        from ruyi_core.launch import run_child, torchrun
 
         tier = spec.rl.tier
         fam, tok = _load(run, "rl", tier)
         export_tier(fam, tier, run.work / "tier", tok)
         own = tier_own_prefixes(fam.config, tier)
+        with (run.work / "prompts.jsonl").open("w") as f:
+            for rec in corpus_records(run, "rl", "rl"):
+                f.write(json.dumps(rec) + "\n")
+        (run.work / "heldout.json").write_text(json.dumps(heldout_prompts(spec)))
         policy = run.work / "policy"
-        res = run_grpo(run.work / "tier", policy, list(corpus_records(run, "rl", "rl")), heldout_prompts(spec), own,
-                       spec.rl, log=run.log, runtime=for_spec(spec))
+        workers = max(1, spec.pipeline.resources_for("grpo").gpus)
+        run_child(torchrun(workers, "ruyi_core.rl.worker", [
+            "--spec", spec.model_dump_json(), "--tier", str(run.work / "tier"), "--out", str(policy),
+            "--prompts", str(run.work / "prompts.jsonl"), "--heldout", str(run.work / "heldout.json"),
+            "--trainable", json.dumps(own)]), run.log)
+        res = json.loads((policy / "result.json").read_text())
         state = {}
         for f in sorted(policy.glob("*.safetensors")):
             state.update(load_file(f))

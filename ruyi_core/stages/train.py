@@ -60,7 +60,8 @@ def train(spec: RunSpec, store: ArtifactStore, stage: str, family: str, data: st
 
 
 def _train(run: StageRun, stage: str) -> dict:
-    from ruyi_core.megatron.launch import run_child, torchrun, validate_layout
+    from ruyi_core.launch import run_child, torchrun
+    from ruyi_core.megatron.launch import validate_layout
 
     spec, store, st = run.spec, run.store, run.spec.train_stage(stage)
     fam_dir = run.fetch("family")

@@ -47,6 +47,7 @@ class Manifest(BaseModel):
     spec_hash: str
     identity: str = ""  # the producing stage's identity (stage, code version, spec slice, inputs); see stages
     build_seconds: float | None = None  # wall time of the stage that built it
+    build_peak_mib: float | None = None  # its peak resident memory (largest process, the stage's children included)
     code_version: str
     created_at: str
     completed_at: str
@@ -228,7 +229,7 @@ class ArtifactStore:
 
     def put_artifact(self, prefix: str, local_dir: str | Path, *, stage: str, spec_hash: str, identity: str = "",
                      inputs: Iterable[str] = (), metadata: Mapping[str, Any] | None = None,
-                     build_seconds: float | None = None) -> Manifest:
+                     build_seconds: float | None = None, build_peak_mib: float | None = None) -> Manifest:
         """Upload every file under `local_dir` to `<prefix>/<relpath>`, then `<prefix>/manifest.json` LAST.
         Files already stored intact (same sha256 and size) are not sent again; re-putting identical content
         keeps the existing manifest, so hashes recorded by downstream artifacts stay valid."""
@@ -261,7 +262,8 @@ class ArtifactStore:
             if same:
                 return existing
             manifest = Manifest(uri=uri, stage=stage, spec_hash=spec_hash, identity=identity,
-                                build_seconds=build_seconds, code_version=self._code(), created_at=created,
+                                build_seconds=build_seconds, build_peak_mib=build_peak_mib,
+                                code_version=self._code(), created_at=created,
                                 completed_at=_now(), files=files, inputs=refs, metadata=meta)
             body = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True).encode()
             self.transfer.retry(lambda: self.client.put_object(

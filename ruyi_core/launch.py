@@ -1,0 +1,94 @@
+"""Launching workers: a module under torchrun (one process per device), a failed child turned into one line, a
+worker that dies with its parent, and the workers' own error protocol (one `error:` line for what the user can
+fix, a traceback and one `internal error:` line for a bug). Used by training (ruyi_core.megatron) and GRPO."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import traceback
+from collections import deque
+from collections.abc import Callable
+
+from ruyi_core.errors import RuyiError
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)  # our stdout is a pipe when a pipeline step runs us: no block buffering
+
+
+def run_child(cmd: list[str], log, env: dict | None = None) -> None:
+    """Streams a child's output into `log`. A failure becomes one line: the child's own `error:` line (a user
+    error), or an internal error pointing at the traceback the log now holds."""
+    tail: deque[str] = deque(maxlen=40)
+    errs, bugs = [], []  # the workers' own one-line verdicts, however long torchrun's report after them is
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip()
+        tail.append(line)
+        verdict = line.split("]: ", 1)[-1] if line.startswith("[rank") else line  # torchrun's rank prefix
+        if verdict.startswith("error:"):
+            errs.append(verdict)
+        elif verdict.startswith("internal error:"):
+            bugs.append(verdict)
+        if not any(w in line for w in ("Warning", "warnings.warn", "warn(")):
+            log(line)
+    if proc.wait() != 0:
+        if errs:
+            raise RuyiError(errs[-1][len("error:"):].strip())
+        what = (bugs[-1][len("internal error:"):].strip() if bugs
+                else f"exit {proc.returncode}: {tail[-1] if tail else ''}")
+        module = cmd[len(cmd) - 1 - cmd[::-1].index("-m") + 1] if "-m" in cmd else cmd[0]
+        raise RuntimeError(f"internal error in {module} ({what}): its traceback is in the log")
+
+
+def die_with_parent() -> None:
+    """torchrun starts its workers in their own session, so killing a runner's process group (or torchrun itself,
+    with SIGKILL) would leave them training and uploading. Ask the kernel to stop this process when its parent
+    goes (Linux prctl PR_SET_PDEATHSIG); elsewhere a no-op."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def torchrun(nproc: int, module: str, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-port", str(_free_port()), "-m", module, *args]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_main(body: Callable[[], None], cleanup: Callable[[], None] | None = None) -> None:
+    """A torchrun worker's main: dies with its parent, runs `body`, and reports as run_child expects."""
+    die_with_parent()  # a killed runner leaves no worker behind
+    try:
+        body()
+    except RuyiError as e:  # the user can fix it: one line, no traceback
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as e:  # a bug: the whole traceback for the run log, then one line naming it
+        # (BaseException: torch.distributed.checkpoint's CheckpointException is not an Exception)
+        traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"internal error: {type(e).__name__}: {first}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    finally:
+        if cleanup is not None:
+            cleanup()

@@ -1,0 +1,63 @@
+"""GRPO as a launched worker, as training is: one process per device under torchrun (TRL's trainer shards the
+generation batch over them), the same error protocol and the same death with its parent.
+
+    torchrun --nproc-per-node N -m ruyi_core.rl.worker --spec SPEC --tier DIR --out DIR --prompts JSONL \\
+        --heldout JSON --trainable JSON
+
+Rank 0 writes the trained policy, rewards.jsonl / .png and result.json (the held-out rewards) to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m ruyi_core.rl.worker")
+    ap.add_argument("--spec", required=True, help="the run spec: a YAML file, or the spec itself as JSON")
+    ap.add_argument("--tier", type=Path, required=True, help="the exported tier to train")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--prompts", type=Path, required=True, help="training prompts, JSONL {prompt, answer}")
+    ap.add_argument("--heldout", type=Path, required=True, help="held-out prompts, a JSON list")
+    ap.add_argument("--trainable", required=True, help="JSON list of the parameter-name prefixes that train")
+    return ap.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    import tempfile
+
+    import torch
+
+    from ruyi_core.rl.grpo import run_grpo
+    from ruyi_core.runtime import for_spec
+    from ruyi_core.spec import load_spec, parse_spec_yaml
+
+    spec = parse_spec_yaml(args.spec) if args.spec.lstrip().startswith("{") else load_spec(args.spec)
+    rank = int(os.environ.get("RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    prompts = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()]
+    heldout = json.loads(args.heldout.read_text())
+    with tempfile.TemporaryDirectory(prefix="ruyi-grpo-rank-") as scratch:
+        out = args.out if rank == 0 else Path(scratch)  # one writer
+        res = run_grpo(args.tier, out, prompts, heldout, json.loads(args.trainable), spec.rl,
+                       log=_print if rank == 0 else (lambda m: None), runtime=for_spec(spec))
+    if rank == 0:
+        (args.out / "result.json").write_text(json.dumps(res))
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)  # a pipe to the launcher: no block buffering
+
+
+def main(argv=None) -> None:
+    from ruyi_core.launch import worker_main
+
+    args = parse_args(argv)
+    worker_main(lambda: run(args))
+
+
+if __name__ == "__main__":
+    main()
