@@ -4,7 +4,9 @@ Sizes come from the base's architecture (a preset, a local config.json, or a pub
 name); memory follows the runtime each stage uses on that hardware: bf16 weights, fp32 gradient buffers and
 megatron's distributed optimizer (fp32 master copy + Adam moments, sharded over data parallel) on GPUs; fp32
 everywhere on the CPU. Activations are Korthikanti et al.'s per-layer count (flash attention, so no s^2 term;
-sequence parallel under TP), times the microbatches a 1F1B pipeline keeps in flight. Step times are FLOPs
+sequence parallel under TP), times the microbatches a 1F1B pipeline keeps in flight; a training stage's peak is
+that or loading its starting checkpoint (the loaded copy beside weights and gradient buffers), whichever is larger,
+and on the CPU the trainer process's own ~1 GiB (torch, megatron, transformers) counts. Step times are FLOPs
 (6 per parameter per token, plus causal attention) at a stated model-FLOPs utilisation."""
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from ruyi_core.spec.checks import quantity
 MFU = 0.40  # step-time estimates assume this share of the GPU's dense bf16 peak
 GRPO_PROMPT_TOKENS = 512  # the plan's bound on a GRPO prompt (chat-templated question)
 USABLE = 0.90  # of a device's memory: CUDA context, NCCL buffers and fragmentation take the rest
+PROCESS_BYTES = 2**30  # a training process's own resident memory on the host (torch, megatron, transformers)
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,9 @@ class StagePlan:
     grads: float = 0.0
     optimizer: float = 0.0
     activations: float = 0.0
+    # Loading the stage's starting checkpoint holds the loaded copy beside the weights and gradient buffers
+    # (before the optimizer state exists); the peak is the larger of that and training.
+    loading: float = 0.0
     gpus: int = 1
     step_s: float | None = None
     note: str = ""
@@ -124,7 +130,8 @@ class StagePlan:
 
     @property
     def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations
+        training = self.weights + self.grads + self.optimizer + self.activations
+        return max(training, self.weights + self.grads + self.loading)
 
 
 def _layer_activation_bytes(a: Arch, tokens: int, act_bytes: int, tp: int, seq_par: bool = True) -> float:
@@ -175,7 +182,9 @@ def train_plan(name: str, a: Arch, exits: list[int], shared: bool, st, par, dev:
         block_input = 2 * tokens * a.hidden * ab / (tp if seq_par else 1)
         kept = blocks * (block_input if full else layer) + (layer if full else 0)
         logits = heads * tokens * a.vocab * (10 if gpu else 8) / tp
-        plan = StagePlan(name, total, trained, w, g, o, kept * in_flight + logits, gpus=tp * pp * dp)
+        # On the CPU the device is the host: the trainer process itself (torch, megatron, transformers) counts.
+        plan = StagePlan(name, total, trained, w, g, o, kept * in_flight + logits + (0 if gpu else PROCESS_BYTES),
+                         loading=w + (0 if gpu else PROCESS_BYTES), gpus=tp * pp * dp)
         if worst is None or plan.total > worst.total:
             worst = plan
     if gpu:

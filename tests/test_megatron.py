@@ -79,11 +79,11 @@ def test_checkpoint_restores_every_rng(workdir):
     assert out["repeats"] and out["extra"] == {"step": 1}
 
 
-def spec_file(d: Path, name: str, parallel: dict, steps: int = 10, bucket: str = "ruyi") -> Path:
+def spec_file(d: Path, name: str, parallel: dict, steps: int = 10, bucket: str = "ruyi", keep: int = 2) -> Path:
     spec = {"family": {"name": "micro", "base": "micro", "exit_points": EXITS}, "store": {"bucket": bucket},
             "train": {"parallel": parallel, "cpt": {"steps": steps, "micro_batch_size": 4, "global_batch_size": 8,
                                                     "seq_length": 32, "save_every": 3, "lr": 3e-3,
-                                                    "warmup_steps": 1},
+                                                    "warmup_steps": 1, "keep_checkpoints": keep},
                       "sft": {"micro_batch_size": 4}},  # every stage's batch must split over DP 2
             "dae": {"cpt": {"micro_batch_size": 4}, "sft": {"micro_batch_size": 4}}}
     path = d / f"{name}.yaml"
@@ -91,12 +91,12 @@ def spec_file(d: Path, name: str, parallel: dict, steps: int = 10, bucket: str =
     return path
 
 
-def train(d: Path, name: str, parallel: dict, extra: list[str] = (), bucket: str = "ruyi",
+def train(d: Path, name: str, parallel: dict, extra: list[str] = (), bucket: str = "ruyi", keep: int = 2,
           **popen) -> subprocess.Popen:
     nproc = parallel.get("tp", 1) * parallel.get("pp", 1) * parallel.get("dp", 1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
            str(29500 + hash(name) % 1000), "-m", "ruyi_core.megatron.trainer", "--stage", "cpt",
-           "--spec", str(spec_file(d, name, parallel, bucket=bucket)), "--family", str(d / "family"), "--init", str(d / "init"),
+           "--spec", str(spec_file(d, name, parallel, bucket=bucket, keep=keep)), "--family", str(d / "family"), "--init", str(d / "init"),
            "--data", str(d / "packed"), "--out", str(d / name), *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **popen)
@@ -111,6 +111,8 @@ def reference(workdir):
     p = train(workdir, "tp1", {})
     out = p.communicate()[0]
     assert p.returncode == 0, out[-3000:]
+    # saved at 3, 6, 9 and 10; the two newest kept
+    assert sorted(c.name for c in (workdir / "tp1" / "checkpoints").iterdir()) == ["iter_0000009", "iter_0000010"]
     return losses(workdir, "tp1")
 
 
@@ -134,14 +136,14 @@ def test_distributed_optimizer_matches_tp1_and_resumes_exactly(workdir, referenc
     import shutil
 
     layout = {"dp": 2, "distributed_optimizer": True}
-    p = train(workdir, "distopt", layout)
+    p = train(workdir, "distopt", layout, keep=4)
     out = p.communicate()[0]
     assert p.returncode == 0, out[-3000:]
     full = losses(workdir, "distopt")
     assert max(abs(a - b) for r, s in zip(reference, full) for a, b in zip(r, s)) <= 2e-3
     for it in ("iter_0000009", "iter_0000010"):
         shutil.rmtree(workdir / "distopt" / "checkpoints" / it)
-    p = train(workdir, "distopt", layout, ["--resume"])
+    p = train(workdir, "distopt", layout, ["--resume"], keep=4)
     out = p.communicate()[0]
     assert p.returncode == 0 and "[cpt] resumed from step 6" in out, out[-3000:]
     assert losses(workdir, "distopt") == full
@@ -174,6 +176,8 @@ def test_sigkill_then_resume_repeats_the_loss_sequence_exactly(workdir, referenc
     resumed = re.search(r"\[cpt\] resumed from step (\d+) \(iter_\d+\)", out)
     assert resumed and int(resumed.group(1)) in (3, 6), out[-3000:]
     assert losses(workdir, "killed") == reference  # bit-exact, every exit, every step
+    kept = ArtifactStore.from_spec(spec.store, env=env).list_artifacts("runs/kill/cpt/checkpoints")
+    assert [u.rsplit("/", 1)[-1] for u in kept] == ["iter_0000009", "iter_0000010"]  # older ones deleted
 
 
 def test_trainer_errors_are_one_line_for_users_and_a_traceback_for_bugs(workdir, tmp_path):

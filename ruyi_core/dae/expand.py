@@ -15,7 +15,10 @@ ZERO_RESIDUAL = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
 
 
 def expand_tier(family: RuyiForCausalLM, tier: str, blocks: int, init: str = "zero", std: float = 0.02,
-                seed: int = 0) -> RuyiForCausalLM:
+                seed: int = 0, share_weights: bool = False) -> RuyiForCausalLM:
+    """The family with `blocks` new blocks after `tier`'s branch block. With `share_weights` the expanded family
+    takes the family's own tensors instead of copies (one copy of the model in memory, not two): the family
+    passed in must not be used afterwards."""
     cfg = family.config
     if tier not in cfg.tiers:
         raise RuyiError(f"dae.tier: unknown tier {tier!r}; this family has {', '.join(cfg.tiers)}")
@@ -28,8 +31,14 @@ def expand_tier(family: RuyiForCausalLM, tier: str, blocks: int, init: str = "ze
         new_cfg = RuyiConfig(**{**cfg.to_dict(), "expansions": {**(cfg.expansions or {}), str(p): blocks}})
     except Exception as e:
         raise RuyiError(f"dae.blocks: {e.__cause__ or e}") from None
-    out = RuyiForCausalLM(new_cfg)
-    missing, unexpected = out.load_state_dict(family.state_dict(), strict=False)
+    if share_weights:
+        with torch.device("meta"):
+            out = RuyiForCausalLM(new_cfg)
+        missing, unexpected = out.load_state_dict(family.state_dict(), strict=False, assign=True)
+        _materialise(out, family)
+    else:
+        out = RuyiForCausalLM(new_cfg)
+        missing, unexpected = out.load_state_dict(family.state_dict(), strict=False)
     added = tuple(names.prefixes(new_cfg, "family", ("added",), p))
     assert not unexpected and all(k.startswith(added) for k in missing), (missing, unexpected)
     branch = out.model.branch_block(cfg.exit_index(p)).state_dict()
@@ -46,6 +55,21 @@ def expand_tier(family: RuyiForCausalLM, tier: str, blocks: int, init: str = "ze
                 else:
                     t.copy_(torch.randn(t.shape, generator=g) * std)
     return out.eval()
+
+
+def _materialise(out: RuyiForCausalLM, family: RuyiForCausalLM) -> None:
+    """After a meta-device build and an assigning load: buffers outside the state dict (rotary frequencies) are
+    the family's, and the new blocks get real (uninitialised) storage in the family's device and dtype."""
+    ref, buffers = next(family.parameters()), dict(family.named_buffers())
+    for name, buf in list(out.named_buffers()):
+        if buf.is_meta and name in buffers:
+            module_name, _, leaf = name.rpartition(".")
+            out.get_submodule(module_name)._buffers[leaf] = buffers[name]  # keeps its persistence
+    for module in out.modules():
+        if any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
+            module.to_empty(device=ref.device, recurse=False)
+            for t in module.parameters(recurse=False):
+                t.data = t.data.to(ref.dtype)
 
 
 def tier_own_prefixes(cfg: RuyiConfig, tier: str) -> list[str]:

@@ -49,13 +49,18 @@ def save_family(family: RuyiForCausalLM, tok: PreTrainedTokenizerBase | None, ou
     return out
 
 
-def load_family(path: str | Path, runtime=None) -> tuple[RuyiForCausalLM, PreTrainedTokenizerBase]:
-    """A saved family, in `runtime`'s device and dtype (ruyi_core.runtime; default CPU fp32)."""
+def load_family(path: str | Path, runtime=None, stored_dtype: bool = False) -> tuple[RuyiForCausalLM,
+                                                                                 PreTrainedTokenizerBase]:
+    """A saved family, in `runtime`'s device and dtype (ruyi_core.runtime; default CPU fp32), or on the CPU in the
+    dtype it was saved in (`stored_dtype`: for work that only moves tensors, such as export)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise RuyiError(f"{path} is not a family directory (no config.json): create one with `ruyi family init`")
-    model = (runtime.load(RuyiForCausalLM, path) if runtime is not None else
-             RuyiForCausalLM.from_pretrained(path, dtype=torch.float32).eval())
+    if stored_dtype:
+        model = RuyiForCausalLM.from_pretrained(path, dtype="auto").eval()
+    else:
+        model = (runtime.load(RuyiForCausalLM, path) if runtime is not None else
+                 RuyiForCausalLM.from_pretrained(path, dtype=torch.float32).eval())
     return model, load_tokenizer(path)
 
 

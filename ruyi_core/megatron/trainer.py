@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from functools import partial
 from pathlib import Path
@@ -287,7 +288,21 @@ class Trainer:
         a = self.args
         if a.ckpt_prefix:
             self.io.push(path, a.ckpt_prefix, a.stage, self.step_idx, [a.family, a.data, a.replay, a.init])
+        self._prune()
         return path
+
+    def _prune(self) -> None:
+        """Keeps the newest `keep_checkpoints` complete checkpoints here and in the store."""
+        keep = self.st.keep_checkpoints
+        dist.barrier()
+        if self.io.local0:  # each node's scratch holds its own copy
+            done = sorted(p for p in self.ckpt_root.glob("iter_*") if (p / ckpt.DONE).is_file())
+            for old in done[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        if _rank0() and self.args.ckpt_prefix:
+            for uri in sorted(self.io.store.list_artifacts(self.args.ckpt_prefix))[:-keep]:
+                self.io.store.delete_artifact(uri)
+        dist.barrier()
 
     def resume(self) -> bool:
         """Continues exactly from the latest complete checkpoint, local or (when newer) in the store."""

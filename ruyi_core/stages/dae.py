@@ -72,7 +72,7 @@ def dae_expand(spec: RunSpec, store: ArtifactStore, family: str) -> Expanded:
         fam, tok = _load(run, "dae", d.tier)
         p = fam.config.tiers[d.tier]
         before = heldout_loss(fam, tok, heldout_texts(spec, run.work), exit_point=p)
-        out = expand_tier(fam, d.tier, d.blocks, d.init, d.std, seed=spec.family.seed)
+        out = expand_tier(fam, d.tier, d.blocks, d.init, d.std, seed=spec.family.seed, share_weights=True)
         save_family(out, tok, run.out)
         return {"tier": d.tier, "exit_point": p, "blocks": d.blocks, "init": d.init,
                 "added_parameters": out.tier_parameter_count(p) - fam.tier_parameter_count(p),

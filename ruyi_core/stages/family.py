@@ -67,7 +67,7 @@ def export_tier(spec: RunSpec, store: ArtifactStore, family: str, tier: str,
             return _export_compressed(run, tier)
         from ruyi_core.family.io import export_tiers, load_family
 
-        fam, tok = load_family(run.fetch("family"))
+        fam, tok = load_family(run.fetch("family"), stored_dtype=True)  # a bf16 family: half the fp32 bytes
         if tier not in fam.config.tiers:
             raise RuyiError(f"unknown tier {tier!r}: this family has {', '.join(fam.config.tiers)}")
         (row,) = export_tiers(fam, tok, run.work / "tiers", [tier])

@@ -227,6 +227,16 @@ class ArtifactStore:
         tail = f"/{MANIFEST}"
         return sorted(self.uri(n[: -len(tail)], bucket) for n in names if n.endswith(tail))
 
+    def delete_artifact(self, uri: str) -> None:
+        """Manifest first (from then on it is no longer a complete artifact), then its files."""
+        bucket, key, uri = self._artifact(uri)
+        with self._errors(f"deleting {uri}", bucket):
+            self.transfer.retry(self.client.remove_object, bucket, f"{key}/{MANIFEST}")
+            names = self.transfer.retry(lambda: [o.object_name for o in self.client.list_objects(
+                bucket, prefix=f"{key}/", recursive=True)])
+            for name in names:
+                self.transfer.retry(self.client.remove_object, bucket, name)
+
     def put_artifact(self, prefix: str, local_dir: str | Path, *, stage: str, spec_hash: str, identity: str = "",
                      inputs: Iterable[str] = (), metadata: Mapping[str, Any] | None = None,
                      build_seconds: float | None = None, build_peak_mib: float | None = None) -> Manifest:
