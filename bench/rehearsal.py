@@ -32,7 +32,7 @@ def make_base(spec, store) -> None:
     from ruyi_core.family.tokenizer import build_tokenizer
 
     base = spec.family.base
-    prefix = base.split("/", 3)[3]
+    prefix = store.split(base)[1]
     if store.read_object(f"{prefix}/config.json") is not None:
         print(f"base {base} is in the store", flush=True)
         return
@@ -72,7 +72,7 @@ def model_bytes(spec, store) -> dict[str, float]:
     from ruyi_core.plan import plan_run
 
     def store_config(base: str) -> dict:
-        got = store.read_object(base.split("/", 3)[3].rstrip("/") + "/config.json")
+        got = store.read_object(store.split(base)[1].rstrip("/") + "/config.json")
         return json.loads(got[0])
 
     dev, a, plans = plan_run(spec, "cpu", store_config=store_config)

@@ -13,10 +13,6 @@ from collections.abc import Callable
 from ruyi_core.errors import RuyiError
 
 
-def _print(line: str) -> None:
-    print(line, flush=True)  # our stdout is a pipe when a pipeline step runs us: no block buffering
-
-
 def run_child(cmd: list[str], log, env: dict | None = None) -> None:
     """Streams a child's output into `log`. A failure becomes one line: the child's own `error:` line (a user
     error), or an internal error pointing at the traceback the log now holds."""

@@ -149,10 +149,10 @@ class Trainer:
         from megatron.core import parallel_state as ps
 
         from ruyi_core.family.config import RuyiConfig
-        from ruyi_core.spec import load_spec, parse_spec_yaml
+        from ruyi_core.spec import spec_from_arg
 
         self.args = args
-        self.spec = parse_spec_yaml(args.spec) if args.spec.lstrip().startswith("{") else load_spec(args.spec)
+        self.spec = spec_from_arg(args.spec)
         self.st, par = self.spec.train_stage(args.stage), self.spec.train.parallel
         if self.st.replay and not args.replay:
             raise RuyiError(f"train stage {args.stage} has replay {self.st.replay}: pass a --replay dataset")

@@ -32,9 +32,9 @@ def run(args: argparse.Namespace) -> None:
 
     from ruyi_core.rl.grpo import run_grpo
     from ruyi_core.runtime import for_spec
-    from ruyi_core.spec import load_spec, parse_spec_yaml
+    from ruyi_core.spec import spec_from_arg
 
-    spec = parse_spec_yaml(args.spec) if args.spec.lstrip().startswith("{") else load_spec(args.spec)
+    spec = spec_from_arg(args.spec)
     rank = int(os.environ.get("RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

@@ -21,7 +21,7 @@ from ruyi_core.spec.train import (STAGE_DEFAULTS, DaeSpec, LossSpec, ParallelSpe
 __all__ = ["BenchmarkSpec", "DaeSpec", "DataSpec", "EvalSpec", "FamilySpec", "KindThresholds", "LossSpec",
            "PackageSpec", "ParallelSpec", "PipelineSpec", "Resources", "RlSpec", "RunSpec", "RuntimeSpec",
            "STAGE_DEFAULTS", "StoreSpec", "TrainJobSpec", "TrainSpec", "TrainStageSpec", "base_num_layers",
-           "check_exit_points", "default_tier_names", "load_spec", "parse_spec", "parse_spec_yaml"]
+           "check_exit_points", "default_tier_names", "load_spec", "parse_spec", "parse_spec_yaml", "spec_from_arg"]
 
 
 class RunSpec(_Strict):
@@ -91,6 +91,11 @@ def load_spec(path: str | Path) -> RunSpec:
     if "\x00" in text:
         raise SpecError(f"{path} is a binary file, not a YAML run spec: pass --spec with a YAML file")
     return parse_spec_yaml(text, source=str(path))
+
+
+def spec_from_arg(arg: str) -> RunSpec:
+    """A worker's --spec: the spec itself as JSON (what a launching stage passes), or a YAML file's path."""
+    return parse_spec_yaml(arg) if arg.lstrip().startswith("{") else load_spec(arg)
 
 
 def parse_spec_yaml(text: str, source: str = "spec") -> RunSpec:
