@@ -88,14 +88,16 @@ def test_package_reuses_the_scores_of_a_plain_export(family, edge_dir, family_sc
 
     from safetensors.torch import load_file, save_file
 
+    from ruyi_core.family.io import save_family
     from ruyi_core.stages.ship import _family_comparison, same_weights
 
-    fam, tok = family
-    assert same_weights(edge_dir, fam, EDGE) and not same_weights(edge_dir, fam, 3)
-    run = SimpleNamespace(fetch=lambda name: edge_dir, spec=SPEC, work=tmp_path / "work", store=None)
+    family_dir = save_family(*family, tmp_path / "family")
+    assert same_weights(edge_dir, family_dir, EDGE) and not same_weights(edge_dir, family_dir, 3)
+    dirs = {"export": edge_dir, "family": family_dir}
+    run = SimpleNamespace(fetch=dirs.get, inputs={}, spec=SPEC, work=tmp_path / "work", store=None)
     lines = []
     tier_scores = {"benchmarks": {"arithmetic": {"value": 0.25}, "facts_mc": {"value": 0.5}}}  # never recomputed
-    got = _family_comparison(run, fam, tok, "edge", tier_scores, lines.append)
+    got = _family_comparison(run, "edge", tier_scores, lines.append)
     assert got == {"family": {"arithmetic": 0.25, "facts_mc": 0.5}, "family_same_weights": True}
     assert lines == [f"the family at exit {EDGE} has the same weights as the package: its scores are the package's"]
 
@@ -104,9 +106,9 @@ def test_package_reuses_the_scores_of_a_plain_export(family, edge_dir, family_sc
     weights = load_file(edge_dir / "model.safetensors")
     weights["lm_head.weight"][0, 0] += 1.0
     save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
-    assert not same_weights(changed, fam, EDGE)
-    run.fetch = lambda name: changed
-    got = _family_comparison(run, fam, tok, "edge", tier_scores, lines.append)
+    assert not same_weights(changed, family_dir, EDGE)
+    dirs["export"] = changed
+    got = _family_comparison(run, "edge", tier_scores, lines.append)
     assert got == {"family": {b: r["value"] for b, r in family_scores["benchmarks"].items()},
                    "family_same_weights": False}
     assert lines[2].startswith("family arithmetic 1/3: exact_match ")

@@ -25,7 +25,7 @@ def micro_spec(tmp_path: Path, bucket: str, **data) -> Path:
                       "warmup_steps": 0, "replay": 0.25 if s == "sft" else 0} for s, n in (("cpt", 3), ("sft", 2))},
         "dae": {"blocks": 2, "sweep": [0.4], "calib_samples": 16,
                 **{s: {"steps": 2, "micro_batch_size": 4, "global_batch_size": 4, "seq_length": 32,
-                       "save_every": 2, "warmup_steps": 0} for s in ("cpt", "sft")}},
+                       "save_every": 2, "warmup_steps": 0, "keep_checkpoints": 0} for s in ("cpt", "sft")}},
         "rl": {"steps": 1, "group_size": 2, "prompts_per_step": 2, "max_new_tokens": 8, "heldout_prompts": 4,
                "heldout_samples": 2},
         "eval": {"benchmarks": {"arithmetic": {"format": "exact_match", "path": "demo:arithmetic", "limit": 6},
@@ -128,6 +128,15 @@ def test_local_pipeline_end_to_end_then_cached(tmp_path, s3_server, monkeypatch)
     assert sft["steps"] == 2 and len(sft["final_exit_losses"]) == 2
     end = {c.stage: c for c in lineage(store, [u for u in tiers if "/end/" in u][0])}
     assert {"svd_compress", "grpo", "dae_sft", "dae_cpt", "dae_expand"} <= set(end)
+    # checkpoints: CPT keeps its last ones (the default) in the lineage; the DaE stages (keep_checkpoints 0)
+    # none once their output was stored; no starting checkpoint is left (a local trainer reads it from disk)
+    cpt = by_stage["cpt"].uri
+    assert store.list_artifacts(store.split(cpt)[1] + "/checkpoints") == [f"{cpt}/checkpoints/iter_{i:07d}"
+                                                                          for i in (2, 3)]
+    assert not [u for u in store.list_artifacts("stages/") if u.endswith("/init")]
+    for s in ("dae_cpt", "dae_sft"):
+        assert store.list_artifacts(store.split(end[s].uri)[1] + "/checkpoints") == []
+        assert not [i for i in store.read_manifest(end[s].uri).inputs if "/checkpoints/" in i.uri]
     svd = end["svd_compress"].metadata
     assert svd["removed_fraction"] >= 0.4 and svd["factored_parameters"] < svd["dense_parameters"]
     # GRPO moved nothing but the end tier's added blocks and head

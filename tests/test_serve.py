@@ -17,7 +17,7 @@ from ruyi_core.family.convert import export_tier, family_from_base
 from ruyi_core.family.io import save_family
 from ruyi_core.runtime import Runtime
 from ruyi_core.serve.decode import SpecStats, generate, shared_depth, speculative
-from ruyi_core.serve.tiers import from_family, share_equal_blocks
+from ruyi_core.serve.tiers import from_family, from_packages
 
 CPU = Runtime(torch.device("cpu"), torch.float32)
 PROMPTS = ["Where does Ada live?", "What is 3 + 4?", "Tell me about Oslo.", "hi"]
@@ -37,18 +37,20 @@ def served(family_dir):
 
 
 @pytest.fixture(scope="module")
-def packages(family_dir, tmp_path_factory):
-    """Each tier exported as its own package, loaded by vanilla transformers."""
-    from transformers import AutoModelForCausalLM
-
+def package_dirs(family_dir, tmp_path_factory):
+    """Each tier exported as its own package."""
     from ruyi_core.family.io import load_family
 
     fam, tok = load_family(family_dir)
-    out = {}
-    for tier in fam.config.tiers:
-        d = export_tier(fam, tier, tmp_path_factory.mktemp("pkg") / tier, tok)
-        out[tier] = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    return out
+    return {tier: export_tier(fam, tier, tmp_path_factory.mktemp("pkg") / tier, tok) for tier in fam.config.tiers}
+
+
+@pytest.fixture(scope="module")
+def packages(package_dirs):
+    """Each tier's package, loaded by vanilla transformers."""
+    from transformers import AutoModelForCausalLM
+
+    return {t: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for t, d in package_dirs.items()}
 
 
 def _post(url: str, content: bytes) -> tuple[int, dict]:
@@ -175,13 +177,25 @@ def test_self_speculative_decoding_gives_the_target_tiers_greedy_tokens(served):
     assert stats.rounds > 0 and 0 <= stats.acceptance <= 1
 
 
-def test_equal_blocks_of_separate_packages_are_kept_once(packages):
-    tiers = {t: m for t, m in packages.items()}
-    n_before = len({id(p) for m in tiers.values() for p in m.parameters()})
-    dropped = share_equal_blocks(tiers)
-    assert dropped == 2 + 2  # the embeddings of edge and cloud (equal to end's), cloud's trunk blocks 0 and 1
-    assert len({id(p) for m in tiers.values() for p in m.parameters()}) < n_before
+def test_packages_load_with_their_shared_blocks_once(package_dirs, packages):
+    """The registry's packages, read block by block, deepest first: the same tensors (and so the same answers)
+    as vanilla transformers gives each package, with the embeddings and the trunk blocks in memory once."""
+    lines = []
+    served = from_packages("micro", package_dirs, CPU, log=lines.append)
+    assert list(served.tiers) == ["end", "edge", "cloud"]
+    for t, model in served.tiers.items():
+        want, got = packages[t].state_dict(), model.state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), t
+        assert model.generation_config.eos_token_id == packages[t].generation_config.eos_token_id
+    # end's and edge's embeddings are cloud's; edge's trunk blocks 0 and 1 are cloud's
+    assert lines == ["micro: 3 tiers, 4 shared blocks kept once"]
+    tiers = served.tiers
     assert shared_depth(tiers["edge"], tiers["cloud"]) == 2 and shared_depth(tiers["end"], tiers["cloud"]) == 0
+    assert tiers["end"].model.embed_tokens is tiers["cloud"].model.embed_tokens
+    assert served.parameters_in_memory() < sum(sum(p.numel() for p in m.parameters()) for m in packages.values())
+    ids = _chat_ids(served.tokenizer, PROMPTS[0])
+    for t in tiers:
+        assert generate(tiers[t], [ids], [8], served.eos) == generate(packages[t], [ids], [8], served.eos), t
 
 
 def test_routing_curve_and_operating_point():

@@ -65,12 +65,13 @@ class StoreIO:
             self._store = ArtifactStore.from_spec(self.spec.store, env=os.environ, create_bucket=False)
         return self._store
 
-    def fetch(self, src: str, name: str) -> Path:
+    def fetch(self, src: str, name: str, only: list[str] | None = None) -> Path:
+        """An input artifact's folder (`only` these files of it: the family's config, not its weights)."""
         if not src.startswith("s3://"):
             return Path(src)
         dest = self.out / "inputs" / name
         if self.local0 and not (dest / ".fetched").is_file():
-            self.store.get_artifact(src, dest)
+            self.store.get_artifact(src, dest, only=only)
             (dest / ".fetched").write_text(src)
         dist.barrier()
         return dest
@@ -164,7 +165,7 @@ class Trainer:
         ps.initialize_model_parallel(par.tp, par.pp)
         seed_everything(self.st.seed)
         self.io = StoreIO(self.spec, args.out)
-        self.hf_cfg = RuyiConfig.from_pretrained(self.io.fetch(args.family, "family"))
+        self.hf_cfg = RuyiConfig.from_pretrained(self.io.fetch(args.family, "family", only=["config.json"]))
         self.exits = list(self.hf_cfg.early_exit_points)
         self.only = self.hf_cfg.tiers[self.spec.dae.tier] if args.stage.startswith("dae_") else None
         self.step_idx, self.consumed, self.history = 0, 0, []
@@ -287,13 +288,13 @@ class Trainer:
                             f"{self.args.stage}: loss per exit")
         a = self.args
         if a.ckpt_prefix:
-            self.io.push(path, a.ckpt_prefix, a.stage, self.step_idx, [a.family, a.data, a.replay, a.init])
+            self.io.push(path, a.ckpt_prefix, a.stage, self.step_idx, [a.family, a.data, a.replay])
         self._prune()
         return path
 
     def _prune(self) -> None:
         """Keeps the newest `keep_checkpoints` complete checkpoints here and in the store."""
-        keep = self.st.keep_checkpoints
+        keep = max(1, self.st.keep_checkpoints)  # 0: the newest is kept while training, for resume
         dist.barrier()
         if self.io.local0:  # each node's scratch holds its own copy
             done = sorted(p for p in self.ckpt_root.glob("iter_*") if (p / ckpt.DONE).is_file())

@@ -77,29 +77,65 @@ def from_family(path: str | Path, runtime, name: str | None = None) -> ServedFam
                         eos=_eos(tok, next(iter(tiers.values()))))
 
 
-def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
+def _units(model) -> dict[str, torch.nn.Module]:
+    """A causal LM's weight-holding parts, by their name prefix in its checkpoint."""
+    inner = model.model
+    return {"model.embed_tokens.": inner.embed_tokens, **{f"model.layers.{i}.": b for i, b in enumerate(inner.layers)},
+            "model.norm.": inner.norm, "lm_head.": model.lm_head}
 
 
-def share_equal_blocks(tiers: dict[str, torch.nn.Module]) -> int:
-    """Make tiers use one module wherever two hold equal embeddings or equal blocks at the same depth (the
-    trunk their packages both carry); returns how many modules were dropped."""
-    kept: list[torch.nn.Module] = []
-    dropped = 0
-    for m in tiers.values():
-        for other in kept:
-            if m.model.embed_tokens is not other.model.embed_tokens and _same(m.model.embed_tokens,
-                                                                               other.model.embed_tokens):
-                m.model.embed_tokens, dropped = other.model.embed_tokens, dropped + 1
-            for i, (mine, theirs) in enumerate(zip(m.model.layers, other.model.layers)):
-                if mine is theirs:
-                    continue
-                if not _same(mine, theirs):
-                    break  # past the shared trunk: the tiers part here
-                m.model.layers[i], dropped = theirs, dropped + 1
-        kept.append(m)
-    return dropped
+def _equal(module: torch.nn.Module, sd: dict[str, torch.Tensor]) -> bool:
+    mine = module.state_dict()
+    return mine.keys() == sd.keys() and all(mine[k].shape == sd[k].shape and torch.equal(mine[k], sd[k]) for k in sd)
+
+
+def load_sharing(path: Path, runtime, loaded: list[torch.nn.Module]) -> tuple[torch.nn.Module, int]:
+    """A tier package as vanilla transformers loads it (its config, weights, generation config, in `runtime`),
+    read one block at a time: a block equal to the one at the same place in an already `loaded` tier (the
+    trunk both carry; the embeddings) is that tier's module, never a second copy in memory. Returns the model
+    and how many modules it shares."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=runtime.dtype)
+    where = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            where.update(dict.fromkeys(st.keys(), f))
+    shared, others = 0, [_units(m) for m in loaded]
+    for prefix, module in _units(model).items():
+        sd = {}
+        for k in [k for k in where if k.startswith(prefix)]:
+            with safe_open(where[k], "pt") as st:
+                sd[k[len(prefix):]] = st.get_tensor(k).to(runtime.device, runtime.dtype)
+        if not sd:  # a tied head: tied below
+            continue
+        twin = next((u[prefix] for u in others if prefix in u and _equal(u[prefix], sd)), None)
+        if twin is not None:
+            _replace(model, prefix, twin)
+            shared += 1
+        else:
+            module.load_state_dict(sd, strict=True, assign=True)
+    model.tie_weights()
+    # computed buffers (the rotary frequencies) are not in the checkpoint: built for real from the config
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg).to(runtime.device)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuyiError(f"{path}: the checkpoint has no {', '.join(left[:3])}: re-export the tier")
+    if (Path(path) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model.eval(), shared
+
+
+def _replace(model, prefix: str, module: torch.nn.Module) -> None:
+    parent_name, _, child = prefix.rstrip(".").rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, torch.nn.ModuleList):
+        parent[int(child)] = module
+    else:
+        setattr(parent, child, module)
 
 
 def from_registry(store, family: str, runtime, version: str | None = None,
@@ -130,11 +166,16 @@ def from_registry(store, family: str, runtime, version: str | None = None,
 
 
 def from_packages(name: str, dirs: dict[str, Path], runtime, log: Callable[[str], None] = lambda m: None):
-    """Tier packages in local folders, loaded by vanilla transformers, equal blocks kept once."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Tier packages in local folders, each as vanilla transformers loads it, the deepest first; the blocks a
+    shallower tier shares with a deeper one (the trunk, the embeddings) are read and kept once."""
+    from transformers import AutoTokenizer
 
-    tiers = _sort({t: runtime.load(AutoModelForCausalLM, d) for t, d in dirs.items()})
-    dropped = share_equal_blocks(tiers)
-    log(f"{name}: {len(tiers)} tiers, {dropped} shared blocks kept once")
+    depth = {t: json.loads((Path(d) / "config.json").read_text())["num_hidden_layers"] for t, d in dirs.items()}
+    loaded, shared = {}, 0
+    for t in sorted(dirs, key=lambda t: -depth[t]):
+        loaded[t], n = load_sharing(dirs[t], runtime, list(loaded.values()))
+        shared += n
+    tiers = _sort(loaded)
+    log(f"{name}: {len(tiers)} tiers, {shared} shared blocks kept once")
     tok = AutoTokenizer.from_pretrained(dirs[list(tiers)[-1]])
     return ServedFamily(name, tiers, tok, eos=_eos(tok, next(iter(tiers.values()))))

@@ -40,7 +40,8 @@ class TrainStageSpec(_Strict):
     save_every: int = Field(20, ge=1)
     # Complete checkpoints kept, locally and in the store; older ones are deleted once a newer one is complete
     # (a 14B checkpoint with its Adam state is ~240 GB). The stage's output is built from the last one.
-    keep_checkpoints: int = Field(2, ge=1)
+    # 0 keeps the newest while training (to resume) and deletes it once the stage's output is stored.
+    keep_checkpoints: int = Field(2, ge=0)
     seed: int = 1234
     # Activation recompute: true / "full" keeps only each block's input for the backward; "selective" recomputes
     # core attention (megatron's); false keeps everything (fastest, most memory).

@@ -112,6 +112,9 @@ class StageRun:
     key: str
     log: Callable[[str], None]
     lineage: list[str] = field(default_factory=list)  # more inputs to record (not part of the identity)
+    # Store artifacts the stage needs only until its output is complete (a trainer's starting checkpoint, the
+    # checkpoints a spec does not keep): deleted once the output's manifest is written.
+    scratch: list[str] = field(default_factory=list)
 
     @property
     def out(self) -> Path:
@@ -156,6 +159,8 @@ def run_stage(stage: Stage[R], spec: RunSpec, store: ArtifactStore, build: Calla
         store.put_artifact(key, run.out, stage=stage.name, spec_hash=slice_hash(spec, stage.fields),
                            identity=identity, inputs=[*inputs.values(), *run.lineage], metadata=meta,
                            build_seconds=seconds, build_peak_mib=peak)
+        for uri_ in run.scratch:
+            store.delete_artifact(uri_)
     log(f"[{stage.name}] built {uri} in {seconds:.1f} s, peak {peak:,.0f} MiB")
     return stage.result(uri=uri, **meta)
 

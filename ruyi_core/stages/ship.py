@@ -62,7 +62,6 @@ def _package(run: StageRun, plan: RunPlan, row: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ruyi_core.eval import evaluate, measure
-    from ruyi_core.family.io import load_family
     from ruyi_core.package import build_package, check_publishable, lineage_entries
     from ruyi_core.runtime import for_spec
 
@@ -84,11 +83,7 @@ def _package(run: StageRun, plan: RunPlan, row: dict) -> dict:
     evaluation["parameters"] = int(row["parameters"])  # a factored tier's own count (the dense one is larger)
     evaluation["bytes_on_disk"] = int(row["weight_bytes"])
     del model
-    fam, ftok = load_family(run.fetch("family"), rt)
-    if tier not in fam.config.tiers:
-        raise RuyiError(f"tier {tier!r} is not in the family at {run.inputs['family']}: export from the same family")
-    evaluation.update(_family_comparison(run, fam, ftok, tier, evaluation, say))
-    del fam
+    evaluation.update(_family_comparison(run, tier, evaluation, say))
     pkg = build_package(run.fetch("export"), run.work / "package", family=family, version=plan.version, tier=tier,
                         target=spec.package.targets.get(tier, tier), evaluation=evaluation,
                         lineage=lineage_entries(store, run.inputs["export"]), run_id=plan.run_id,
@@ -99,36 +94,54 @@ def _package(run: StageRun, plan: RunPlan, row: dict) -> dict:
             "export_uri": run.inputs["export"], "weights": weights, "average": evaluation.get("average")}
 
 
-def _family_comparison(run: StageRun, fam, tok, tier: str, evaluation: dict, say) -> dict:
+def _family_comparison(run: StageRun, tier: str, evaluation: dict, say) -> dict:
     """{"family": the benchmarks' scores on the family at the tier's exit, "family_same_weights"}. A plain export
     holds exactly that exit's weights, so the family scores what the package scores: its scores are reused, not
-    computed a second time. Only a tier whose weights differ (SVD-compressed) is evaluated on the family too."""
+    computed a second time (and the family is never loaded: its tensors are compared one at a time). Only a tier
+    whose weights differ (SVD-compressed) is evaluated on the family too."""
     from ruyi_core.eval import evaluate
+    from ruyi_core.family.config import RuyiConfig
+    from ruyi_core.family.io import load_family
+    from ruyi_core.runtime import for_spec
 
-    p = fam.config.tiers[tier]
-    if same_weights(run.fetch("export"), fam, p):
+    cfg = RuyiConfig.from_pretrained(run.fetch("family"))
+    if tier not in cfg.tiers:
+        raise RuyiError(f"tier {tier!r} is not in the family at {run.inputs['family']}: export from the same family")
+    p = cfg.tiers[tier]
+    if same_weights(run.fetch("export"), run.fetch("family"), p):
         say(f"the family at exit {p} has the same weights as the package: its scores are the package's")
         return {"family": _scores(evaluation), "family_same_weights": True}
     say(f"the package's weights differ from the family's at exit {p}: evaluating the family there too")
+    fam, tok = load_family(run.fetch("family"), for_spec(run.spec))
     scores = evaluate(fam, tok, run.spec, run.work, run.store, exit_point=p, log=lambda m: say(f"family {m}"))
     return {"family": _scores(scores), "family_same_weights": False}
 
 
-def same_weights(export_dir: Path, fam, exit_point: int) -> bool:
+def same_weights(export_dir: Path, family_dir: Path, exit_point: int) -> bool:
     """Whether the checkpoint in `export_dir` (its top-level safetensors; factored/ is a compressed form) holds
-    exactly the tensors the family's exit exports to, name for name, bit for bit."""
+    exactly the tensors the saved family's exit exports to, name for name, bit for bit (one tensor in memory
+    at a time)."""
     import torch
     from safetensors import safe_open
 
     from ruyi_core.family import names
+    from ruyi_core.family.config import RuyiConfig
 
-    want = names.convert(fam.state_dict(), fam.config, "family", "tier", exit_point)  # views: nothing copied
+    cfg = RuyiConfig.from_pretrained(family_dir)
+    where = {}  # family tensor name -> its file
+    for f in sorted(Path(family_dir).glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            where.update(dict.fromkeys(st.keys(), f))
+    want = names.convert({k: k for k in where}, cfg, "family", "tier", exit_point)  # tier name -> family name
     seen = set()
     for f in sorted(Path(export_dir).glob("*.safetensors")):
         with safe_open(f, "pt") as st:
             for k in st.keys():
-                t = st.get_tensor(k)
-                if k not in want or t.dtype != want[k].dtype or not torch.equal(t, want[k]):
+                if k not in want:
+                    return False
+                with safe_open(where[want[k]], "pt") as fam:
+                    a, b = st.get_tensor(k), fam.get_tensor(want[k])
+                if a.dtype != b.dtype or not torch.equal(a, b):
                     return False
                 seen.add(k)
     return seen == set(want)

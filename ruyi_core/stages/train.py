@@ -10,6 +10,7 @@ import json
 import sys
 
 from ruyi_core.errors import RuyiError
+from ruyi_core.launch import run_child, torchrun
 from ruyi_core.spec import RunSpec
 from ruyi_core.stages.contract import Artifact, Stage, StageRun, _print, run_stage
 from ruyi_core.stages.data import PackedDataset
@@ -59,20 +60,32 @@ def train(spec: RunSpec, store: ArtifactStore, stage: str, family: str, data: st
                      log=log)
 
 
+def _starting_checkpoint(run: StageRun, fam_dir, stage: str) -> str:
+    """The family as a megatron checkpoint, the trainer's --init: a local folder for a local trainer; for a
+    TrainJob, an artifact under the stage's key (kept across re-runs until the stage's output is stored)."""
+    local, init = run.work / "init", f"{run.key}/init"
+    if run.spec.train.launcher != "local" and run.store.has_artifact(init):
+        run.scratch.append(init)
+        return run.store.uri(init)
+    run_child([sys.executable, "-m", "ruyi_core.megatron.ckpt", "from-hf", "--family", str(fam_dir),
+               "--out", str(local)], run.log)
+    if run.spec.train.launcher == "local":
+        return str(local)
+    run.store.put_artifact(init, local, stage=f"{stage}_init", spec_hash="", inputs=[run.inputs["family"]])
+    run.scratch.append(init)
+    return run.store.uri(init)
+
+
 def _train(run: StageRun, stage: str) -> dict:
-    from ruyi_core.launch import run_child, torchrun
+    from ruyi_core.megatron.ckpt import DONE
     from ruyi_core.megatron.launch import validate_layout
 
     spec, store, st = run.spec, run.store, run.spec.train_stage(stage)
     fam_dir = run.fetch("family")
     validate_layout(spec, json.loads((fam_dir / "config.json").read_text()), stage)
-    init = f"{run.key}/init"
-    if not store.has_artifact(init):
-        run_child([sys.executable, "-m", "ruyi_core.megatron.ckpt", "from-hf", "--family", str(fam_dir),
-                   "--out", str(run.work / "init")], run.log)
-        store.put_artifact(init, run.work / "init", stage=f"{stage}_init", spec_hash="", inputs=[run.inputs["family"]])
+    init = _starting_checkpoint(run, fam_dir, stage)
     args = ["--stage", stage, "--spec", spec.model_dump_json(), "--family", run.inputs["family"],
-            "--init", store.uri(init), "--data", run.inputs["data"], "--ckpt-prefix", f"{run.key}/checkpoints",
+            "--init", init, "--data", run.inputs["data"], "--ckpt-prefix", f"{run.key}/checkpoints",
             "--resume", "--log-every", str(max(1, st.steps // 10))]
     if "replay" in run.inputs:
         args += ["--replay", run.inputs["replay"]]
@@ -85,14 +98,19 @@ def _train(run: StageRun, stage: str) -> dict:
         # --out is the pod's scratch volume, shared by the ranks of a node; the job is named for this artifact.
         run_trainjob(spec, stage, f"{spec.family.name}-{stage}-{run.key.rsplit('/', 1)[-1][:8]}",
                      [*args, "--out", "/scratch/run"], log=run.log)
-    last = sorted(store.list_artifacts(f"{run.key}/checkpoints"))[-1]
-    final = run.work / "final"
-    store.get_artifact(last, final)
+    stored = sorted(store.list_artifacts(f"{run.key}/checkpoints"))
+    final = run.work / "run" / "checkpoints" / stored[-1].rsplit("/", 1)[-1]
+    if not (final / DONE).is_file():  # trained elsewhere (a TrainJob), or resumed from the store
+        final = run.work / "final"
+        store.get_artifact(stored[-1], final)
     run_child([sys.executable, "-m", "ruyi_core.megatron.ckpt", "to-hf", "--ckpt", str(final), "--family",
                str(fam_dir), "--out", str(run.out)], run.log)
     history = [json.loads(line) for line in (final / f"{stage}_losses.jsonl").read_text().splitlines()]
     for f in (f"{stage}_losses.jsonl", f"{stage}_losses.png"):
         (run.out / f).write_bytes((final / f).read_bytes())
-    run.lineage.append(last)
+    if st.keep_checkpoints:
+        run.lineage.append(stored[-1])
+    else:  # the spec keeps none once the output is stored
+        run.scratch.extend(stored)
     return {"stage": stage, "steps": len(history), "exit_points": history[-1]["exit_points"],
             "first_exit_losses": history[0]["exits"], "final_exit_losses": history[-1]["exits"]}

@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import subprocess
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from io import BytesIO
@@ -305,14 +305,18 @@ class ArtifactStore:
         for p, f, m in large:
             self._upload_one(bucket, f"{key}/{f.path}", p, f, m)
 
-    def get_artifact(self, uri: str, local_dir: str | Path) -> Manifest:
-        """Download a completed artifact into `local_dir`, verifying every file's size and sha256."""
+    def get_artifact(self, uri: str, local_dir: str | Path, only: Collection[str] | None = None) -> Manifest:
+        """Download a completed artifact (`only` these of its files) into `local_dir`, verifying every file's
+        size and sha256."""
         bucket, key, uri = self._artifact(uri)
         manifest = self.read_manifest(uri)
         if manifest is None:
             raise StoreError(f"no artifact at {uri}: it has no {MANIFEST} (never completed, or a wrong URI)")
         local_dir = Path(local_dir)
-        for f in manifest.files:
+        files = [f for f in manifest.files if only is None or f.path in only]
+        if only is not None and len(files) != len(set(only)):
+            raise StoreError(f"{uri} has no {', '.join(sorted(set(only) - {f.path for f in files}))}")
+        for f in files:
             if not _safe_rel(f.path):
                 raise IntegrityError(f"{uri}/{MANIFEST} lists an unsafe path {f.path!r}: refusing to download")
             (local_dir / f.path).parent.mkdir(parents=True, exist_ok=True)
@@ -331,10 +335,10 @@ class ArtifactStore:
                                          "it") from None
 
         with self._errors(f"downloading {uri}", bucket):
-            small = [f for f in manifest.files if f.size <= self.part_size]
+            small = [f for f in files if f.size <= self.part_size]
             with ThreadPoolExecutor(self.spec.parallel_parts, thread_name_prefix="ruyi-files") as pool:
                 list(pool.map(one, small))
-            for f in manifest.files:
+            for f in files:
                 if f.size > self.part_size:
                     one(f)
         return manifest
