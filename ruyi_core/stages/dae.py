@@ -50,11 +50,12 @@ SVD = Stage("svd_compress", Compressed, ("dae.tier", "dae.svd_ratio", "dae.sweep
                                          "data.seq_length", "data.heldout", "data.seed"))
 
 
-def _load(run: StageRun, section: str, tier: str):
+def _load(run: StageRun, section: str, tier: str, stored: bool = False):
+    """The family, in the spec's runtime, or (`stored`: for work that only moves tensors) as it was saved."""
     from ruyi_core.family.io import load_family
     from ruyi_core.runtime import for_spec
 
-    fam, tok = load_family(run.fetch("family"), for_spec(run.spec))
+    fam, tok = load_family(run.fetch("family"), for_spec(run.spec), stored_dtype=stored)
     if tier not in fam.config.tiers:
         raise RuyiError(f"{section}.tier: unknown tier {tier!r}; this family has {', '.join(fam.config.tiers)}")
     return fam, tok
@@ -95,9 +96,10 @@ def grpo(spec: RunSpec, store: ArtifactStore, family: str, rl_raw: str) -> Grpo:
         from ruyi_core.launch import run_child, torchrun
 
         tier = spec.rl.tier
-        fam, tok = _load(run, "rl", tier)
+        fam, tok = _load(run, "rl", tier, stored=True)
         export_tier(fam, tier, run.work / "tier", tok)
         own = tier_own_prefixes(fam.config, tier)
+        del fam  # not held while the workers train: read again for the merge
         with (run.work / "prompts.jsonl").open("w") as f:
             for rec in corpus_records(run, "rl", "rl"):
                 f.write(json.dumps(rec) + "\n")
@@ -112,6 +114,7 @@ def grpo(spec: RunSpec, store: ArtifactStore, family: str, rl_raw: str) -> Grpo:
         state = {}
         for f in sorted(policy.glob("*.safetensors")):
             state.update(load_file(f))
+        fam, tok = _load(run, "rl", tier, stored=True)
         merge_tier(fam, tier, state, own)
         save_family(fam, tok, run.out)
         for f in ("rewards.jsonl", "rewards.png"):
@@ -135,17 +138,18 @@ def svd_compress(spec: RunSpec, store: ArtifactStore, family: str, packed_pretra
         from ruyi_core.runtime import for_spec
 
         d = spec.dae
-        fam, tok = _load(run, "dae", d.tier)
-        p = fam.config.tiers[d.tier]
-        if not fam.config.expansion(p):
+        fam, tok = _load(run, "dae", d.tier, stored=True)
+        cfg, p = fam.config, fam.config.tiers[d.tier]
+        if not cfg.expansion(p):
             raise RuyiError(f"dae.tier {d.tier!r} is not expanded: run dae_expand first")
         export_tier(fam, d.tier, run.work / "dense", tok)
+        del fam  # what is compressed is the tier: the family is not held beside it
         dense = for_spec(spec).load(Qwen3ForCausalLM, run.work / "dense")
         tok = AutoTokenizer.from_pretrained(run.work / "dense")
         calib = _calibration(run, spec.data.seq_length, d.calib_samples)
-        chosen, rows, base_loss = _sweep(dense, tok, fam.config, d, calib, heldout_texts(spec, run.work), run.log)
+        chosen, rows, base_loss = _sweep(dense, tok, cfg, d, calib, heldout_texts(spec, run.work), run.log)
         model, rep, row = chosen
-        _save_compressed(model.to(getattr(torch, fam.config.weights_dtype)), rep, rows, base_loss, tok, run.out)
+        _save_compressed(model.to(getattr(torch, cfg.weights_dtype)), rep, rows, base_loss, tok, run.out)
         return {"tier": d.tier, "exit_point": p, "ratio": d.svd_ratio, "removed_fraction": row["removed_fraction"],
                 "heldout_loss_dense": base_loss, "heldout_loss_compressed": row["heldout_loss"],
                 "relative_drop": row["relative_drop"],
