@@ -4,11 +4,16 @@ GPU communication; on the CPU with one tensor-parallel rank there is nothing to 
 products on [s*b, h] views run ~10% slower than torch's own linear autograd. These subclasses keep megatron's
 modules (parameters, initialisation, sharded state dict, DDP hooks) and compute F.linear when the layer is
 not split; any other layout falls back to megatron's path unchanged.
+
+Under megatron's DDP the weight gradient goes straight into the parameter's `main_grad` buffer, as megatron's
+gradient-accumulation fusion does on GPUs: one addmm into the buffer instead of a fresh gradient tensor that the
+DDP hook then adds in (a pass over every weight's gradient per step).
 """
 from __future__ import annotations
 
 import copy
 
+import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
@@ -17,11 +22,54 @@ def _plain(layer) -> bool:
     return layer.tp_group.size() == 1 and not layer.sequence_parallel
 
 
+class _IntoMainGrad(torch.autograd.Function):
+    """x @ w[rows].T for each row block of w (one block: the whole weight; fc1: gate and up); backward adds
+    dL/dw into w's DDP buffer `main_grad` and marks w done, so megatron's DDP hook adds nothing more. w's own
+    .grad gets an unused placeholder, as with megatron's fusion."""
+
+    @staticmethod
+    def forward(ctx, x, w, blocks: tuple[slice, ...]):
+        ctx.save_for_backward(x, w)
+        ctx.blocks = blocks
+        return tuple(F.linear(x, w[b]) for b in blocks)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, w = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_x = None
+        for b, g in zip(ctx.blocks, grads):
+            if g is None:  # an output the loss does not use
+                continue
+            g2 = g.reshape(-1, g.shape[-1])
+            w.main_grad[b].addmm_(g2.t(), x2)
+            if grad_x is None:
+                grad_x = g2 @ w[b]
+            else:
+                grad_x.addmm_(g2, w[b])
+        w.grad_added_to_main_grad = True
+        return None if grad_x is None else grad_x.view_as(x), torch.empty_like(w), None
+
+
+def _fused(weight, x) -> bool:
+    main = getattr(weight, "main_grad", None)
+    return (main is not None and torch.is_grad_enabled() and weight.requires_grad
+            and main.dtype == weight.dtype == x.dtype and main.device.type == "cpu")
+
+
+def _matmul(weight, x, blocks: tuple[slice, ...] = (slice(None),)) -> tuple:
+    """x @ weight[b].T per row block b, the weight gradient into main_grad when megatron's DDP gave it one."""
+    if not _fused(weight, x):
+        return tuple(F.linear(x, weight[b]) for b in blocks)
+    return _IntoMainGrad.apply(x, weight, blocks)
+
+
 def _linear(layer, input_):
     """(output, bias) as megatron's linears return them: the bias is added unless skip_bias_add."""
-    if layer.skip_bias_add:
-        return F.linear(input_, layer.weight), layer.bias
-    return F.linear(input_, layer.weight, layer.bias), None
+    (out,) = _matmul(layer.weight, input_)
+    if layer.bias is None or layer.skip_bias_add:
+        return out, layer.bias
+    return out + layer.bias, None
 
 
 class TorchColumnLinear(ColumnParallelLinear):
@@ -40,8 +88,8 @@ class TorchGateUpLinear(ColumnParallelLinear):
     def forward(self, input_, weight=None, runtime_gather_output=None):
         if weight is not None or not _plain(self) or self.bias is not None:
             return super().forward(input_, weight, runtime_gather_output)
-        gate, up = self.weight.chunk(2, dim=0)
-        return (F.linear(input_, gate), F.linear(input_, up)), None
+        f = self.weight.shape[0] // 2
+        return _matmul(self.weight, input_, (slice(0, f), slice(f, None))), None
 
 
 class TorchRowLinear(RowParallelLinear):

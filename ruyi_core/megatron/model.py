@@ -26,7 +26,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from ruyi_core.errors import RuyiError
 from ruyi_core.megatron.attention import uses_sdpa, with_sdpa
 from ruyi_core.megatron.linear import TorchColumnLinear, with_torch_linears
-from ruyi_core.megatron.norm import SequenceParallelRMSNorm, with_sequence_parallel_norms
+from ruyi_core.megatron.norm import RMSNorm, with_rms_norms
 from ruyi_core.megatron.swiglu import with_swiglu
 
 
@@ -80,9 +80,8 @@ def layer_spec(config: TransformerConfig):
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
     except ImportError:
-        spec = with_sdpa(get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm"))
-        if config.sequence_parallel:
-            spec = with_sequence_parallel_norms(spec)
+        spec = with_rms_norms(with_sdpa(get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm,
+                                                                 normalization="RMSNorm")))
         return with_torch_linears(with_swiglu(spec)) if config.use_te_activation_func else spec
 
 
@@ -103,8 +102,8 @@ class AttachLoss(torch.autograd.Function):
 
 
 def norm_class(config: TransformerConfig):
-    """The block-level RMSNorm: Transformer Engine's on GPUs, torch's otherwise (the TE layer spec fuses
-    its layer norms into the linears, so the head cannot borrow one from the spec)."""
+    """The block-level RMSNorm: Transformer Engine's on GPUs (the TE layer spec fuses
+    its layer norms into the linears, so the head cannot borrow one from the spec), norm.RMSNorm otherwise."""
     if torch.cuda.is_available():
         try:
             from megatron.core.extensions.transformer_engine import TENorm
@@ -112,9 +111,7 @@ def norm_class(config: TransformerConfig):
             return TENorm
         except ImportError:
             pass
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-    return SequenceParallelRMSNorm if config.sequence_parallel else WrappedTorchNorm
+    return RMSNorm
 
 
 class ExitHead(MegatronModule):
