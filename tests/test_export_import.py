@@ -191,6 +191,25 @@ def test_bf16_base_gives_bf16_family_and_tiers_and_no_tokenizer_exports(tmp_path
             assert torch.equal(tier_model(ids).logits, fam(ids, exit_point=p).logits), tier
 
 
+# Runs a conversion and prints its peak resident memory above what the process held once its imports were done.
+CONVERT_PEAK = """
+import sys
+import megatron.core.dist_checkpointing, transformers, ruyi_core.family.modeling, ruyi_core.megatron.model
+from ruyi_core.megatron import ckpt
+kib = lambda key: int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith(key)))
+base = kib("VmRSS:")
+ckpt.main(sys.argv[1:])
+print(kib("VmHWM:") - base)
+"""
+
+
+def fam_parameters(family_dir) -> int:
+    from ruyi_core.family.tensors import TensorFiles
+
+    files = TensorFiles(family_dir)
+    return sum(files[k].numel() for k in files)
+
+
 def test_qwen3_shaped_base_from_s3_through_init_export_and_conversion(tmp_path, store, micro_base):
     """A 2-layer base of Qwen3-0.6B's exact shape (vocabulary 151,936, hidden 1024, 16 / 8 heads of 128, tied
     embeddings), bf16 and sharded, uploaded as plain objects: fetched from s3://, a family (a head per exit, made
@@ -233,11 +252,17 @@ def test_qwen3_shaped_base_from_s3_through_init_export_and_conversion(tmp_path, 
     with torch.no_grad():
         assert torch.equal(tier(ids).logits, fam(ids, exit_point=1).logits)
     del tier, fam
+    n = fam_parameters(tmp_path / "family")
+    peaks = {}
     for cmd, args in (("from-hf", ["--family", tmp_path / "family", "--out", tmp_path / "mcore"]),
                       ("to-hf", ["--ckpt", tmp_path / "mcore", "--family", tmp_path / "family",
                                  "--out", tmp_path / "back"])):
-        subprocess.run([sys.executable, "-m", "ruyi_core.megatron.ckpt", cmd, *map(str, args)], check=True,
-                       capture_output=True)
+        r = subprocess.run([sys.executable, "-c", CONVERT_PEAK, cmd, *map(str, args)], check=True,
+                           capture_output=True, text=True)
+        peaks[cmd] = int(r.stdout.split()[-1]) * 1024 / (n * 4)  # the conversion's own peak, in fp32 copies
+    # streamed module by module: the megatron model is the one whole copy (to-hf: beside the copy megatron's
+    # checkpoint load makes), never the family as well
+    assert peaks["from-hf"] < 1.4 and peaks["to-hf"] < 2.4, peaks
     from safetensors.torch import load_file
 
     a, b = ({k: v for f in sorted((tmp_path / d).glob("*.safetensors")) for k, v in load_file(f).items()}

@@ -40,12 +40,17 @@ def save_family(family: RuyiForCausalLM, tok: PreTrainedTokenizerBase | None, ou
     if next(family.parameters()).dtype != dtype:
         state = {k: v.to(dtype) for k, v in family.state_dict().items()}
     family.save_pretrained(out, state_dict=state)
-    computed, family.config.dtype = family.config.dtype, dtype  # save_pretrained records the computing dtype
-    family.config.save_pretrained(out)
-    family.config.dtype = computed
+    return save_family_files(family.config, tok, out)
+
+
+def save_family_files(cfg, tok: PreTrainedTokenizerBase | None, out: Path) -> Path:
+    """A family's files beside its weights: config (recording the weights' dtype), tokenizer, generation config."""
+    computed, cfg.dtype = cfg.dtype, getattr(torch, cfg.weights_dtype)  # save_pretrained records the computing dtype
+    cfg.save_pretrained(out)
+    cfg.dtype = computed
     if tok is not None:
         tok.save_pretrained(out)
-    generation_config(tok, family.config).save_pretrained(out)
+    generation_config(tok, cfg).save_pretrained(out)
     return out
 
 

@@ -7,6 +7,7 @@ in any direction, is one walk over the slots. Only megatron renames leaves insid
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, NamedTuple
@@ -149,12 +150,14 @@ def _leaf_links(group: str, src: str, dst: str, leaves: list[str]) -> list[tuple
     return [(hs, (m,)) for m, hs in fused.items() if m in have]  # megatron's own leaves (_extra_state) stay
 
 
-def convert(sd: dict, cfg, src: str, dst: str, exit_point: int | None = None,
-            transform: Transform | None = None) -> dict:
+def convert(sd: Mapping, cfg, src: str, dst: str, exit_point: int | None = None,
+            transform: Transform | None = None, into=None):
     """`sd` (names in layout `src`) renamed to layout `dst`; with `exit_point`, only that exit's tier. Reading
     the `tier` layout without an exit point reads a full-depth base (every family slot from its standalone
-    position: what a new family is initialised from). `transform` makes fused/split leaves (megatron)."""
-    out = {}
+    position: what a new family is initialised from). `transform` makes fused/split leaves (megatron).
+    `sd` is read one module at a time, and `into` (anything with `update`, default a new dict) receives each
+    module's converted tensors as they are made: a lazy source and a sink keep one module in memory."""
+    out = {} if into is None else into
     for d_pre, (s_pre, group) in _pairs(cfg, src, dst, exit_point).items():
         leaves = [n[len(s_pre):] for n in sd if n.startswith(s_pre)]
         for d_leaves, s_leaves in _leaf_links(group, src, dst, leaves):

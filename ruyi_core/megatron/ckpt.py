@@ -199,38 +199,37 @@ def _single_model(family_config):
 
 
 def from_hf(family_dir: Path, out: Path) -> None:
-    """HF family directory -> megatron checkpoint (TP=1, PP=1; loadable by any layout)."""
-    from ruyi_core.family.io import load_family
-    from ruyi_core.megatron.convert import hf_to_megatron, load_into
+    """HF family directory -> megatron checkpoint (TP=1, PP=1; loadable by any layout). The family is read
+    module by module into the megatron model: one copy of the weights in memory."""
+    from ruyi_core.family.config import RuyiConfig
+    from ruyi_core.megatron.convert import load_family_into
     from ruyi_core.megatron.cpu import cpu_shim, seed_everything
 
     init_distributed()
     with cpu_shim():
-        fam, _ = load_family(family_dir)
+        cfg = RuyiConfig.from_pretrained(family_dir)
         seed_everything(0)
-        model = _single_model(fam.config)
-        load_into(model, hf_to_megatron(fam.state_dict(), fam.config))
+        model = _single_model(cfg)
+        load_family_into(model, family_dir, cfg)
         save(out, model, extra={"step": 0, "source": str(family_dir)})
 
 
 def to_hf(ckpt: Path, family_dir: Path, out: Path) -> None:
-    """Megatron checkpoint -> HF family directory (config and tokenizer from `family_dir`)."""
-    from transformers import AutoTokenizer
-
-    from ruyi_core.family.io import save_family
-    from ruyi_core.family.modeling import RuyiForCausalLM
-    from ruyi_core.megatron.convert import megatron_to_hf
+    """Megatron checkpoint -> HF family directory (config and tokenizer from `family_dir`), written module by
+    module in the family's weights dtype: one copy of the weights in memory."""
+    from ruyi_core.family.config import RuyiConfig
+    from ruyi_core.family.io import load_tokenizer, save_family_files
+    from ruyi_core.megatron.convert import write_family_weights
     from ruyi_core.megatron.cpu import cpu_shim, seed_everything
 
     init_distributed()
     with cpu_shim():
-        fam = RuyiForCausalLM.from_pretrained(family_dir, dtype=torch.float32)
+        cfg = RuyiConfig.from_pretrained(family_dir)
         seed_everything(0)
-        model = _single_model(fam.config)
+        model = _single_model(cfg)
         load(ckpt, model)
-        sd = {k: v.float() for k, v in megatron_to_hf(model.state_dict(), fam.config).items()}
-        fam.load_state_dict(sd, strict=True)
-        save_family(fam, AutoTokenizer.from_pretrained(family_dir), out)
+        write_family_weights(model, cfg, out, getattr(torch, cfg.weights_dtype))
+        save_family_files(cfg, load_tokenizer(Path(family_dir)), out)
 
 
 def main(argv=None) -> None:

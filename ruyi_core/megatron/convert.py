@@ -42,10 +42,47 @@ def hf_to_megatron(sd: dict, cfg) -> dict:
     return names.convert(sd, cfg, "family", "megatron", transform=_values(cfg))
 
 
-def megatron_to_hf(sd: dict, cfg) -> dict:
-    """FamilyGPT state dict (TP=1, PP=1) -> HF family state dict. Shared heads are not trained apart on
-    megatron (each exit has its own output layer), so the export keeps the last exit's head."""
-    return names.convert(sd, cfg, "megatron", "family", transform=_values(cfg))
+def megatron_to_hf(sd: dict, cfg, into=None) -> dict:
+    """FamilyGPT state dict (TP=1, PP=1) -> HF family state dict (or into `into`, module by module). Shared
+    heads are not trained apart on megatron (each exit has its own output layer): the last exit's is kept."""
+    return names.convert(sd, cfg, "megatron", "family", transform=_values(cfg), into=into)
+
+
+class _CopyInto:
+    """A sink for names.convert: each converted tensor is copied into the model's tensor of that name."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.dst = {k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
+        self.seen, self.unexpected = set(), []
+
+    def update(self, tensors: dict) -> None:
+        with torch.no_grad():
+            for k, v in tensors.items():
+                if k in self.dst:
+                    self.dst[k].copy_(v)
+                    self.seen.add(k)
+                else:
+                    self.unexpected.append(k)
+
+
+def load_family_into(model: torch.nn.Module, family_dir, cfg) -> None:
+    """A saved HF family's weights into a FamilyGPT (TP=1, PP=1), read from disk one module at a time."""
+    from ruyi_core.family.tensors import TensorFiles
+
+    sink = _CopyInto(model)
+    names.convert(TensorFiles(family_dir), cfg, "family", "megatron", transform=_values(cfg), into=sink)
+    missing = [k for k in sink.dst if k not in sink.seen and not k.endswith("_extra_state")]
+    if missing or sink.unexpected:
+        raise ValueError(f"megatron state dict mismatch: missing {missing[:4]}, unexpected {sink.unexpected[:4]}")
+
+
+def write_family_weights(model: torch.nn.Module, cfg, out, dtype: torch.dtype) -> None:
+    """A FamilyGPT's (TP=1, PP=1) weights as a family's safetensors shards in `dtype`, one module at a time."""
+    from ruyi_core.family.tensors import ShardWriter
+
+    writer = ShardWriter(out, dtype)
+    megatron_to_hf(model.state_dict(), cfg, into=writer)
+    writer.close()
 
 
 def load_into(model: torch.nn.Module, megatron_sd: dict) -> None:

@@ -94,22 +94,17 @@ def load_sharing(path: Path, runtime, loaded: list[torch.nn.Module]) -> tuple[to
     read one block at a time: a block equal to the one at the same place in an already `loaded` tier (the
     trunk both carry; the embeddings) is that tier's module, never a second copy in memory. Returns the model
     and how many modules it shares."""
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from ruyi_core.family.tensors import TensorFiles
 
     cfg = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=runtime.dtype)
-    where = {}
-    for f in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(f, "pt") as st:
-            where.update(dict.fromkeys(st.keys(), f))
+    files = TensorFiles(path)
     shared, others = 0, [_units(m) for m in loaded]
     for prefix, module in _units(model).items():
-        sd = {}
-        for k in [k for k in where if k.startswith(prefix)]:
-            with safe_open(where[k], "pt") as st:
-                sd[k[len(prefix):]] = st.get_tensor(k).to(runtime.device, runtime.dtype)
+        sd = {k[len(prefix):]: files[k].to(runtime.device, runtime.dtype) for k in files if k.startswith(prefix)}
         if not sd:  # a tied head: tied below
             continue
         twin = next((u[prefix] for u in others if prefix in u and _equal(u[prefix], sd)), None)

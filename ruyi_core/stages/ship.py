@@ -122,29 +122,21 @@ def same_weights(export_dir: Path, family_dir: Path, exit_point: int) -> bool:
     exactly the tensors the saved family's exit exports to, name for name, bit for bit (one tensor in memory
     at a time)."""
     import torch
-    from safetensors import safe_open
 
     from ruyi_core.family import names
     from ruyi_core.family.config import RuyiConfig
+    from ruyi_core.family.tensors import TensorFiles
 
-    cfg = RuyiConfig.from_pretrained(family_dir)
-    where = {}  # family tensor name -> its file
-    for f in sorted(Path(family_dir).glob("*.safetensors")):
-        with safe_open(f, "pt") as st:
-            where.update(dict.fromkeys(st.keys(), f))
-    want = names.convert({k: k for k in where}, cfg, "family", "tier", exit_point)  # tier name -> family name
-    seen = set()
-    for f in sorted(Path(export_dir).glob("*.safetensors")):
-        with safe_open(f, "pt") as st:
-            for k in st.keys():
-                if k not in want:
-                    return False
-                with safe_open(where[want[k]], "pt") as fam:
-                    a, b = st.get_tensor(k), fam.get_tensor(want[k])
-                if a.dtype != b.dtype or not torch.equal(a, b):
-                    return False
-                seen.add(k)
-    return seen == set(want)
+    family, export = TensorFiles(family_dir), TensorFiles(export_dir)
+    want = names.convert({k: k for k in family}, RuyiConfig.from_pretrained(family_dir), "family", "tier",
+                         exit_point)  # tier name -> family name
+    if set(export) != set(want):
+        return False
+    for k in export:
+        a, b = export[k], family[want[k]]
+        if a.dtype != b.dtype or not torch.equal(a, b):
+            return False
+    return True
 
 
 def promote(spec: RunSpec, store: ArtifactStore, plan: RunPlan, packages: list[Package]) -> Promotion:

@@ -143,6 +143,11 @@ def _credentials(root: Path) -> tuple[str, str]:
     return access, secret
 
 
+# SeaweedFS keeps deleted objects' bytes until a vacuum (by default every 14 minutes, once 30% of a volume is
+# garbage); pruned checkpoints are ~16 bytes a parameter, so the disk gets them back within a minute (MinIO: at once).
+VACUUM = ("-master.vacuumIntervalSeconds=60", "-master.garbageThreshold=0.1")
+
+
 def _alive_weed(pid: int | None, data_dir: Path) -> bool:
     """True when `pid` is a running (not zombie) `weed mini` serving `data_dir`: a recycled pid is not."""
     if not pid:
@@ -243,7 +248,7 @@ def serve(root: Path = DEFAULT_ROOT, port: int | None = None, *, timeout_s: floa
             raise StoreError(f"port {port} on 127.0.0.1 is in use: pick another with --port, or omit it")
         args = [str(weed_binary()), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 f"-s3.config={root / 's3.json'}", "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
-                "-s3.port.iceberg=0", "-s3.port.lance=0", *(f"-{k}={v}" for k, v in ports.items())]
+                "-s3.port.iceberg=0", "-s3.port.lance=0", *VACUUM, *(f"-{k}={v}" for k, v in ports.items())]
         log = root / "weed.log"
         with open(log, "ab") as out:
             out.write(f"\n--- ruyi: starting weed mini at {datetime.now(timezone.utc).isoformat()}\n".encode())
