@@ -67,8 +67,12 @@ def run_pipeline(spec_path: Path) -> list[dict]:
     return rows
 
 
-def model_bytes(spec, store) -> dict[str, float]:
-    """The largest model each stage handles, in bytes of the family's dtype, and the plan's memory per stage."""
+TRAINING = {"cpt", "sft", "dae_cpt", "dae_sft", "grpo"}
+
+
+def model_sizes(spec, store) -> dict[str, dict]:
+    """Per stage: the largest model it holds, in GiB of the dtype it holds it in (a family as saved is bf16; models
+    the CPU computes with are fp32), and for the training stages the plan's memory."""
     from ruyi_core.plan import plan_run
 
     def store_config(base: str) -> dict:
@@ -76,9 +80,18 @@ def model_bytes(spec, store) -> dict[str, float]:
         return json.loads(got[0])
 
     dev, a, plans = plan_run(spec, "cpu", store_config=store_config)
-    fam = a.family(spec.family.exit_points, spec.family.shared_heads)
-    out = {p.stage: {"model_gib": p.parameters * 2 / 2**30, "plan_gib": p.total / 2**30} for p in plans}
-    out["family"] = {"model_gib": fam * 2 / 2**30}
+    exits, gib = spec.family.exit_points, 2**-30
+    fam = a.family(exits, spec.family.shared_heads)
+    p_dae = spec.family.tiers[spec.dae.tier]
+    added = a.tier(p_dae, spec.dae.blocks) - a.tier(p_dae) if spec.dae.enabled else 0
+    deepest, end_tier = a.tier(exits[-1]), a.tier(p_dae, spec.dae.blocks if spec.dae.enabled else 0)
+    held = {"init_family": (fam, 2, "family, bf16"), "dae_expand": (fam, 4, "family, fp32"),
+            "svd_compress": max((fam + added, 2, "family, bf16"), (end_tier, 4, "tier, fp32")),
+            "export_tier": (fam + added, 2, "family, bf16"), "package": (deepest, 4, "deepest tier, fp32"),
+            "report": (deepest, 4, "deepest tier, fp32")}
+    out = {s: {"model_gib": n * b * gib, "held": what} for s, (n, b, what) in held.items()}
+    for p in plans:
+        out[p.stage] = {"model_gib": p.parameters * 4 * gib, "held": "trained, fp32", "plan_gib": p.total * gib}
     return out
 
 
@@ -94,14 +107,25 @@ def main() -> None:
     store = ArtifactStore.from_spec(spec.store)
     make_base(spec, store)
     rows = run_pipeline(args.spec)
-    sizes = model_bytes(spec, store)
-    print(f"\n{'stage':<14} {'wall s':>8} {'peak GiB':>9} {'model GiB':>10} {'plan GiB':>9}  (model: the largest model "
-          "the stage loads, 2 bytes a parameter; plan: `ruyi plan --gpu cpu`, training stages)")
+    sizes = model_sizes(spec, store)
+    print(f"\n{'stage':<14} {'wall s':>8} {'peak GiB':>9} {'model GiB':>10} {'limit GiB':>10} {'plan GiB':>9}  (model: the "
+          "largest model the stage holds; limit: 1.5 x model + 1 GiB, for stages that do not train; plan: "
+          "`ruyi plan --gpu cpu`, for those that do)")
     for r in rows:
-        s = sizes.get(r["stage"], sizes["family"])
-        r |= {"model_gib": round(s["model_gib"], 2), "plan_gib": round(s.get("plan_gib", 0), 2) or None}
-        plan = f"{r['plan_gib']:.2f}" if r["plan_gib"] else "-"
-        print(f"{r['stage']:<14} {r['seconds']:>8.1f} {r['peak_mib'] / 1024:>9.2f} {r['model_gib']:>10.2f} {plan:>9}")
+        peak = r["peak_mib"] / 1024
+        if r["stage"] not in sizes:  # data stages: no model
+            print(f"{r['stage']:<14} {r['seconds']:>8.1f} {peak:>9.2f}")
+            continue
+        s = sizes[r["stage"]]
+        r |= {"model_gib": round(s["model_gib"], 2), "held": s["held"]}
+        if r["stage"] in TRAINING:
+            r["plan_gib"] = round(s["plan_gib"], 2)
+            cols = f"{'-':>10} {r['plan_gib']:>9.2f}"
+        else:
+            r["limit_gib"] = round(1.5 * s["model_gib"] + 1, 2)
+            r["within_limit"] = peak <= r["limit_gib"]
+            cols = f"{r['limit_gib']:>10.2f} {'-':>9}" + ("" if r["within_limit"] else "  OVER")
+        print(f"{r['stage']:<14} {r['seconds']:>8.1f} {peak:>9.2f} {r['model_gib']:>10.2f} {cols}  ({s['held']})")
     print(f"total wall {sum(r['seconds'] for r in rows):.0f} s")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

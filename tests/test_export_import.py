@@ -203,11 +203,12 @@ print(kib("VmHWM:") - base)
 """
 
 
-def fam_parameters(family_dir) -> int:
+def fam_parameters(family_dir) -> tuple[int, int]:
+    """(parameters, those of the largest tensor) of a saved family."""
     from ruyi_core.family.tensors import TensorFiles
 
-    files = TensorFiles(family_dir)
-    return sum(files[k].numel() for k in files)
+    sizes = [t.numel() for t in TensorFiles(family_dir).values()]
+    return sum(sizes), max(sizes)
 
 
 def test_qwen3_shaped_base_from_s3_through_init_export_and_conversion(tmp_path, store, micro_base):
@@ -252,7 +253,7 @@ def test_qwen3_shaped_base_from_s3_through_init_export_and_conversion(tmp_path, 
     with torch.no_grad():
         assert torch.equal(tier(ids).logits, fam(ids, exit_point=1).logits)
     del tier, fam
-    n = fam_parameters(tmp_path / "family")
+    n, largest = fam_parameters(tmp_path / "family")
     peaks = {}
     for cmd, args in (("from-hf", ["--family", tmp_path / "family", "--out", tmp_path / "mcore"]),
                       ("to-hf", ["--ckpt", tmp_path / "mcore", "--family", tmp_path / "family",
@@ -260,9 +261,9 @@ def test_qwen3_shaped_base_from_s3_through_init_export_and_conversion(tmp_path, 
         r = subprocess.run([sys.executable, "-c", CONVERT_PEAK, cmd, *map(str, args)], check=True,
                            capture_output=True, text=True)
         peaks[cmd] = int(r.stdout.split()[-1]) * 1024 / (n * 4)  # the conversion's own peak, in fp32 copies
-    # streamed module by module: the megatron model is the one whole copy (to-hf: beside the copy megatron's
-    # checkpoint load makes), never the family as well
-    assert peaks["from-hf"] < 1.4 and peaks["to-hf"] < 2.4, peaks
+    # streamed module by module: the megatron model is the one whole copy, beside a few copies of its largest
+    # tensor (an embedding: 30% of this model); holding the family too (as before) measured 2.68 copies
+    assert max(peaks.values()) < 1 + 3 * largest / n, peaks
     from safetensors.torch import load_file
 
     a, b = ({k: v for f in sorted((tmp_path / d).glob("*.safetensors")) for k, v in load_file(f).items()}

@@ -147,7 +147,13 @@ def collect_gram(model: nn.Module, names: list[str], batches: Iterable[dict],
 
 # ------------------------------------------------------------------------------------------ factorisation
 
-def _whitened_svd(W: torch.Tensor, S: torch.Tensor, eps: float):
+ROWS = 8192  # rows of W in float64 at a time: a vocabulary-sized head is never copied whole
+
+
+def _whitened_spectrum(W: torch.Tensor, S: torch.Tensor, eps: float):
+    """Sw (descending) and the right singular vectors Vh of M = W Us sqrt(Ss), with Us and s = sqrt(Ss), from
+    the in x in Gram M^T M = s Us^T (W^T W) Us s (float64, W^T W summed over row blocks of W). Uw = M Vh^T / Sw
+    is never formed: for a head of vocabulary x hidden, M and Uw would be float64 copies of it."""
     if W.dim() != 2 or tuple(S.shape) != (W.shape[1], W.shape[1]):
         raise CompressionError(f"S must be [in, in] for W {tuple(W.shape)}, got {tuple(S.shape)}")
     S = S.to(torch.float64)
@@ -156,30 +162,38 @@ def _whitened_svd(W: torch.Tensor, S: torch.Tensor, eps: float):
     if not top > 0:
         raise CompressionError("S has no positive eigenvalue: the layer saw no non-zero calibration input")
     s = evals.clamp_min(eps * top).sqrt()  # sqrt(Ss), guarded (see EPS)
-    Uw, Sw, Vh = torch.linalg.svd((W.to(torch.float64) @ Us) * s, full_matrices=False)
-    return Uw, Sw, Vh, Us, s
+    wtw = torch.zeros(W.shape[1], W.shape[1], dtype=torch.float64, device=W.device)
+    for rows in W.split(ROWS):
+        r64 = rows.to(torch.float64)
+        wtw.addmm_(r64.T, r64)
+    us_s = Us * s
+    g = us_s.T @ wtw @ us_s
+    ev, V = torch.linalg.eigh((g + g.T) / 2)
+    return ev.flip(0).clamp_min(0).sqrt(), V.flip(1).T, Us, s
 
 
 def whitened_factors(W: torch.Tensor, S: torch.Tensor, rank: int,
                      eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-`rank` factors A [out, r], B [r, in] with A @ B = Uw_r Sw_r Vw_r^T sqrt(Ss)^-1 Us^T, in W's dtype.
 
-    sqrt(Sw_r) goes to each side, so both factors have the same scale (kinder to bf16 and to fine-tuning).
+    sqrt(Sw_r) goes to each side, so both factors have the same scale (kinder to bf16 and to fine-tuning):
+    A = Uw_r sqrt(Sw_r) = W Us s Vw_r / sqrt(Sw_r), made a block of W's rows at a time.
     Eigenvalues of S below eps * max are clamped to it (see EPS)."""
-    Uw, Sw, Vh, Us, s = _whitened_svd(W, S, eps)
+    Sw, Vh, Us, s = _whitened_spectrum(W, S, eps)
     if not 0 <= rank <= Sw.numel():
         raise CompressionError(f"rank must be in [0, {Sw.numel()}], got {rank}")
     root = Sw[:rank].sqrt()
-    A = Uw[:, :rank] * root
-    B = ((root[:, None] * Vh[:rank]) / s) @ Us.T
+    right = (Us * s) @ Vh[:rank].T / torch.where(root > 0, root, torch.ones_like(root))  # a zero Sw: a zero column
     dtype = W.dtype if W.is_floating_point() else torch.float32
-    return A.to(dtype), B.to(dtype)
+    A = torch.cat([(rows.to(torch.float64) @ right).to(dtype) for rows in W.split(ROWS)])
+    B = ((root[:, None] * Vh[:rank]) / s) @ Us.T
+    return A, B.to(dtype)
 
 
 def truncation_losses(W: torch.Tensor, S: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """float64 [min(out, in) + 1]: entry r is ||W X - W'_r X||_F = sqrt(sum_{i >= r} Sw_i^2); entry 0 is
     ||W X||_F, the last is 0."""
-    Sw = _whitened_svd(W, S, eps)[1]
+    Sw = _whitened_spectrum(W, S, eps)[0][:min(W.shape)]
     tail = (Sw ** 2).flip(0).cumsum(0).flip(0)  # summed from the smallest up: accurate small tails
     return torch.cat([tail, tail.new_zeros(1)]).clamp_min(0).sqrt()
 

@@ -158,8 +158,9 @@ def tier_state_dict(family: RuyiForCausalLM, exit_point: int) -> dict[str, torch
     return {n: t.detach().to(dtype).contiguous() for n, t in sd.items()}
 
 
-def tier_config(family: RuyiForCausalLM, exit_point: int):
-    c = family.config
+def tier_config(family: RuyiForCausalLM | RuyiConfig, exit_point: int):
+    """The plain Qwen3 (Qwen2) config of the tier at `exit_point` of a family (or of its config)."""
+    c = getattr(family, "config", family)
     kw = {f: getattr(c, f) for f in _ARCH_FIELDS}
     depth = c.tier_depth(exit_point)
     kw.update(num_hidden_layers=depth, rope_parameters=c.rope_parameters, tie_word_embeddings=False,

@@ -7,7 +7,9 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ruyi_core.errors import RuyiError
-from ruyi_core.family.convert import build_preset_base, export_tier, family_from_base, generation_config, load_base
+from ruyi_core.family.config import RuyiConfig
+from ruyi_core.family.convert import (build_preset_base, export_tier, family_from_base, generation_config, load_base,
+                                      tier_config)
 from ruyi_core.family.modeling import RuyiForCausalLM
 from ruyi_core.family.presets import PRESETS
 from ruyi_core.spec import FamilySpec, check_exit_points
@@ -67,6 +69,25 @@ def load_family(path: str | Path, runtime=None, stored_dtype: bool = False) -> t
         model = (runtime.load(RuyiForCausalLM, path) if runtime is not None else
                  RuyiForCausalLM.from_pretrained(path, dtype=torch.float32).eval())
     return model, load_tokenizer(path)
+
+
+def load_tier(family_dir: str | Path, exit_point: int, runtime):
+    """The standalone tier at `exit_point` of a saved family (what export_tier writes), in `runtime`, read from
+    the family's files a tensor at a time: the family itself is never in memory."""
+    from transformers import AutoModelForCausalLM
+
+    from ruyi_core.family import names
+    from ruyi_core.family.tensors import TensorFiles
+
+    cfg = RuyiConfig.from_pretrained(family_dir)
+    tier_cfg = tier_config(cfg, exit_point)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(tier_cfg, dtype=runtime.dtype)
+    sd = names.convert(TensorFiles(family_dir, runtime.dtype), cfg, "family", "tier", exit_point)
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=tier_cfg)  # computed, not stored
+    model.generation_config = generation_config(load_tokenizer(Path(family_dir)), tier_cfg)
+    return model.to(runtime.device).eval()
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:

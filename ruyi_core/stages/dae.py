@@ -186,7 +186,7 @@ def _sweep(dense, tok, cfg, d, calib, texts, log=print):
     ratios = sorted({*d.sweep, d.svd_ratio})
     for i, ratio in enumerate(ratios, 1):
         started = time.perf_counter()
-        model = copy.deepcopy(dense)
+        model = _copy_sharing(dense, names)
         rep = compress(model, names, groups, cal, ratio)
         loss = heldout_loss(model, tok, texts)
         row = {"ratio": ratio, "removed_fraction": rep.removed_fraction, "heldout_loss": loss,
@@ -198,6 +198,14 @@ def _sweep(dense, tok, cfg, d, calib, texts, log=print):
         if ratio == d.svd_ratio:
             chosen = (model, rep, row)
     return chosen, rows, base_loss
+
+
+def _copy_sharing(model, names: list[str]):
+    """A copy of `model` whose Linears in `names` (what compression replaces) are its own and whose every other
+    tensor is `model`'s: a sweep ratio costs the compressed matrices, not a copy of the tier."""
+    own = tuple(f"{n}." for n in names)
+    memo = {id(t): t for n, t in [*model.named_parameters(), *model.named_buffers()] if not n.startswith(own)}
+    return copy.deepcopy(model, memo)
 
 
 def _save_compressed(model, rep, rows: list[dict], base_loss: float, tok, out: Path) -> None:

@@ -6,6 +6,7 @@ so new evaluation settings re-package the same version, and other weights under 
 """
 from __future__ import annotations
 
+import gc
 import json
 import tempfile
 import time
@@ -83,6 +84,7 @@ def _package(run: StageRun, plan: RunPlan, row: dict) -> dict:
     evaluation["parameters"] = int(row["parameters"])  # a factored tier's own count (the dense one is larger)
     evaluation["bytes_on_disk"] = int(row["weight_bytes"])
     del model
+    gc.collect()  # the harness's wrappers refer to the model in cycles: freed now, before the family's tier loads
     evaluation.update(_family_comparison(run, tier, evaluation, say))
     pkg = build_package(run.fetch("export"), run.work / "package", family=family, version=plan.version, tier=tier,
                         target=spec.package.targets.get(tier, tier), evaluation=evaluation,
@@ -101,7 +103,7 @@ def _family_comparison(run: StageRun, tier: str, evaluation: dict, say) -> dict:
     whose weights differ (SVD-compressed) is evaluated on the family too."""
     from ruyi_core.eval import evaluate
     from ruyi_core.family.config import RuyiConfig
-    from ruyi_core.family.io import load_family
+    from ruyi_core.family.io import load_tier, load_tokenizer
     from ruyi_core.runtime import for_spec
 
     cfg = RuyiConfig.from_pretrained(run.fetch("family"))
@@ -112,8 +114,10 @@ def _family_comparison(run: StageRun, tier: str, evaluation: dict, say) -> dict:
         say(f"the family at exit {p} has the same weights as the package: its scores are the package's")
         return {"family": _scores(evaluation), "family_same_weights": True}
     say(f"the package's weights differ from the family's at exit {p}: evaluating the family there too")
-    fam, tok = load_family(run.fetch("family"), for_spec(run.spec))
-    scores = evaluate(fam, tok, run.spec, run.work, run.store, exit_point=p, log=lambda m: say(f"family {m}"))
+    # the family at exit p is its dense tier there (the same logits): only that tier is loaded
+    model = load_tier(run.fetch("family"), p, for_spec(run.spec))
+    scores = evaluate(model, load_tokenizer(run.fetch("family")), run.spec, run.work, run.store,
+                      log=lambda m: say(f"family {m}"))
     return {"family": _scores(scores), "family_same_weights": False}
 
 
