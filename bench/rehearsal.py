@@ -90,7 +90,7 @@ def model_sizes(spec, store) -> dict[str, dict]:
             "export_tier": (fam + added, 2, "family, bf16"), "package": (deepest, 4, "deepest tier, fp32"),
             "report": (deepest, 4, "deepest tier, fp32")}
     out = {s: {"model_gib": n * b * gib, "held": what} for s, (n, b, what) in held.items()}
-    for p in plans:
+    for p in (p for p in plans if p.stage in TRAINING):
         out[p.stage] = {"model_gib": p.parameters * 4 * gib, "held": "trained, fp32", "plan_gib": p.total * gib}
     return out
 

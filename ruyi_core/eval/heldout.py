@@ -35,23 +35,28 @@ def heldout_prompts(spec) -> list[dict]:
 
 
 @torch.no_grad()
-def heldout_loss(model, tokenizer, texts: list[str], exit_point: int | None = None, batch: int = 16) -> float:
-    """Mean cross-entropy per predicted token over `texts` (each followed by EOS)."""
+def heldout_loss(model, tokenizer, texts: list[str], exit_point: int | None = None, batch: int = 16,
+                 logit_bytes: int = 2**28) -> float:
+    """Mean cross-entropy per predicted token over `texts` (each followed by EOS). Batches shrink so that one
+    batch's logits stay within `logit_bytes` (a 152k vocabulary makes 0.6 MB of fp32 logits per token)."""
     model.eval()
     total, count = 0.0, 0
     kw = {} if exit_point is None else {"exit_point": exit_point}
-    for i in range(0, len(texts), batch):
-        enc = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts[i:i + batch]]
-        n = max(map(len, enc))
-        ids = torch.full((len(enc), n), tokenizer.pad_token_id or 0)
-        mask = torch.zeros(len(enc), n, dtype=torch.long)
-        for j, e in enumerate(enc):  # right padding: labels of padded positions are ignored
+    enc = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    longest = max(map(len, enc), default=1)
+    batch = max(1, min(batch, logit_bytes // (4 * model.config.vocab_size * longest)))
+    for i in range(0, len(enc), batch):
+        part = enc[i:i + batch]
+        n = max(map(len, part))
+        ids = torch.full((len(part), n), tokenizer.pad_token_id or 0)
+        mask = torch.zeros(len(part), n, dtype=torch.long)
+        for j, e in enumerate(part):  # right padding: labels of padded positions are ignored
             ids[j, : len(e)] = torch.tensor(e)
             mask[j, : len(e)] = 1
-        logits = model(ids, attention_mask=mask, **kw).logits[:, :-1].float()
+        logits = model(ids, attention_mask=mask, **kw).logits
         labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                                 reduction="sum")
-        total += loss.item()
+        for j in range(len(part)):  # a row at a time: no flattened copy of the batch's logits
+            total += torch.nn.functional.cross_entropy(logits[j, :-1].float(), labels[j], ignore_index=-100,
+                                                       reduction="sum").item()
         count += int((labels != -100).sum())
     return total / max(count, 1)

@@ -147,6 +147,7 @@ def svd_compress(spec: RunSpec, store: ArtifactStore, family: str, packed_pretra
         dense = for_spec(spec).load(Qwen3ForCausalLM, run.work / "dense")
         tok = AutoTokenizer.from_pretrained(run.work / "dense")
         calib = _calibration(run, spec.data.seq_length, d.calib_samples)
+        n_dense = dense.num_parameters()  # the sweep's last ratio compresses `dense` itself
         chosen, rows, base_loss = _sweep(dense, tok, cfg, d, calib, heldout_texts(spec, run.work), run.log)
         model, rep, row = chosen
         _save_compressed(model.to(getattr(torch, cfg.weights_dtype)), rep, rows, base_loss, tok, run.out)
@@ -154,7 +155,7 @@ def svd_compress(spec: RunSpec, store: ArtifactStore, family: str, packed_pretra
                 "heldout_loss_dense": base_loss, "heldout_loss_compressed": row["heldout_loss"],
                 "relative_drop": row["relative_drop"],
                 "heldout_loss_unexpanded": run.manifest("expanded").metadata["heldout_loss_unexpanded"],
-                "factored_parameters": row["tier_parameters"], "dense_parameters": dense.num_parameters()}
+                "factored_parameters": row["tier_parameters"], "dense_parameters": n_dense}
 
     inputs = {"family": family, "packed": packed_pretrain, "expanded": expanded}
     return run_stage(SVD, spec, store, build, inputs=inputs)
@@ -186,7 +187,7 @@ def _sweep(dense, tok, cfg, d, calib, texts, log=print):
     ratios = sorted({*d.sweep, d.svd_ratio})
     for i, ratio in enumerate(ratios, 1):
         started = time.perf_counter()
-        model = _copy_sharing(dense, names)
+        model = dense if i == len(ratios) else _copy_sharing(dense, names)  # the last ratio needs no copy
         rep = compress(model, names, groups, cal, ratio)
         loss = heldout_loss(model, tok, texts)
         row = {"ratio": ratio, "removed_fraction": rep.removed_fraction, "heldout_loss": loss,
