@@ -146,7 +146,7 @@ def svd_compress(spec: RunSpec, store: ArtifactStore, family: str, packed_pretra
         del fam  # what is compressed is the tier: the family is not held beside it
         dense = for_spec(spec).load(Qwen3ForCausalLM, run.work / "dense")
         tok = AutoTokenizer.from_pretrained(run.work / "dense")
-        calib = _calibration(run, spec.data.seq_length, d.calib_samples)
+        calib = _calibration(run, spec.data.seq_length, d.calib_samples, cfg.vocab_size)
         n_dense = dense.num_parameters()  # the sweep's last ratio compresses `dense` itself
         chosen, rows, base_loss = _sweep(dense, tok, cfg, d, calib, heldout_texts(spec, run.work), run.log)
         model, rep, row = chosen
@@ -161,11 +161,13 @@ def svd_compress(spec: RunSpec, store: ArtifactStore, family: str, packed_pretra
     return run_stage(SVD, spec, store, build, inputs=inputs)
 
 
-def _calibration(run: StageRun, seq: int, n: int) -> list[dict]:
+def _calibration(run: StageRun, seq: int, n: int, vocab: int) -> list[dict]:
+    """`n` windows of `seq` tokens, in batches whose fp32 logits stay within 256 MiB (8 windows at most)."""
     from ruyi_core.megatron.data import TokenStream
 
     stream = TokenStream(run.fetch("packed"), seq, seed=12345)
-    return [{"input_ids": stream.batch(i, 8)["tokens"]} for i in range(0, n, 8)]
+    per = max(1, min(8, 2**28 // (4 * vocab * seq)))
+    return [{"input_ids": stream.batch(i, min(per, n - i))["tokens"]} for i in range(0, n, per)]
 
 
 def _sweep(dense, tok, cfg, d, calib, texts, log=print):
