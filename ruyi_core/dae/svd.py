@@ -49,14 +49,16 @@ class LowRankLinear(nn.Module):
         return self.up(self.down(x))
 
     @classmethod
-    def from_factors(cls, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None) -> LowRankLinear:
-        """A: [out, r] (up.weight), B: [r, in] (down.weight); the tensors are copied."""
+    def from_factors(cls, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None,
+                     take: bool = False) -> LowRankLinear:
+        """A: [out, r] (up.weight), B: [r, in] (down.weight); the tensors are copied, or with `take` (fresh
+        factors no one else holds) used as they are."""
         if A.dim() != 2 or B.dim() != 2 or A.shape[1] != B.shape[0]:
             raise CompressionError(f"factors must be [out, r] and [r, in], got {tuple(A.shape)}, {tuple(B.shape)}")
         # Built on the meta device so no random init is spent on weights we overwrite at once.
         mod = cls(B.shape[1], A.shape[0], A.shape[1], bias=bias is not None, device="meta", dtype=A.dtype)
-        mod.up.weight = nn.Parameter(A.detach().clone())
-        mod.down.weight = nn.Parameter(B.detach().clone().to(A))
+        mod.up.weight = nn.Parameter(A.detach() if take else A.detach().clone())
+        mod.down.weight = nn.Parameter((B.detach() if take else B.detach().clone()).to(A))
         if bias is not None:
             mod.up.bias = nn.Parameter(bias.detach().clone().to(A))
         return mod
@@ -185,7 +187,9 @@ def whitened_factors(W: torch.Tensor, S: torch.Tensor, rank: int,
     root = Sw[:rank].sqrt()
     right = (Us * s) @ Vh[:rank].T / torch.where(root > 0, root, torch.ones_like(root))  # a zero Sw: a zero column
     dtype = W.dtype if W.is_floating_point() else torch.float32
-    A = torch.cat([(rows.to(torch.float64) @ right).to(dtype) for rows in W.split(ROWS)])
+    A = torch.empty(W.shape[0], rank, dtype=dtype, device=W.device)
+    for rows, out in zip(W.split(ROWS), A.split(ROWS)):
+        out.copy_(rows.to(torch.float64) @ right)
     B = ((root[:, None] * Vh[:rank]) / s) @ Us.T
     return A, B.to(dtype)
 
@@ -362,10 +366,10 @@ def compress(model: nn.Module, names: list[str], groups: dict[str, str], batches
     ranks = allocate_ranks(shapes, cal.losses, {n: groups[n] for n in names}, ratio)
     report = CompressionReport(ratio=ratio)
     with torch.no_grad():
-        for n in names:
-            lin, r, (m, k), losses = mods[n], ranks[n], shapes[n], cal.losses[n]
+        for n in names:  # popped: each dense Linear is freed once its factors replace it
+            lin, r, (m, k), losses = mods.pop(n), ranks[n], shapes[n], cal.losses[n]
             A, B = whitened_factors(lin.weight.detach(), cal.grams[n], r, eps)
-            new = LowRankLinear.from_factors(A, B, None if lin.bias is None else lin.bias.detach())
+            new = LowRankLinear.from_factors(A, B, None if lin.bias is None else lin.bias.detach(), take=True)
             new.requires_grad_(lin.weight.requires_grad)
             _set_submodule(model, n, new)
             total = float(losses[0])
@@ -384,8 +388,11 @@ def materialize(model: nn.Module) -> nn.Module:
         up, down = lr.up, lr.down
         dense = nn.Linear(lr.in_features, lr.out_features, bias=up.bias is not None, device="meta",
                           dtype=up.weight.dtype)
-        with torch.no_grad():
-            W = (up.weight.to(torch.float64) @ down.weight.to(torch.float64)).to(up.weight.dtype)
+        W = torch.empty(lr.out_features, lr.in_features, dtype=up.weight.dtype, device=up.weight.device)
+        with torch.no_grad():  # by row blocks: a vocabulary-sized head is never whole in float64
+            down64 = down.weight.to(torch.float64)
+            for rows, a in zip(W.split(ROWS), up.weight.split(ROWS)):
+                rows.copy_(a.to(torch.float64) @ down64)
         dense.weight = nn.Parameter(W, requires_grad=up.weight.requires_grad)
         if up.bias is not None:
             dense.bias = nn.Parameter(up.bias.detach().clone(), requires_grad=up.bias.requires_grad)
