@@ -86,7 +86,8 @@ def model_sizes(spec, store) -> dict[str, dict]:
     added = a.tier(p_dae, spec.dae.blocks) - a.tier(p_dae) if spec.dae.enabled else 0
     deepest, end_tier = a.tier(exits[-1]), a.tier(p_dae, spec.dae.blocks if spec.dae.enabled else 0)
     held = {"init_family": (fam, 2, "family, bf16"), "dae_expand": (fam, 4, "family, fp32"),
-            "svd_compress": max((fam + added, 2, "family, bf16"), (end_tier, 4, "tier, fp32")),
+            "svd_compress": max((fam + added, 2, "family, bf16"), (end_tier, 4, "the end tier, fp32"),
+                                key=lambda m: m[0] * m[1]),
             "export_tier": (fam + added, 2, "family, bf16"), "package": (deepest, 4, "deepest tier, fp32"),
             "report": (deepest, 4, "deepest tier, fp32")}
     out = {s: {"model_gib": n * b * gib, "held": what} for s, (n, b, what) in held.items()}
