@@ -155,3 +155,29 @@ def test_grpo_kl_reference_is_initial_policy(tier, prompts, tmp_path):
     frozen = load_file(tier / "model.safetensors")
     after = load_file(tmp_path / "out" / "model.safetensors")
     assert all(torch.equal(t, after[n]) for n, t in frozen.items() if not any(n.startswith(p) for p in TRAINABLE))
+
+
+def test_worker_takes_its_inputs_from_the_store_and_publishes_the_policy(tier, prompts, tmp_path, s3_server, store):
+    """The GRPO worker as a TrainJob runs it: its inputs as one artifact, its policy published as another."""
+    import subprocess
+    import sys
+
+    from ruyi_core.rl.worker import INPUTS
+    from ruyi_core.spec import RunSpec
+
+    train, heldout = prompts
+    given = tmp_path / "given"
+    shutil.copytree(tier, given / INPUTS["tier"])
+    (given / INPUTS["prompts"]).write_text("".join(json.dumps(r) + "\n" for r in train))
+    (given / INPUTS["heldout"]).write_text(json.dumps(heldout))
+    store.put_artifact("grpo/inputs", given, stage="grpo_inputs", spec_hash="")
+    spec = RunSpec.model_validate({"store": {"bucket": store.spec.bucket}, "rl": _spec().model_dump()})
+    r = subprocess.run([sys.executable, "-m", "ruyi_core.rl.worker", "--spec", spec.model_dump_json(),
+                        "--inputs", store.uri("grpo/inputs"), "--publish", store.uri("grpo/policy"),
+                        "--out", str(tmp_path / "scratch" / "out"), "--trainable", json.dumps(TRAINABLE)],
+                       capture_output=True, text=True, env={**__import__("os").environ, **s3_server.env()})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    store.get_artifact(store.uri("grpo/policy"), tmp_path / "policy")
+    res = json.loads((tmp_path / "policy" / "result.json").read_text())
+    assert res["steps"] == 2 and (tmp_path / "policy" / "model.safetensors").is_file()
+    assert store.read_manifest(store.uri("grpo/policy")).inputs[0].uri == store.uri("grpo/inputs")

@@ -215,6 +215,21 @@ def test_cpu_only_job_requests_no_gpus():
     assert _typed_roundtrip(body) == _strip_none(body)
 
 
+def test_grpo_runs_as_a_trainjob_of_its_own_workers():
+    """GRPO on the cluster: the same TrainJob, running the GRPO worker on one node, a process per GPU of the
+    `grpo` step's resources (not the trainer's layout)."""
+    from ruyi_core.megatron.trainjob import grpo_workers
+
+    base = _spec().model_dump()
+    base["pipeline"]["resources"] = {"grpo": {"cpu": "16", "memory": "200Gi", "gpus": 8}}
+    spec = RunSpec.model_validate(base)
+    tr = trainjob_body(spec, "grpo", "grpo", ["--inputs", "s3://ruyi/x"], grpo_workers(spec))["spec"]["trainer"]
+    assert tr["command"] == ["torchrun", "-m", "ruyi_core.rl.worker"] and tr["args"] == ["--inputs", "s3://ruyi/x"]
+    assert (tr["numNodes"], tr["numProcPerNode"]) == (1, 8)
+    assert tr["resourcesPerNode"]["limits"] == {"cpu": "16", "memory": "200Gi", "nvidia.com/gpu": "8"}
+    assert trainjob_body(spec, "cpt", "cpt", [])["spec"]["trainer"]["command"][-1] == "ruyi_core.megatron.trainer"
+
+
 def test_long_or_odd_names_become_valid_labels():
     long = job_name("Ruyi/CPT " + "x" * 100)
     assert len(long) <= 63 and long[0].isalpha() and long == job_name("Ruyi/CPT " + "x" * 100)

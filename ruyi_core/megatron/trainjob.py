@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from ruyi_core.errors import RuyiError
@@ -50,12 +51,22 @@ def _label_value(v: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", v)[:63].strip("-_.")
 
 
-def trainjob_body(spec: RunSpec, stage: str, name: str, args: list[str]) -> dict:
-    """The TrainJob custom object for one stage (a plain dict, ready for the API server)."""
-    tj = spec.train.trainjob
-    par = spec.train.parallel
-    gpus = tj.gpus_per_node
-    procs = gpus if gpus > 0 else 1
+@dataclass(frozen=True)
+class Workers:
+    """What a TrainJob runs: a module under torchrun, on `nodes` x `procs` processes with these resources."""
+
+    module: str
+    nodes: int
+    procs: int
+    gpus: int
+    cpu: str
+    memory: str
+
+
+def trainer_workers(spec: RunSpec) -> Workers:
+    """The megatron trainer over the spec's parallel layout and the TrainJob's nodes."""
+    tj, par = spec.train.trainjob, spec.train.parallel
+    procs = tj.gpus_per_node if tj.gpus_per_node > 0 else 1
     world = par.nodes * procs
     if world % (par.tp * par.pp):
         # Megatron needs the world size divisible by tp * pp: catch it before GPUs are allocated.
@@ -63,9 +74,23 @@ def trainjob_body(spec: RunSpec, stage: str, name: str, args: list[str]) -> dict
             f"train.parallel: tp*pp = {par.tp * par.pp} does not divide the TrainJob's {world} processes "
             f"(nodes {par.nodes} x {procs} per node): change train.parallel or train.trainjob.gpus_per_node"
         )
-    amounts = {"cpu": tj.cpu, "memory": tj.memory}
-    if gpus > 0:
-        amounts["nvidia.com/gpu"] = str(gpus)
+    return Workers(TRAINER_COMMAND[-1], par.nodes, procs, tj.gpus_per_node, tj.cpu, tj.memory)
+
+
+def grpo_workers(spec: RunSpec) -> Workers:
+    """GRPO's worker on one node, a process per GPU of the `grpo` step's resources (TRL shards generation)."""
+    r = spec.pipeline.resources_for("grpo")
+    return Workers("ruyi_core.rl.worker", 1, max(1, r.gpus), r.gpus, r.cpu, r.memory)
+
+
+def trainjob_body(spec: RunSpec, stage: str, name: str, args: list[str], workers: Workers | None = None) -> dict:
+    """The TrainJob custom object for one stage (a plain dict, ready for the API server); by default it runs
+    the megatron trainer."""
+    tj = spec.train.trainjob
+    w = workers or trainer_workers(spec)
+    amounts = {"cpu": w.cpu, "memory": w.memory}
+    if w.gpus > 0:
+        amounts["nvidia.com/gpu"] = str(w.gpus)
     secret = spec.pipeline.s3_secret
     env = [
         {"name": "RUYI_S3_ENDPOINT", "value": spec.store.endpoint},
@@ -87,10 +112,10 @@ def trainjob_body(spec: RunSpec, stage: str, name: str, args: list[str]) -> dict
             "runtimeRef": {"name": tj.runtime, "kind": "ClusterTrainingRuntime", "apiGroup": GROUP},
             "trainer": {
                 "image": tj.image,
-                "command": list(TRAINER_COMMAND),
+                "command": ["torchrun", "-m", w.module],
                 "args": [str(a) for a in args],
-                "numNodes": par.nodes,
-                "numProcPerNode": procs,
+                "numNodes": w.nodes,
+                "numProcPerNode": w.procs,
                 "resourcesPerNode": {"requests": dict(amounts), "limits": dict(amounts)},
                 "env": env,
             },
@@ -100,11 +125,11 @@ def trainjob_body(spec: RunSpec, stage: str, name: str, args: list[str]) -> dict
 
 def run_trainjob(spec: RunSpec, stage: str, name: str, args: list[str], *, api_client=None,
                  log: Callable[[str], Any] = print, poll_s: float | None = None,
-                 timeout_s: float | None = None) -> None:
+                 timeout_s: float | None = None, workers: Workers | None = None) -> None:
     """Submit the stage's TrainJob (or attach to one already there) and block until it completes."""
     from kubernetes import client
 
-    body = trainjob_body(spec, stage, name, args)
+    body = trainjob_body(spec, stage, name, args, workers)
     own_client = api_client is None
     api_client = api_client or _default_api_client()
     try:

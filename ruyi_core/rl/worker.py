@@ -4,7 +4,9 @@ generation batch over them), the same error protocol and the same death with its
     torchrun --nproc-per-node N -m ruyi_core.rl.worker --spec SPEC --tier DIR --out DIR --prompts JSONL \\
         --heldout JSON --trainable JSON
 
-Rank 0 writes the trained policy, rewards.jsonl / .png and result.json (the held-out rewards) to --out.
+Rank 0 writes the trained policy, rewards.jsonl / .png and result.json (the held-out rewards) to --out. On a
+cluster (a TrainJob) the inputs come as one artifact, `--inputs URI` (tier/, prompts.jsonl, heldout.json), and
+rank 0 publishes --out as the artifact `--publish URI`.
 """
 from __future__ import annotations
 
@@ -17,12 +19,20 @@ from pathlib import Path
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m ruyi_core.rl.worker")
     ap.add_argument("--spec", required=True, help="the run spec: a YAML file, or the spec itself as JSON")
-    ap.add_argument("--tier", type=Path, required=True, help="the exported tier to train")
+    ap.add_argument("--tier", type=Path, help="the exported tier to train")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--prompts", type=Path, required=True, help="training prompts, JSONL {prompt, answer}")
-    ap.add_argument("--heldout", type=Path, required=True, help="held-out prompts, a JSON list")
+    ap.add_argument("--prompts", type=Path, help="training prompts, JSONL {prompt, answer}")
+    ap.add_argument("--heldout", type=Path, help="held-out prompts, a JSON list")
+    ap.add_argument("--inputs", help="instead of the three above: an artifact with tier/, prompts.jsonl, heldout.json")
+    ap.add_argument("--publish", help="rank 0 uploads --out as this artifact")
     ap.add_argument("--trainable", required=True, help="JSON list of the parameter-name prefixes that train")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.inputs is None and None in (args.tier, args.prompts, args.heldout):
+        ap.error("pass --tier, --prompts and --heldout, or --inputs")
+    return args
+
+
+INPUTS = {"tier": "tier", "prompts": "prompts.jsonl", "heldout": "heldout.json"}  # an --inputs artifact's layout
 
 
 def run(args: argparse.Namespace) -> None:
@@ -38,6 +48,8 @@ def run(args: argparse.Namespace) -> None:
     rank = int(os.environ.get("RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if args.inputs:
+        _fetch_inputs(spec, args)
     prompts = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()]
     heldout = json.loads(args.heldout.read_text())
     with tempfile.TemporaryDirectory(prefix="ruyi-grpo-rank-") as scratch:
@@ -46,6 +58,22 @@ def run(args: argparse.Namespace) -> None:
                        log=_print if rank == 0 else (lambda m: None), runtime=for_spec(spec))
     if rank == 0:
         (args.out / "result.json").write_text(json.dumps(res))
+        if args.publish:
+            from ruyi_core.store import ArtifactStore
+
+            ArtifactStore.from_spec(spec.store).put_artifact(
+                args.publish, args.out, stage="grpo_policy", spec_hash=spec.fingerprint(),
+                inputs=[args.inputs] if args.inputs else [])
+
+
+def _fetch_inputs(spec, args: argparse.Namespace) -> None:
+    """Every process of a node reads the --inputs artifact; each downloads its own copy (a pod's scratch)."""
+    from ruyi_core.store import ArtifactStore
+
+    local = args.out.parent / f"grpo-inputs-{os.environ.get('LOCAL_RANK', 0)}"
+    ArtifactStore.from_spec(spec.store).get_artifact(args.inputs, local)
+    for name, rel in INPUTS.items():
+        setattr(args, name, local / rel)
 
 
 def _print(line: str) -> None:

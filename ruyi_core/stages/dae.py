@@ -84,7 +84,8 @@ def dae_expand(spec: RunSpec, store: ArtifactStore, family: str) -> Expanded:
 
 def grpo(spec: RunSpec, store: ArtifactStore, family: str, rl_raw: str) -> Grpo:
     """GRPO (TRL) on the exported tier with only its own parameters trainable, merged back into the family. It runs
-    as training does, under torchrun: one worker per GPU the step was given (one on the CPU)."""
+    as training does, on the training launcher: torchrun here, or a TrainJob on the cluster; one worker per GPU
+    the `grpo` step is given (one on the CPU)."""
 
     def build(run: StageRun) -> dict:
         from safetensors.torch import load_file
@@ -94,22 +95,36 @@ def grpo(spec: RunSpec, store: ArtifactStore, family: str, rl_raw: str) -> Grpo:
         from ruyi_core.family.convert import export_tier
         from ruyi_core.family.io import save_family
         from ruyi_core.launch import run_child, torchrun
+        from ruyi_core.rl.worker import INPUTS
 
         tier = spec.rl.tier
         fam, tok = _load(run, "rl", tier, stored=True)
-        export_tier(fam, tier, run.work / "tier", tok)
+        given = run.work / "grpo-inputs"  # laid out as the worker's --inputs artifact
+        export_tier(fam, tier, given / INPUTS["tier"], tok)
         own = tier_own_prefixes(fam.config, tier)
         del fam  # not held while the workers train: read again for the merge
-        with (run.work / "prompts.jsonl").open("w") as f:
+        with (given / INPUTS["prompts"]).open("w") as f:
             for rec in corpus_records(run, "rl", "rl"):
                 f.write(json.dumps(rec) + "\n")
-        (run.work / "heldout.json").write_text(json.dumps(heldout_prompts(spec)))
+        (given / INPUTS["heldout"]).write_text(json.dumps(heldout_prompts(spec)))
         policy = run.work / "policy"
-        workers = max(1, spec.pipeline.resources_for("grpo").gpus)
-        run_child(torchrun(workers, "ruyi_core.rl.worker", [
-            "--spec", spec.model_dump_json(), "--tier", str(run.work / "tier"), "--out", str(policy),
-            "--prompts", str(run.work / "prompts.jsonl"), "--heldout", str(run.work / "heldout.json"),
-            "--trainable", json.dumps(own)]), run.log)
+        args = ["--spec", spec.model_dump_json(), "--trainable", json.dumps(own)]
+        if spec.train.launcher == "local":
+            workers = max(1, spec.pipeline.resources_for("grpo").gpus)
+            run_child(torchrun(workers, "ruyi_core.rl.worker", [
+                *args, "--out", str(policy), *(a for n, rel in INPUTS.items() for a in (f"--{n}", str(given / rel)))]),
+                run.log)
+        else:  # a TrainJob: the inputs and the policy travel through the store, deleted once the output is stored
+            from ruyi_core.megatron.trainjob import grpo_workers, run_trainjob
+
+            sent, got = store.uri(f"{run.key}/inputs"), store.uri(f"{run.key}/policy")
+            store.put_artifact(sent, given, stage="grpo_inputs", spec_hash="",
+                               inputs=[run.inputs["family"], run.inputs["rl"]])
+            run.scratch += [sent, got]
+            run_trainjob(spec, "grpo", f"{spec.family.name}-grpo-{run.key.rsplit('/', 1)[-1][:8]}",
+                         [*args, "--inputs", sent, "--publish", got, "--out", "/scratch/grpo"],
+                         workers=grpo_workers(spec), log=run.log)
+            store.get_artifact(got, policy)
         res = json.loads((policy / "result.json").read_text())
         state = {}
         for f in sorted(policy.glob("*.safetensors")):
