@@ -46,21 +46,22 @@ class ShardWriter:
         self.out, self.dtype, self.max_bytes = Path(out), dtype, max_bytes
         self.pending: dict[str, torch.Tensor] = {}
         self.shards: list[list[str]] = []
-        self.total = 0
+        self.total = self.pending_bytes = 0
         self.out.mkdir(parents=True, exist_ok=True)
 
     def update(self, tensors: Mapping[str, torch.Tensor]) -> None:
         for name, t in tensors.items():
             self.pending[name] = t.detach().to(self.dtype).contiguous()
-            self.total += self.pending[name].nbytes
-        if sum(t.nbytes for t in self.pending.values()) >= self.max_bytes:
+            self.pending_bytes += self.pending[name].nbytes
+        if self.pending_bytes >= self.max_bytes:
             self._flush()
 
     def _flush(self) -> None:
         if self.pending:
             save_file(self.pending, self.out / f".shard-{len(self.shards)}.safetensors", metadata={"format": "pt"})
             self.shards.append(list(self.pending))
-            self.pending = {}
+            self.total += self.pending_bytes
+            self.pending, self.pending_bytes = {}, 0
 
     def close(self) -> None:
         self._flush()

@@ -26,8 +26,9 @@ JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
 RJOB_NAME_LABEL = "jobset.sigs.k8s.io/replicatedjob-name"
 JOB_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 NODE = "node"  # Trainer v2's replicated job (and container) name for the training nodes
-# torchrun reads the PET_* variables Kubeflow Trainer injects (nodes, procs per node, rank, master).
-TRAINER_COMMAND = ["torchrun", "-m", "ruyi_core.megatron.trainer"]
+# Workers run as `torchrun -m MODULE`: torchrun reads the PET_* variables Kubeflow Trainer injects (nodes, procs
+# per node, rank, master).
+TRAINER = "ruyi_core.megatron.trainer"
 # JobSet derives pod hostnames "<name>-node-<job>-<index>" that must stay DNS labels (<= 63 chars),
 # so the TrainJob name keeps room for that suffix.
 MAX_NAME = 48
@@ -74,7 +75,7 @@ def trainer_workers(spec: RunSpec) -> Workers:
             f"train.parallel: tp*pp = {par.tp * par.pp} does not divide the TrainJob's {world} processes "
             f"(nodes {par.nodes} x {procs} per node): change train.parallel or train.trainjob.gpus_per_node"
         )
-    return Workers(TRAINER_COMMAND[-1], par.nodes, procs, tj.gpus_per_node, tj.cpu, tj.memory)
+    return Workers(TRAINER, par.nodes, procs, tj.gpus_per_node, tj.cpu, tj.memory)
 
 
 def grpo_workers(spec: RunSpec) -> Workers:
