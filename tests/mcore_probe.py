@@ -153,7 +153,42 @@ def cpu_swaps(family_dir):
     gate_up = lambda t: F.silu(t.chunk(2, -1)[0]) * (t.chunk(2, -1)[1] + cfg.glu_linear_offset)  # noqa: E731
     exact = all(torch.equal(a, c) for a, c in zip(glu(SwiGLU(cfg)), glu(gate_up)))
     return {"attention_max_rel_diff": worst, "swiglu_exact": exact,
-            "gqa": cfg.num_attention_heads > cfg.num_query_groups}
+            "gqa": cfg.num_attention_heads > cfg.num_query_groups, **fused_ops(cfg, g)}
+
+
+def fused_ops(cfg, g):
+    """The CPU's one-node rotary embedding and output-layer cross-entropy against megatron's unfused rope and
+    F.cross_entropy, in float64 (outputs and gradients: the maths, not the rounding)."""
+    import torch.nn.functional as F
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+    from ruyi_core.megatron.rope import apply_rotary
+    from ruyi_core.megatron.xent import linear_cross_entropy
+
+    t = torch.randn(12, 3, cfg.num_attention_heads, cfg.kv_channels, generator=g, dtype=torch.float64,
+                    requires_grad=True)
+    freqs = torch.randn(12, 1, 1, cfg.kv_channels, generator=g, dtype=torch.float64)
+
+    def rope(fn):
+        out = fn(t, freqs, cfg)
+        return [out, *torch.autograd.grad(out.square().sum(), t)]
+
+    rope_diff = max((a - c).abs().max().item() for a, c in zip(rope(apply_rotary(apply_rotary_pos_emb)),
+                                                                rope(apply_rotary_pos_emb)))
+    x = torch.randn(12, 3, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    labels, mask = torch.randint(0, 40, (12, 3), generator=g), (torch.rand(12, 3, generator=g) > 0.3).double()
+
+    def xent(fused: bool):
+        if fused:
+            loss = linear_cross_entropy(x, w, labels, mask)
+        else:
+            per = F.cross_entropy((x @ w.T).flatten(0, 1), labels.flatten(), reduction="none")
+            loss = (per * mask.flatten()).sum() / mask.sum()
+        return [loss, *torch.autograd.grad(0.7 * loss, (x, w))]
+
+    xent_diff = max((a - c).abs().max().item() for a, c in zip(xent(True), xent(False)))
+    return {"rope_max_diff": rope_diff, "xent_max_diff": xent_diff}
 
 
 def recompute(family_dir):

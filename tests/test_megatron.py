@@ -72,6 +72,7 @@ def test_recompute_applies_with_the_same_losses_and_gradients(workdir):
 def test_cpu_attention_and_swiglu_match_megatron(workdir):
     out = probe("cpu-swaps", workdir / "family")
     assert out["gqa"] and out["attention_max_rel_diff"] < 1e-5 and out["swiglu_exact"]
+    assert out["rope_max_diff"] < 1e-12 and out["xent_max_diff"] < 1e-12
 
 
 def test_checkpoint_restores_every_rng(workdir):
@@ -236,9 +237,12 @@ def test_cpu_shim_canary():
     from megatron.core.models.common.embeddings import rotary_pos_embedding
     from megatron.core.optimizer import clip_grads
     from megatron.core.optimizer import optimizer as moptim
+    from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mrandom
+    from megatron.core.transformer import attention
+    from megatron.core.utils import local_multi_tensor_l2_norm
 
-    from ruyi_core.megatron.cpu import clip_grad_by_total_norm_cpu, cpu_shim
+    from ruyi_core.megatron.cpu import clip_grad_by_total_norm_cpu, cpu_shim, l2_norm_cpu
 
     assert "torch.cuda.FloatTensor" in inspect.getsource(clip_grads.clip_grad_by_total_norm_fp32)
     assert moptim.clip_grad_by_total_norm_fp32 is clip_grads.clip_grad_by_total_norm_fp32
@@ -246,12 +250,18 @@ def test_cpu_shim_canary():
     assert hasattr(mrandom, "_CUDA_RNG_STATE_TRACKER") and hasattr(mrandom, "_CUDA_RNG_STATE_TRACKER_INITIALIZED")
     if torch.cuda.is_available():
         pytest.skip(reason="the shim is a no-op where CUDA exists")
+    assert clip_grads.l2_norm_impl is local_multi_tensor_l2_norm  # no apex: megatron's Python fallback
+    unfused = (attention.apply_rotary_pos_emb, schedules.backward_step)
     with cpu_shim():
         assert moptim.clip_grad_by_total_norm_fp32 is clip_grad_by_total_norm_cpu
+        assert clip_grads.l2_norm_impl is l2_norm_cpu
+        assert (attention.apply_rotary_pos_emb, schedules.backward_step) != unfused
         assert torch.zeros(2, device="cuda").device.type == "cpu"
         with mrandom.get_cuda_rng_tracker().fork():
             pass
     assert moptim.clip_grad_by_total_norm_fp32 is clip_grads.clip_grad_by_total_norm_fp32
+    assert clip_grads.l2_norm_impl is local_multi_tensor_l2_norm
+    assert (attention.apply_rotary_pos_emb, schedules.backward_step) == unfused
 
 
 def test_a_worker_dies_with_its_parent(tmp_path):

@@ -75,13 +75,20 @@ class CpuRngTracker:
 
 
 def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
-    """megatron's fp32 clip asserts `torch.cuda.FloatTensor` grads; the same scaling, on any device."""
+    """megatron's fp32 clip asserts `torch.cuda.FloatTensor` grads; the same scaling, on any device, in one
+    foreach call."""
     coeff = max_norm / (total_norm + 1.0e-6)
     if coeff < 1.0:
-        for p in parameters:
-            g = getattr(p, "decoupled_grad", None) if use_decoupled_grad else p.grad
-            if g is not None:
-                g.detach().mul_(coeff)
+        grads = [getattr(p, "decoupled_grad", None) if use_decoupled_grad else p.grad for p in parameters]
+        torch._foreach_mul_([g.detach() for g in grads if g is not None], coeff)
+
+
+def l2_norm_cpu(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """megatron's fallback for apex's multi_tensor_l2norm (no apex) takes one norm per tensor in Python and
+    turns them into a tensor through floats; the same norm in one foreach call."""
+    norms = torch._foreach_norm(tensor_lists[0])
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    return total.reshape(1).float(), None
 
 
 def checkpoint_cpu(function, distribute_saved_activations: bool, *args):
@@ -99,8 +106,14 @@ def cpu_shim() -> Iterator[None]:
         yield
         return
     from megatron.core import tensor_parallel
+    from megatron.core.optimizer import clip_grads
     from megatron.core.optimizer import optimizer as moptim
+    from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mrandom
+    from megatron.core.transformer import attention
+    from megatron.core.utils import local_multi_tensor_l2_norm
+
+    from ruyi_core.megatron.rope import apply_rotary
 
     saved = {
         "checkpoint": tensor_parallel.checkpoint,
@@ -109,6 +122,9 @@ def cpu_shim() -> Iterator[None]:
         "tracker": mrandom._CUDA_RNG_STATE_TRACKER,
         "tracker_init": mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED,
         "clip": moptim.clip_grad_by_total_norm_fp32,
+        "backward_step": schedules.backward_step,
+        "rope": attention.apply_rotary_pos_emb,
+        "l2norm": clip_grads.l2_norm_impl,
     }
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a, **k: None
@@ -116,6 +132,10 @@ def cpu_shim() -> Iterator[None]:
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     moptim.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
     tensor_parallel.checkpoint = checkpoint_cpu  # what megatron's attention and FamilyGPT call
+    schedules.backward_step = _native(saved["backward_step"])
+    attention.apply_rotary_pos_emb = apply_rotary(saved["rope"])
+    if clip_grads.l2_norm_impl is local_multi_tensor_l2_norm:  # apex absent
+        clip_grads.l2_norm_impl = l2_norm_cpu
     try:
         with CudaToCpu():
             yield
@@ -126,6 +146,9 @@ def cpu_shim() -> Iterator[None]:
         mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = saved["tracker_init"]
         moptim.clip_grad_by_total_norm_fp32 = saved["clip"]
         tensor_parallel.checkpoint = saved["checkpoint"]
+        schedules.backward_step = saved["backward_step"]
+        attention.apply_rotary_pos_emb = saved["rope"]
+        clip_grads.l2_norm_impl = saved["l2norm"]
 
 
 @contextlib.contextmanager
@@ -140,6 +163,16 @@ def native_torch() -> Iterator[None]:
             yield
     else:
         yield
+
+
+def _native(fn):
+    """`fn` run under `native_torch()`: megatron's backward step names no CUDA device, and its Python autograd
+    functions (linear.py, norm.py) and DDP hooks would otherwise pay the mode's toll on every torch call."""
+    def run(*args, **kwargs):
+        with native_torch():
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def fuse_cpu_adam(optimizer) -> None:

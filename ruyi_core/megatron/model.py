@@ -25,9 +25,10 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from ruyi_core.errors import RuyiError
 from ruyi_core.megatron.attention import uses_sdpa, with_sdpa
-from ruyi_core.megatron.linear import TorchColumnLinear, with_torch_linears
+from ruyi_core.megatron.linear import TorchColumnLinear, _plain, with_torch_linears
 from ruyi_core.megatron.norm import RMSNorm, with_rms_norms
 from ruyi_core.megatron.swiglu import with_swiglu
+from ruyi_core.megatron.xent import linear_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,8 @@ class ExitHead(MegatronModule):
 
     def loss(self, hidden, labels, loss_mask):
         """Mean cross-entropy over the masked tokens; labels and mask are [b, s]."""
+        if isinstance(self.output_layer, TorchColumnLinear) and _plain(self.output_layer):  # the CPU, one rank
+            return linear_cross_entropy(self.norm(hidden), self.output_layer.weight, labels.t(), loss_mask.t())
         logits, labels = self.logits(hidden).float(), labels.t().contiguous()
         if ps.get_tensor_model_parallel_world_size() == 1:  # one fused log-softmax, not the vocab-parallel passes
             per_token = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)

@@ -1,0 +1,50 @@
+"""Rotary embedding in one autograd node for megatron's attention on the CPU.
+
+megatron's unfused `_apply_rotary_pos_emb_bshd` takes cos and sin of the frequencies, rotates half of t with a
+chunk, a negation and a cat, and cats the rotary part back onto the (empty) pass-through part: ~12 ops and as
+many autograd nodes per query and key in every block. On GPUs Transformer Engine's fused kernel takes that slot
+(`apply_rope_fusion`); on the CPU `apply_rotary` does the same maths in three ops each way, for the plain case
+(non-interleaved rope over the whole head, no packed sequences, no YaRN scale) and hands every other case to
+megatron's own function. The CPU shim (cpu.py) routes megatron's attention here.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class _Rotary(torch.autograd.Function):
+    """t * cos + rotate_half(t) * sin, rotate_half(t) = [-t2, t1] over the halves of the last dim."""
+
+    @staticmethod
+    def forward(ctx, t, cos, sin):
+        half = t.shape[-1] // 2
+        out = t * cos
+        out[..., :half].addcmul_(t[..., half:], sin[..., :half], value=-1)
+        out[..., half:].addcmul_(t[..., :half], sin[..., half:])
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        half = grad.shape[-1] // 2
+        # d/dt1 = g1 * cos1 + g2 * sin2, d/dt2 = g2 * cos2 - g1 * sin1
+        out = grad * cos
+        out[..., :half].addcmul_(grad[..., half:], sin[..., half:])
+        out[..., half:].addcmul_(grad[..., :half], sin[..., :half], value=-1)
+        return out, None, None
+
+
+def apply_rotary(fallback):
+    """megatron's `apply_rotary_pos_emb` with the plain bshd case in one node; `fallback` (megatron's own
+    function) for everything else."""
+
+    def apply(t, freqs, config, cu_seqlens=None, mscale: float = 1.0, cp_group=None):
+        plain = (cu_seqlens is None and mscale == 1.0 and not config.rotary_interleaved
+                 and not config.multi_latent_attention and config.mrope_section is None
+                 and freqs.shape[-1] == t.shape[-1])
+        if not plain:
+            return fallback(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
+        return _Rotary.apply(t, freqs.cos().to(t.dtype), freqs.sin().to(t.dtype))
+
+    return apply
