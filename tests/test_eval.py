@@ -81,6 +81,39 @@ def test_tier_scores_equal_the_family_exit(family, edge, family_scores, tmp_path
         assert tier["heldout_text"][key] == pytest.approx(fam["heldout_text"][key], rel=1e-4), key
 
 
+def test_a_tier_on_gpus_is_scored_by_lm_evals_vllm_backend(family, edge_dir, family_scores, tmp_path, monkeypatch):
+    """With CUDA and vLLM installed a package is scored through lm-eval's VLLM over its folder; the family at an
+    exit and the CPU use transformers. Not run here (no GPU, no vLLM): a stand-in for VLLM that serves the folder
+    through transformers checks the wiring (the folder, dtype and generation budget reach it) and the scores."""
+    import importlib.util
+    import sys
+    import types
+
+    from ruyi_core.eval import harness
+    from ruyi_core.family.convert import generation_config
+    from ruyi_core.runtime import Runtime
+
+    gpu, cpu = Runtime(torch.device("cuda"), torch.bfloat16), Runtime(torch.device("cpu"), torch.float32)
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else find(name, *a))
+    assert harness.use_vllm(gpu) and not harness.use_vllm(gpu, exit_point=EDGE) and not harness.use_vllm(cpu)
+    seen = {}
+
+    def vllm(pretrained, **kw):
+        seen.update(kw, pretrained=pretrained)
+        model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.float32).eval()
+        return harness._tier_lm(model, family[1], None, generation_config(family[1], model.config).eos_token_id, 4)
+
+    # lm-eval's vllm module imports vllm itself: the stand-in takes its place
+    monkeypatch.setitem(sys.modules, "lm_eval.models.vllm_causallms", types.ModuleType("vllm_causallms"))
+    sys.modules["lm_eval.models.vllm_causallms"].VLLM = vllm
+    scores = evaluate(None, family[1], SPEC, tmp_path, path=edge_dir, runtime=gpu)["benchmarks"]
+    assert seen["pretrained"] == str(edge_dir) and seen["dtype"] == "bfloat16"
+    assert seen["max_gen_toks"] == SPEC.eval.max_new_tokens
+    assert scores["arithmetic"] == family_scores["benchmarks"]["arithmetic"]
+    assert scores["facts_mc"] == family_scores["benchmarks"]["facts_mc"]
+
+
 def test_package_reuses_the_scores_of_a_plain_export(family, edge_dir, family_scores, tmp_path):
     """A plain export holds the family exit's weights bit for bit, so package_tier does not evaluate the family
     at that exit again: the package's scores are reused and marked so. Other weights (a compressed tier) are."""

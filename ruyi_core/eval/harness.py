@@ -52,14 +52,34 @@ def _tier_lm(model, tokenizer, exit_point: int | None, eos: list[int], batch_siz
     return TierLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
 
 
+def use_vllm(runtime, exit_point: int | None = None) -> bool:
+    """lm-eval's vLLM backend scores a standalone tier on GPUs when vLLM is installed (the `gpu` extra), as GRPO
+    generates with it there; the family at an exit (vLLM has no early exits) and the CPU use transformers."""
+    import importlib.util
+
+    return exit_point is None and runtime.cuda and importlib.util.find_spec("vllm") is not None
+
+
+def _vllm_lm(path: Path, runtime, ev):
+    """lm-eval's VLLM over the checkpoint folder `path`, batched by vLLM itself; it stops generation at the
+    tasks' stop strings (the packaged end-of-turn tokens, decoded with special tokens kept)."""
+    from lm_eval.models.vllm_causallms import VLLM
+
+    # 0.6 of the GPU: the speed measurement loads the tier with transformers after this evaluation.
+    return VLLM(pretrained=str(path), dtype=str(runtime.dtype).removeprefix("torch."), batch_size="auto",
+                max_gen_toks=ev.max_new_tokens, seed=ev.seed, gpu_memory_utilization=0.6)
+
+
 def _seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def evaluate(model, tokenizer, spec, work: Path, store=None, exit_point: int | None = None, log=None) -> dict:
-    """Every benchmark in `spec.eval` on `model` (at `exit_point` for a family). Returns
+def evaluate(model, tokenizer, spec, work: Path, store=None, exit_point: int | None = None, log=None,
+             path: Path | None = None, runtime=None) -> dict:
+    """Every benchmark in `spec.eval` on `model` (at `exit_point` for a family); with `model` None, on the
+    checkpoint folder `path` through lm-eval's vLLM backend in `runtime` (see use_vllm). Returns
     {"benchmarks": {name: {"format", "metric", "value", "higher_is_better", "n", <other metrics>}},
      "average": mean of the higher-is-better primary scores (None if there are none), "lm_eval_version"}.
 
@@ -72,11 +92,18 @@ def evaluate(model, tokenizer, spec, work: Path, store=None, exit_point: int | N
 
     _quiet_lm_eval()
     ev = spec.eval
-    model.eval()
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    eos = generation_config(tokenizer, model.config).eos_token_id or [tokenizer.eos_token_id]  # as packaged
-    lm = _tier_lm(model, tokenizer, exit_point, eos, ev.batch_size)
+    if model is None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path)
+    else:
+        model.eval()
+        config = model.config
+    eos = generation_config(tokenizer, config).eos_token_id or [tokenizer.eos_token_id]  # as packaged
+    lm = _tier_lm(model, tokenizer, exit_point, eos, ev.batch_size) if model is not None else \
+        _vllm_lm(path, runtime, ev)
     stop = [tokenizer.decode([i], skip_special_tokens=False) for i in eos]
     out = {"results": {}, "n-samples": {}}
     with tempfile.TemporaryDirectory(dir=work, prefix="lm-eval-") as tmp:

@@ -63,6 +63,7 @@ def _package(run: StageRun, plan: RunPlan, row: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ruyi_core.eval import evaluate, measure
+    from ruyi_core.eval.harness import use_vllm
     from ruyi_core.package import build_package, check_publishable, lineage_entries
     from ruyi_core.runtime import for_spec
 
@@ -74,9 +75,14 @@ def _package(run: StageRun, plan: RunPlan, row: dict) -> dict:
     weights = run.manifest("export").sha256()
     check_publishable(store, family, plan.version, tier, weights)
     rt = for_spec(spec)
-    model = rt.load(AutoModelForCausalLM, run.fetch("export"))
     tok = AutoTokenizer.from_pretrained(run.fetch("export"))
-    evaluation = evaluate(model, tok, spec, run.work, store, log=say)
+    vllm = use_vllm(rt)
+    if vllm:
+        say("benchmarks through lm-eval's vLLM backend")
+    model = None if vllm else rt.load(AutoModelForCausalLM, run.fetch("export"))
+    evaluation = evaluate(model, tok, spec, run.work, store, log=say, path=run.fetch("export"), runtime=rt)
+    if model is None:  # what the speed measurement runs
+        model = rt.load(AutoModelForCausalLM, run.fetch("export"))
     started = time.perf_counter()
     speed = evaluation["speed"] = measure(model, tok, spec, path=run.fetch("export"))
     say(f"speed: prefill {speed['prefill_tokens_per_s']:,.0f} tok/s, decode {speed['decode_tokens_per_s']:,.0f} "
