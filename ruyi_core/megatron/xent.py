@@ -5,9 +5,9 @@ log-softmax reads them and writes its output (kept for the backward), and the ba
 scatters into it and runs log-softmax's backward over two such tensors before the two products. Here the
 forward turns log-softmax's output, in place, into the loss's gradient with respect to the logits
 (w * (softmax - onehot), w the token's weight in the mean) and keeps only that; the backward is the two
-products, scaled by the incoming gradient (-18% for the tiny preset's head, forward and backward). The weight gradient goes into megatron's `main_grad` as linear.py's does. The
-same maths as Liger's and Apple's fused linear cross-entropy, without their chunking (the CPU has no memory
-to save at the demo's sizes).
+products, scaled by the incoming gradient (-18% for the tiny preset's head, forward and backward). The weight
+gradient goes into megatron's `main_grad` as linear.py's does. The same maths as Liger's and Apple's fused linear
+cross-entropy, without their chunking (the CPU has no memory to save at the demo's sizes).
 """
 from __future__ import annotations
 
@@ -35,7 +35,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         x, weight, grad = ctx.saved_tensors
         scale = float(grad_loss)
-        grad_x = torch.mm(grad, weight).mul_(scale)
+        grad_x = torch.mm(grad, weight).mul_(scale) if ctx.needs_input_grad[0] else None
+        if not ctx.needs_input_grad[1]:  # a frozen head (DaE trains one exit's)
+            return grad_x, None, None, None
         if ctx.into_main:
             weight.main_grad.addmm_(grad.t(), x, alpha=scale)
             weight.grad_added_to_main_grad = True
