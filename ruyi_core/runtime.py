@@ -21,6 +21,13 @@ class Runtime:
     def cuda(self) -> bool:
         return self.device.type == "cuda"
 
+    @property
+    def vllm(self) -> bool:
+        """Whether generation can run in vLLM here: on CUDA, with vLLM installed (the `gpu` extra)."""
+        import importlib.util
+
+        return self.cuda and importlib.util.find_spec("vllm") is not None
+
     def load(self, cls, path, **kw):
         """`cls.from_pretrained(path)` in this runtime's dtype, on its device, in eval mode."""
         return cls.from_pretrained(path, dtype=self.dtype, **kw).to(self.device).eval()

@@ -53,11 +53,9 @@ def _tier_lm(model, tokenizer, exit_point: int | None, eos: list[int], batch_siz
 
 
 def use_vllm(runtime, exit_point: int | None = None) -> bool:
-    """lm-eval's vLLM backend scores a standalone tier on GPUs when vLLM is installed (the `gpu` extra), as GRPO
-    generates with it there; the family at an exit (vLLM has no early exits) and the CPU use transformers."""
-    import importlib.util
-
-    return exit_point is None and runtime.cuda and importlib.util.find_spec("vllm") is not None
+    """lm-eval's vLLM backend scores a standalone tier where the runtime has vLLM, as GRPO generates with it there;
+    the family at an exit (vLLM has no early exits) and the CPU use transformers."""
+    return exit_point is None and runtime.vllm
 
 
 def _vllm_lm(path: Path, runtime, ev):
@@ -89,21 +87,15 @@ def evaluate(model, tokenizer, spec, work: Path, store=None, exit_point: int | N
     """
     from lm_eval.evaluator import evaluate as lm_evaluate
     from lm_eval.tasks import TaskManager
+    from transformers import AutoConfig
 
     _quiet_lm_eval()
     ev = spec.eval
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    if model is None:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(path)
-    else:
-        model.eval()
-        config = model.config
+    config = AutoConfig.from_pretrained(path) if model is None else model.eval().config
     eos = generation_config(tokenizer, config).eos_token_id or [tokenizer.eos_token_id]  # as packaged
-    lm = _tier_lm(model, tokenizer, exit_point, eos, ev.batch_size) if model is not None else \
-        _vllm_lm(path, runtime, ev)
+    lm = _vllm_lm(path, runtime, ev) if model is None else _tier_lm(model, tokenizer, exit_point, eos, ev.batch_size)
     stop = [tokenizer.decode([i], skip_special_tokens=False) for i in eos]
     out = {"results": {}, "n-samples": {}}
     with tempfile.TemporaryDirectory(dir=work, prefix="lm-eval-") as tmp:

@@ -34,17 +34,25 @@ def heldout_prompts(spec) -> list[dict]:
     return out[: spec.rl.heldout_prompts]
 
 
+LOGIT_BYTES = 2**28  # a forward batch's fp32 logits stay within this (a 152k vocabulary: 0.6 MB per token)
+
+
+def rows_within(limit: int, vocab: int, seq: int, logit_bytes: int = LOGIT_BYTES) -> int:
+    """How many sequences of `seq` tokens (at most `limit`, at least one) fit one batch's logits budget."""
+    return max(1, min(limit, logit_bytes // (4 * vocab * seq)))
+
+
 @torch.no_grad()
 def heldout_loss(model, tokenizer, texts: list[str], exit_point: int | None = None, batch: int = 16,
-                 logit_bytes: int = 2**28) -> float:
+                 logit_bytes: int = LOGIT_BYTES) -> float:
     """Mean cross-entropy per predicted token over `texts` (each followed by EOS). Batches shrink so that one
-    batch's logits stay within `logit_bytes` (a 152k vocabulary makes 0.6 MB of fp32 logits per token)."""
+    batch's logits stay within `logit_bytes`."""
     model.eval()
     total, count = 0.0, 0
     kw = {} if exit_point is None else {"exit_point": exit_point}
     enc = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
     longest = max(map(len, enc), default=1)
-    batch = max(1, min(batch, logit_bytes // (4 * model.config.vocab_size * longest)))
+    batch = rows_within(batch, model.config.vocab_size, longest, logit_bytes)
     for i in range(0, len(enc), batch):
         part = enc[i:i + batch]
         n = max(map(len, part))

@@ -86,8 +86,8 @@ def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_
 def l2_norm_cpu(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     """megatron's fallback for apex's multi_tensor_l2norm (no apex) takes one norm per tensor in Python and
     turns them into a tensor through floats; the same norm in one foreach call."""
-    norms = torch._foreach_norm(tensor_lists[0])
-    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    # megatron calls it only with a non-empty list
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensor_lists[0])))
     return total.reshape(1).float(), None
 
 

@@ -206,12 +206,6 @@ def _generation_config(tier_dir: Path, tok, cfg) -> GenerationConfig:
     return gen
 
 
-def _vllm(cuda: bool) -> bool:
-    import importlib.util
-
-    return cuda and importlib.util.find_spec("vllm") is not None
-
-
 def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: list[dict], trainable: list[str],
              spec: RlSpec, log=print, runtime=None) -> dict:
     """GRPO on the tier at `tier_dir`; the trained policy (safetensors, config, tokenizer), rewards.jsonl and
@@ -277,7 +271,7 @@ def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: 
             # (the new name: TRL's own gradient_checkpointing=True default trips transformers' rename warning)
             activation_checkpointing=False, dataloader_num_workers=0, reward_weights=list(spec.rewards.values()),
             # On GPUs with vLLM installed (the `gpu` extra), generation runs in vLLM beside the trainer.
-            use_vllm=_vllm(cuda), vllm_mode="colocate",
+            use_vllm=rt.vllm, vllm_mode="colocate",
         )
         with _rng_sandbox():
             trainer = GRPOTrainer(model=model, reward_funcs=[REWARDS[n] for n in names], args=args,
