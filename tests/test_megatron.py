@@ -1,5 +1,6 @@
 """megatron-core training of the family: exactness against the HF family, the joint loss, parity between
 parallel layouts (torchrun, 2 processes, gloo), exact resume after SIGKILL, and layout errors."""
+import importlib
 import inspect
 import json
 import os
@@ -244,6 +245,8 @@ def test_cpu_shim_canary():
 
     from ruyi_core.megatron.cpu import clip_grad_by_total_norm_cpu, cpu_shim, l2_norm_cpu
 
+    mfinalize = importlib.import_module("megatron.core.distributed.finalize_model_grads")
+
     assert "torch.cuda.FloatTensor" in inspect.getsource(clip_grads.clip_grad_by_total_norm_fp32)
     assert moptim.clip_grad_by_total_norm_fp32 is clip_grads.clip_grad_by_total_norm_fp32
     assert "torch.cuda.current_device()" in inspect.getsource(rotary_pos_embedding.RotaryEmbedding)
@@ -251,17 +254,28 @@ def test_cpu_shim_canary():
     if torch.cuda.is_available():
         pytest.skip(reason="the shim is a no-op where CUDA exists")
     assert clip_grads.l2_norm_impl is local_multi_tensor_l2_norm  # no apex: megatron's Python fallback
-    unfused = (attention.apply_rotary_pos_emb, schedules.backward_step)
+    # megatron's grad norm names a CUDA device; its per-step reset walks every module for the two MoE features
+    # the shim checks first
+    assert "device='cuda'" in inspect.getsource(clip_grads.get_grad_norm_fp32)
+    reset = inspect.getsource(mfinalize.reset_model_temporary_tensors)
+    assert "'modules'" in reset and reset.count("if ") == 2
+    assert "moe_router_enable_expert_bias" in reset and "global_aux_loss" in reset
+    speedups = (attention.apply_rotary_pos_emb, schedules.backward_step, moptim.ChainedOptimizer.step,
+                moptim.ChainedOptimizer.zero_grad, moptim.get_grad_norm_fp32, mfinalize.reset_model_temporary_tensors)
     with cpu_shim():
         assert moptim.clip_grad_by_total_norm_fp32 is clip_grad_by_total_norm_cpu
         assert clip_grads.l2_norm_impl is l2_norm_cpu
-        assert (attention.apply_rotary_pos_emb, schedules.backward_step) != unfused
+        now = (attention.apply_rotary_pos_emb, schedules.backward_step, moptim.ChainedOptimizer.step,
+               moptim.ChainedOptimizer.zero_grad, moptim.get_grad_norm_fp32, mfinalize.reset_model_temporary_tensors)
+        assert all(a is not b for a, b in zip(now, speedups))
         assert torch.zeros(2, device="cuda").device.type == "cpu"
         with mrandom.get_cuda_rng_tracker().fork():
             pass
     assert moptim.clip_grad_by_total_norm_fp32 is clip_grads.clip_grad_by_total_norm_fp32
     assert clip_grads.l2_norm_impl is local_multi_tensor_l2_norm
-    assert (attention.apply_rotary_pos_emb, schedules.backward_step) == unfused
+    assert (attention.apply_rotary_pos_emb, schedules.backward_step, moptim.ChainedOptimizer.step,
+            moptim.ChainedOptimizer.zero_grad, moptim.get_grad_norm_fp32,
+            mfinalize.reset_model_temporary_tensors) == speedups
 
 
 def test_a_worker_dies_with_its_parent(tmp_path):

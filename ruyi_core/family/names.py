@@ -40,7 +40,7 @@ BLOCKS = ("layer", "branch", "added")  # groups that hold a decoder block
 # Decoder-block leaves, HF -> megatron. HF leaves sharing a megatron name are fused into it in this order
 # (q, k, v interleaved per KV group; fc1 = [gate; up]): the value transforms live in megatron/convert.py.
 MEGATRON_BLOCK = {
-    "input_layernorm.weight": "input_layernorm.weight",
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
     "self_attn.q_proj.weight": "self_attention.linear_qkv.weight",
     "self_attn.k_proj.weight": "self_attention.linear_qkv.weight",
     "self_attn.v_proj.weight": "self_attention.linear_qkv.weight",
@@ -50,7 +50,7 @@ MEGATRON_BLOCK = {
     "self_attn.q_norm.weight": "self_attention.q_layernorm.weight",
     "self_attn.k_norm.weight": "self_attention.k_layernorm.weight",
     "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
-    "post_attention_layernorm.weight": "pre_mlp_layernorm.weight",
+    "post_attention_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
     "mlp.gate_proj.weight": "mlp.linear_fc1.weight",
     "mlp.up_proj.weight": "mlp.linear_fc1.weight",
     "mlp.down_proj.weight": "mlp.linear_fc2.weight",

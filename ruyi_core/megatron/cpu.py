@@ -7,6 +7,7 @@ makes a patch wrong or unneeded.
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Iterator
 
 import torch
@@ -91,6 +92,33 @@ def l2_norm_cpu(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     return total.reshape(1).float(), None
 
 
+def grad_norm_cpu(fallback):
+    """megatron's `get_grad_norm_fp32` with the L2 norm of plain tensors taken as `l2_norm_cpu` takes it, without
+    megatron's per-gradient Python walk (a DTensor check and a no_grad unwrap each: ~1,500 Python calls per step
+    for a tiny family); `fallback` (megatron's, under `CudaToCpu`) for any other norm or tensor type."""
+    def norm(grads_for_norm, norm_type=2, grad_stats_parallel_group=None, **kwargs):
+        grads = [grads_for_norm] if isinstance(grads_for_norm, torch.Tensor) else list(grads_for_norm)
+        if kwargs or float(norm_type) != 2.0 or any(type(g) is not torch.Tensor for g in grads):
+            with CudaToCpu():
+                return fallback(grads_for_norm, norm_type, grad_stats_parallel_group, **kwargs)
+        total = (l2_norm_cpu(None, None, [grads], False)[0] if grads else torch.zeros(1)) ** 2
+        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM, group=grad_stats_parallel_group)
+        return total.item() ** 0.5
+
+    return norm
+
+
+def moe_only(reset):
+    """megatron's `reset_model_temporary_tensors` walks every module after each step for MoE routers' per-step
+    tensors (expert bias, global aux loss); without either configured the walk finds nothing (~1,800 Python
+    calls per step for a tiny family), so it runs only where one is."""
+    def run(config, model):
+        if config.moe_router_enable_expert_bias or "global_aux_loss" in config.moe_router_load_balancing_type:
+            reset(config, model)
+
+    return run
+
+
 def checkpoint_cpu(function, distribute_saved_activations: bool, *args):
     """megatron's activation recompute saves and restores CUDA RNG states; on the CPU, torch's reentrant
     checkpoint does the same with the CPU generator."""
@@ -115,6 +143,9 @@ def cpu_shim() -> Iterator[None]:
 
     from ruyi_core.megatron.rope import apply_rotary
 
+    # the module, which megatron.core.distributed shadows with its function of the same name
+    mfinalize = importlib.import_module("megatron.core.distributed.finalize_model_grads")
+
     saved = {
         "checkpoint": tensor_parallel.checkpoint,
         "current_device": torch.cuda.current_device,
@@ -125,6 +156,11 @@ def cpu_shim() -> Iterator[None]:
         "backward_step": schedules.backward_step,
         "rope": attention.apply_rotary_pos_emb,
         "l2norm": clip_grads.l2_norm_impl,
+        "opt_step": moptim.ChainedOptimizer.step,
+        "opt_zero": moptim.ChainedOptimizer.zero_grad,
+        "grad_norm": moptim.get_grad_norm_fp32,
+        "count_zeros": moptim.count_zeros_fp32,
+        "reset": mfinalize.reset_model_temporary_tensors,
     }
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a, **k: None
@@ -136,6 +172,13 @@ def cpu_shim() -> Iterator[None]:
     attention.apply_rotary_pos_emb = apply_rotary(saved["rope"])
     if clip_grads.l2_norm_impl is local_multi_tensor_l2_norm:  # apex absent
         clip_grads.l2_norm_impl = l2_norm_cpu
+    # The optimizer step reads and sets every parameter's .grad a few times (~1,700 torch calls per step for
+    # the tiny family, each through the mode); of it, only the grad-norm helpers name a CUDA device.
+    moptim.ChainedOptimizer.step = _native(saved["opt_step"])
+    moptim.ChainedOptimizer.zero_grad = _native(saved["opt_zero"])
+    moptim.get_grad_norm_fp32 = grad_norm_cpu(saved["grad_norm"])
+    moptim.count_zeros_fp32 = _in_mode(saved["count_zeros"])
+    mfinalize.reset_model_temporary_tensors = moe_only(saved["reset"])
     try:
         with CudaToCpu():
             yield
@@ -149,6 +192,9 @@ def cpu_shim() -> Iterator[None]:
         schedules.backward_step = saved["backward_step"]
         attention.apply_rotary_pos_emb = saved["rope"]
         clip_grads.l2_norm_impl = saved["l2norm"]
+        moptim.ChainedOptimizer.step, moptim.ChainedOptimizer.zero_grad = saved["opt_step"], saved["opt_zero"]
+        moptim.get_grad_norm_fp32, moptim.count_zeros_fp32 = saved["grad_norm"], saved["count_zeros"]
+        mfinalize.reset_model_temporary_tensors = saved["reset"]
 
 
 @contextlib.contextmanager
@@ -166,10 +212,20 @@ def native_torch() -> Iterator[None]:
 
 
 def _native(fn):
-    """`fn` run under `native_torch()`: megatron's backward step names no CUDA device, and its Python autograd
-    functions (linear.py, norm.py) and DDP hooks would otherwise pay the mode's toll on every torch call."""
+    """`fn` run under `native_torch()`: for megatron code that names no CUDA device (the backward step, whose
+    Python autograd functions and DDP hooks would otherwise pay the mode's toll on every torch call; the
+    optimizer step)."""
     def run(*args, **kwargs):
         with native_torch():
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def _in_mode(fn):
+    """`fn` run under `CudaToCpu` again, for the parts of a `_native` region that name a CUDA device."""
+    def run(*args, **kwargs):
+        with CudaToCpu():
             return fn(*args, **kwargs)
 
     return run

@@ -72,8 +72,8 @@ def transformer_config(hf_cfg, tp: int = 1, pp: int = 1, bf16: bool = False, rec
 
 def layer_spec(config: TransformerConfig):
     """Transformer Engine's spec where it is installed (GPUs); otherwise megatron's local spec with SDPA as its
-    core attention (megatron's unfused DotProductAttention materialises the [b*heads, s, s] scores) and, on the
-    CPU, SwiGLU as its MLP activation and torch's linear autograd (megatron/linear.py)."""
+    core attention (megatron's unfused DotProductAttention materialises the [b*heads, s, s] scores), the block's
+    norms inside its linears as in TE's spec (megatron/linear.py) and, on the CPU, SwiGLU as its MLP activation."""
     try:
         if not torch.cuda.is_available():
             raise ImportError
@@ -83,7 +83,9 @@ def layer_spec(config: TransformerConfig):
     except ImportError:
         spec = with_rms_norms(with_sdpa(get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm,
                                                                  normalization="RMSNorm")))
-        return with_torch_linears(with_swiglu(spec)) if config.use_te_activation_func else spec
+        swiglu = config.use_te_activation_func
+        spec = with_torch_linears(spec, gate_up=swiglu)
+        return with_swiglu(spec) if swiglu else spec
 
 
 class AttachLoss(torch.autograd.Function):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ruyi_core.megatron import node
+
 
 class _Rotary(torch.autograd.Function):
     """t * cos + rotate_half(t) * sin, rotate_half(t) = [-t2, t1] over the halves of the last dim."""
@@ -39,12 +41,18 @@ def apply_rotary(fallback):
     """megatron's `apply_rotary_pos_emb` with the plain bshd case in one node; `fallback` (megatron's own
     function) for everything else."""
 
+    # Every layer of a forward gets the same frequencies tensor (for query and key): cos and sin once per forward.
+    # Holding `freqs` keeps the identity check sound.
+    last: dict = {}
+
     def apply(t, freqs, config, cu_seqlens=None, mscale: float = 1.0, cp_group=None):
         plain = (cu_seqlens is None and mscale == 1.0 and not config.rotary_interleaved
                  and not config.multi_latent_attention and config.mrope_section is None
                  and freqs.shape[-1] == t.shape[-1])
         if not plain:
             return fallback(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
-        return _Rotary.apply(t, freqs.cos().to(t.dtype), freqs.sin().to(t.dtype))
+        if last.get("freqs") is not freqs or last["dtype"] != t.dtype:
+            last.update(freqs=freqs, dtype=t.dtype, cos_sin=(freqs.cos().to(t.dtype), freqs.sin().to(t.dtype)))
+        return node.apply(_Rotary, t, *last["cos_sin"])
 
     return apply

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ruyi_core.megatron.linear import _fused
+from ruyi_core.megatron import node
+from ruyi_core.megatron.linear import _into_main
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -28,7 +29,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad = logp.add_(token_weights.log()[:, None]).exp_()
         grad.scatter_add_(1, labels[:, None], -token_weights[:, None].to(grad.dtype))
         ctx.save_for_backward(x, weight, grad)
-        ctx.into_main = _fused(weight, x)
+        ctx.into_main = _into_main(weight, x)
         return loss
 
     @staticmethod
@@ -49,4 +50,4 @@ def linear_cross_entropy(x, weight, labels, loss_mask):
     """The masked token-mean cross-entropy of x @ weight.T: x [s, b, h]; labels and loss_mask [s, b]."""
     mask = loss_mask.to(torch.promote_types(x.dtype, torch.float32))
     token_weights = (mask / mask.sum().clamp(min=1)).flatten().to(x.dtype)
-    return _LinearCrossEntropy.apply(x.flatten(0, 1), weight, labels.flatten(), token_weights)
+    return node.apply(_LinearCrossEntropy, x.flatten(0, 1), weight, labels.flatten(), token_weights)
