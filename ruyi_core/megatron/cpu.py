@@ -127,12 +127,8 @@ def checkpoint_cpu(function, distribute_saved_activations: bool, *args):
     return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=True, preserve_rng_state=True)
 
 
-@contextlib.contextmanager
-def cpu_shim() -> Iterator[None]:
-    """Patches for megatron-core on a machine without CUDA; a no-op where CUDA is available."""
-    if torch.cuda.is_available():
-        yield
-        return
+def _patches() -> list[tuple[object, str, object]]:
+    """(owner, attribute, replacement) for every patch of the CPU shim; each is undone on exit."""
     from megatron.core import tensor_parallel
     from megatron.core.optimizer import clip_grads
     from megatron.core.optimizer import optimizer as moptim
@@ -145,56 +141,45 @@ def cpu_shim() -> Iterator[None]:
 
     # the module, which megatron.core.distributed shadows with its function of the same name
     mfinalize = importlib.import_module("megatron.core.distributed.finalize_model_grads")
-
-    saved = {
-        "checkpoint": tensor_parallel.checkpoint,
-        "current_device": torch.cuda.current_device,
-        "synchronize": torch.cuda.synchronize,
-        "tracker": mrandom._CUDA_RNG_STATE_TRACKER,
-        "tracker_init": mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED,
-        "clip": moptim.clip_grad_by_total_norm_fp32,
-        "backward_step": schedules.backward_step,
-        "rope": attention.apply_rotary_pos_emb,
-        "l2norm": clip_grads.l2_norm_impl,
-        "opt_step": moptim.ChainedOptimizer.step,
-        "opt_zero": moptim.ChainedOptimizer.zero_grad,
-        "grad_norm": moptim.get_grad_norm_fp32,
-        "count_zeros": moptim.count_zeros_fp32,
-        "reset": mfinalize.reset_model_temporary_tensors,
-    }
-    torch.cuda.current_device = lambda: "cpu"
-    torch.cuda.synchronize = lambda *a, **k: None
-    mrandom._CUDA_RNG_STATE_TRACKER = CpuRngTracker()
-    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
-    moptim.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
-    tensor_parallel.checkpoint = checkpoint_cpu  # what megatron's attention and FamilyGPT call
-    schedules.backward_step = _native(saved["backward_step"])
-    attention.apply_rotary_pos_emb = apply_rotary(saved["rope"])
+    opt = moptim.ChainedOptimizer
+    patches = [
+        (torch.cuda, "current_device", lambda: "cpu"),
+        (torch.cuda, "synchronize", lambda *a, **k: None),
+        (mrandom, "_CUDA_RNG_STATE_TRACKER", CpuRngTracker()),
+        (mrandom, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True),
+        (moptim, "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_cpu),
+        (tensor_parallel, "checkpoint", checkpoint_cpu),  # what megatron's attention and FamilyGPT call
+        (schedules, "backward_step", _native(schedules.backward_step)),
+        (attention, "apply_rotary_pos_emb", apply_rotary(attention.apply_rotary_pos_emb)),
+        # The optimizer step reads and sets every parameter's .grad a few times (~1,700 torch calls per step for
+        # the tiny family, each through the mode); of it, only the grad-norm helpers name a CUDA device.
+        (opt, "step", _native(opt.step)),
+        (opt, "zero_grad", _native(opt.zero_grad)),
+        (moptim, "get_grad_norm_fp32", grad_norm_cpu(moptim.get_grad_norm_fp32)),
+        (moptim, "count_zeros_fp32", _in_mode(moptim.count_zeros_fp32)),
+        (mfinalize, "reset_model_temporary_tensors", moe_only(mfinalize.reset_model_temporary_tensors)),
+    ]
     if clip_grads.l2_norm_impl is local_multi_tensor_l2_norm:  # apex absent
-        clip_grads.l2_norm_impl = l2_norm_cpu
-    # The optimizer step reads and sets every parameter's .grad a few times (~1,700 torch calls per step for
-    # the tiny family, each through the mode); of it, only the grad-norm helpers name a CUDA device.
-    moptim.ChainedOptimizer.step = _native(saved["opt_step"])
-    moptim.ChainedOptimizer.zero_grad = _native(saved["opt_zero"])
-    moptim.get_grad_norm_fp32 = grad_norm_cpu(saved["grad_norm"])
-    moptim.count_zeros_fp32 = _in_mode(saved["count_zeros"])
-    mfinalize.reset_model_temporary_tensors = moe_only(saved["reset"])
+        patches.append((clip_grads, "l2_norm_impl", l2_norm_cpu))
+    return patches
+
+
+@contextlib.contextmanager
+def cpu_shim() -> Iterator[None]:
+    """Patches for megatron-core on a machine without CUDA; a no-op where CUDA is available."""
+    if torch.cuda.is_available():
+        yield
+        return
+    patches = _patches()
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, new in patches:
+        setattr(owner, name, new)
     try:
         with CudaToCpu():
             yield
     finally:
-        torch.cuda.current_device = saved["current_device"]
-        torch.cuda.synchronize = saved["synchronize"]
-        mrandom._CUDA_RNG_STATE_TRACKER = saved["tracker"]
-        mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = saved["tracker_init"]
-        moptim.clip_grad_by_total_norm_fp32 = saved["clip"]
-        tensor_parallel.checkpoint = saved["checkpoint"]
-        schedules.backward_step = saved["backward_step"]
-        attention.apply_rotary_pos_emb = saved["rope"]
-        clip_grads.l2_norm_impl = saved["l2norm"]
-        moptim.ChainedOptimizer.step, moptim.ChainedOptimizer.zero_grad = saved["opt_step"], saved["opt_zero"]
-        moptim.get_grad_norm_fp32, moptim.count_zeros_fp32 = saved["grad_norm"], saved["count_zeros"]
-        mfinalize.reset_model_temporary_tensors = saved["reset"]
+        for owner, name, old in reversed(saved):
+            setattr(owner, name, old)
 
 
 @contextlib.contextmanager
