@@ -85,18 +85,23 @@ def _dae_lines(chain: list[Manifest]) -> list[str]:
     """Measured DaE / GRPO / SVD outcomes, from the stages' manifests."""
     by_stage = {m.stage: m.metadata for m in chain}
     lines = []
+    g = by_stage.get("grpo", {})
     if "svd_compress" in by_stage:
         s = by_stage["svd_compress"]
-        lines += [f"- DaE tier {s['tier']}: held-out loss {s['heldout_loss_unexpanded']:.4f} unexpanded -> "
-                  f"{s['heldout_loss_dense']:.4f} after DaE training",
+        # GRPO on the DaE tier sits between DaE's training and compression: its held-out loss before GRPO is DaE's.
+        after_grpo = g.get("tier") == s["tier"] and "heldout_text_loss_before" in g
+        steps = (f"{g['heldout_text_loss_before']:.4f} after DaE training -> {s['heldout_loss_dense']:.4f} after GRPO"
+                 if after_grpo else f"{s['heldout_loss_dense']:.4f} after DaE training")
+        lines += [f"- DaE tier {s['tier']}: held-out loss {s['heldout_loss_unexpanded']:.4f} unexpanded -> {steps}",
                   f"- SVD at ratio {s['ratio']}: removed {s['removed_fraction']:.1%} of the added parameters, held-out "
                   f"loss {s['heldout_loss_compressed']:.4f} ({s['relative_drop']:+.2%} relative)"]
-    if "grpo" in by_stage:
-        g = by_stage["grpo"]
+    if g:
         lines.append(f"- GRPO on tier {g['tier']}: held-out mean reward {g['heldout_reward_before']:.3f} -> "
                      f"{g['heldout_reward_after']:.3f} ({g['heldout_samples']} samples per prompt at temperature "
                      f"{g['temperature']:g}, {g['heldout_prompts']} prompts never trained on); greedy exact answers "
-                     f"{g['heldout_exact_greedy_before']:.3f} -> {g['heldout_exact_greedy_after']:.3f}")
+                     f"{g['heldout_exact_greedy_before']:.3f} -> {g['heldout_exact_greedy_after']:.3f}"
+                     + (f"; held-out text loss {g['heldout_text_loss_before']:.4f} -> "
+                        f"{g['heldout_text_loss_after']:.4f}" if "heldout_text_loss_before" in g else ""))
     return (["", "## DaE and GRPO", ""] + lines) if lines else []
 
 

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ruyi_core.data.world import rl_records
 from ruyi_core.errors import RuyiError
+from ruyi_core.eval.heldout import heldout_loss
 from ruyi_core.family.convert import build_preset_base, export_tier, family_from_base
 from ruyi_core.rl.grpo import evaluate_reward, run_grpo
 from ruyi_core.rl.rewards import answer_format, exact_answer, extract_answer, valid_steps
@@ -97,7 +98,8 @@ def test_bad_prefix_rejected(tier, prompts, tmp_path):
 def test_grpo_trains_only_the_tier(tier, prompts, tmp_path):
     train, heldout = prompts
     lines = []
-    res = run_grpo(tier, tmp_path / "out", train, heldout, TRAINABLE, _spec(), log=lines.append)
+    texts = [f"{r['prompt']} The answer is {r['answer']}." for r in heldout]
+    res = run_grpo(tier, tmp_path / "out", train, heldout, TRAINABLE, _spec(), log=lines.append, heldout_texts=texts)
     out = tmp_path / "out"
     assert res["steps"] == 2 and any(x.startswith("[grpo] step 2/2 | reward") for x in lines)
     # held-out evaluation reports its progress per batch, before and after
@@ -129,6 +131,10 @@ def test_grpo_trains_only_the_tier(tier, prompts, tmp_path):
     for m, tok in ((out, None), (model, AutoTokenizer.from_pretrained(out))):
         r = evaluate_reward(m, tok, heldout, 8, seed=0, samples=spec.heldout_samples, temperature=spec.temperature)
         assert r["reward"] == res["heldout_reward_after"] and r["exact_greedy"] == res["heldout_exact_greedy_after"]
+    # and so is what GRPO cost plain text: the held-out texts' loss before (the tier as given) and after
+    for when, src in (("before", tier), ("after", out)):
+        m = AutoModelForCausalLM.from_pretrained(src)
+        assert heldout_loss(m, AutoTokenizer.from_pretrained(src), texts) == res[f"heldout_text_loss_{when}"]
 
 
 def test_grpo_uses_the_spec_rewards(tier, prompts, tmp_path):
@@ -170,6 +176,7 @@ def test_worker_takes_its_inputs_from_the_store_and_publishes_the_policy(tier, p
     shutil.copytree(tier, given / INPUTS["tier"])
     (given / INPUTS["prompts"]).write_text("".join(json.dumps(r) + "\n" for r in train))
     (given / INPUTS["heldout"]).write_text(json.dumps(heldout))
+    (given / INPUTS["heldout_text"]).write_text(json.dumps([r["prompt"] for r in heldout]))
     store.put_artifact("grpo/inputs", given, stage="grpo_inputs", spec_hash="")
     spec = RunSpec.model_validate({"store": {"bucket": store.spec.bucket}, "rl": _spec().model_dump()})
     r = subprocess.run([sys.executable, "-m", "ruyi_core.rl.worker", "--spec", spec.model_dump_json(),
@@ -180,4 +187,5 @@ def test_worker_takes_its_inputs_from_the_store_and_publishes_the_policy(tier, p
     store.get_artifact(store.uri("grpo/policy"), tmp_path / "policy")
     res = json.loads((tmp_path / "policy" / "result.json").read_text())
     assert res["steps"] == 2 and (tmp_path / "policy" / "model.safetensors").is_file()
+    assert res["heldout_text_loss_after"] > 0
     assert store.read_manifest(store.uri("grpo/policy")).inputs[0].uri == store.uri("grpo/inputs")

@@ -128,6 +128,7 @@ def test_local_pipeline_end_to_end_then_cached(tmp_path, s3_server, monkeypatch)
     assert sft["steps"] == 2 and len(sft["final_exit_losses"]) == 2
     end = {c.stage: c for c in lineage(store, [u for u in tiers if "/end/" in u][0])}
     assert {"svd_compress", "grpo", "dae_sft", "dae_cpt", "dae_expand"} <= set(end)
+    assert end["grpo"].metadata["heldout_text_loss_before"] > 0  # DaE's result, before GRPO changes the tier
     # checkpoints: CPT keeps its last ones (the default) in the lineage; the DaE stages (keep_checkpoints 0)
     # none once their output was stored; no starting checkpoint is left (a local trainer reads it from disk)
     cpt = by_stage["cpt"].uri

@@ -45,9 +45,10 @@ def rows_within(limit: int, vocab: int, seq: int, logit_bytes: int = LOGIT_BYTES
 @torch.no_grad()
 def heldout_loss(model, tokenizer, texts: list[str], exit_point: int | None = None, batch: int = 16,
                  logit_bytes: int = LOGIT_BYTES) -> float:
-    """Mean cross-entropy per predicted token over `texts` (each followed by EOS). Batches shrink so that one
-    batch's logits stay within `logit_bytes`."""
+    """Mean cross-entropy per predicted token over `texts` (each followed by EOS), on the model's device. Batches
+    shrink so that one batch's logits stay within `logit_bytes`."""
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     kw = {} if exit_point is None else {"exit_point": exit_point}
     enc = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
@@ -61,6 +62,7 @@ def heldout_loss(model, tokenizer, texts: list[str], exit_point: int | None = No
         for j, e in enumerate(part):  # right padding: labels of padded positions are ignored
             ids[j, : len(e)] = torch.tensor(e)
             mask[j, : len(e)] = 1
+        ids, mask = ids.to(device), mask.to(device)
         logits = model(ids, attention_mask=mask, **kw).logits
         labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         for j in range(len(part)):  # a row at a time: no flattened copy of the batch's logits

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from transformers.trainer_callback import PrinterCallback
 
 from ruyi_core.errors import RuyiError
+from ruyi_core.eval.heldout import heldout_loss
 from ruyi_core.family.convert import generation_config as default_generation_config
 from ruyi_core.rl.rewards import REWARDS, exact_answer
 from ruyi_core.spec import RlSpec
@@ -207,10 +208,11 @@ def _generation_config(tier_dir: Path, tok, cfg) -> GenerationConfig:
 
 
 def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: list[dict], trainable: list[str],
-             spec: RlSpec, log=print, runtime=None) -> dict:
+             spec: RlSpec, log=print, runtime=None, heldout_texts: list[str] = ()) -> dict:
     """GRPO on the tier at `tier_dir`; the trained policy (safetensors, config, tokenizer), rewards.jsonl and
-    rewards.png go to `out_dir`. Returns held-out rewards before/after and parameter counts. The rewards and
-    their weights are `spec.rewards`; `runtime` (ruyi_core.runtime: device and dtype) defaults to CPU fp32."""
+    rewards.png go to `out_dir`. Returns held-out rewards before/after, the held-out loss of `heldout_texts`
+    before/after (what GRPO costs plain-text modelling) and parameter counts. The rewards and their weights are
+    `spec.rewards`; `runtime` (ruyi_core.runtime: device and dtype) defaults to CPU fp32."""
     from datasets import Dataset  # heavy imports only when RL actually runs
     from trl import GRPOConfig, GRPOTrainer
 
@@ -242,7 +244,14 @@ def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: 
         return (f"mean reward {r['reward']:.3f} ({spec.heldout_samples} samples/prompt at T={spec.temperature:g}), "
                 f"greedy exact answers {r['exact_greedy']:.3f}, {len(heldout)} prompts")
 
-    before = held_out("before")
+    def text_loss(when: str) -> dict:
+        if not heldout_texts:
+            return {}
+        loss = heldout_loss(model, tok, list(heldout_texts))
+        log(f"[grpo] held-out text {when}: loss {loss:.4f} ({len(heldout_texts)} texts)")
+        return {"text_loss": loss}
+
+    before = held_out("before") | text_loss("before")
     log(f"[grpo] held-out before: {said(before)}")
 
     # Conversational dataset: TRL applies the tokenizer's chat template; `answer` reaches the reward functions.
@@ -296,7 +305,7 @@ def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: 
             f.write(json.dumps(r) + "\n")
     _plot(rows, names, out_dir / "rewards.png", f"GRPO, G={spec.group_size}, {spec.prompts_per_step} prompts/step")
 
-    after = held_out("after")
+    after = held_out("after") | text_loss("after")
     log(f"[grpo] held-out after: {said(after)}")
 
     # A plain checkpoint again: no trainer traces in config, generation config without a length cap.

@@ -2,10 +2,11 @@
 generation batch over them), the same error protocol and the same death with its parent.
 
     torchrun --nproc-per-node N -m ruyi_core.rl.worker --spec SPEC --tier DIR --out DIR --prompts JSONL \\
-        --heldout JSON --trainable JSON
+        --heldout JSON [--heldout-text JSON] --trainable JSON
 
 Rank 0 writes the trained policy, rewards.jsonl / .png and result.json (the held-out rewards) to --out. On a
-cluster (a TrainJob) the inputs come as one artifact, `--inputs URI` (tier/, prompts.jsonl, heldout.json), and
+cluster (a TrainJob) the inputs come as one artifact, `--inputs URI` (tier/, prompts.jsonl, heldout.json,
+heldout_text.json), and
 rank 0 publishes --out as the artifact `--publish URI`.
 """
 from __future__ import annotations
@@ -23,7 +24,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--prompts", type=Path, help="training prompts, JSONL {prompt, answer}")
     ap.add_argument("--heldout", type=Path, help="held-out prompts, a JSON list")
-    ap.add_argument("--inputs", help="instead of the three above: an artifact with tier/, prompts.jsonl, heldout.json")
+    ap.add_argument("--heldout-text", type=Path,
+                    help="held-out texts, a JSON list: their loss before and after GRPO (GRPO's cost on plain text)")
+    ap.add_argument("--inputs", help="instead of the above: an artifact with tier/, prompts.jsonl, heldout.json, "
+                                     "heldout_text.json")
     ap.add_argument("--publish", help="rank 0 uploads --out as this artifact")
     ap.add_argument("--trainable", required=True, help="JSON list of the parameter-name prefixes that train")
     args = ap.parse_args(argv)
@@ -32,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-INPUTS = {"tier": "tier", "prompts": "prompts.jsonl", "heldout": "heldout.json"}  # an --inputs artifact's layout
+# An --inputs artifact's layout, and the worker's options for its parts (--heldout_text as --heldout-text).
+INPUTS = {"tier": "tier", "prompts": "prompts.jsonl", "heldout": "heldout.json", "heldout_text": "heldout_text.json"}
 
 
 def run(args: argparse.Namespace) -> None:
@@ -52,10 +57,11 @@ def run(args: argparse.Namespace) -> None:
         _fetch_inputs(spec, args)
     prompts = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()]
     heldout = json.loads(args.heldout.read_text())
+    texts = json.loads(args.heldout_text.read_text()) if args.heldout_text and args.heldout_text.is_file() else []
     with tempfile.TemporaryDirectory(prefix="ruyi-grpo-rank-") as scratch:
         out = args.out if rank == 0 else Path(scratch)  # one writer
         res = run_grpo(args.tier, out, prompts, heldout, json.loads(args.trainable), spec.rl,
-                       log=_print if rank == 0 else (lambda m: None), runtime=for_spec(spec))
+                       log=_print if rank == 0 else (lambda m: None), runtime=for_spec(spec), heldout_texts=texts)
     if rank == 0:
         (args.out / "result.json").write_text(json.dumps(res))
         if args.publish:

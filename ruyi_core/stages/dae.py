@@ -45,7 +45,7 @@ class Compressed(Artifact):
 
 EXPAND = Stage("dae_expand", Expanded, ("dae.tier", "dae.blocks", "dae.init", "dae.std", "family.seed",
                                         "data.heldout", "data.seed"))
-GRPO = Stage("grpo", Grpo, ("rl", "data.rl_heldout", "data.seed"))
+GRPO = Stage("grpo", Grpo, ("rl", "data.rl_heldout", "data.heldout", "data.seed"))
 SVD = Stage("svd_compress", Compressed, ("dae.tier", "dae.svd_ratio", "dae.sweep", "dae.calib_samples",
                                          "data.seq_length", "data.heldout", "data.seed"))
 
@@ -91,7 +91,7 @@ def grpo(spec: RunSpec, store: ArtifactStore, family: str, rl_raw: str) -> Grpo:
         from safetensors.torch import load_file
 
         from ruyi_core.dae.expand import merge_tier, tier_own_prefixes
-        from ruyi_core.eval.heldout import heldout_prompts
+        from ruyi_core.eval.heldout import heldout_prompts, heldout_texts
         from ruyi_core.family.convert import export_tier
         from ruyi_core.family.io import save_family
         from ruyi_core.launch import run_child, torchrun
@@ -107,13 +107,13 @@ def grpo(spec: RunSpec, store: ArtifactStore, family: str, rl_raw: str) -> Grpo:
             for rec in corpus_records(run, "rl", "rl"):
                 f.write(json.dumps(rec) + "\n")
         (given / INPUTS["heldout"]).write_text(json.dumps(heldout_prompts(spec)))
+        (given / INPUTS["heldout_text"]).write_text(json.dumps(heldout_texts(spec, run.work)))
         policy = run.work / "policy"
         args = ["--spec", spec.model_dump_json(), "--trainable", json.dumps(own)]
         if spec.train.launcher == "local":
             workers = max(1, spec.pipeline.resources_for("grpo").gpus)
-            run_child(torchrun(workers, "ruyi_core.rl.worker", [
-                *args, "--out", str(policy), *(a for n, rel in INPUTS.items() for a in (f"--{n}", str(given / rel)))]),
-                run.log)
+            parts = [a for n, rel in INPUTS.items() for a in (f"--{n.replace('_', '-')}", str(given / rel))]
+            run_child(torchrun(workers, "ruyi_core.rl.worker", [*args, "--out", str(policy), *parts]), run.log)
         else:  # a TrainJob: the inputs and the policy travel through the store, deleted once the output is stored
             from ruyi_core.megatron.trainjob import grpo_workers, run_trainjob
 
