@@ -251,6 +251,11 @@ def test_cpu_shim_canary():
     assert moptim.clip_grad_by_total_norm_fp32 is clip_grads.clip_grad_by_total_norm_fp32
     assert "torch.cuda.current_device()" in inspect.getsource(rotary_pos_embedding.RotaryEmbedding)
     assert hasattr(mrandom, "_CUDA_RNG_STATE_TRACKER") and hasattr(mrandom, "_CUDA_RNG_STATE_TRACKER_INITIALIZED")
+    # (on every device) ckpt.save hands megatron's checkpoint writer a local results queue, saving a spawned
+    # Manager process per process that saves: the writer still makes it lazily, in this global
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    assert "_results_queue = ctx.Manager().Queue()" in inspect.getsource(filesystem_async._get_write_results_queue)
     if torch.cuda.is_available():
         pytest.skip(reason="the shim is a no-op where CUDA exists")
     assert clip_grads.l2_norm_impl is local_multi_tensor_l2_norm  # no apex: megatron's Python fallback

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import os
+import queue
 import random
 import socket
 from pathlib import Path
@@ -55,9 +56,22 @@ def _one_intraop_thread():
         torch.set_num_threads(threads)
 
 
+def _local_results_queue() -> None:
+    """megatron's checkpoint writer makes the queue it reports through, on its first save in a process, in a
+    Manager process started by spawn: a fresh interpreter that imports torch and this module's imports again
+    (~2.5 s per process here). Our saves are synchronous, the writer reports from this process, so a plain
+    queue serves."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save(path: Path, model, optimizer=None, extra: dict | None = None, rng: bool = False) -> None:
     """Model (and optimizer, and with `rng` every rank's generators) from every rank, then the marker."""
     from megatron.core import dist_checkpointing
+
+    _local_results_queue()
 
     path.mkdir(parents=True, exist_ok=True)
     model_sd = model.sharded_state_dict()
