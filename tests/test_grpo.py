@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ruyi_core.data.world import rl_records
 from ruyi_core.errors import RuyiError
-from ruyi_core.eval.heldout import heldout_loss
+from ruyi_core.family.loss import heldout_loss
 from ruyi_core.family.convert import build_preset_base, export_tier, family_from_base
 from ruyi_core.rl.grpo import evaluate_reward, run_grpo
 from ruyi_core.rl.rewards import answer_format, exact_answer, extract_answer, valid_steps

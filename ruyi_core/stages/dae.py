@@ -66,7 +66,8 @@ def dae_expand(spec: RunSpec, store: ArtifactStore, family: str) -> Expanded:
 
     def build(run: StageRun) -> dict:
         from ruyi_core.dae.expand import expand_tier
-        from ruyi_core.eval.heldout import heldout_loss, heldout_texts
+        from ruyi_core.eval.heldout import heldout_texts
+        from ruyi_core.family.loss import heldout_loss
         from ruyi_core.family.io import save_family
 
         d = spec.dae
@@ -178,7 +179,7 @@ def svd_compress(spec: RunSpec, store: ArtifactStore, family: str, packed_pretra
 
 def _calibration(run: StageRun, seq: int, n: int, vocab: int) -> list[dict]:
     """`n` windows of `seq` tokens, in batches whose fp32 logits stay within 256 MiB (8 windows at most)."""
-    from ruyi_core.eval.heldout import rows_within
+    from ruyi_core.family.loss import rows_within
     from ruyi_core.megatron.data import TokenStream
 
     stream = TokenStream(run.fetch("packed"), seq, seed=12345)
@@ -190,7 +191,7 @@ def _sweep(dense, tok, cfg, d, calib, texts, log=print):
     """Compress at every sweep ratio; returns ((model, report, row) at dae.svd_ratio, rows, dense loss).
     `log` gets a line per ratio ("[svd_compress] ratio 0.4 (2/3): ...")."""
     from ruyi_core.dae.svd import calibrate, compress
-    from ruyi_core.eval.heldout import heldout_loss
+    from ruyi_core.family.loss import heldout_loss
     from ruyi_core.family.names import dae_linear_names
 
     # Ranks are shared out within groups of same-type matrices across the added blocks (all q_proj, ...).
