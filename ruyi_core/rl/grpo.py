@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from transformers.trainer_callback import PrinterCallback
 
 from ruyi_core.errors import RuyiError
-from ruyi_core.family.loss import heldout_loss
 from ruyi_core.family.convert import generation_config as default_generation_config
+from ruyi_core.family.loss import heldout_loss
 from ruyi_core.rl.rewards import REWARDS, exact_answer
 from ruyi_core.spec import RlSpec
 

@@ -6,8 +6,7 @@ generation batch over them), the same error protocol and the same death with its
 
 Rank 0 writes the trained policy, rewards.jsonl / .png and result.json (the held-out rewards) to --out. On a
 cluster (a TrainJob) the inputs come as one artifact, `--inputs URI` (tier/, prompts.jsonl, heldout.json,
-heldout_text.json), and
-rank 0 publishes --out as the artifact `--publish URI`.
+heldout_text.json), and rank 0 publishes --out as the artifact `--publish URI`.
 """
 from __future__ import annotations
 

@@ -67,8 +67,8 @@ def dae_expand(spec: RunSpec, store: ArtifactStore, family: str) -> Expanded:
     def build(run: StageRun) -> dict:
         from ruyi_core.dae.expand import expand_tier
         from ruyi_core.eval.heldout import heldout_texts
-        from ruyi_core.family.loss import heldout_loss
         from ruyi_core.family.io import save_family
+        from ruyi_core.family.loss import heldout_loss
 
         d = spec.dae
         fam, tok = _load(run, "dae", d.tier)
