@@ -81,9 +81,10 @@ def test_checkpoint_restores_every_rng(workdir):
     assert out["repeats"] and out["extra"] == {"step": 1}
 
 
-def spec_file(d: Path, name: str, parallel: dict, steps: int = 10, bucket: str = "ruyi", keep: int = 2) -> Path:
+def spec_file(d: Path, name: str, parallel: dict, steps: int = 10, bucket: str = "ruyi", keep: int = 2,
+              precision: str = "auto") -> Path:
     spec = {"family": {"name": "micro", "base": "micro", "exit_points": EXITS}, "store": {"bucket": bucket},
-            "train": {"parallel": parallel, "cpt": {"steps": steps, "micro_batch_size": 4, "global_batch_size": 8,
+            "train": {"parallel": parallel, "precision": precision, "cpt": {"steps": steps, "micro_batch_size": 4, "global_batch_size": 8,
                                                     "seq_length": 32, "save_every": 3, "lr": 3e-3,
                                                     "warmup_steps": 1, "keep_checkpoints": keep},
                       "sft": {"micro_batch_size": 4}},  # every stage's batch must split over DP 2
@@ -94,11 +95,11 @@ def spec_file(d: Path, name: str, parallel: dict, steps: int = 10, bucket: str =
 
 
 def train(d: Path, name: str, parallel: dict, extra: list[str] = (), bucket: str = "ruyi", keep: int = 2,
-          **popen) -> subprocess.Popen:
+          precision: str = "auto", **popen) -> subprocess.Popen:
     nproc = parallel.get("tp", 1) * parallel.get("pp", 1) * parallel.get("dp", 1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
            str(29500 + hash(name) % 1000), "-m", "ruyi_core.megatron.trainer", "--stage", "cpt",
-           "--spec", str(spec_file(d, name, parallel, bucket=bucket, keep=keep)), "--family", str(d / "family"), "--init", str(d / "init"),
+           "--spec", str(spec_file(d, name, parallel, bucket=bucket, keep=keep, precision=precision)), "--family", str(d / "family"), "--init", str(d / "init"),
            "--data", str(d / "packed"), "--out", str(d / name), *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **popen)
@@ -149,6 +150,35 @@ def test_distributed_optimizer_matches_tp1_and_resumes_exactly(workdir, referenc
     out = p.communicate()[0]
     assert p.returncode == 0 and "[cpt] resumed from step 6" in out, out[-3000:]
     assert losses(workdir, "distopt") == full
+
+
+def test_bf16_learns_as_fp32_resumes_exactly_and_exports(workdir, reference):
+    """bf16 mixed precision (`train.precision`, the demo's setting on the CPU): every exit learns as in fp32 up
+    to bf16's rounding; resumed from its step-6 checkpoint, a run repeats its losses bit for bit (the fp32 master
+    weights and moments travel in the checkpoint); the bf16 checkpoint exports to an HF family."""
+    import shutil
+
+    from ruyi_core.family.modeling import RuyiForCausalLM
+
+    p = train(workdir, "bf16", {}, keep=4, precision="bf16")
+    out = p.communicate()[0]
+    assert p.returncode == 0, out[-3000:]
+    full = losses(workdir, "bf16")
+    assert max(abs(a - b) for r, s in zip(reference, full) for a, b in zip(r, s)) <= 1e-2
+    assert all(r[-1] < r[0] - 0.3 for r in zip(*full))  # every exit's loss falls
+    for it in ("iter_0000009", "iter_0000010"):
+        shutil.rmtree(workdir / "bf16" / "checkpoints" / it)
+    p = train(workdir, "bf16", {}, ["--resume"], keep=4, precision="bf16")
+    out = p.communicate()[0]
+    assert p.returncode == 0 and "[cpt] resumed from step 6" in out, out[-3000:]
+    assert losses(workdir, "bf16") == full
+    subprocess.run([sys.executable, "-m", "ruyi_core.megatron.ckpt", "to-hf", "--ckpt",
+                    str(workdir / "bf16" / "checkpoints" / "iter_0000010"), "--family", str(workdir / "family"),
+                    "--out", str(workdir / "bf16_hf")], check=True, capture_output=True)
+    before, after = (RuyiForCausalLM.from_pretrained(workdir / d) for d in ("family", "bf16_hf"))
+    w0, w1 = before.state_dict(), after.state_dict()
+    assert w1.keys() == w0.keys() and all(w1[k].isfinite().all() for k in w1)
+    assert all(not torch.equal(w0[k], w1[k]) for k in w0)  # every leaf trained
 
 
 def test_sigkill_then_resume_repeats_the_loss_sequence_exactly(workdir, reference, s3_server):

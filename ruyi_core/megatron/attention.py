@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import math
 
+import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -52,6 +53,11 @@ class SDPAttention(MegatronModule):
         assert packed_seq_params is None and attention_bias is None, "SDPAttention: no packed sequences/bias"
         # [s, b, n, d] -> [b, n, s, d] (views; the kernel takes strided inputs)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        # bf16 on the CPU: torch's flash-attention kernel runs ~3x slower in bf16 than in fp32 (its backward
+        # most); queries and keys arrive in fp32 from the rotary embedding (rope.py), values are cast.
+        dtype = value.dtype
+        if dtype == torch.bfloat16 and q.device.type == "cpu":
+            q, k, v = q.float(), k.float(), v.float()
         causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
         mask = None
         if attention_mask is not None:  # megatron's masks are True where masked; SDPA's True = attend
@@ -64,6 +70,7 @@ class SDPAttention(MegatronModule):
                 out = F.scaled_dot_product_attention(q, k, v, **kw)
         else:
             out = F.scaled_dot_product_attention(q, k, v, **kw)
+        out = out.to(dtype)
         # [b, n, sq, d] -> [sq, b, n * d]
         return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], self.hidden_size_per_partition)
 

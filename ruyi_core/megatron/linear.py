@@ -60,7 +60,7 @@ class _Linear(torch.autograd.Function):
                 continue
             g2 = g.reshape(-1, g.shape[-1])
             if gw is not None:
-                gw[b].addmm_(g2.t(), x2)
+                add_product(gw[b], g2.t(), x2)
             grad_x = g2 @ w[b] if grad_x is None else grad_x.addmm_(g2, w[b])
         if gw is not None and ctx.into_main:
             w.grad_added_to_main_grad = True
@@ -75,7 +75,16 @@ class _Linear(torch.autograd.Function):
 
 def _into_main(weight, x) -> bool:
     main = getattr(weight, "main_grad", None)
-    return main is not None and main.dtype == weight.dtype == x.dtype and main.device.type == "cpu"
+    return main is not None and weight.dtype == x.dtype and main.device.type == "cpu"
+
+
+def add_product(out, a, b, alpha: float = 1.0) -> None:
+    """out += alpha * a @ b; a bf16 product lands in an fp32 buffer (megatron's main_grad under bf16) with one
+    add, as megatron's fp32 gradient accumulation does on GPUs (the CPU has no mixed-dtype addmm)."""
+    if out.dtype == a.dtype:
+        out.addmm_(a, b, alpha=alpha)
+    else:
+        out.add_(torch.mm(a, b), alpha=alpha)
 
 
 def _matmul(weight, x, split: int | None = None, norm=None):
@@ -131,7 +140,8 @@ class _NormFirst:
 
     def __init__(self, input_size, output_size, *, config, **kwargs):
         super().__init__(input_size, output_size, config=config, **kwargs)
-        self.layer_norm_weight = torch.nn.Parameter(torch.ones(input_size, device=self.weight.device))
+        self.layer_norm_weight = torch.nn.Parameter(torch.ones(input_size, device=self.weight.device,
+                                                               dtype=config.params_dtype))
         # Under sequence parallelism each rank normalises its s/TP tokens: megatron sums this gradient over TP.
         self.layer_norm_weight.sequence_parallel = config.sequence_parallel
         self.layer_norm_eps = config.layernorm_epsilon

@@ -160,7 +160,7 @@ class Trainer:
         from ruyi_core.runtime import for_spec
 
         rt = for_spec(self.spec)  # CUDA + bf16 where GPUs are visible, CPU + fp32 here (spec.runtime)
-        self.cuda, self.bf16 = rt.cuda, rt.dtype == torch.bfloat16
+        self.cuda, self.bf16 = rt.cuda, self.spec.train.bf16(rt.dtype)
         self.device = rt.device
         ps.initialize_model_parallel(par.tp, par.pp)
         seed_everything(self.st.seed)
@@ -323,7 +323,7 @@ class Trainer:
         ckpt.load(self.io.fetch(self.args.init, "init"), self.ddp.module)
         # The loaded weights replaced the optimizer's fp32 master copies only when they are the same tensors
         # (fp32); with bf16 params, reload the masters from the model.
-        if self.cuda:
+        if self.bf16:
             self.opt.reload_model_params()
 
     def run(self) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ruyi_core.megatron import node
-from ruyi_core.megatron.linear import _into_main
+from ruyi_core.megatron.linear import _into_main, add_product
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -23,12 +23,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, labels, token_weights):
-        logp = torch.log_softmax(F.linear(x, weight), -1)
+        # The softmax in fp32 whatever the activations' dtype, as megatron's cross-entropy on GPUs.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        logp = torch.log_softmax(F.linear(x, weight).to(dtype), -1)
+        token_weights = token_weights.to(dtype)
         loss = -(logp.gather(1, labels[:, None]).squeeze(1) * token_weights).sum()
         # w * softmax = exp(log p + log w), 0 where w = 0; then - w at each label.
         grad = logp.add_(token_weights.log()[:, None]).exp_()
-        grad.scatter_add_(1, labels[:, None], -token_weights[:, None].to(grad.dtype))
-        ctx.save_for_backward(x, weight, grad)
+        grad.scatter_add_(1, labels[:, None], -token_weights[:, None])
+        ctx.save_for_backward(x, weight, grad.to(x.dtype))  # the backward's products run in x's dtype
         ctx.into_main = _into_main(weight, x)
         return loss
 
@@ -40,7 +43,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if not ctx.needs_input_grad[1]:  # a frozen head (DaE trains one exit's)
             return grad_x, None, None, None
         if ctx.into_main:
-            weight.main_grad.addmm_(grad.t(), x, alpha=scale)
+            add_product(weight.main_grad, grad.t(), x, alpha=scale)
             weight.grad_added_to_main_grad = True
             return grad_x, torch.empty_like(weight), None, None
         return grad_x, torch.mm(grad.t(), x).mul_(scale), None, None
@@ -49,5 +52,5 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(x, weight, labels, loss_mask):
     """The masked token-mean cross-entropy of x @ weight.T: x [s, b, h]; labels and loss_mask [s, b]."""
     mask = loss_mask.to(torch.promote_types(x.dtype, torch.float32))
-    token_weights = (mask / mask.sum().clamp(min=1)).flatten().to(x.dtype)
+    token_weights = (mask / mask.sum().clamp(min=1)).flatten()
     return node.apply(_LinearCrossEntropy, x.flatten(0, 1), weight, labels.flatten(), token_weights)

@@ -134,6 +134,10 @@ class TrainSpec(_Strict):
     cpt: TrainStageSpec = _stage_field("train", "cpt")
     sft: TrainStageSpec = _stage_field("train", "sft")
     parallel: ParallelSpec = Field(default_factory=ParallelSpec)
+    # bf16: bf16 weights and activations over fp32 master weights, gradients and Adam moments (megatron's mixed
+    # precision; on the CPU the softmaxes, rotary embedding and core attention run in fp32). auto: the runtime's
+    # dtype (spec.runtime: bf16 on GPUs, fp32 on the CPU).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     launcher: Literal["local", "trainjob"] = "local"
     trainjob: TrainJobSpec = Field(default_factory=TrainJobSpec)
 
@@ -141,6 +145,12 @@ class TrainSpec(_Strict):
     @classmethod
     def _stages(cls, data):
         return _merge_stage_defaults("train", data)
+
+    def bf16(self, runtime_dtype) -> bool:
+        """Whether the megatron trainer runs in bf16 mixed precision, under a runtime of `runtime_dtype`."""
+        import torch
+
+        return runtime_dtype == torch.bfloat16 if self.precision == "auto" else self.precision == "bf16"
 
 
 class DaeSpec(_Strict):

@@ -25,14 +25,14 @@ class Trained(Artifact):
     final_exit_losses: list[float]
 
 
-# The parallel layout is in the identity (TP changes the arithmetic); the launcher and its settings are not.
+# The parallel layout and precision are in the identity (they change the arithmetic); the launcher is not.
 TRAIN = {
     # version 2: the text stream is reshuffled by document every epoch (megatron/data.py)
-    "cpt": Stage("cpt", Trained, ("train.cpt", "train.parallel"), version=2),
+    "cpt": Stage("cpt", Trained, ("train.cpt", "train.parallel", "train.precision"), version=2),
     # version 3: SFT windows hold whole conversations, repacked every epoch (megatron/data.py)
-    "sft": Stage("sft", Trained, ("train.sft", "train.parallel"), version=3),
-    "dae_cpt": Stage("dae_cpt", Trained, ("dae.cpt", "dae.tier", "train.parallel"), version=2),
-    "dae_sft": Stage("dae_sft", Trained, ("dae.sft", "dae.tier", "train.parallel"), version=3),
+    "sft": Stage("sft", Trained, ("train.sft", "train.parallel", "train.precision"), version=3),
+    "dae_cpt": Stage("dae_cpt", Trained, ("dae.cpt", "dae.tier", "train.parallel", "train.precision"), version=2),
+    "dae_sft": Stage("dae_sft", Trained, ("dae.sft", "dae.tier", "train.parallel", "train.precision"), version=3),
 }
 
 
