@@ -1,8 +1,9 @@
-"""Training-step speed on the CPU (fp32, 1 process), measured side by side in one run: megatron's joint
-multi-exit step (the trainer's) against a plain transformers training loop on the same family, weights,
-batch and optimizer kind; megatron's full-depth-only step (joint/full against the ideal ratio from FLOP
-counts); and torch.matmul on large square matrices, the machine's dense fp32 rate that the trainer's
-model-FLOP rate is a share of. Variants run interleaved, round by round (order rotated each round), after a
+"""Training-step speed on the CPU (1 process), measured side by side in one run: megatron's joint multi-exit
+step (the trainer's) against a plain transformers training loop on the same family, weights, batch and
+optimizer kind, in fp32 and in bf16 mixed precision (megatron's bf16 with fp32 masters, the demo's
+`train.precision`, against transformers under bf16 autocast); megatron's full-depth-only step (joint/full
+against the ideal ratio from FLOP counts); and torch.matmul on large square matrices, the machine's dense fp32
+(and bf16) rate that the trainer's model-FLOP rate is a share of. Variants run interleaved, round by round (order rotated each round), after a
 warm-up each, and are reported as medians: absolute times on these machines mean little, ratios measured
 side by side do.
 
@@ -43,8 +44,9 @@ def train_flops_per_token(model, cfg, seq: int, n_blocks: int) -> float:
     return 6 * n + 6 * n_blocks * seq * cfg.num_attention_heads * cfg.head_dim
 
 
-def megatron_step_fn(fam, batch: dict, seq: int):
-    """A megatron FamilyGPT with `fam`'s weights, wrapped as the trainer wraps it; returns (step(), model)."""
+def megatron_step_fn(fam, batch: dict, seq: int, bf16: bool = False):
+    """A megatron FamilyGPT with `fam`'s weights, wrapped as the trainer wraps it (`bf16`: the trainer's bf16
+    mixed precision, `train.precision: bf16`); returns (step(), model)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -53,12 +55,12 @@ def megatron_step_fn(fam, batch: dict, seq: int):
     from ruyi_core.megatron.cpu import fuse_cpu_adam, native_torch
     from ruyi_core.megatron.model import build_model, causal_mask
 
-    model = build_model(fam.config, 1, 1, seq)
+    model = build_model(fam.config, 1, 1, seq, bf16=bf16)
     load_into(model, hf_to_megatron(fam.state_dict(), fam.config))
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
     opt = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=LR, min_lr=LR, weight_decay=WD, clip_grad=CLIP, adam_beta1=BETAS[0],
-        adam_beta2=BETAS[1], adam_eps=EPS, bf16=False, params_dtype=torch.float32,
+        adam_beta2=BETAS[1], adam_eps=EPS, bf16=bf16, params_dtype=model.config.params_dtype,
         use_distributed_optimizer=False), [ddp])
     fuse_cpu_adam(opt)  # as the trainer does
     model.config.grad_scale_func = opt.scale_loss
@@ -90,13 +92,15 @@ def megatron_step_fn(fam, batch: dict, seq: int):
     return step, model
 
 
-def hf_step_fn(fam, ids: torch.Tensor):
+def hf_step_fn(fam, ids: torch.Tensor, bf16: bool = False):
+    """`bf16`: the forward under torch's bf16 autocast (transformers' `bf16=True` on the CPU)."""
     fam.train()
     opt = torch.optim.AdamW(fam.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, fused=FUSED)
 
     def step() -> list[float]:
         opt.zero_grad(set_to_none=True)
-        out = fam.forward_exits(ids, labels=ids)  # shifts labels itself
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = fam.forward_exits(ids, labels=ids)  # shifts labels itself
         sum(out.losses.values()).backward()
         torch.nn.utils.clip_grad_norm_(fam.parameters(), CLIP)
         opt.step()
@@ -105,10 +109,10 @@ def hf_step_fn(fam, ids: torch.Tensor):
     return step
 
 
-def matmul_fn(n: int):
-    """One dense fp32 n x n x n product (the machine's matmul rate: 2 n^3 FLOPs)."""
-    a, b = (torch.randn(n, n, generator=torch.Generator().manual_seed(i)) for i in (1, 2))
-    out = torch.empty(n, n)
+def matmul_fn(n: int, dtype=torch.float32):
+    """One dense n x n x n product in `dtype` (the machine's matmul rate: 2 n^3 FLOPs)."""
+    a, b = (torch.randn(n, n, generator=torch.Generator().manual_seed(i)).to(dtype) for i in (1, 2))
+    out = torch.empty(n, n, dtype=dtype)
     return lambda: [float(torch.matmul(a, b, out=out)[0, 0])]
 
 
@@ -154,7 +158,12 @@ def build_variants(preset: str, batch: int, seq: int):
             "megatron_full": (sum(p.numel() for p in full_model.parameters()),
                               train_flops_per_token(full_model, cfg, seq, n_layers))}
     variants = {"megatron_joint": mg_joint, "hf_joint": hf_step_fn(joint_hf, ids), "megatron_full": mg_full}
+    # bf16 mixed precision (the demo's `train.precision`) against transformers under bf16 autocast, fresh copies
+    variants["megatron_joint_bf16"] = megatron_step_fn(family_from_base(base, exits), data, seq, bf16=True)[0]
+    variants["hf_joint_bf16"] = hf_step_fn(family_from_base(base, exits), ids, bf16=True)
+    info |= {f"{n}_bf16": info[n] for n in ("megatron_joint", "hf_joint")}
     variants |= {f"matmul_{n}": matmul_fn(n) for n in MATMUL_SIZES}
+    variants[f"matmul_bf16_{MATMUL_SIZES[-1]}"] = matmul_fn(MATMUL_SIZES[-1], torch.bfloat16)
     return variants, info, cfg
 
 
@@ -173,37 +182,46 @@ def report(a, info: dict, cfg, first: dict, times: dict) -> dict:
     med = {n: statistics.median(t) for n, t in times.items()}
     tokens = a.batch * a.seq
     matmul = {n: 2 * n**3 / med[f"matmul_{n}"] / 1e9 for n in MATMUL_SIZES}
-    peak = max(matmul.values())
+    n_bf16 = MATMUL_SIZES[-1]
+    bf16_rate = 2 * n_bf16**3 / med[f"matmul_bf16_{n_bf16}"] / 1e9
+    fp32_peak = max(matmul.values())
     rows = []
     print(f"{'variant':<16}{'params':>9}{'step ms':>10}{'min ms':>9}{'max ms':>9}{'tok/s':>9}{'GFLOP/s':>9}"
           f"{'of matmul':>10}")
     for n, (params, fpt) in info.items():
-        gflops = fpt * tokens / med[n] / 1e9
+        gflops, peak = fpt * tokens / med[n] / 1e9, bf16_rate if n.endswith("_bf16") else fp32_peak
         rows.append({"variant": n, "parameters": params, "train_mflop_per_token": round(fpt / 1e6, 3),
                      "step_ms_median": round(med[n] * 1e3, 1), "step_ms_all": [round(t * 1e3, 1) for t in times[n]],
                      "tokens_per_s": round(tokens / med[n]), "train_gflop_per_s": round(gflops, 2),
                      "share_of_matmul": round(gflops / peak, 3), "first_step_losses": [round(x, 4) for x in first[n]]})
         print(f"{n:<16}{params / 1e6:>8.2f}M{med[n] * 1e3:>10.1f}{min(times[n]) * 1e3:>9.1f}"
               f"{max(times[n]) * 1e3:>9.1f}{tokens / med[n]:>9.0f}{gflops:>9.2f}{gflops / peak:>10.0%}")
-    for n, g in matmul.items():
-        print(f"{'matmul ' + str(n):<16}{'':>9}{med[f'matmul_{n}'] * 1e3:>10.1f}{min(times[f'matmul_{n}']) * 1e3:>9.1f}"
-              f"{max(times[f'matmul_{n}']) * 1e3:>9.1f}{'':>9}{g:>9.2f}{g / peak:>10.0%}")
+    for name, g, peak in [*((f"matmul_{n}", g, fp32_peak) for n, g in matmul.items()),
+                          (f"matmul_bf16_{n_bf16}", bf16_rate, bf16_rate)]:
+        print(f"{name.replace('_', ' '):<16}{'':>9}{med[name] * 1e3:>10.1f}{min(times[name]) * 1e3:>9.1f}"
+              f"{max(times[name]) * 1e3:>9.1f}{'':>9}{g:>9.2f}{g / peak:>10.0%}")
     ratios = {"megatron_over_hf": med["megatron_joint"] / med["hf_joint"],
               "megatron_over_hf_best": min(times["megatron_joint"]) / min(times["hf_joint"]),
               "joint_over_full": med["megatron_joint"] / med["megatron_full"],
+              "megatron_bf16_over_hf_bf16": med["megatron_joint_bf16"] / med["hf_joint_bf16"],
+              "megatron_bf16_over_fp32": med["megatron_joint_bf16"] / med["megatron_joint"],
               "joint_over_full_ideal": info["megatron_joint"][1] / info["megatron_full"][1]}
     print(FLOPS_FORMULA)
     print(f"megatron/transformers step time {ratios['megatron_over_hf']:.3f} (medians; best steps "
           f"{ratios['megatron_over_hf_best']:.3f})  (<= 1: megatron as fast or faster)")
     print(f"joint/full step time {ratios['joint_over_full']:.2f}  (ideal from FLOPs "
           f"{ratios['joint_over_full_ideal']:.2f})")
+    print(f"bf16 mixed precision: megatron/transformers (autocast) step time "
+          f"{ratios['megatron_bf16_over_hf_bf16']:.3f}; megatron bf16/fp32 {ratios['megatron_bf16_over_fp32']:.3f}; "
+          f"bf16/fp32 matmul rate {bf16_rate / matmul[n_bf16]:.2f}x")
     gap = max(abs(x - y) for x, y in zip(first["megatron_joint"], first["hf_joint"]))
     print("first-step losses per exit: megatron " + " ".join(f"{x:.4f}" for x in first["megatron_joint"])
           + " | transformers " + " ".join(f"{x:.4f}" for x in first["hf_joint"]) + f" | max gap {gap:.1e}")
     return {"preset": a.preset, "exits": EXITS[a.preset], "num_layers": cfg.num_hidden_layers, "batch": a.batch,
-            "seq": a.seq, "rounds": a.rounds, "threads": a.threads, "dtype": "float32",
+            "seq": a.seq, "rounds": a.rounds, "threads": a.threads, "dtypes": ["float32", "bf16 mixed"],
             "hf_attn": cfg._attn_implementation, "flops_formula": FLOPS_FORMULA,
             "matmul_gflop_per_s": {str(n): round(g, 2) for n, g in matmul.items()},
+            "matmul_bf16_gflop_per_s": {str(n_bf16): round(bf16_rate, 2)},
             "ratios": {k: round(v, 3) for k, v in ratios.items()}, "first_step_loss_gap": gap, "variants": rows}
 
 
