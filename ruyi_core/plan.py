@@ -159,11 +159,13 @@ def _stage_layout(a: Arch, exits: list[int], shared: bool, pp: int, added: int =
 
 
 def train_plan(name: str, a: Arch, exits: list[int], shared: bool, st, par, dev: Device,
-               added: int = 0, dae_exit: int | None = None) -> StagePlan:
-    """A megatron training stage (CPT, SFT, or a DaE stage when `added` blocks follow exit `dae_exit`)."""
+               added: int = 0, dae_exit: int | None = None, bf16: bool | None = None) -> StagePlan:
+    """A megatron training stage (CPT, SFT, or a DaE stage when `added` blocks follow exit `dae_exit`), in bf16
+    mixed precision or fp32 (`bf16`; default: bf16 on GPUs)."""
     gpu = dev.peak_flops > 0
+    bf16 = gpu if bf16 is None else bf16
     dist_opt, seq_par = par.resolved(gpu)
-    wb, ab = dev.weight_bytes, dev.weight_bytes
+    wb = ab = 2 if bf16 else 4
     tp, pp, dp = par.tp, par.pp, par.dp
     tokens = st.seq_length * st.micro_batch_size
     n_micro = max(st.global_batch_size // (st.micro_batch_size * dp), 1)
@@ -175,13 +177,13 @@ def train_plan(name: str, a: Arch, exits: list[int], shared: bool, st, par, dev:
         w = params * wb / tp
         g = params * share * 4 / tp  # fp32 gradient buffers (grad_reduce_in_fp32)
         # Adam moments (+ an fp32 master copy of bf16 weights), sharded over DP by the distributed optimizer
-        o = params * share * (12 if gpu else 8) / (dp if dist_opt else 1) / tp
+        o = params * share * (12 if bf16 else 8) / (dp if dist_opt else 1) / tp
         in_flight = min(pp - s, n_micro)
         layer = _layer_activation_bytes(a, tokens, ab, tp, seq_par)
         full = st.recompute in (True, "full")  # selective recompute saves the attention scores flash never keeps
         block_input = 2 * tokens * a.hidden * ab / (tp if seq_par else 1)
         kept = blocks * (block_input if full else layer) + (layer if full else 0)
-        logits = heads * tokens * a.vocab * (10 if gpu else 8) / tp
+        logits = heads * tokens * a.vocab * (10 if bf16 else 8) / tp
         # On the CPU the device is the host: the trainer process itself (torch, megatron, transformers) counts.
         plan = StagePlan(name, total, trained, w, g, o, kept * in_flight + logits + (0 if gpu else PROCESS_BYTES),
                          loading=w + (0 if gpu else PROCESS_BYTES), gpus=tp * pp * dp)
@@ -243,13 +245,15 @@ def plan_run(spec, device: str | None = None, store_config=None) -> tuple[Device
     wb = dev.weight_bytes
     rows = [StagePlan("init_family", a.family(exits, fam.shared_heads), 0,
                       a.family(exits, fam.shared_heads) * wb, note="host")]
+    bf16 = spec.train.bf16(dev.peak_flops > 0)  # the runtime's dtype: bf16 on GPUs, fp32 on the CPU
     for stage in ("cpt", "sft"):
-        rows.append(train_plan(stage, a, exits, fam.shared_heads, spec.train_stage(stage), par, dev))
+        rows.append(train_plan(stage, a, exits, fam.shared_heads, spec.train_stage(stage), par, dev, bf16=bf16))
     added = 0
     if dae.enabled:
         added, p = dae.blocks, tiers[dae.tier]
         for stage in ("dae_cpt", "dae_sft"):
-            rows.append(train_plan(stage, a, exits, fam.shared_heads, spec.train_stage(stage), par, dev, added, p))
+            rows.append(train_plan(stage, a, exits, fam.shared_heads, spec.train_stage(stage), par, dev, added, p,
+                                   bf16))
         n = a.tier(p, added)
         rows.append(StagePlan("svd_compress", n, 0, 2 * n * wb, note=f"host; tier {dae.tier} and its compressed copy"))
     if rl.enabled:

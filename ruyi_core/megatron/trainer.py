@@ -160,7 +160,7 @@ class Trainer:
         from ruyi_core.runtime import for_spec
 
         rt = for_spec(self.spec)  # CUDA + bf16 where GPUs are visible, CPU + fp32 here (spec.runtime)
-        self.cuda, self.bf16 = rt.cuda, self.spec.train.bf16(rt.dtype)
+        self.cuda, self.bf16 = rt.cuda, self.spec.train.bf16(rt.dtype == torch.bfloat16)
         self.device = rt.device
         ps.initialize_model_parallel(par.tp, par.pp)
         seed_everything(self.st.seed)

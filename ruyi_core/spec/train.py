@@ -146,11 +146,9 @@ class TrainSpec(_Strict):
     def _stages(cls, data):
         return _merge_stage_defaults("train", data)
 
-    def bf16(self, runtime_dtype) -> bool:
-        """Whether the megatron trainer runs in bf16 mixed precision, under a runtime of `runtime_dtype`."""
-        import torch
-
-        return runtime_dtype == torch.bfloat16 if self.precision == "auto" else self.precision == "bf16"
+    def bf16(self, runtime_bf16: bool) -> bool:
+        """Whether the megatron trainer runs in bf16 mixed precision, where the runtime's dtype is bf16 or not."""
+        return runtime_bf16 if self.precision == "auto" else self.precision == "bf16"
 
 
 class DaeSpec(_Strict):
