@@ -137,20 +137,6 @@ def _two_hop_held_out(p: Person, attr: str) -> bool:
     return (NAMES.index(p.name) * 3 + list(TWO_HOP).index(attr)) % 5 == 0
 
 
-def _fact_question(rng: random.Random, people: list[Person]) -> tuple[str, str]:
-    """A question about one fact of one person, in either phrasing, and its answer sentence."""
-    p, a = rng.choice(people), rng.choice(list(ATTRS))
-    return rng.choice([QUESTIONS, REPHRASED])[a].format(n=p.name), ANSWERS[a].format(n=p.name, v=getattr(p, a))
-
-
-def _qa_text(rng: random.Random, people: list[Person], hops: list) -> str:
-    """A question and its answer as plain text (a quarter of them two-hop, of the trained pairs). Answering
-    repeats the question's name or city: copying it from the prompt is then learnt over pretraining's many
-    updates, not left to SFT's few (where it emerged in some runs and not in others)."""
-    q, ans = _two_hop(*rng.choice(hops)) if rng.random() < 0.25 else _fact_question(rng, people)
-    return f"{q} {ans}"
-
-
 def _unique(n: int, draw) -> list[dict]:
     """n distinct records from `draw()`: a clean corpus has no exact duplicates (the data gate checks)."""
     seen, out = set(), []
@@ -165,21 +151,14 @@ def _unique(n: int, draw) -> list[dict]:
     raise ValueError(f"the demo world has fewer than {n} distinct records of this kind")
 
 
-def _trained_hops(people: list[Person]) -> list[tuple[Person, str]]:
-    return [(p, a) for p in people for a in TWO_HOP if not _two_hop_held_out(p, a)]
-
-
 def pretrain_records(n: int, seed: int = 0) -> list[dict]:
     rng, people = random.Random(seed + 1), make_people(seed)
-    hops = _trained_hops(people)
 
     def draw() -> dict:
         r = rng.random()
-        if r < 0.3:
+        if r < 0.4:
             text = " ".join(_fact_text(p, rng) for p in rng.sample(people, rng.randint(1, 2)))
             return {"text": text, "source": "facts", "lang": "en"}
-        if r < 0.4:
-            return {"text": _qa_text(rng, people, hops), "source": "facts", "lang": "en"}
         if r < 0.55:
             return {"text": _drill(rng), "source": "arithmetic", "lang": "en"}
         if r < 0.9:
@@ -193,12 +172,14 @@ def pretrain_records(n: int, seed: int = 0) -> list[dict]:
 
 def sft_records(n: int, seed: int = 0) -> list[dict]:
     rng, people = random.Random(seed + 2), make_people(seed)
-    hops = _trained_hops(people)
+    hops = [(p, a) for p in people for a in TWO_HOP if not _two_hop_held_out(p, a)]
 
     def draw() -> dict:
         r = rng.random()
         if r < 0.35:
-            q, ans = _fact_question(rng, people)
+            p, a = rng.choice(people), rng.choice(list(ATTRS))
+            q = rng.choice([QUESTIONS, REPHRASED])[a].format(n=p.name)
+            ans = ANSWERS[a].format(n=p.name, v=getattr(p, a))
         elif r < 0.5:
             q, ans = _two_hop(*rng.choice(hops))
         elif r < 0.9:
