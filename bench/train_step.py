@@ -186,7 +186,7 @@ def report(a, info: dict, cfg, first: dict, times: dict) -> dict:
     bf16_rate = 2 * n_bf16**3 / med[f"matmul_bf16_{n_bf16}"] / 1e9
     fp32_peak = max(matmul.values())
     rows = []
-    print(f"{'variant':<16}{'params':>9}{'step ms':>10}{'min ms':>9}{'max ms':>9}{'tok/s':>9}{'GFLOP/s':>9}"
+    print(f"{'variant':<20}{'params':>9}{'step ms':>10}{'min ms':>9}{'max ms':>9}{'tok/s':>9}{'GFLOP/s':>9}"
           f"{'of matmul':>10}")
     for n, (params, fpt) in info.items():
         gflops, peak = fpt * tokens / med[n] / 1e9, bf16_rate if n.endswith("_bf16") else fp32_peak
@@ -194,11 +194,11 @@ def report(a, info: dict, cfg, first: dict, times: dict) -> dict:
                      "step_ms_median": round(med[n] * 1e3, 1), "step_ms_all": [round(t * 1e3, 1) for t in times[n]],
                      "tokens_per_s": round(tokens / med[n]), "train_gflop_per_s": round(gflops, 2),
                      "share_of_matmul": round(gflops / peak, 3), "first_step_losses": [round(x, 4) for x in first[n]]})
-        print(f"{n:<16}{params / 1e6:>8.2f}M{med[n] * 1e3:>10.1f}{min(times[n]) * 1e3:>9.1f}"
+        print(f"{n:<20}{params / 1e6:>8.2f}M{med[n] * 1e3:>10.1f}{min(times[n]) * 1e3:>9.1f}"
               f"{max(times[n]) * 1e3:>9.1f}{tokens / med[n]:>9.0f}{gflops:>9.2f}{gflops / peak:>10.0%}")
     for name, g, peak in [*((f"matmul_{n}", g, fp32_peak) for n, g in matmul.items()),
                           (f"matmul_bf16_{n_bf16}", bf16_rate, bf16_rate)]:
-        print(f"{name.replace('_', ' '):<16}{'':>9}{med[name] * 1e3:>10.1f}{min(times[name]) * 1e3:>9.1f}"
+        print(f"{name.replace('_', ' '):<20}{'':>9}{med[name] * 1e3:>10.1f}{min(times[name]) * 1e3:>9.1f}"
               f"{max(times[name]) * 1e3:>9.1f}{'':>9}{g:>9.2f}{g / peak:>10.0%}")
     ratios = {"megatron_over_hf": med["megatron_joint"] / med["hf_joint"],
               "megatron_over_hf_best": min(times["megatron_joint"]) / min(times["hf_joint"]),
