@@ -84,9 +84,9 @@ def test_checkpoint_restores_every_rng(workdir):
 def spec_file(d: Path, name: str, parallel: dict, steps: int = 10, bucket: str = "ruyi", keep: int = 2,
               precision: str = "auto") -> Path:
     spec = {"family": {"name": "micro", "base": "micro", "exit_points": EXITS}, "store": {"bucket": bucket},
-            "train": {"parallel": parallel, "precision": precision, "cpt": {"steps": steps, "micro_batch_size": 4, "global_batch_size": 8,
-                                                    "seq_length": 32, "save_every": 3, "lr": 3e-3,
-                                                    "warmup_steps": 1, "keep_checkpoints": keep},
+            "train": {"parallel": parallel, "precision": precision,
+                      "cpt": {"steps": steps, "micro_batch_size": 4, "global_batch_size": 8, "seq_length": 32,
+                              "save_every": 3, "lr": 3e-3, "warmup_steps": 1, "keep_checkpoints": keep},
                       "sft": {"micro_batch_size": 4}},  # every stage's batch must split over DP 2
             "dae": {"cpt": {"micro_batch_size": 4}, "sft": {"micro_batch_size": 4}}}
     path = d / f"{name}.yaml"
@@ -99,7 +99,8 @@ def train(d: Path, name: str, parallel: dict, extra: list[str] = (), bucket: str
     nproc = parallel.get("tp", 1) * parallel.get("pp", 1) * parallel.get("dp", 1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
            str(29500 + hash(name) % 1000), "-m", "ruyi_core.megatron.trainer", "--stage", "cpt",
-           "--spec", str(spec_file(d, name, parallel, bucket=bucket, keep=keep, precision=precision)), "--family", str(d / "family"), "--init", str(d / "init"),
+           "--spec", str(spec_file(d, name, parallel, bucket=bucket, keep=keep, precision=precision)),
+           "--family", str(d / "family"), "--init", str(d / "init"),
            "--data", str(d / "packed"), "--out", str(d / name), *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **popen)
@@ -153,7 +154,7 @@ def test_distributed_optimizer_matches_tp1_and_resumes_exactly(workdir, referenc
 
 
 def test_bf16_learns_as_fp32_resumes_exactly_and_exports(workdir, reference):
-    """bf16 mixed precision (`train.precision`, the demo's setting on the CPU): every exit learns as in fp32 up
+    """bf16 mixed precision (`train.precision: bf16`, GPUs' default, here on the CPU): every exit learns as in fp32 up
     to bf16's rounding; resumed from its step-6 checkpoint, a run repeats its losses bit for bit (the fp32 master
     weights and moments travel in the checkpoint); the bf16 checkpoint exports to an HF family."""
     import shutil
