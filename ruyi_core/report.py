@@ -258,12 +258,13 @@ def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Man
            f"| {d['uri']} |" for d in datasets]
     trained = [m for m in chain if m.stage in ("cpt", "sft", "dae_cpt", "dae_sft")]
     if trained:
-        md += ["", "## Training (mean loss per exit, first step -> last step)", "",
-               "| stage | steps | " + " | ".join(f"exit {p}" for p in trained[0].metadata["exit_points"]) + " |",
-               "|---|---|" + "---|" * len(trained[0].metadata["exit_points"])]
-        md += [f"| {m.stage} | {m.metadata['steps']} | " + " | ".join(
-            f"{a:.3f} → {b:.3f}" for a, b in zip(m.metadata["first_exit_losses"], m.metadata["final_exit_losses"]))
-            + " |" for m in trained]
+        points = trained[0].metadata["exit_points"]  # a DaE stage trains (and logs) one exit of them
+        md += ["", "## Training (mean loss per exit, first step -> last step; — not trained)", "",
+               "| stage | steps | " + " | ".join(f"exit {p}" for p in points) + " |", "|---|---|" + "---|" * len(points)]
+        for m in trained:
+            got = {p: f"{a:.3f} → {b:.3f}" for p, a, b in zip(
+                m.metadata["exit_points"], m.metadata["first_exit_losses"], m.metadata["final_exit_losses"])}
+            md.append(f"| {m.stage} | {m.metadata['steps']} | " + " | ".join(got.get(p, "—") for p in points) + " |")
     md += _dae_lines(chain) + time_lines(chain)
     md += ["", "## Lineage", ""] + [f"- `{m.stage}` {m.uri} (manifest sha256 {m.sha256()[:16]})" for m in chain]
     png = lineage_png(chain) if chain else b""

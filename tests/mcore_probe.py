@@ -78,6 +78,9 @@ def joint_loss(family_dir):
     bumped = list(base)
     bumped[0] += 0.25
     g_bumped, _, _ = grads(bumped)
+    model.stop_after = 0  # what train_only sets for a DaE stage: the forward ends at exit 0's loss
+    g_stop, stop_losses, _ = grads([1.0] + [0.0] * (n - 1))
+    model.stop_after = None
     with torch.no_grad():
         hf = fam.forward_exits(ids, labels=None).logits
     ref = {k: torch.nn.functional.cross_entropy(hf[p].flatten(0, 1), labels.flatten()).item()
@@ -87,6 +90,8 @@ def joint_loss(family_dir):
         "grad_vs_weighted_sum": (g_base - combo).abs().max().item(),
         "bump_vs_exit0_grad": (g_bumped - g_base - 0.25 * one_hot[0]).abs().max().item(),
         "exit0_grad_norm": one_hot[0].norm().item(),
+        "stopped_vs_exit0_grad": (g_stop - one_hot[0]).abs().max().item(),
+        "stopped_exits": sorted(stop_losses),
         # exit 0's loss reaches its own branch and the trunk below it, never the last exit's head
         "exit0_touches": sorted({n.split(".")[0] + "." + n.split(".")[1] for n in touched0}),
     }

@@ -1,5 +1,6 @@
 """DaE Stable Block Expansion: identity at init, the HF and megatron sides agree on expanded branches, and
 DaE training on megatron moves nothing but the tier's new blocks and head."""
+import json
 import subprocess
 import sys
 
@@ -102,3 +103,6 @@ def test_dae_training_on_megatron_moves_only_the_new_blocks_and_head(family, tmp
     changed = {k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])}
     assert changed and all(k.startswith(tuple(trainable)) for k in changed), sorted(changed)[:5]
     assert any(k.startswith("model.expanded.1.") for k in changed) and "lm_head.0.weight" in changed
+    # the stage computes and logs its tier's exit only (its forward stops there)
+    log = [json.loads(line) for line in (tmp_path / "run" / "dae_cpt_losses.jsonl").read_text().splitlines()]
+    assert [r["exit_points"] for r in log] == [[1]] * 3 and all(len(r["exits"]) == 1 for r in log)

@@ -61,6 +61,8 @@ def test_joint_loss_is_the_weighted_sum_of_exit_losses(workdir):
     assert out["bump_vs_exit0_grad"] < 1e-5 < out["exit0_grad_norm"]  # +0.25 on w_0 adds 0.25 grad(L_0)
     assert not any(t.startswith("final.") for t in out["exit0_touches"])
     assert any(t.startswith("branches.0") for t in out["exit0_touches"])
+    # a DaE stage's forward stops at its exit: the same gradient, nothing after it computed
+    assert out["stopped_vs_exit0_grad"] == 0.0 and out["stopped_exits"] == [0]
 
 
 def test_recompute_applies_with_the_same_losses_and_gradients(workdir):

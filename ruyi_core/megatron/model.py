@@ -198,6 +198,7 @@ class FamilyGPT(MegatronModule):
         if post_process:
             self.final = ExitHead(config, shape.vocab_size)
         self.input_tensor = None
+        self.stop_after = None  # train_only: the exit whose loss ends a training forward
 
     def set_input_tensor(self, input_tensor):
         """Pipeline schedules hand a non-first stage its input here."""
@@ -214,6 +215,11 @@ class FamilyGPT(MegatronModule):
         for k, b in zip(self.local_exits, self.branches):
             for name, prm in b.named_parameters(prefix=f"branches.{k}"):
                 prm.requires_grad = name.startswith(train)
+        # Nothing after a trained early exit gets a gradient: on a single pipeline stage, training stops there
+        # (the end tier's DaE runs its 5 blocks, not the whole family's 14).
+        k = self.shape.exit_points.index(exit_point)
+        if self.pre_process and self.post_process and k in self.local_exits:
+            self.stop_after = k
 
     def exits_here(self) -> list[int]:
         """Exit indices whose loss this stage computes."""
@@ -223,7 +229,8 @@ class FamilyGPT(MegatronModule):
     def forward(self, input_ids, position_ids, attention_mask, labels=None, loss_mask=None,
                 exit_weights: list[float] | None = None, loss_scale: float = 1.0, logits_out: dict | None = None):
         """Training (`labels` given): returns (out, {exit index: detached loss} for the exits on this stage),
-        out being the hidden state (non-last stage) or the weighted last-exit loss (last stage); every branch
+        out being the hidden state (non-last stage) or the weighted last-exit loss (last stage; after
+        `train_only`, the trained exit's weighted loss, nothing after it computed); every branch
         loss is attached with weight * loss_scale. Otherwise returns the hidden state.
         Evaluation (`logits_out` given): fills {exit index: [b, s, V/tp] logits}."""
         h = self.embedding(input_ids, position_ids) if self.pre_process else self.input_tensor
@@ -241,6 +248,8 @@ class FamilyGPT(MegatronModule):
                 if labels is not None:
                     loss = branch.head.loss(out, labels, loss_mask)
                     exit_losses[k] = loss.detach()
+                    if k == self.stop_after:
+                        return loss * (exit_weights[k] if exit_weights is not None else 1.0), exit_losses
                     if exit_weights is not None and torch.is_grad_enabled():
                         h = AttachLoss.apply(h, loss, exit_weights[k] * loss_scale)
             h = self._block(lambda x, m, r, f=layer: f(hidden_states=x, attention_mask=m, rotary_pos_emb=r)[0],

@@ -272,9 +272,12 @@ class Trainer:
         per_exit = meter.reduce()
         self.step_idx += 1
         self.consumed += st.global_batch_size
+        # A DaE stage logs its tier's exit only: the others are frozen and not computed.
+        shown = [k for k, p in enumerate(self.exits) if self.only in (None, p)]
         self.history.append({
-            "step": self.step_idx, "loss": sum(w * v for w, v in zip(lam, per_exit)), "exits": per_exit,
-            "exit_points": self.exits, "weights": lam, "lr": self.opt.param_groups[0]["lr"],
+            "step": self.step_idx, "loss": sum(lam[k] * per_exit[k] for k in shown),
+            "exits": [per_exit[k] for k in shown], "exit_points": [self.exits[k] for k in shown],
+            "weights": [lam[k] for k in shown], "lr": self.opt.param_groups[0]["lr"],
             "grad_norm": float(grad_norm) if grad_norm is not None else None})
         return per_exit
 
