@@ -97,12 +97,12 @@ def spec_file(d: Path, name: str, parallel: dict, steps: int = 10, bucket: str =
 
 
 def train(d: Path, name: str, parallel: dict, extra: list[str] = (), bucket: str = "ruyi", keep: int = 2,
-          precision: str = "auto", **popen) -> subprocess.Popen:
+          precision: str = "auto", init: list[str] | None = None, **popen) -> subprocess.Popen:
     nproc = parallel.get("tp", 1) * parallel.get("pp", 1) * parallel.get("dp", 1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
            str(29500 + hash(name) % 1000), "-m", "ruyi_core.megatron.trainer", "--stage", "cpt",
            "--spec", str(spec_file(d, name, parallel, bucket=bucket, keep=keep, precision=precision)),
-           "--family", str(d / "family"), "--init", str(d / "init"),
+           "--family", str(d / "family"), *(init or ["--init", str(d / "init")]),
            "--data", str(d / "packed"), "--out", str(d / name), *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **popen)
@@ -134,6 +134,29 @@ def test_parallel_layouts_match_tp1(workdir, reference, layout):
     assert len(got) == len(reference) == 10
     assert max(abs(a - b) for r, s in zip(reference, got) for a, b in zip(r, s)) <= 2e-3
     assert all(r[-1] < r[0] for r in zip(*got))  # every exit's loss falls
+
+
+def test_one_rank_reads_and_writes_the_hf_family_in_process(workdir, reference):
+    """--init-hf / --export (a one-rank stage's path, no converter processes): the same losses bit for bit as
+    starting from the converted checkpoint, and the same family as `ckpt to-hf` of the last checkpoint."""
+    from safetensors.torch import load_file
+
+    d = workdir
+    p = train(d, "inproc", {}, init=["--init-hf", str(d / "family"), "--export", str(d / "inproc_hf")])
+    out = p.communicate()[0]
+    assert p.returncode == 0, out[-3000:]
+    assert losses(d, "inproc") == reference
+    subprocess.run([sys.executable, "-m", "ruyi_core.megatron.ckpt", "to-hf", "--ckpt",
+                    str(d / "inproc" / "checkpoints" / "iter_0000010"), "--family", str(d / "family"), "--out",
+                    str(d / "inproc_ref")], check=True, capture_output=True)
+    names = sorted(f.name for f in (d / "inproc_ref").iterdir())
+    assert sorted(f.name for f in (d / "inproc_hf").iterdir()) == names
+    for f in (n for n in names if n.endswith(".safetensors")):
+        got, want = load_file(d / "inproc_hf" / f), load_file(d / "inproc_ref" / f)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    p = train(d, "inproc_tp2", {"tp": 2}, init=["--init-hf", str(d / "family")])
+    out = p.communicate()[0]
+    assert p.returncode != 0 and "error: --init-hf and --export run on one rank" in out, out[-3000:]
 
 
 def test_distributed_optimizer_matches_tp1_and_resumes_exactly(workdir, reference):

@@ -32,6 +32,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--spec", required=True, help="run spec: a YAML/JSON file, or the JSON itself")
     ap.add_argument("--family", required=True, help="HF family (URI or dir): the model's config")
     ap.add_argument("--init", help="megatron checkpoint to start from (URI or dir)")
+    # One rank (TP = PP = DP = 1): the HF family is read and written in process, sparing a converter process
+    # (and its megatron import) on each side of the stage.
+    ap.add_argument("--init-hf", help="HF family (URI or dir) to start from, read in process; one rank only")
+    ap.add_argument("--export", type=Path, help="write the trained HF family here at the end; with --init-hf")
     ap.add_argument("--data", required=True, help="packed dataset (URI or dir)")
     ap.add_argument("--replay", help="packed pretraining dataset mixed into SFT batches (URI or dir)")
     ap.add_argument("--out", type=Path, required=True, help="local work dir (shared by all ranks of a node)")
@@ -155,6 +159,9 @@ class Trainer:
         self.args = args
         self.spec = spec_from_arg(args.spec)
         self.st, par = self.spec.train_stage(args.stage), self.spec.train.parallel
+        if (args.init_hf or args.export) and (dist.get_world_size() > 1 or not args.init_hf):
+            raise RuyiError("--init-hf and --export run on one rank, --export with --init-hf: use --init and "
+                            "`python -m ruyi_core.megatron.ckpt from-hf/to-hf` for a parallel layout")
         if self.st.replay and not args.replay:
             raise RuyiError(f"train stage {args.stage} has replay {self.st.replay}: pass a --replay dataset")
         from ruyi_core.runtime import for_spec
@@ -322,15 +329,20 @@ class Trainer:
         return True
 
     def load_init(self) -> None:
-        """The starting weights (--init); the optimizer starts fresh."""
-        ckpt.load(self.io.fetch(self.args.init, "init"), self.ddp.module)
+        """The starting weights (--init or --init-hf); the optimizer starts fresh."""
+        if self.args.init_hf:
+            from ruyi_core.megatron.convert import load_family_into
+
+            load_family_into(self.ddp.module, self.io.fetch(self.args.init_hf, "init_hf"), self.hf_cfg)
+        else:
+            ckpt.load(self.io.fetch(self.args.init, "init"), self.ddp.module)
         # The loaded weights replaced the optimizer's fp32 master copies only when they are the same tensors
         # (fp32); with bf16 params, reload the masters from the model.
         if self.bf16:
             self.opt.reload_model_params()
 
     def run(self) -> None:
-        if not (self.args.resume and self.resume()) and self.args.init is not None:
+        if not (self.args.resume and self.resume()) and (self.args.init or self.args.init_hf):
             self.load_init()
         if _rank0():  # the log restarts from the checkpoint's history: steps after it will be redone
             self.args.out.mkdir(parents=True, exist_ok=True)
@@ -342,6 +354,16 @@ class Trainer:
             self._report(tokens / max(time.perf_counter() - started, 1e-9))
             if self.step_idx % st.save_every == 0 or self.step_idx == st.steps:
                 self.save()
+        if self.args.export:
+            self.export(self.args.export)
+
+    def export(self, out: Path) -> None:
+        """The model as an HF family (what `ckpt to-hf` makes of the last checkpoint), tokenizer from --init-hf."""
+        from ruyi_core.family.io import load_tokenizer, save_family_files
+        from ruyi_core.megatron.convert import write_family_weights
+
+        write_family_weights(self.ddp.module, self.hf_cfg, out, getattr(torch, self.hf_cfg.weights_dtype))
+        save_family_files(self.hf_cfg, load_tokenizer(self.io.fetch(self.args.init_hf, "init_hf")), out)
 
     def _report(self, rate: float) -> None:
         """Rank 0 appends the step's record to the loss log and prints progress every --log-every steps."""

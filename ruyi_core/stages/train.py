@@ -83,9 +83,12 @@ def _train(run: StageRun, stage: str) -> dict:
     spec, store, st = run.spec, run.store, run.spec.train_stage(stage)
     fam_dir = run.fetch("family")
     validate_layout(spec, json.loads((fam_dir / "config.json").read_text()), stage)
-    init = _starting_checkpoint(run, fam_dir, stage)
-    args = ["--stage", stage, "--spec", spec.model_dump_json(), "--family", run.inputs["family"],
-            "--init", init, "--data", run.inputs["data"], "--ckpt-prefix", f"{run.key}/checkpoints",
+    # One local rank reads and writes the HF family itself; otherwise converter processes on both sides.
+    one_rank = spec.train.launcher == "local" and spec.train.parallel.world_size == 1
+    init = ["--init-hf", str(fam_dir), "--export", str(run.out)] if one_rank else [
+        "--init", _starting_checkpoint(run, fam_dir, stage)]
+    args = ["--stage", stage, "--spec", spec.model_dump_json(), "--family", run.inputs["family"], *init,
+            "--data", run.inputs["data"], "--ckpt-prefix", f"{run.key}/checkpoints",
             "--resume", "--log-every", str(max(1, st.steps // 10))]
     if "replay" in run.inputs:
         args += ["--replay", run.inputs["replay"]]
@@ -103,8 +106,9 @@ def _train(run: StageRun, stage: str) -> dict:
     if not (final / DONE).is_file():  # trained elsewhere (a TrainJob), or resumed from the store
         final = run.work / "final"
         store.get_artifact(stored[-1], final)
-    run_child([sys.executable, "-m", "ruyi_core.megatron.ckpt", "to-hf", "--ckpt", str(final), "--family",
-               str(fam_dir), "--out", str(run.out)], run.log)
+    if not one_rank:
+        run_child([sys.executable, "-m", "ruyi_core.megatron.ckpt", "to-hf", "--ckpt", str(final), "--family",
+                   str(fam_dir), "--out", str(run.out)], run.log)
     history = [json.loads(line) for line in (final / f"{stage}_losses.jsonl").read_text().splitlines()]
     for f in (f"{stage}_losses.jsonl", f"{stage}_losses.png"):
         (run.out / f).write_bytes((final / f).read_bytes())
