@@ -137,6 +137,20 @@ def _two_hop_held_out(p: Person, attr: str) -> bool:
     return (NAMES.index(p.name) * 3 + list(TWO_HOP).index(attr)) % 5 == 0
 
 
+def _fact_question(rng: random.Random, people: list[Person]) -> tuple[str, str]:
+    """A question about one fact of one person, in either phrasing, and its answer sentence."""
+    p, a = rng.choice(people), rng.choice(list(ATTRS))
+    return rng.choice([QUESTIONS, REPHRASED])[a].format(n=p.name), ANSWERS[a].format(n=p.name, v=getattr(p, a))
+
+
+def _qa_text(rng: random.Random, people: list[Person], hops: list) -> str:
+    """A question and its answer as plain text (a quarter of them two-hop, of the trained pairs). Answering
+    repeats the question's name or city: copying it from the prompt is then learnt over pretraining's many
+    updates, not left to SFT's few (where it emerged in some runs and not in others)."""
+    q, ans = _two_hop(*rng.choice(hops)) if rng.random() < 0.25 else _fact_question(rng, people)
+    return f"{q} {ans}"
+
+
 def _unique(n: int, draw) -> list[dict]:
     """n distinct records from `draw()`: a clean corpus has no exact duplicates (the data gate checks)."""
     seen, out = set(), []
@@ -151,14 +165,21 @@ def _unique(n: int, draw) -> list[dict]:
     raise ValueError(f"the demo world has fewer than {n} distinct records of this kind")
 
 
+def _trained_hops(people: list[Person]) -> list[tuple[Person, str]]:
+    return [(p, a) for p in people for a in TWO_HOP if not _two_hop_held_out(p, a)]
+
+
 def pretrain_records(n: int, seed: int = 0) -> list[dict]:
     rng, people = random.Random(seed + 1), make_people(seed)
+    hops = _trained_hops(people)
 
     def draw() -> dict:
         r = rng.random()
-        if r < 0.4:
+        if r < 0.3:
             text = " ".join(_fact_text(p, rng) for p in rng.sample(people, rng.randint(1, 2)))
             return {"text": text, "source": "facts", "lang": "en"}
+        if r < 0.4:
+            return {"text": _qa_text(rng, people, hops), "source": "facts", "lang": "en"}
         if r < 0.55:
             return {"text": _drill(rng), "source": "arithmetic", "lang": "en"}
         if r < 0.9:
@@ -172,14 +193,12 @@ def pretrain_records(n: int, seed: int = 0) -> list[dict]:
 
 def sft_records(n: int, seed: int = 0) -> list[dict]:
     rng, people = random.Random(seed + 2), make_people(seed)
-    hops = [(p, a) for p in people for a in TWO_HOP if not _two_hop_held_out(p, a)]
+    hops = _trained_hops(people)
 
     def draw() -> dict:
         r = rng.random()
         if r < 0.35:
-            p, a = rng.choice(people), rng.choice(list(ATTRS))
-            q = rng.choice([QUESTIONS, REPHRASED])[a].format(n=p.name)
-            ans = ANSWERS[a].format(n=p.name, v=getattr(p, a))
+            q, ans = _fact_question(rng, people)
         elif r < 0.5:
             q, ans = _two_hop(*rng.choice(hops))
         elif r < 0.9:
@@ -213,7 +232,7 @@ EVAL_SETS = ("arithmetic", "facts_mc", "heldout_text", "facts_qa", "two_hop")
 def eval_sets(seed: int = 0, n: int = 50) -> dict[str, list[dict]]:
     """Held-out evaluation sets: generative arithmetic (exact match) on problems never trained on, fact cloze
     over every value of an attribute (log-likelihood of "Alice lives in" -> " Paris"), held-out worked problems
-    for perplexity, fact questions answered in chat (the answer's value must appear), and two-hop questions
+    and two-hop answers for perplexity, fact questions answered in chat (the answer's value must appear), and two-hop questions
     whose (person, attribute) pair no training question asks."""
     rng, people = random.Random(seed + 5), make_people(seed)
     mc, qa = [], []
@@ -230,11 +249,14 @@ def eval_sets(seed: int = 0, n: int = 50) -> dict[str, list[dict]]:
     ppl = [{"text": f"{q} {work}"} for q, _, work in (_problem(rng, True) for _ in range(n))]
     hops = [(p, a) for p in people for a in TWO_HOP if _two_hop_held_out(p, a)]
     two = [{"question": _two_hop(p, a)[0], "answer": getattr(p, a)} for p, a in rng.sample(hops, min(n, len(hops)))]
+    # Held-out text also holds the held-out two-hop questions with their worked answers: recalling and
+    # composing facts is where depth shows (a worked problem's text is mostly its random statement).
+    ppl += [{"text": " ".join(_two_hop(p, a))} for p, a in hops]
     return dict(zip(EVAL_SETS, (arith, mc, ppl, qa, two), strict=True))
 
 
 def heldout_texts(seed: int = 0) -> list[str]:
-    """Pretrain-kind held-out text: the heldout_text set's worked problems."""
+    """Pretrain-kind held-out text: the heldout_text set's worked problems and two-hop answers."""
     return [r["text"] for r in eval_sets(seed)["heldout_text"]]
 
 
