@@ -10,6 +10,9 @@ def test_deterministic_and_held_out():
     sets = world.eval_sets()
     assert len(sets["arithmetic"]) == 50 and all(r["question"] not in train_text for r in sets["arithmetic"])
     assert sets["two_hop"] and all(r["question"] not in train_text for r in sets["two_hop"])
+    # held-out text: worked problems and two-hop answers no training text holds
+    assert len(sets["heldout_text"]) == 50 + len(sets["two_hop"])
+    assert all(r["text"] not in train_text for r in sets["heldout_text"])
     people = {p.name: p for p in world.make_people()}
     assert len({p.city for p in people.values()}) == len(people)  # "the person who lives in X" is one person
     for r in sets["facts_mc"]:  # the gold choice is the fact the pretraining text states
