@@ -81,6 +81,21 @@ def _peak(m: Manifest) -> str:
     return f"{m.build_peak_mib:,.0f}" if m.build_peak_mib is not None else "-"
 
 
+def training_lines(chain: list[Manifest]) -> list[str]:
+    """Each training stage's mean loss per exit, first step -> last; a DaE stage trains (and logs) one exit."""
+    trained = [m for m in chain if m.stage in ("cpt", "sft", "dae_cpt", "dae_sft")]
+    if not trained:
+        return []
+    points = sorted({p for m in trained for p in m.metadata["exit_points"]})
+    lines = ["", "## Training (mean loss per exit, first step -> last step; — not trained)", "",
+             "| stage | steps | " + " | ".join(f"exit {p}" for p in points) + " |", "|---|---|" + "---|" * len(points)]
+    for m in trained:
+        got = {p: f"{a:.3f} → {b:.3f}" for p, a, b in zip(
+            m.metadata["exit_points"], m.metadata["first_exit_losses"], m.metadata["final_exit_losses"])}
+        lines.append(f"| {m.stage} | {m.metadata['steps']} | " + " | ".join(got.get(p, "—") for p in points) + " |")
+    return lines
+
+
 def _dae_lines(chain: list[Manifest]) -> list[str]:
     """Measured DaE / GRPO / SVD outcomes, from the stages' manifests."""
     by_stage = {m.stage: m.metadata for m in chain}
@@ -256,15 +271,7 @@ def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Man
     md += ["", "## Data", "", "| kind | documents | fingerprint | packed tokens | store URI |", "|---|---|---|---|---|"]
     md += [f"| {d['kind']} | {d.get('n_docs', '')} | {d.get('fingerprint', '')[:16]} | {d.get('n_tokens', '')} "
            f"| {d['uri']} |" for d in datasets]
-    trained = [m for m in chain if m.stage in ("cpt", "sft", "dae_cpt", "dae_sft")]
-    if trained:
-        points = trained[0].metadata["exit_points"]  # a DaE stage trains (and logs) one exit of them
-        md += ["", "## Training (mean loss per exit, first step -> last step; — not trained)", "",
-               "| stage | steps | " + " | ".join(f"exit {p}" for p in points) + " |", "|---|---|" + "---|" * len(points)]
-        for m in trained:
-            got = {p: f"{a:.3f} → {b:.3f}" for p, a, b in zip(
-                m.metadata["exit_points"], m.metadata["first_exit_losses"], m.metadata["final_exit_losses"])}
-            md.append(f"| {m.stage} | {m.metadata['steps']} | " + " | ".join(got.get(p, "—") for p in points) + " |")
+    md += training_lines(chain)
     md += _dae_lines(chain) + time_lines(chain)
     md += ["", "## Lineage", ""] + [f"- `{m.stage}` {m.uri} (manifest sha256 {m.sha256()[:16]})" for m in chain]
     png = lineage_png(chain) if chain else b""

@@ -35,3 +35,19 @@ def test_depth_check_flags_a_deeper_tier_that_scores_lower():
     same = [dict(t, evaluation=dict(t["evaluation"], family_same_weights=True)) for t in bad]
     md, _, _ = render("f-v1", same, [], [], {}, promotion)
     assert "- end: the same weights as the family's exit, so the same scores (evaluated once)" in md
+
+
+def test_training_table_has_every_exit_and_a_dae_stage_only_its_own():
+    from types import SimpleNamespace
+
+    from ruyi_core.report import training_lines
+
+    def stage(name, points, first, last):
+        return SimpleNamespace(stage=name, metadata={"steps": 3, "exit_points": points, "first_exit_losses": first,
+                                                     "final_exit_losses": last})
+
+    chain = [stage("dae_sft", [1], [0.5], [0.4]), stage("sft", [1, 6, 11], [2, 2, 2], [0.3, 0.2, 0.1])]
+    lines = training_lines(chain)
+    assert "| stage | steps | exit 1 | exit 6 | exit 11 |" in lines
+    assert "| dae_sft | 3 | 0.500 → 0.400 | — | — |" in lines
+    assert "| sft | 3 | 2.000 → 0.300 | 2.000 → 0.200 | 2.000 → 0.100 |" in lines
