@@ -99,7 +99,8 @@ def test_grpo_trains_only_the_tier(tier, prompts, tmp_path):
     train, heldout = prompts
     lines = []
     texts = [f"{r['prompt']} The answer is {r['answer']}." for r in heldout]
-    res = run_grpo(tier, tmp_path / "out", train, heldout, TRAINABLE, _spec(), log=lines.append, heldout_texts=texts)
+    res = run_grpo(tier, tmp_path / "out", train, heldout, TRAINABLE, _spec(group_size=4), log=lines.append,
+                   heldout_texts=texts)
     out = tmp_path / "out"
     assert res["steps"] == 2 and any(x.startswith("[grpo] step 2/2 | reward") for x in lines)
     # held-out evaluation reports its progress per batch, before and after
