@@ -4,7 +4,8 @@ exit, a branch block + RMSNorm + output layer on the stage that holds the exit's
 An exit p branches off the trunk state that enters trunk layer p (depth p+1 with its own block). Its loss is
 computed where it lives and enters backward through `AttachLoss` on the hidden state that flows on, so the
 standard megatron schedules run unchanged (the trick megatron uses for MoE aux losses). The last exit is the
-trunk's last layer, its final norm and output layer, whose loss the schedule takes as usual.
+trunk's last layer, its final norm and output layer, whose loss the schedule takes as usual (a DaE stage's
+forward stops at its trained exit and hands the schedule that loss instead).
 """
 from __future__ import annotations
 

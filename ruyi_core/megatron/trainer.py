@@ -1,9 +1,9 @@
 """Joint multi-exit training (continued pretraining or SFT) on megatron-core with TP x PP x DP, under torchrun.
 
     torchrun --nproc-per-node N -m ruyi_core.megatron.trainer --stage cpt --spec SPEC \\
-        --family URI --init URI --data URI --out DIR [--ckpt-prefix KEY] [--resume]
+        --family URI (--init URI | --init-hf URI [--export DIR]) --data URI --out DIR [--ckpt-prefix KEY] [--resume]
 
-Inputs are store URIs (or local directories). Every step reports every exit's loss. Checkpoints (model,
+Inputs are store URIs (or local directories). Every step reports every exit's loss (a DaE stage: its tier's). Checkpoints (model,
 optimizer, scheduler, data position, RNG, loss history) are saved every `save_every` steps and at the end
 and, with --ckpt-prefix, uploaded to the store as complete artifacts; --resume continues exactly from the
 latest complete one (local or in the store). The same command runs locally and in a TrainJob.
@@ -31,10 +31,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--stage", choices=["cpt", "sft", "dae_cpt", "dae_sft"], required=True)
     ap.add_argument("--spec", required=True, help="run spec: a YAML/JSON file, or the JSON itself")
     ap.add_argument("--family", required=True, help="HF family (URI or dir): the model's config")
-    ap.add_argument("--init", help="megatron checkpoint to start from (URI or dir)")
+    init = ap.add_mutually_exclusive_group()
+    init.add_argument("--init", help="megatron checkpoint to start from (URI or dir)")
     # One rank (TP = PP = DP = 1): the HF family is read and written in process, sparing a converter process
     # (and its megatron import) on each side of the stage.
-    ap.add_argument("--init-hf", help="HF family (URI or dir) to start from, read in process; one rank only")
+    init.add_argument("--init-hf", help="HF family (URI or dir) to start from, read in process; one rank only")
     ap.add_argument("--export", type=Path, help="write the trained HF family here at the end; with --init-hf")
     ap.add_argument("--data", required=True, help="packed dataset (URI or dir)")
     ap.add_argument("--replay", help="packed pretraining dataset mixed into SFT batches (URI or dir)")
@@ -266,7 +267,8 @@ class Trainer:
         return out, _last_exit_loss
 
     def step(self) -> list[float]:
-        """One optimizer step over the next global batch; returns every exit's loss (mean over the batch)."""
+        """One optimizer step over the next global batch; returns every exit's loss (mean over the batch; 0 for
+        the exits a DaE stage does not compute)."""
         st, lam, meter = self.st, self.weights(), ExitLossMeter(len(self.exits), self.device)
         loss_scale = float(self.opt.get_loss_scale()) / self.n_micro  # once per step: a host sync on GPUs
         self.ddp.zero_grad_buffer()

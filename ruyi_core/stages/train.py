@@ -1,5 +1,6 @@
-"""Training stages (CPT, SFT, and DaE's CPT and SFT of the expanded tier): convert the family to a megatron
-checkpoint, run the trainer (a local torchrun, or a Kubeflow Trainer v2 TrainJob), convert the result back.
+"""Training stages (CPT, SFT, and DaE's CPT and SFT of the expanded tier): run the trainer (a local torchrun, or a
+Kubeflow Trainer v2 TrainJob) on the family; one local rank reads and writes the HF family itself, other layouts
+convert it to a megatron checkpoint and the result back.
 
 Every input and checkpoint lives in the store under the stage's key, so a stage killed anywhere resumes from its
 latest complete checkpoint when run again, on either launcher.
@@ -31,8 +32,9 @@ TRAIN = {
     "cpt": Stage("cpt", Trained, ("train.cpt", "train.parallel", "train.precision"), version=2),
     # version 3: SFT windows hold whole conversations, repacked every epoch (megatron/data.py)
     "sft": Stage("sft", Trained, ("train.sft", "train.parallel", "train.precision"), version=3),
-    "dae_cpt": Stage("dae_cpt", Trained, ("dae.cpt", "dae.tier", "train.parallel", "train.precision"), version=2),
-    "dae_sft": Stage("dae_sft", Trained, ("dae.sft", "dae.tier", "train.parallel", "train.precision"), version=3),
+    # dae_cpt 3, dae_sft 4: the loss history holds the tier's exit only (an older checkpoint's would not resume)
+    "dae_cpt": Stage("dae_cpt", Trained, ("dae.cpt", "dae.tier", "train.parallel", "train.precision"), version=3),
+    "dae_sft": Stage("dae_sft", Trained, ("dae.sft", "dae.tier", "train.parallel", "train.precision"), version=4),
 }
 
 
