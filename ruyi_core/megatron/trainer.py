@@ -1,7 +1,8 @@
 """Joint multi-exit training (continued pretraining or SFT) on megatron-core with TP x PP x DP, under torchrun.
 
     torchrun --nproc-per-node N -m ruyi_core.megatron.trainer --stage cpt --spec SPEC \\
-        --family URI (--init URI | --init-hf URI [--export DIR]) --data URI --out DIR [--ckpt-prefix KEY] [--resume]
+        --family URI (--init URI | --init-hf URI [--export DIR]) --data URI --out DIR \\
+        [--ckpt-prefix KEY] [--resume]
 
 Inputs are store URIs (or local directories). Every step reports every exit's loss (a DaE stage: its tier's). Checkpoints (model,
 optimizer, scheduler, data position, RNG, loss history) are saved every `save_every` steps and at the end
