@@ -4,8 +4,9 @@
         --family URI (--init URI | --init-hf URI [--export DIR]) --data URI --out DIR \\
         [--ckpt-prefix KEY] [--resume]
 
-Inputs are store URIs (or local directories). Every step reports every exit's loss (a DaE stage: its tier's). Checkpoints (model,
-optimizer, scheduler, data position, RNG, loss history) are saved every `save_every` steps and at the end
+Inputs are store URIs (or local directories). Every step reports every exit's loss (a DaE stage: its tier's).
+Checkpoints (model, optimizer, scheduler, data position, RNG, loss history) are saved every `save_every` steps
+and at the end
 and, with --ckpt-prefix, uploaded to the store as complete artifacts; --resume continues exactly from the
 latest complete one (local or in the store). The same command runs locally and in a TrainJob.
 """
