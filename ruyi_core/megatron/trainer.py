@@ -6,9 +6,8 @@
 
 Inputs are store URIs (or local directories). Every step reports every exit's loss (a DaE stage: its tier's).
 Checkpoints (model, optimizer, scheduler, data position, RNG, loss history) are saved every `save_every` steps
-and at the end
-and, with --ckpt-prefix, uploaded to the store as complete artifacts; --resume continues exactly from the
-latest complete one (local or in the store). The same command runs locally and in a TrainJob.
+and at the end and, with --ckpt-prefix, uploaded to the store as complete artifacts; --resume continues exactly
+from the latest complete one (local or in the store). The same command runs locally and in a TrainJob.
 """
 from __future__ import annotations
 
