@@ -232,8 +232,8 @@ EVAL_SETS = ("arithmetic", "facts_mc", "heldout_text", "facts_qa", "two_hop")
 def eval_sets(seed: int = 0, n: int = 50) -> dict[str, list[dict]]:
     """Held-out evaluation sets: generative arithmetic (exact match) on problems never trained on, fact cloze
     over every value of an attribute (log-likelihood of "Alice lives in" -> " Paris"), held-out worked problems
-    and two-hop answers for perplexity, fact questions answered in chat (the answer's value must appear), and two-hop questions
-    whose (person, attribute) pair no training question asks."""
+    and two-hop answers for perplexity, fact questions answered in chat (the answer's value must appear), and
+    two-hop questions whose (person, attribute) pair no training question asks."""
     rng, people = random.Random(seed + 5), make_people(seed)
     mc, qa = [], []
     for _ in range(n):  # a cloze over every value of the attribute: chance is 1/8 .. 1/48
