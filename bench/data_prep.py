@@ -15,7 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ruyi_core.data import world
+from ruyi_core.demo import tokenizer_texts
+from ruyi_core.demo import world
 from ruyi_core.data.pack import prepare_corpus
 from ruyi_core.family.tokenizer import build_tokenizer
 
@@ -32,7 +33,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--out", default="bench/results/data_prep.json")
     a = ap.parse_args()
-    tok = build_tokenizer(a.vocab)
+    tok = build_tokenizer(a.vocab, tokenizer_texts())
     corpora = {
         "pretrain": world.pretrain_records(4000) * a.repeat,
         "sft": world.sft_records(1500) * a.repeat,

@@ -66,12 +66,13 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--out", default="bench/results/gate_memory.json")
     a = ap.parse_args()
+    from ruyi_core.demo import tokenizer_texts
     from ruyi_core.family.tokenizer import build_tokenizer
 
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        build_tokenizer(a.vocab).save_pretrained(tmp / "tok")
+        build_tokenizer(a.vocab, tokenizer_texts()).save_pretrained(tmp / "tok")
         t0 = time.perf_counter()
         n_docs = write_corpus(tmp / "corpus.jsonl", a.mb, a.doc_chars)
         size = (tmp / "corpus.jsonl").stat().st_size

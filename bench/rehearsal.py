@@ -29,6 +29,7 @@ def make_base(spec, store) -> None:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from ruyi_core.family.architectures import QWEN3
+    from ruyi_core.demo import tokenizer_texts
     from ruyi_core.family.tokenizer import build_tokenizer
 
     base = spec.family.base
@@ -37,7 +38,7 @@ def make_base(spec, store) -> None:
         print(f"base {base} is in the store", flush=True)
         return
     arch = QWEN3["Qwen3-0.6B"]
-    tok = build_tokenizer(4096)
+    tok = build_tokenizer(4096, tokenizer_texts())
     keep = {k: v for k, v in arch.items() if k not in ("rope_theta", "model_type", "torch_dtype")}
     cfg = Qwen3Config(**keep, rope_parameters={"rope_type": "default", "rope_theta": arch["rope_theta"]},
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ruyi_core.data import world
+from ruyi_core.demo import world
 from ruyi_core.eval.tasks import contains_results, exact_match_results, gold_answer
 from ruyi_core.serve.decode import SpecStats, generate, speculative
 

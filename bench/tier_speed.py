@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ruyi_core.demo import tokenizer_texts
 from ruyi_core.family.io import init_family
 from ruyi_core.spec import load_spec
 
@@ -43,7 +44,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/tier_speed.json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    fam, _ = init_family(load_spec(a.spec).family)
+    fam, _ = init_family(load_spec(a.spec).family, tokenizer_texts())
     cfg = fam.config
     tiers = sorted(cfg.tiers.items(), key=lambda kv: kv[1])
     samples = {t: ([], []) for t, _ in tiers}

@@ -135,9 +135,10 @@ def timed(step) -> tuple[float, list[float]]:
 
 def build_variants(preset: str, batch: int, seq: int):
     """The variants (name -> step) and, per training variant, (parameters, train FLOPs per token)."""
+    from ruyi_core.demo import tokenizer_texts
     from ruyi_core.family.convert import build_preset_base, family_from_base
 
-    base, _ = build_preset_base(preset)
+    base, _ = build_preset_base(preset, tokenizer_texts())
     n_layers, exits = base.config.num_hidden_layers, EXITS[preset]
     # Two HF copies of the joint family: one for transformers' step, one as the megatron model's source
     # (each optimizer then updates its own weights, starting from the same ones).

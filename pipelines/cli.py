@@ -62,11 +62,14 @@ def pipeline_schedule(spec: Path = typer.Option(..., help="run spec YAML"),
 
 
 def _check_plan(spec: Path) -> None:
-    """A spec whose plan does not fit never reaches a cluster (or this machine)."""
+    """A spec whose sources are missing or whose plan does not fit never reaches a cluster (or this machine)."""
+    from ruyi_core.data.sources import check_sources
     from ruyi_core.plan import check_fits
     from ruyi_core.spec import load_spec
 
-    check_fits(load_spec(spec))
+    s = load_spec(spec)
+    check_sources(s)
+    check_fits(s)
 
 
 def _print_tiers(tiers: list[dict], promotion: dict) -> None:

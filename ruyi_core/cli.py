@@ -56,13 +56,19 @@ def _table(title: str, rows: list[dict], cols: dict[str, str]) -> Table:
 @family_app.command("init")
 def family_init(spec: Path = typer.Option(..., help="run spec YAML"),
                 out: Path = typer.Option(..., help="directory for the family checkpoint")):
-    """Build a family from the spec's base (a preset or a Qwen3 checkpoint) and save it."""
+    """Build a family from the spec's base (a preset or a Qwen3 checkpoint) and save it. A preset's tokenizer is
+    trained on the spec's pretraining data."""
+    import tempfile
+
     from ruyi_core.family.io import init_family, save_family
+    from ruyi_core.family.presets import PRESETS
     from ruyi_core.spec import load_spec
 
     s = load_spec(spec)
     quiet_hf()
-    fam, tok = init_family(s.family)
+    with tempfile.TemporaryDirectory(prefix="ruyi-init-") as tmp:
+        texts = _pretrain_texts(s, Path(tmp)) if s.family.base in PRESETS else None
+        fam, tok = init_family(s.family, texts)
     save_family(fam, tok, out)
     cfg = fam.config
     rows = [{"tier": t, "exit": p, "depth": p + 1, "params": fmt_int(fam.tier_parameter_count(p))}
@@ -70,6 +76,20 @@ def family_init(spec: Path = typer.Option(..., help="run spec YAML"),
     console.print(_table(f"family {s.family.name} ({fmt_int(fam.num_parameters())} parameters)", rows,
                          {"tier": "tier", "exit": "exit point", "depth": "depth", "params": "parameters"}))
     console.print(f"saved to [bold]{out}[/]")
+
+
+def _pretrain_texts(s, work: Path) -> list[str]:
+    from ruyi_core.data.reader import read_corpus
+    from ruyi_core.data.sources import demo_sizes, resolve
+
+    store = None
+    if any(e.startswith("s3://") for e in s.data.pretrain):
+        from ruyi_core.store import ArtifactStore
+
+        store = ArtifactStore.from_spec(s.store, env=os.environ)
+    paths = resolve(s.data.pretrain, "pretrain", work, label="data.pretrain", store=store, seed=s.data.seed,
+                    demo_sizes=demo_sizes(s))
+    return [r["text"] for r in read_corpus(paths, "pretrain").records]
 
 
 @family_app.command("export")
@@ -241,10 +261,12 @@ def plan_cmd(spec: Path = typer.Option(..., help="run spec YAML"),
              gpu: str = typer.Option(None, help="h100-80gb, h200-141gb or cpu (default: what the spec trains on)")):
     """Per stage: parameters, GiB per device for weights, gradients, optimizer state and activations under the
     spec's layout, the devices needed and an estimated step time. Exit 2 when a stage cannot fit."""
+    from ruyi_core.data.sources import check_sources
     from ruyi_core.plan import MFU, plan_run, refusal
     from ruyi_core.spec import load_spec
 
     s = load_spec(spec)
+    check_sources(s)
     dev, a, rows = plan_run(s, gpu, store_config=_store_config(s))
     total, body = a.base()
     tiers = ", ".join(f"{t} {_count(a.tier(p))}" for t, p in sorted(s.family.tiers.items(), key=lambda x: x[1]))

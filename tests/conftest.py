@@ -6,12 +6,30 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from ruyi_core.demo import tokenizer_texts  # noqa: E402
 import ruyi_core  # noqa: E402
 
 ruyi_core.register()
 from ruyi_core.family.convert import build_preset_base  # noqa: E402
 
 TOL = 1e-5
+# What every spec must name, set to the demo world on the tiny preset: tests that vary other fields start here.
+DEMO_NAMED = {
+    "family": {"base": "tiny", "exit_points": [1, 6, 11]},
+    "data": {k: ["demo"] for k in ("pretrain", "sft", "rl", "heldout", "rl_heldout")},
+    "rl": {"answer_pattern": r"The answer is ([+-]?\d+)"},
+    "eval": {"benchmarks": {"arithmetic": {"format": "exact_match", "path": "demo:arithmetic"},
+                            "facts_mc": {"format": "multiple_choice", "path": "demo:facts_mc", "template": "cloze"},
+                            "heldout_text": {"format": "perplexity", "path": "demo:heldout_text"}}},
+}
+
+
+def with_demo(raw: dict | None = None) -> dict:
+    """`raw` (a spec as a dict) with whatever it leaves unnamed taken from DEMO_NAMED, section by section."""
+    raw = dict(raw or {})
+    for section, named in DEMO_NAMED.items():
+        raw[section] = {**named, **raw.get(section, {})}
+    return raw
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
@@ -38,7 +56,7 @@ def padded_batch(vocab: int, lengths: list[int], seed: int = 0):
 
 @pytest.fixture(scope="session")
 def micro_base():
-    base, tok = build_preset_base("micro", seed=0)
+    base, tok = build_preset_base("micro", tokenizer_texts(), seed=0)
     return randomize_(base, seed=1), tok
 
 

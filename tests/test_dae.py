@@ -7,9 +7,10 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import TOL, padded_batch, randomize_
+from conftest import TOL, padded_batch, randomize_, with_demo
 from transformers import Qwen3ForCausalLM
 
+from ruyi_core.demo import tokenizer_texts
 from ruyi_core.dae.expand import expand_tier, merge_tier, tier_trainable_prefixes
 from ruyi_core.errors import RuyiError
 from ruyi_core.family.convert import build_preset_base, export_tier, family_from_base
@@ -18,7 +19,7 @@ from ruyi_core.family.io import load_family, save_family
 
 @pytest.fixture(scope="module")
 def family():
-    base, tok = build_preset_base("micro")
+    base, tok = build_preset_base("micro", tokenizer_texts())
     return randomize_(family_from_base(base, [1, 3], tiers={"end": 1, "cloud": 3}), seed=2).eval(), tok
 
 
@@ -76,7 +77,7 @@ def test_dae_training_on_megatron_moves_only_the_new_blocks_and_head(family, tmp
     save_family(expand_tier(fam, "end", 2), tok, tmp_path / "family")
     from transformers import AutoTokenizer
 
-    from ruyi_core.data import world
+    from ruyi_core.demo import world
     from ruyi_core.data.pack import prepare_corpus
 
     prepare_corpus(world.pretrain_records(200), "pretrain", AutoTokenizer.from_pretrained(tmp_path / "family"),
@@ -84,7 +85,7 @@ def test_dae_training_on_megatron_moves_only_the_new_blocks_and_head(family, tmp
     spec = {"family": {"name": "micro", "base": "micro", "exit_points": [1, 3]},
             "dae": {"tier": "end", "blocks": 2, "cpt": {"steps": 3, "micro_batch_size": 4, "global_batch_size": 4,
                                                         "seq_length": 32, "save_every": 3, "lr": 1e-2, "warmup_steps": 0}}}
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(with_demo(spec)))
 
     def run(*args):
         r = subprocess.run([sys.executable, *args], capture_output=True, text=True)

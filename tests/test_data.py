@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ruyi_core.data import world
+from ruyi_core import demo as demo_world
+from ruyi_core.demo import tokenizer_texts, world
 from ruyi_core.data.cli import data_app
 from ruyi_core.data.pack import prepare_corpus, read_documents
 from ruyi_core.data.validate import DataGateError, gate_or_raise, validate_corpus
@@ -21,12 +22,13 @@ N = 60  # records in the small corpora the defect tests start from
 
 @pytest.fixture(scope="session")
 def tok():
-    return build_tokenizer(512)
+    return build_tokenizer(512, tokenizer_texts())
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return world.write_demo_corpus(tmp_path_factory.mktemp("demo"))
+    out = tmp_path_factory.mktemp("demo")
+    return {kind: demo_world.write_source("demo", kind, out, 0, {}) for kind in ("pretrain", "sft", "rl")}
 
 
 def _good(kind: str, n: int = N) -> list[dict]:

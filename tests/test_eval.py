@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import randomize_, with_demo
 from transformers import AutoModelForCausalLM
 
-from ruyi_core.data import world
+from ruyi_core.demo import tokenizer_texts, world
 from ruyi_core.errors import RuyiError
 from ruyi_core.eval import evaluate, measure
 from ruyi_core.eval.tasks import contains_results, gold_answer, normalize
@@ -23,7 +23,7 @@ MC_PROMPT = "Question: {}\nAnswer:"
 
 def make_spec(benchmarks: dict, **eval_kw) -> RunSpec:
     kw = {"max_new_tokens": 8, "batch_size": 4, "speed_prompt_tokens": 16, "speed_new_tokens": 4} | eval_kw
-    return RunSpec(family=FAMILY, eval=EvalSpec(benchmarks=benchmarks, **kw))
+    return RunSpec.model_validate(with_demo({"family": FAMILY.model_dump(), "eval": EvalSpec(benchmarks=benchmarks, **kw).model_dump()}))
 
 
 SPEC = make_spec({"arithmetic": BenchmarkSpec(format="exact_match", path="demo:arithmetic", limit=4),
@@ -33,7 +33,7 @@ SPEC = make_spec({"arithmetic": BenchmarkSpec(format="exact_match", path="demo:a
 
 @pytest.fixture(scope="module")
 def family():
-    fam, tok = init_family(FAMILY)
+    fam, tok = init_family(FAMILY, tokenizer_texts())
     return randomize_(fam, seed=3).eval(), tok
 
 

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
+from ruyi_core.demo import tokenizer_texts
 from ruyi_core.family.convert import export_tier, family_from_base, import_published
 from ruyi_core.family.modeling import RuyiForCausalLM
 
@@ -169,7 +170,7 @@ def test_bf16_base_gives_bf16_family_and_tiers_and_no_tokenizer_exports(tmp_path
     from ruyi_core.family.io import init_family, load_family, save_family
     from ruyi_core.spec import FamilySpec
 
-    base, tok = build_preset_base("micro")
+    base, tok = build_preset_base("micro", tokenizer_texts())
     base.to(torch.bfloat16).save_pretrained(tmp_path / "base", max_shard_size="100KB")  # sharded, bf16
     tok.save_pretrained(tmp_path / "base")
     fam, tok = init_family(FamilySpec(base=str(tmp_path / "base"), exit_points=[1, 3]))

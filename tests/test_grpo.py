@@ -8,12 +8,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ruyi_core.data.world import rl_records
+from conftest import with_demo
+from ruyi_core.demo import tokenizer_texts
+from ruyi_core.demo.world import rl_records
 from ruyi_core.errors import RuyiError
 from ruyi_core.family.loss import heldout_loss
 from ruyi_core.family.convert import build_preset_base, export_tier, family_from_base
 from ruyi_core.rl.grpo import evaluate_reward, run_grpo
-from ruyi_core.rl.rewards import answer_format, exact_answer, extract_answer, valid_steps
+from ruyi_core.rl.rewards import DEFAULT_ANSWER_PATTERN, extract_answer, rewards_for, valid_steps
 from ruyi_core.spec import RlSpec
 
 TRAINABLE = ["model.layers.1.", "lm_head."]
@@ -53,7 +55,7 @@ def _warm_up(tier_dir, out_dir, steps: int = 60):
 @pytest.fixture(scope="module")
 def tier(tmp_path_factory):
     d = tmp_path_factory.mktemp("grpo")
-    base, tok = build_preset_base("micro")
+    base, tok = build_preset_base("micro", tokenizer_texts())
     fam = family_from_base(base, [1, 3])
     export_tier(fam, "end", d / "exported", tok)
     return _warm_up(d / "exported", d / "end")
@@ -66,22 +68,32 @@ def prompts():
 
 def _spec(**kw):
     return RlSpec(**{"steps": 2, "group_size": 2, "prompts_per_step": 2, "max_new_tokens": 8, "seed": 0,
-                     "heldout_samples": 2, "beta": 0.0, **kw})
+                     "heldout_samples": 2, "beta": 0.0,
+                     "answer_pattern": r"The answer is ([+-]?\d+)", **kw})
+
+
+DEMO_ANSWER = r"The answer is ([+-]?\d+)"
 
 
 def test_rewards():
-    assert extract_answer("12 + 3 = 15. 15 - 4 = 11. The answer is 11.") == "11"
-    assert extract_answer("The answer is 7. No wait, the answer is 9.") == "9"
-    assert extract_answer("so 3 then 42") == "42"
-    assert extract_answer("The answer is 05") == "5"
-    assert extract_answer("no number") is None
+    assert extract_answer("12 + 3 = 15. 15 - 4 = 11. The answer is 11.", DEMO_ANSWER) == "11"
+    assert extract_answer("The answer is 7. No wait, the answer is 9.", DEMO_ANSWER) == "9"
+    assert extract_answer("so 3 then 42", DEMO_ANSWER) == "42"
+    assert extract_answer("The answer is 05", DEMO_ANSWER) == "5"
+    assert extract_answer("no number", DEMO_ANSWER) is None
+    # GSM8K's form is the default: the number after the last "####", not the last number of the text
+    assert extract_answer("48 / 2 = 24\n#### 24 clips in 2 days", DEFAULT_ANSWER_PATTERN) == "24"
+    gsm = rewards_for(DEFAULT_ANSWER_PATTERN)
+    assert gsm["answer_format"](["so #### 24", "#### 24 is it", "24"]) == [1.0, 0.5, 0.0]
+    assert gsm["exact_answer"].__name__ == "exact_answer"
+    demo = rewards_for(DEMO_ANSWER)
     chat = [[{"role": "assistant", "content": "The answer is 11."}], [{"role": "assistant", "content": "11"}],
             [{"role": "assistant", "content": "The answer is 11 maybe"}], [{"role": "assistant", "content": "x"}]]
     text = [m[0]["content"] for m in chat]
     for comps in (chat, text):
-        assert exact_answer(comps, answer=["11", "11", "11", "11"]) == [1.0, 1.0, 1.0, 0.0]
-        assert answer_format(comps, answer=["11"] * 4) == [1.0, 0.0, 0.5, 0.0]
-    assert exact_answer(["The answer is 3."], answer=[4]) == [0.0]
+        assert demo["exact_answer"](comps, answer=["11", "11", "11", "11"]) == [1.0, 1.0, 1.0, 0.0]
+        assert demo["answer_format"](comps, answer=["11"] * 4) == [1.0, 0.0, 0.5, 0.0]
+    assert demo["exact_answer"](["The answer is 3."], answer=[4]) == [0.0]
     prompt = [{"role": "user", "content": "Ines has 15 pears, gets 9 more and gives away 8."}]
     steps = ["15 + 9 = 24. 24 - 8 = 16. The answer is 16.",  # both steps right and grounded
              "15 + 9 = 23. 23 - 8 = 15.",  # first sum wrong; the second step is right given it
@@ -130,7 +142,8 @@ def test_grpo_trains_only_the_tier(tier, prompts, tmp_path):
     # The reported held-out rewards are reproducible from the saved folder (seeded sampling, greedy).
     spec = _spec()
     for m, tok in ((out, None), (model, AutoTokenizer.from_pretrained(out))):
-        r = evaluate_reward(m, tok, heldout, 8, seed=0, samples=spec.heldout_samples, temperature=spec.temperature)
+        r = evaluate_reward(m, tok, heldout, 8, seed=0, samples=spec.heldout_samples, temperature=spec.temperature,
+                            answer_pattern=spec.answer_pattern)
         assert r["reward"] == res["heldout_reward_after"] and r["exact_greedy"] == res["heldout_exact_greedy_after"]
     # and so is what GRPO cost plain text: the held-out texts' loss before (the tier as given) and after
     for when, src in (("before", tier), ("after", out)):
@@ -146,7 +159,8 @@ def test_grpo_uses_the_spec_rewards(tier, prompts, tmp_path):
     assert rows and all("valid_steps" not in r for r in rows)
     for r in rows:
         assert r["reward"] == pytest.approx(sum(w * r[n] for n, w in weights.items()))
-    held = evaluate_reward(tmp_path / "out", None, prompts[1], 8, seed=0, samples=2, rewards=weights)
+    held = evaluate_reward(tmp_path / "out", None, prompts[1], 8, seed=0, samples=2, rewards=weights,
+                           answer_pattern=DEMO_ANSWER)
     assert held["reward"] == res["heldout_reward_after"] and "valid_steps" not in held
     assert held["reward"] == pytest.approx(sum(w * held[n] for n, w in weights.items()))
 
@@ -179,7 +193,7 @@ def test_worker_takes_its_inputs_from_the_store_and_publishes_the_policy(tier, p
     (given / INPUTS["heldout"]).write_text(json.dumps(heldout))
     (given / INPUTS["heldout_text"]).write_text(json.dumps([r["prompt"] for r in heldout]))
     store.put_artifact("grpo/inputs", given, stage="grpo_inputs", spec_hash="")
-    spec = RunSpec.model_validate({"store": {"bucket": store.spec.bucket}, "rl": _spec().model_dump()})
+    spec = RunSpec.model_validate(with_demo({"store": {"bucket": store.spec.bucket}, "rl": _spec().model_dump()}))
     r = subprocess.run([sys.executable, "-m", "ruyi_core.rl.worker", "--spec", spec.model_dump_json(),
                         "--inputs", store.uri("grpo/inputs"), "--publish", store.uri("grpo/policy"),
                         "--out", str(tmp_path / "scratch" / "out"), "--trainable", json.dumps(TRAINABLE)],

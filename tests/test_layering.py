@@ -1,6 +1,7 @@
 """The layering contract: ruyi_core is the library and never imports the application (pipelines/, components/) or
-kfp; inside it, each part imports only the parts below it (peers on one layer stay independent). Imports inside
-functions count: a lazy import is still a dependency."""
+kfp; inside it, each part imports only the parts below it (peers on one layer stay independent), and the demo world
+(ruyi_core.demo) is reached only through the data-source resolver. Imports inside functions count: a lazy import is
+still a dependency."""
 import ast
 import subprocess
 import sys
@@ -8,12 +9,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 APPLICATION = ("pipelines", "components", "kfp")
+DEMO, DEMO_DOOR = "ruyi_core.demo", "ruyi_core.data.sources"  # the demo world and the one module that opens it
 # Lowest first. A module belongs to the longest entry that prefixes it; the package root (its version and
 # registering the family with transformers' Auto classes) may be imported from anywhere. The bottom layer holds
-# leaf modules of plain data and functions that the spec validates names against (presets, rewards, demo sets).
+# leaf modules of plain data and functions that the spec validates names against (presets, rewards), and the demo.
 LAYERS = [
     ["ruyi_core.errors", "ruyi_core.family.presets", "ruyi_core.family.architectures", "ruyi_core.rl.rewards",
-     "ruyi_core.data.world"],
+     DEMO],
     ["ruyi_core.spec.checks"],
     ["ruyi_core.spec", "ruyi_core.runtime", "ruyi_core.launch"],
     ["ruyi_core.store"],
@@ -48,7 +50,9 @@ def _imports(path: Path, module: str):
             if node.level:  # relative: resolve against this module's package
                 parts = package.split(".")
                 base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
-            yield base, node.lineno
+            # `from ruyi_core import demo` imports the demo module, not just the package root
+            named = {f"{base}.{a.name}" for a in node.names}
+            yield (DEMO if DEMO in named else base), node.lineno
 
 
 def violations(root: Path, package: str = "ruyi_core") -> list[str]:
@@ -61,6 +65,10 @@ def violations(root: Path, package: str = "ruyi_core") -> list[str]:
             where = f"{path.relative_to(root)}:{line}: {module} imports {target}"
             if target.split(".")[0] in APPLICATION:
                 out.append(f"{where} (the library never imports the application or kfp)")
+                continue
+            is_demo = target == DEMO or target.startswith(DEMO + ".")
+            if is_demo and module != DEMO_DOOR and not module.startswith(DEMO):
+                out.append(f"{where} (the demo world is reached only through {DEMO_DOOR})")
                 continue
             dst = _unit(target) if target.startswith(package + ".") else None
             if src is None or dst is None or src[1] == dst[1]:
@@ -84,7 +92,10 @@ def test_a_forbidden_import_is_named(tmp_path):
     (pkg / "store" / "__init__.py").write_text("")
     (pkg / "store" / "artifact.py").write_text("def f():\n    from pipelines.run import run_local\n")
     (pkg / "spec.py").write_text("from .stages import contract\nfrom ruyi_core.errors import RuyiError\n")
+    (pkg / "eval.py").write_text("def f():\n    from ruyi_core import demo\n")
     assert violations(tmp_path) == [
+        "ruyi_core/eval.py:2: ruyi_core.eval imports ruyi_core.demo (the demo world is reached only through "
+        "ruyi_core.data.sources)",
         "ruyi_core/spec.py:1: ruyi_core.spec imports ruyi_core.stages (ruyi_core.stages is above ruyi_core.spec in "
         "the declared layers)",
         "ruyi_core/store/artifact.py:2: ruyi_core.store.artifact imports pipelines.run (the library never imports "

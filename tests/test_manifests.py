@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import with_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
@@ -121,7 +122,7 @@ def test_runtime_matches_the_trainer_sdk_models_and_our_trainjobs(built, name):
     rt = _one(built[name], "ClusterTrainingRuntime")
     # No unknown (misspelt or misplaced) field survives a round trip through the typed models unnoticed.
     assert _strip_none(TrainerV1alpha1ClusterTrainingRuntime.from_dict(rt).to_dict()) == rt
-    spec = RunSpec()
+    spec = RunSpec.model_validate(with_demo())
     ref = trainjob_body(spec, "cpt", "x", [])["spec"]["runtimeRef"]
     assert (ref["kind"], ref["name"], ref["apiGroup"]) == (rt["kind"], rt["metadata"]["name"],
                                                            rt["apiVersion"].split("/")[0])

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import randomize_
+from conftest import randomize_, with_demo
 
+from ruyi_core.demo import tokenizer_texts
 from ruyi_core.errors import RuyiError
 from ruyi_core.family.convert import build_preset_base, family_from_base
 from ruyi_core.family.io import save_family
@@ -29,11 +30,11 @@ def workdir(tmp_path_factory):
     """A micro family (exits apart from each other), its megatron checkpoint and a packed corpus."""
     from transformers import AutoTokenizer
 
-    from ruyi_core.data import world
+    from ruyi_core.demo import world
     from ruyi_core.data.pack import prepare_corpus
 
     d = tmp_path_factory.mktemp("mcore")
-    base, tok = build_preset_base("micro")
+    base, tok = build_preset_base("micro", tokenizer_texts())
     save_family(randomize_(family_from_base(base, EXITS), seed=4).eval(), tok, d / "family")
     prepare_corpus(world.pretrain_records(300), "pretrain", AutoTokenizer.from_pretrained(d / "family"),
                    d / "packed", 10**6)
@@ -92,7 +93,7 @@ def spec_file(d: Path, name: str, parallel: dict, steps: int = 10, bucket: str =
                       "sft": {"micro_batch_size": 4}},  # every stage's batch must split over DP 2
             "dae": {"cpt": {"micro_batch_size": 4}, "sft": {"micro_batch_size": 4}}}
     path = d / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(with_demo(spec)))
     return path
 
 
@@ -210,7 +211,7 @@ def test_bf16_learns_as_fp32_resumes_exactly_and_exports(workdir, reference):
 def test_sigkill_then_resume_repeats_the_loss_sequence_exactly(workdir, reference, s3_server):
     """Checkpoints go to the store; the resumed run finds the latest complete one there."""
     env = {**os.environ, **s3_server.env()}
-    spec = parse_spec({"store": {"bucket": "killres"}})
+    spec = parse_spec(with_demo({"store": {"bucket": "killres"}}))
     from ruyi_core.store import ArtifactStore
 
     ArtifactStore.from_spec(spec.store, env=env)  # creates the bucket
@@ -239,7 +240,7 @@ def test_sigkill_then_resume_repeats_the_loss_sequence_exactly(workdir, referenc
 
 
 def test_trainer_errors_are_one_line_for_users_and_a_traceback_for_bugs(workdir, tmp_path):
-    base, tok = build_preset_base("micro")
+    base, tok = build_preset_base("micro", tokenizer_texts())
     save_family(family_from_base(base, [1, 3]), tok, tmp_path / "family13")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "dataset.json").write_text("not json")
@@ -266,7 +267,7 @@ def test_bad_layouts_stop_before_any_process(capsys):
     from ruyi_core.megatron.launch import validate_layout
 
     cfg = {"num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4, "vocab_size": 510}
-    ok = parse_spec({"family": {"base": "s3://ruyi/bases/mine", "exit_points": EXITS}})
+    ok = parse_spec(with_demo({"family": {"base": "s3://ruyi/bases/mine", "exit_points": EXITS}}))
 
     def spec(**train):
         return ok.model_copy(update={"train": ok.train.model_copy(update={

@@ -7,6 +7,8 @@ import subprocess
 import pytest
 import yaml
 
+from conftest import with_demo
+from ruyi_core.demo import tokenizer_texts
 from ruyi_core.errors import RuyiError
 from ruyi_core.family.io import export_tiers, init_family
 from ruyi_core.package import build_package, gate, promote, publish, read_index, resolve, verify_package
@@ -29,7 +31,7 @@ def evaluation(score: float, ppl: float = 10.0) -> dict:
 
 @pytest.fixture(scope="module")
 def tier_dir(tmp_path_factory):
-    fam, tok = init_family(FamilySpec(name=FAMILY, base="micro", exit_points=[1, 3]))
+    fam, tok = init_family(FamilySpec(name=FAMILY, base="micro", exit_points=[1, 3]), tokenizer_texts())
     out = tmp_path_factory.mktemp("tiers")
     export_tiers(fam, tok, out, ["end"])
     return out / "end"
@@ -159,7 +161,7 @@ def test_registry_from_the_command_line(store, s3_server, tier_dir, tmp_path, mo
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("RUYI_CACHE", str(tmp_path / "cache"))
     spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump({"store": {"bucket": store.bucket}}))
+    spec.write_text(yaml.safe_dump(with_demo({"store": {"bucket": store.bucket}})))
     release(store, tier_dir, tmp_path, "v1", evaluation(0.50))
     release(store, tier_dir, tmp_path, "v2", evaluation(0.30))
 

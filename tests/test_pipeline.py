@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import with_demo
 from ruyi_core.errors import RuyiError
 from ruyi_core.store import ArtifactStore, lineage
 
@@ -34,7 +35,7 @@ def micro_spec(tmp_path: Path, bucket: str, **data) -> Path:
                  "max_new_tokens": 12, "speed_prompt_tokens": 16, "speed_new_tokens": 8},
     }
     path = tmp_path / f"{bucket}.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(with_demo(spec)))
     return path
 
 

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ruyi_core.demo import tokenizer_texts
 from ruyi_core.plan import Arch, base_arch, plan_run
 from ruyi_core.spec.checks import quantity
 
@@ -25,7 +26,7 @@ def test_counts_match_the_modules(shared):
 
     from ruyi_core.family.convert import build_preset_base, family_from_base
 
-    base, _ = build_preset_base("micro")
+    base, _ = build_preset_base("micro", tokenizer_texts())
     a = Arch.from_config(base.config.to_dict())
     assert a.base()[0] == base.num_parameters()
     fam = family_from_base(base, [0, 2, 3], shared_heads=shared)

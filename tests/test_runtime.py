@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from conftest import with_demo
+from ruyi_core.demo import tokenizer_texts
 from ruyi_core.errors import RuyiError
 from ruyi_core.runtime import for_spec, resolve
 from ruyi_core.spec import RuntimeSpec, parse_spec
@@ -18,9 +20,9 @@ def test_auto_follows_the_machine_and_the_spec_overrides_it(monkeypatch):
         resolve(RuntimeSpec(device="cuda"), cuda_available=False)
     # every stage asks the same function: with CUDA visible the run's spec resolves to CUDA + bf16
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert str(for_spec(parse_spec({}))) == "cuda bfloat16"
+    assert str(for_spec(parse_spec(with_demo()))) == "cuda bfloat16"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert str(for_spec(parse_spec({}))) == "cpu float32"
+    assert str(for_spec(parse_spec(with_demo()))) == "cpu float32"
 
 
 def test_a_model_loads_in_the_runtime_dtype(tmp_path):
@@ -28,7 +30,7 @@ def test_a_model_loads_in_the_runtime_dtype(tmp_path):
 
     from ruyi_core.family.convert import build_preset_base
 
-    base, _ = build_preset_base("micro")
+    base, _ = build_preset_base("micro", tokenizer_texts())
     base.save_pretrained(tmp_path)
     m = resolve(RuntimeSpec(dtype="bfloat16"), cuda_available=False).load(AutoModelForCausalLM, tmp_path)
     assert next(m.parameters()).dtype == torch.bfloat16 and not m.training

@@ -8,7 +8,8 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM
 
-from ruyi_core.errors import SpecError
+from conftest import with_demo
+from ruyi_core.errors import RuyiError, SpecError
 from ruyi_core.spec import load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,9 +22,9 @@ def test_shipped_specs_load():
     big = load_spec(ROOT / "specs/ruyi2-14b.yaml")
     assert big.family.exit_points == [2, 21, 39]
     assert big.eval.benchmarks["gsm8k"].path.startswith("s3://") and big.package.tolerance == 0.01
-    assert parse_spec({"family": {"base": "micro", "exit_points": [0, 3]}}).family.tiers == {"end": 0, "cloud": 3}
+    assert parse_spec(with_demo({"family": {"base": "micro", "exit_points": [0, 3]}})).family.tiers == {"end": 0, "cloud": 3}
     # a partial stage section keeps that stage's own defaults for everything it does not set
-    partial = parse_spec({"train": {"sft": {"steps": 50}}, "dae": {"sft": {"replay": 0.25}}})
+    partial = parse_spec(with_demo({"train": {"sft": {"steps": 50}}, "dae": {"sft": {"replay": 0.25}}}))
     assert (partial.train.sft.steps, partial.train.sft.lr, partial.train.sft.global_batch_size) == (50, 1e-3, 8)
     assert (partial.dae.sft.replay, partial.dae.sft.steps, partial.train.cpt.lr) == (0.25, 30, 3e-3)
 
@@ -37,7 +38,7 @@ def test_shipped_specs_load():
 ])
 def test_bad_specs_one_line(tmp_path, run_cli, family, field, words):
     spec = tmp_path / "bad.yaml"
-    spec.write_text(yaml.safe_dump({"family": family}))
+    spec.write_text(yaml.safe_dump(with_demo({"family": family})))
     with pytest.raises(SpecError, match=words):
         load_spec(spec)
     code, out = run_cli(["family", "init", "--spec", spec, "--out", tmp_path / "f"])
@@ -59,16 +60,13 @@ def test_bad_specs_one_line(tmp_path, run_cli, family, field, words):
      "benchmark name 'GSM-8K'"),
     ({"eval": {"benchmarks": {"gsm8k": {"format": "bleu", "path": "gsm8k.jsonl"}}}},
      "eval.benchmarks.gsm8k.format: Input should be"),
-    ({"eval": {"benchmarks": {"gsm8k": {"format": "exact_match", "path": "demo:gsm8k"}}}},
-     "eval.benchmarks.gsm8k.path: unknown demo set 'demo:gsm8k'; known: demo:arithmetic, demo:facts_mc, "
-     "demo:heldout_text"),
-    ({"eval": {"benchmarks": {"arithmetic": {"format": "exact_match", "path": "demo"}}}},
-     "eval.benchmarks.arithmetic.path: unknown demo set 'demo'; known: demo:arithmetic"),
     ({"eval": {"benchmarks": {"arithmetic": {"format": "exact_match"}}}}, "eval.benchmarks.arithmetic.path: Field"),
     ({"rl": {"rewards": {"exact_answer": 1.0, "brevity": 0.1}}},
      "rl.rewards: unknown reward 'brevity'; known rewards: exact_answer, valid_steps, answer_format"),
     ({"rl": {"rewards": {}}}, "rl.rewards: needs at least one reward"),
-    ({"eval": {"benchmarks": {}}}, "needs at least one benchmark"),
+    ({"eval": {"benchmarks": {}}}, "the spec does not name eval.benchmarks: give"),
+    ({"data": {"sft": []}}, "data.sft: is empty: list at least one source"),
+    ({"rl": {"answer_pattern": "The answer is \\d+"}}, "must have exactly one group, the answer (it has 0)"),
     ({"package": {"tolerance": -0.1}}, "package.tolerance: Input should be greater than or equal to 0"),
     # known before any work from the spec and the base's config (tiny: 12 layers, 6 heads, 2 KV heads, 1024 positions)
     ({"train": {"cpt": {"lr": float("nan")}}}, "train.cpt.lr: Input should be a finite number"),
@@ -87,24 +85,55 @@ def test_bad_specs_one_line(tmp_path, run_cli, family, field, words):
 ])
 def test_bad_stage_specs_one_line(section, words):
     with pytest.raises(SpecError, match=re.escape(words)):
-        parse_spec(section)
+        parse_spec(with_demo(section))
 
 
-def test_spec_selects_rewards_and_demo_sets():
-    spec = parse_spec({"rl": {"rewards": {"answer_format": 0.5, "exact_answer": 2.0}},
-                       "eval": {"benchmarks": {"mc": {"format": "multiple_choice", "path": "demo:facts_mc"},
-                                               "arithmetic": {"format": "exact_match", "path": "mine.jsonl"}}}})
+def test_spec_selects_rewards():
+    spec = parse_spec(with_demo({"rl": {"rewards": {"answer_format": 0.5, "exact_answer": 2.0}}}))
     assert list(spec.rl.rewards.items()) == [("answer_format", 0.5), ("exact_answer", 2.0)]
-    assert spec.eval.benchmarks["mc"].demo_set == "facts_mc" and spec.eval.benchmarks["arithmetic"].demo_set is None
-    default = parse_spec({})  # today's rewards and demo benchmarks
+    default = parse_spec(with_demo({"rl": {}}))
     assert list(default.rl.rewards.items()) == [("exact_answer", 1.0), ("valid_steps", 1.0), ("answer_format", 1.0)]
-    assert {n: b.demo_set for n, b in default.eval.benchmarks.items()} == {
-        "arithmetic": "arithmetic", "facts_mc": "facts_mc", "heldout_text": "heldout_text"}
+    assert default.rl.answer_pattern == r"The answer is ([+-]?\d+)"
+
+
+def test_a_spec_names_its_data(tmp_path):
+    """Nothing defaults to the demo: a spec without a base, exits, data or benchmarks is refused in one line that
+    names every missing field and the record formats, before torch, transformers or kfp is imported."""
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("family: {name: mine}\nrl: {enabled: false}\n")
+    code = ("import sys; sys.argv = ['ruyi', 'pipeline', 'run', '--local', '--spec', sys.argv[1]]\n"
+            "import pipelines.cli\n"
+            "try:\n    pipelines.cli.main()\nexcept SystemExit as e:\n"
+            "    print(e.code, sorted(m for m in ('torch', 'transformers', 'kfp') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code, str(bare)], capture_output=True, text=True, cwd=ROOT)
+    *said, last = r.stdout.strip().splitlines()
+    assert last == "2 []" and len(said) == 1, r.stdout + r.stderr
+    assert ("does not name family.base, family.exit_points, data.pretrain, data.sft, data.heldout, eval.benchmarks"
+            in said[0]) and "sft {messages: [{role, content}]}" in said[0]
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("eval", {"benchmarks": {"gsm8k": {"format": "exact_match", "path": "demo:gsm8k"}}},
+     "eval.benchmarks.gsm8k.path: unknown source 'demo:gsm8k'; a benchmark may name one of demo:arithmetic"),
+    ("eval", {"benchmarks": {"arithmetic": {"format": "exact_match", "path": "demo"}}},
+     "eval.benchmarks.arithmetic.path: name a demo set (demo:<set>), not bare demo"),
+    ("data", {"heldout": ["/nowhere/heldout.jsonl"]}, "data.heldout: /nowhere/heldout.jsonl does not exist"),
+])
+def test_sources_are_checked_before_work(tmp_path, run_cli, field, value, words):
+    from ruyi_core.data.sources import check_sources
+
+    raw = with_demo({field: value})
+    with pytest.raises(RuyiError, match=re.escape(words)):
+        check_sources(parse_spec(raw))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    code, out = run_cli(["plan", "--spec", spec])
+    assert code == 2 and len(out.strip().splitlines()) == 1 and words in out, out
 
 
 def test_bad_spec_in_a_real_process(tmp_path):
     spec = tmp_path / "bad.yaml"
-    spec.write_text("family:\n  exit_points: [3, 2]\n")
+    spec.write_text(yaml.safe_dump(with_demo({"family": {"exit_points": [3, 2]}})))
     r = subprocess.run([sys.executable, "-m", "ruyi_core.cli", "family", "init", "--spec", str(spec), "--out",
                         str(tmp_path / "f")], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
@@ -125,7 +154,7 @@ def test_a_bug_is_an_internal_error_not_a_user_error(tmp_path, run_cli, monkeypa
 
     monkeypatch.setattr(ruyi_core.family.io, "init_family", broken)
     spec = tmp_path / "ok.yaml"
-    spec.write_text("family:\n  base: micro\n  exit_points: [1, 3]\n")
+    spec.write_text(yaml.safe_dump(with_demo({"family": {"base": "micro", "exit_points": [1, 3]}})))
     code, out = run_cli(["family", "init", "--spec", spec, "--out", tmp_path / "f"])
     (line,) = out.strip().splitlines()
     assert code == 1 and line.startswith("internal error: ValueError: boom (traceback: ") and "Traceback" not in out
@@ -135,7 +164,7 @@ def test_a_bug_is_an_internal_error_not_a_user_error(tmp_path, run_cli, monkeypa
 
 def test_cli_init_export_generate(tmp_path, run_cli):
     spec = tmp_path / "micro.yaml"
-    spec.write_text(yaml.safe_dump({"family": {"name": "micro", "base": "micro", "exit_points": [1, 3]}}))
+    spec.write_text(yaml.safe_dump(with_demo({"family": {"name": "micro", "base": "micro", "exit_points": [1, 3]}})))
     assert run_cli(["family", "init", "--spec", spec, "--out", tmp_path / "fam"])[0] == 0
     code, out = run_cli(["family", "export", "--family", tmp_path / "fam", "--out", tmp_path / "tiers"])
     assert code == 0 and "end" in out and "cloud" in out
@@ -150,7 +179,7 @@ def test_cli_init_export_generate(tmp_path, run_cli):
 def test_refusing_a_spec_imports_no_torch(tmp_path):
     """`ruyi pipeline compile/run/upload` refuse a bad spec before the heavy imports (torch, transformers, kfp)."""
     bad = tmp_path / "bad.yaml"
-    bad.write_text("train: {cpt: {lr: .nan}}\n")
+    bad.write_text(yaml.safe_dump(with_demo()) + "train: {cpt: {lr: .nan}}\n")
     code = ("import sys; sys.argv = ['ruyi', 'pipeline', 'compile', '--spec', sys.argv[1], '--out', 'x.yaml']\n"
             "import pipelines.cli\n"
             "try:\n    pipelines.cli.main()\nexcept SystemExit as e:\n"

@@ -16,6 +16,7 @@ import pytest
 from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
 from kubernetes import client
 
+from conftest import with_demo
 from ruyi_core.errors import RuyiError
 from ruyi_core.megatron.trainjob import JOBSET_NAME_LABEL, job_name, run_trainjob, trainjob_body
 from ruyi_core.spec import RunSpec
@@ -31,13 +32,13 @@ def _spec(**trainjob) -> RunSpec:
     tj = {"namespace": NS, "image": "registry.example/ruyi-trainer:test", "gpus_per_node": 4,
           "cpu": "8", "memory": "64Gi", **trainjob}
     dp = 2 * (tj["gpus_per_node"] or 1) // 2  # nodes x GPUs per node = tp x pp x dp
-    return RunSpec.model_validate({
+    return RunSpec.model_validate(with_demo({
         "store": {"endpoint": "seaweedfs.ruyi.svc:8333"},
         "pipeline": {"s3_secret": "my-s3-creds"},
         "train": {"launcher": "trainjob", "parallel": {"tp": 2, "nodes": 2, "dp": dp}, "trainjob": tj,
                   "cpt": {"global_batch_size": 8 * dp}, "sft": {"global_batch_size": 8 * dp}},
         "dae": {"enabled": False},
-    })
+    }))
 
 
 class FakeKube:

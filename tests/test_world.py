@@ -1,5 +1,5 @@
 """The demo world is deterministic and its held-out problems and two-hop questions never leak into training."""
-from ruyi_core.data import world
+from ruyi_core.demo import world
 
 
 def test_deterministic_and_held_out():

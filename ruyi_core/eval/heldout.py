@@ -4,29 +4,20 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def heldout_texts(spec, work: Path) -> list[str]:
-    """`data.heldout`: `demo` (the demo world's held-out problems) or pretrain-kind JSONL/Parquet files."""
-    from ruyi_core.data import world
+def heldout_texts(spec, work: Path, store=None) -> list[str]:
+    """`data.heldout`: pretrain-kind sources (ruyi_core.data.sources), never trained on."""
+    return [r["text"] for r in _read(spec, "heldout", "pretrain", work, store)]
+
+
+def heldout_prompts(spec, work: Path, store=None) -> list[dict]:
+    """`data.rl_heldout`: rl-kind sources, the first `rl.heldout_prompts` of them."""
+    return _read(spec, "rl_heldout", "rl", work, store)[: spec.rl.heldout_prompts]
+
+
+def _read(spec, field: str, kind: str, work: Path, store) -> list[dict]:
     from ruyi_core.data.reader import read_corpus
+    from ruyi_core.data.sources import demo_sizes, resolve
 
-    texts = []
-    for entry in spec.data.heldout:
-        if entry == "demo":
-            texts += world.heldout_texts(spec.data.seed)
-        else:
-            texts += [r["text"] for r in read_corpus([Path(entry)], "pretrain").records]
-    return texts
-
-
-def heldout_prompts(spec) -> list[dict]:
-    """`data.rl_heldout`: `demo` (held-out arithmetic never seen in training) or rl-kind files."""
-    from ruyi_core.data import world
-    from ruyi_core.data.reader import read_corpus
-
-    out = []
-    for entry in spec.data.rl_heldout:
-        if entry == "demo":
-            out += world.heldout_prompts(spec.rl.heldout_prompts, spec.data.seed)
-        else:
-            out += list(read_corpus([Path(entry)], "rl").records)
-    return out[: spec.rl.heldout_prompts]
+    paths = resolve(getattr(spec.data, field), field, work / field, label=f"data.{field}", store=store,
+                    seed=spec.data.seed, demo_sizes=demo_sizes(spec))
+    return list(read_corpus(paths, kind).records)

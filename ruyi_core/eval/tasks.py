@@ -102,26 +102,19 @@ def read_jsonl(path: Path, label: str) -> list[dict]:
 
 
 def load_records(name: str, bench, spec, tokenizer, fetch_dir: Path, store=None) -> list[dict]:
-    """The benchmark's first `limit` records, normalized; `demo:<set>` is that set of the demo world."""
-    from ruyi_core.data import world
+    """The benchmark's first `limit` records, normalized (its source: ruyi_core.data.sources)."""
+    from ruyi_core.data.sources import resolve
 
-    label = f"eval.benchmarks.{name}"
-    if bench.demo_set:
-        raw = world.eval_sets(spec.data.seed)[bench.demo_set]
-    else:
-        path = Path(bench.path)
-        if bench.path.startswith("s3://"):
-            if store is None:
-                raise RuyiError(f"{label}.path: {bench.path} is in the object store, but no store was given")
-            path = fetch_dir / f"{name}.jsonl"
-            store.get_file(bench.path, path)
-        elif not path.is_file():
-            raise RuyiError(f"{label}.path: {path} not found: give an existing JSONL file, an s3:// URI or demo:<set>")
-        raw = read_jsonl(path, label)
+    label = f"eval.benchmarks.{name}.path"
+    raw = []
+    for path in resolve([bench.path], "benchmark", fetch_dir / name, label=label, store=store, seed=spec.data.seed):
+        if not path.name.lower().endswith((".jsonl", ".ndjson")):
+            raise RuyiError(f"{label}: {path.name} is not a .jsonl file: benchmarks are JSONL files")
+        raw += read_jsonl(path, label)
     raw = raw[: bench.limit]
     if not raw:
         raise RuyiError(f"{label}: {bench.path} has no records")
-    return [normalize(bench.format, r, tokenizer, f"{label} record {i + 1}") for i, r in enumerate(raw)]
+    return [normalize(bench.format, r, tokenizer, f"eval.benchmarks.{name} record {i + 1}") for i, r in enumerate(raw)]
 
 
 def task_config(name: str, fmt: str, data: Path, cache_dir: Path, max_new_tokens: int, stop: list[str],

@@ -29,11 +29,11 @@ def _round_up(n: int, multiple: int = 64) -> int:
     return -(-n // multiple) * multiple
 
 
-def build_preset_base(preset: str, seed: int = 0, texts=None) -> tuple[Qwen3ForCausalLM, PreTrainedTokenizerBase]:
-    """A random-init Qwen3 base and a tokenizer trained locally on `texts` (default: the demo world);
+def build_preset_base(preset: str, texts, seed: int = 0) -> tuple[Qwen3ForCausalLM, PreTrainedTokenizerBase]:
+    """A random-init Qwen3 base and a tokenizer trained locally on `texts` (the run's pretraining texts);
     deterministic in `seed` and the texts."""
     p = PRESETS[preset]
-    tok = build_tokenizer(p.tokenizer_vocab, seed, texts)
+    tok = build_tokenizer(p.tokenizer_vocab, texts)
     # Padded vocab (as megatron does) so tensor parallel splits of the embedding stay even.
     cfg = Qwen3Config(**p.qwen3_kwargs(_round_up(len(tok))), tie_word_embeddings=False,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)

@@ -14,14 +14,17 @@ from ruyi_core.family.modeling import RuyiForCausalLM
 from ruyi_core.family.presets import PRESETS
 from ruyi_core.spec import FamilySpec, check_exit_points
 
-DEMO_PROMPT = "Where does Alice live?"
+SAMPLE_PROMPT = "What is 2 + 3?"  # a neutral question for the sample answer a summary shows
 
 
 def init_family(spec: FamilySpec, texts=None) -> tuple[RuyiForCausalLM, PreTrainedTokenizerBase]:
     """A family from the spec's base. A preset's tokenizer is trained on `texts` (the run's pretraining
-    corpus) when given."""
+    corpus)."""
     if spec.base in PRESETS:
-        base, tok = build_preset_base(spec.base, spec.seed, texts)
+        if texts is None:
+            raise RuyiError(f"family.base {spec.base!r} is a preset: its tokenizer is trained on the run's pretraining "
+                            "texts, and none were given")
+        base, tok = build_preset_base(spec.base, texts, spec.seed)
     else:
         base, tok = load_base(spec.base)
         if tok is None:
@@ -102,7 +105,7 @@ def dir_bytes(path: Path, pattern: str = "*") -> int:
 
 
 @torch.no_grad()
-def greedy_sample(model, tok, prompt: str = DEMO_PROMPT, max_new_tokens: int = 16, **gen_kw) -> str:
+def greedy_sample(model, tok, prompt: str = SAMPLE_PROMPT, max_new_tokens: int = 16, **gen_kw) -> str:
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                    tokenize=False)
     ids = tok(text, return_tensors="pt")

@@ -77,7 +77,7 @@ def model_card(*, family: str, version: str, tier: str, target: str, evaluation:
               'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
               'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")', "```", "",
               "or, from the registry (downloads, verifies and caches the promoted version):", "", "```sh",
-              f'ruyi generate --registry {family} --tier {tier} "Where does Alice live?"', "```", "",
+              f'ruyi generate --registry {family} --tier {tier} "What is 2 + 3?"', "```", "",
               f"Check the files with `sha256sum -c {SUMS}` (or `ruyi models verify --path .`).", ""]
     return "\n".join(lines)
 

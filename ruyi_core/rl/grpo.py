@@ -19,7 +19,7 @@ from transformers.trainer_callback import PrinterCallback
 from ruyi_core.errors import RuyiError
 from ruyi_core.family.convert import generation_config as default_generation_config
 from ruyi_core.family.loss import heldout_loss
-from ruyi_core.rl.rewards import REWARDS, exact_answer
+from ruyi_core.rl.rewards import DEFAULT_ANSWER_PATTERN, exact_answer, rewards_for
 from ruyi_core.spec import RlSpec
 
 
@@ -78,12 +78,13 @@ def _eos_ids(model, tok) -> list[int]:
 @torch.no_grad()
 def evaluate_reward(model_or_dir, tokenizer, prompts: list[dict], max_new_tokens: int, seed: int = 0,
                     batch_size: int = 16, samples: int = 0, temperature: float = 1.0,
-                    rewards: dict[str, float] | None = None, log=None) -> dict:
+                    rewards: dict[str, float] | None = None, answer_pattern: str = DEFAULT_ANSWER_PATTERN,
+                    log=None) -> dict:
     """Held-out rewards on `prompts` ({prompt, answer} records, or eval_sets' {question, answer}), deterministic
     in `seed`: `exact_greedy`, the exact-answer rate of greedy completions, and with `samples` > 0 `reward`, the
     mean total reward (the weighted sum of `rewards`, as GRPO computes it; default RlSpec's) of `samples`
     completions per prompt drawn at `temperature`: the objective GRPO maximises, measured on prompts it never
-    trained on, plus each reward's own mean.
+    trained on, plus each reward's own mean. `answer_pattern`: the final answer's form (RlSpec.answer_pattern).
     `model_or_dir` is a model or a checkpoint folder (then `tokenizer` may be None: the folder's is used).
     `log`, when given, gets a line after each batch of prompts ("64/128 prompts")."""
     rewards = rewards or RlSpec().rewards
@@ -109,7 +110,7 @@ def evaluate_reward(model_or_dir, tokenizer, prompts: list[dict], max_new_tokens
             torch.manual_seed(seed)
             for i in range(0, len(prompts), batch_size):
                 batch = prompts[i:i + batch_size]
-                _score_batch(model, tokenizer, batch, greedy, sampled, rewards, scores)
+                _score_batch(model, tokenizer, batch, greedy, sampled, rewards, answer_pattern, scores)
                 if log:
                     log(f"{min(i + batch_size, len(prompts))}/{len(prompts)} prompts")
     finally:
@@ -121,7 +122,7 @@ def evaluate_reward(model_or_dir, tokenizer, prompts: list[dict], max_new_tokens
 
 
 def _score_batch(model, tokenizer, batch: list[dict], greedy: GenerationConfig, sampled: GenerationConfig | None,
-                 rewards: dict[str, float], scores: dict[str, list[float]]) -> None:
+                 rewards: dict[str, float], pattern: str, scores: dict[str, list[float]]) -> None:
     """One batch of prompts, left-padded: one greedy generate call (exact answers) and, with `sampled`, one
     call drawing every prompt's samples (each reward, and their weighted total); appended to `scores`."""
     users = [r.get("prompt", r.get("question")) for r in batch]
@@ -134,10 +135,11 @@ def _score_batch(model, tokenizer, batch: list[dict], greedy: GenerationConfig, 
         k = len(done) // len(batch)  # completions per prompt, in prompt order
         answers = [r["answer"] for r in batch for _ in range(k)]
         if gen is greedy:
-            scores.setdefault("exact_greedy", []).extend(exact_answer(done, answers))
+            scores.setdefault("exact_greedy", []).extend(exact_answer(done, answers, pattern))
             continue
         ps = [_messages(u) for u in users for _ in range(k)]
-        per_fn = {n: REWARDS[n](done, answer=answers, prompts=ps) for n in rewards}
+        funcs = rewards_for(pattern)
+        per_fn = {n: funcs[n](done, answer=answers, prompts=ps) for n in rewards}
         for n, vals in per_fn.items():
             scores.setdefault(n, []).extend(vals)
         total = [sum(w * v for w, v in zip(rewards.values(), vs)) for vs in zip(*per_fn.values())]
@@ -238,6 +240,7 @@ def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: 
     def held_out(when: str) -> dict:
         return evaluate_reward(model, tok, heldout, spec.max_new_tokens, spec.seed, samples=spec.heldout_samples,
                                temperature=spec.temperature, rewards=spec.rewards,
+                               answer_pattern=spec.answer_pattern,
                                log=lambda m: log(f"[grpo] held-out {when}: {m}"))
 
     def said(r: dict) -> str:
@@ -283,7 +286,7 @@ def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: 
             use_vllm=rt.vllm, vllm_mode="colocate",
         )
         with _rng_sandbox():
-            trainer = GRPOTrainer(model=model, reward_funcs=[REWARDS[n] for n in names], args=args,
+            trainer = GRPOTrainer(model=model, reward_funcs=[rewards_for(spec.answer_pattern)[n] for n in names], args=args,
                                   train_dataset=ds, processing_class=tok, callbacks=[_LogTo(log, names)])
             trainer.remove_callback(PrinterCallback)  # raw metric dicts on stdout; _LogTo reports instead
             if spec.beta > 0:

@@ -1,5 +1,7 @@
-"""Verifiable rewards for the demo's arithmetic word problems, in TRL's reward-function shape:
-`f(completions, **dataset_columns) -> list[float]`, one value per completion.
+"""Verifiable rewards for problems with an integer answer, in TRL's reward-function shape:
+`f(completions, **dataset_columns) -> list[float]`, one value per completion. The answer's form is the spec's
+`rl.answer_pattern`, a regular expression whose one group captures the answer (GSM8K's "#### 42" by default; the
+demo's SFT answers end with "The answer is 42.").
 
 A completion is either a string (standard datasets) or a list of chat messages `[{"role", "content"}]`
 (conversational datasets, as GRPOTrainer passes them); both are accepted everywhere.
@@ -7,12 +9,15 @@ A completion is either a string (standard datasets) or a list of chat messages `
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
-# SFT answers end with "The answer is N." (data/world.py); that sentence is the contract the rewards check.
-_ANSWER = re.compile(r"The answer is\s*([+-]?\d+)", re.IGNORECASE)
+DEFAULT_ANSWER_PATTERN = r"####\s*([+-]?\d+)"
 _INT = re.compile(r"[+-]?\d+")
-# Strict format: the completion ends with the answer sentence, period included.
-_STRICT = re.compile(r"The answer is ([+-]?\d+)\.\s*$")
+
+
+def _compiled(pattern: str) -> tuple[re.Pattern, re.Pattern]:
+    """(anywhere, case-insensitive; strict: the completion ends with it, a final . or ! allowed)."""
+    return re.compile(pattern, re.IGNORECASE), re.compile(f"(?:{pattern})[.!]?\\s*$")
 
 
 def completion_text(completion) -> str:
@@ -37,11 +42,11 @@ def _norm_int(s: str) -> str:
     return str(int(s))
 
 
-def extract_answer(text) -> str | None:
-    """The number after the last "The answer is" (a model may restate itself; the last statement counts);
-    without that sentence, the last integer in the text; None when there is no integer at all."""
+def extract_answer(text, pattern: str | None = None) -> str | None:
+    """The number the last match of `pattern` captures (a model may restate itself; the last statement counts);
+    without a match (or a pattern), the last integer in the text; None when there is no integer at all."""
     text = completion_text(text)
-    hits = _ANSWER.findall(text)
+    hits = _compiled(pattern)[0].findall(text) if pattern else []
     if hits:
         return _norm_int(hits[-1])
     ints = _INT.findall(text)
@@ -55,22 +60,23 @@ def _gold(answer) -> str | None:
         return str(answer).strip()
 
 
-def exact_answer(completions, answer, **kw) -> list[float]:
+def exact_answer(completions, answer, pattern: str | None = None, **kw) -> list[float]:
     """1.0 when the extracted answer equals the gold `answer` column, else 0.0."""
     if isinstance(answer, (str, int)):  # one gold value for every completion
         answer = [answer] * len(completions)
-    return [1.0 if (got := extract_answer(c)) is not None and got == _gold(a) else 0.0
+    return [1.0 if (got := extract_answer(c, pattern)) is not None and got == _gold(a) else 0.0
             for c, a in zip(completions, answer, strict=True)]
 
 
-def answer_format(completions, **kw) -> list[float]:
-    """1.0 when the completion ends with "The answer is <int>." (the SFT format); 0.5 when it contains
-    "The answer is <int>" elsewhere or without the period (right idea, sloppy ending: partial credit keeps a
-    gradient toward the format); 0.0 otherwise. Case-sensitive for the full score, as SFT wrote it."""
+def answer_format(completions, pattern: str = DEFAULT_ANSWER_PATTERN, **kw) -> list[float]:
+    """1.0 when the completion ends with the answer `pattern` (the SFT format); 0.5 when it contains it elsewhere
+    or in another case (right idea, sloppy ending: partial credit keeps a gradient toward the format); 0.0
+    otherwise. Case-sensitive for the full score, as SFT wrote it."""
+    anywhere, strict = _compiled(pattern)
     out = []
     for c in completions:
         text = completion_text(c)
-        out.append(1.0 if _STRICT.search(text.strip()) else 0.5 if _ANSWER.search(text) else 0.0)
+        out.append(1.0 if strict.search(text.strip()) else 0.5 if anywhere.search(text) else 0.0)
     return out
 
 
@@ -98,5 +104,19 @@ def valid_steps(completions, prompts=None, **kw) -> list[float]:
     return out
 
 
-# The names a spec's `rl.rewards` may select; each key is its function's __name__, which TRL logs it under.
-REWARDS = {f.__name__: f for f in (exact_answer, valid_steps, answer_format)}
+REWARD_NAMES = ("exact_answer", "valid_steps", "answer_format")  # what a spec's `rl.rewards` may select
+
+
+def rewards_for(pattern: str) -> dict[str, Callable[..., list[float]]]:
+    """The reward functions for answers of the form `pattern`, by name; each function's __name__ is its name,
+    which TRL logs it under."""
+    base = {f.__name__: f for f in (exact_answer, valid_steps, answer_format)}
+
+    def bind(name: str):
+        def reward(completions, **kw):
+            return base[name](completions, **{**kw, "pattern": pattern})
+
+        reward.__name__ = name
+        return reward
+
+    return {name: bind(name) for name in REWARD_NAMES}

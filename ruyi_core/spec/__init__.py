@@ -1,4 +1,5 @@
-"""The run spec: one YAML file describes a whole run. Every knob has a default that serves the demo.
+"""The run spec: one YAML file describes a whole run. What only the user can know (the base, the exits, the data
+and the benchmarks) must be named; every other knob has a default for a real run, which the demo spec narrows.
 
 The sections live in `sections.py` and `train.py`; `checks.py` holds what is checked across them and against the
 base's config. Everything is importable from here.
@@ -36,6 +37,16 @@ class RunSpec(_Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     package: PackageSpec = Field(default_factory=PackageSpec)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _named(cls, raw):
+        """One line for everything a spec must name, before any field's own checks."""
+        if isinstance(raw, dict):
+            missing = unnamed(raw)
+            if missing:
+                raise ValueError(f"the spec does not name {', '.join(missing)}: {NAMING_HELP}")
+        return raw
+
     def train_stage(self, stage: str) -> TrainStageSpec:
         """A training stage's settings; the DaE stages train only the expanded tier's new blocks and head."""
         stages = {"cpt": self.train.cpt, "sft": self.train.sft, "dae_cpt": self.dae.cpt, "dae_sft": self.dae.sft}
@@ -67,6 +78,26 @@ class RunSpec(_Strict):
         import hashlib
 
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+
+NAMING_HELP = ("give family.base and family.exit_points, data sources (each a list of JSONL/Parquet files or folders, "
+               "s3:// prefixes, or demo; records: pretrain/heldout {text}, sft {messages: [{role, content}]}, "
+               "rl/rl_heldout {prompt, answer}) and eval.benchmarks; see docs/data.md and specs/tiny.yaml")
+
+
+def unnamed(raw: dict) -> list[str]:
+    """The fields a spec must name and does not: the base and exits, the corpora its enabled stages read, and at
+    least one benchmark."""
+
+    def get(section: str, key: str):
+        sec = raw.get(section)
+        return sec.get(key) if isinstance(sec, dict) else getattr(sec, key, None)
+
+    rl_on = get("rl", "enabled") is not False
+    wanted = [("family", "base"), ("family", "exit_points"), ("data", "pretrain"), ("data", "sft"),
+              ("data", "heldout"), *([("data", "rl"), ("data", "rl_heldout")] if rl_on else []),
+              ("eval", "benchmarks")]
+    return [f"{s}.{k}" for s, k in wanted if get(s, k) in (None, {})]
 
 
 def _one_line(err: ValidationError, source: str) -> str:

@@ -37,9 +37,9 @@ def base_num_layers(base: str) -> int | None:
 
 
 class FamilySpec(_Strict):
-    name: str = Field("ruyi-tiny", pattern=r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
-    base: str = "tiny"
-    exit_points: list[int] = [1, 6, 11]
+    name: str = Field("ruyi", pattern=r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
+    base: str  # a preset, a local Qwen3 checkpoint folder, or an s3:// folder in the store
+    exit_points: list[int]
     tiers: dict[str, int] | None = None  # default: end / edge / cloud over the exits
     shared_heads: bool = False
     seed: int = 0
@@ -110,24 +110,33 @@ class KindThresholds(_Strict):
 
 
 class DataSpec(_Strict):
-    """Corpora by kind. Each entry is a list of local paths or s3:// URIs (JSONL or Parquet); the word
-    `demo` means the generated demo world (deterministic in `seed`)."""
+    """Corpora by kind; a spec must name them (there is no default corpus). Each entry is a local JSONL/Parquet file
+    or folder, an s3:// object or prefix, or `demo` (the generated demo world, deterministic in `seed`). Record
+    formats: pretrain and heldout {text, source?, lang?}; sft {messages: [{role, content}, ...]}; rl and rl_heldout
+    {prompt, answer} (docs/data.md)."""
 
-    pretrain: list[str] = ["demo"]
-    sft: list[str] = ["demo"]
-    rl: list[str] = ["demo"]
+    pretrain: list[str] | None = None
+    sft: list[str] | None = None
+    rl: list[str] | None = None  # needed when rl.enabled
     # Held out from every training stage: pretrain-kind texts for held-out loss, rl-kind prompts for reward.
-    heldout: list[str] = ["demo"]
-    rl_heldout: list[str] = ["demo"]
+    heldout: list[str] | None = None
+    rl_heldout: list[str] | None = None  # needed when rl.enabled
     seed: int = 0
     # Allow-lists of pretraining records' `source` and `lang`: None accepts any (a spec narrows them, as the demo's).
     allowed_sources: list[str] | None = None
     allowed_langs: list[str] | None = None
     thresholds: dict[str, KindThresholds] = Field(default_factory=lambda: {
         "pretrain": KindThresholds(), "sft": KindThresholds(), "rl": KindThresholds(max_duplicate_rate=0.2)})
-    demo_records: dict[str, int] = {"pretrain": 4000, "sft": 1500, "rl": 300}  # sizes of the generated corpus
+    demo_records: dict[str, int] = {"pretrain": 4000, "sft": 1500, "rl": 300}  # sizes where a source is `demo`
     seq_length: int = Field(256, ge=8)
     shard_tokens: int = Field(50_000_000, ge=1000)  # tokens per .bin/.idx shard
+
+    @field_validator("pretrain", "sft", "rl", "heldout", "rl_heldout")
+    @classmethod
+    def _not_empty(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("is empty: list at least one source (a file, folder, s3:// prefix or demo)")
+        return v
 
 
 class Resources(_Strict):
@@ -171,38 +180,19 @@ class BenchmarkSpec(_Strict):
     "Question: ...\nAnswer:" (`template: qa`) or with the question as the very text the choice completes
     (`template: cloze`, e.g. "Alice lives in" -> " Paris");
     `perplexity`: JSONL {text}, rolling log-likelihood. `path` is a local file, an s3:// URI in the store, or
-    `demo:<set>`, one of the demo world's held-out sets (ruyi_core.data.world.EVAL_SETS)."""
+    `demo:<set>`, one of the demo world's held-out sets."""
 
     format: Literal["exact_match", "contains", "multiple_choice", "perplexity"]
     path: str
     limit: int | None = Field(None, ge=1)  # first N records only
     template: Literal["qa", "cloze"] = "qa"  # multiple_choice only
 
-    @field_validator("path")
-    @classmethod
-    def _demo_set(cls, v: str) -> str:
-        from ruyi_core.data.world import EVAL_SETS
-
-        # Bare `demo` is refused too: which set a benchmark gets must not depend on its name.
-        if (v == "demo" or v.startswith("demo:")) and v.removeprefix("demo:") not in EVAL_SETS:
-            raise ValueError(f"unknown demo set {v!r}; known: {', '.join('demo:' + n for n in EVAL_SETS)}")
-        return v
-
-    @property
-    def demo_set(self) -> str | None:
-        """The demo world's set this benchmark reads, or None for a file."""
-        return self.path.removeprefix("demo:") if self.path.startswith("demo:") else None
-
 
 class EvalSpec(_Strict):
     """Per-tier evaluation: every benchmark on every packaged tier (and on the family's exits, to compare), plus
     parameters, bytes on disk, prefill / decode tokens/s and peak memory."""
 
-    benchmarks: dict[str, BenchmarkSpec] = Field(default_factory=lambda: {
-        "arithmetic": BenchmarkSpec(format="exact_match", path="demo:arithmetic"),
-        # The demo world states facts as "Alice lives in Paris.": a cloze asks for them in that form.
-        "facts_mc": BenchmarkSpec(format="multiple_choice", path="demo:facts_mc", template="cloze"),
-        "heldout_text": BenchmarkSpec(format="perplexity", path="demo:heldout_text")})
+    benchmarks: dict[str, BenchmarkSpec] = {}  # a spec must name at least one
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(8, ge=1)
     speed_prompt_tokens: int = Field(64, ge=1)
@@ -214,8 +204,6 @@ class EvalSpec(_Strict):
     def _names(cls, v: dict[str, BenchmarkSpec]) -> dict[str, BenchmarkSpec]:
         import re
 
-        if not v:
-            raise ValueError("needs at least one benchmark")
         for name in v:
             if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
                 raise ValueError(f"benchmark name {name!r}: use lowercase letters, digits and _")

@@ -179,8 +179,9 @@ class DaeSpec(_Strict):
 
 
 class RlSpec(_Strict):
-    """GRPO on one tier with verifiable rewards. `rewards` maps a reward in ruyi_core.rl.rewards.REWARDS to its
-    weight; GRPO maximises their weighted sum (default: exact answer, correct worked steps, answer format)."""
+    """GRPO on one tier with verifiable rewards. `rewards` maps a reward of ruyi_core.rl.rewards to its weight; GRPO
+    maximises their weighted sum (default: exact answer, correct worked steps, answer format). `answer_pattern` is
+    the form of a final answer in the SFT data: a regular expression whose one group captures the integer."""
 
     enabled: bool = True
     tier: str = "end"
@@ -200,6 +201,7 @@ class RlSpec(_Strict):
     seed: int = 0
     # valid_steps: exact answers alone are too sparse for a small tier (a few percent of samples) to learn from.
     rewards: dict[str, float] = {"exact_answer": 1.0, "valid_steps": 1.0, "answer_format": 1.0}
+    answer_pattern: str = r"####\s*([+-]?\d+)"  # GSM8K's final line
 
     @model_validator(mode="after")
     def _micro(self) -> "RlSpec":
@@ -212,11 +214,24 @@ class RlSpec(_Strict):
     @field_validator("rewards")
     @classmethod
     def _rewards(cls, v: dict[str, float]) -> dict[str, float]:
-        from ruyi_core.rl.rewards import REWARDS
+        from ruyi_core.rl.rewards import REWARD_NAMES
 
         if not v:
-            raise ValueError(f"needs at least one reward, from {', '.join(REWARDS)}")
+            raise ValueError(f"needs at least one reward, from {', '.join(REWARD_NAMES)}")
         for name in v:
-            if name not in REWARDS:
-                raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(REWARDS)}")
+            if name not in REWARD_NAMES:
+                raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(REWARD_NAMES)}")
+        return v
+
+    @field_validator("answer_pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        import re
+
+        try:
+            groups = re.compile(v).groups
+        except re.error as e:
+            raise ValueError(f"{v!r} is not a regular expression ({e})") from None
+        if groups != 1:
+            raise ValueError(f"{v!r} must have exactly one group, the answer (it has {groups})")
         return v

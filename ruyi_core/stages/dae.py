@@ -73,7 +73,7 @@ def dae_expand(spec: RunSpec, store: ArtifactStore, family: str) -> Expanded:
         d = spec.dae
         fam, tok = _load(run, "dae", d.tier)
         p = fam.config.tiers[d.tier]
-        before = heldout_loss(fam, tok, heldout_texts(spec, run.work), exit_point=p)
+        before = heldout_loss(fam, tok, heldout_texts(spec, run.work, run.store), exit_point=p)
         out = expand_tier(fam, d.tier, d.blocks, d.init, d.std, seed=spec.family.seed, share_weights=True)
         save_family(out, tok, run.out)
         return {"tier": d.tier, "exit_point": p, "blocks": d.blocks, "init": d.init,
@@ -107,8 +107,8 @@ def grpo(spec: RunSpec, store: ArtifactStore, family: str, rl_raw: str) -> Grpo:
         with (given / INPUTS["prompts"]).open("w") as f:
             for rec in corpus_records(run, "rl", "rl"):
                 f.write(json.dumps(rec) + "\n")
-        (given / INPUTS["heldout"]).write_text(json.dumps(heldout_prompts(spec)))
-        (given / INPUTS["heldout_text"]).write_text(json.dumps(heldout_texts(spec, run.work)))
+        (given / INPUTS["heldout"]).write_text(json.dumps(heldout_prompts(spec, run.work, run.store)))
+        (given / INPUTS["heldout_text"]).write_text(json.dumps(heldout_texts(spec, run.work, run.store)))
         policy = run.work / "policy"
         args = ["--spec", spec.model_dump_json(), "--trainable", json.dumps(own)]
         if spec.train.launcher == "local":
@@ -164,7 +164,7 @@ def svd_compress(spec: RunSpec, store: ArtifactStore, family: str, packed_pretra
         tok = AutoTokenizer.from_pretrained(run.work / "dense")
         calib = _calibration(run, spec.data.seq_length, d.calib_samples, cfg.vocab_size)
         n_dense = dense.num_parameters()  # the sweep's last ratio compresses `dense` itself
-        chosen, rows, base_loss = _sweep(dense, tok, cfg, d, calib, heldout_texts(spec, run.work), run.log)
+        chosen, rows, base_loss = _sweep(dense, tok, cfg, d, calib, heldout_texts(spec, run.work, run.store), run.log)
         model, rep, row = chosen
         _save_compressed(model.to(getattr(torch, cfg.weights_dtype)), rep, rows, base_loss, tok, run.out)
         return {"tier": d.tier, "exit_point": p, "ratio": d.svd_ratio, "removed_fraction": row["removed_fraction"],

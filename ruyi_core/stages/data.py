@@ -48,27 +48,11 @@ PREPARE = Stage("prepare_data", PackedDataset, ("data.shard_tokens",), root="dat
 
 
 def resolve_corpus(spec: RunSpec, kind: str, store: ArtifactStore, work: Path) -> list[Path]:
-    """Local files for a corpus kind: `demo` generates the demo world, s3:// URIs are downloaded."""
-    from ruyi_core.data import world
+    """Local files for a corpus kind (ruyi_core.data.sources)."""
+    from ruyi_core.data.sources import demo_sizes, resolve
 
-    out = []
-    for i, entry in enumerate(getattr(spec.data, kind)):
-        if entry == "demo":
-            n = spec.data.demo_records
-            paths = world.write_demo_corpus(work / "demo", spec.data.seed, n_pretrain=n.get("pretrain", 4000),
-                                            n_sft=n.get("sft", 1500), n_rl=n.get("rl", 300))
-            out.append(paths[kind])
-        elif entry.startswith("s3://"):
-            dest = work / "inputs" / f"{i:03d}-{Path(entry).name}"
-            store.get_file(entry, dest)
-            out.append(dest)
-        else:
-            p = Path(entry)
-            if not p.is_file():
-                raise RuyiError(f"data.{kind}: {entry} does not exist: point it at a JSONL/Parquet file, an "
-                                "s3:// URI, or 'demo'")
-            out.append(p)
-    return out
+    return resolve(getattr(spec.data, kind), kind, work, label=f"data.{kind}", store=store, seed=spec.data.seed,
+                   demo_sizes=demo_sizes(spec))
 
 
 def validate_data(spec: RunSpec, store: ArtifactStore, kind: str, docs_dir: Path | None = None) -> RawDataset:

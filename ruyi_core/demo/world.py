@@ -266,16 +266,3 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
         for r in records:
             f.write(json.dumps(r) + "\n")
     return path
-
-
-def write_demo_corpus(out_dir: str | Path, seed: int = 0, n_pretrain: int = 4000, n_sft: int = 1500,
-                      n_rl: int = 300) -> dict[str, Path]:
-    out = Path(out_dir)
-    paths = {
-        "pretrain": write_jsonl(out / "pretrain.jsonl", pretrain_records(n_pretrain, seed)),
-        "sft": write_jsonl(out / "sft.jsonl", sft_records(n_sft, seed)),
-        "rl": write_jsonl(out / "rl.jsonl", rl_records(n_rl, seed)),
-    }
-    for name, recs in eval_sets(seed).items():
-        paths[f"eval_{name}"] = write_jsonl(out / "eval" / f"{name}.jsonl", recs)
-    return paths
