@@ -150,6 +150,7 @@ def _call(host: str, what: str, fn, *args, **kwargs):
 
 
 def _host_of(client, host: str | None) -> str:
+    # private: kfp.Client keeps the host it resolved (from kube config) only here (test_private_apis)
     return normalize_host(host) if host else client._existing_config.host
 
 

@@ -63,6 +63,7 @@ def _local_results_queue() -> None:
     queue serves."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    # private: megatron makes the queue lazily and offers no way to pass one (test_private_apis)
     if filesystem_async._results_queue is None:
         filesystem_async._results_queue = queue.Queue()
 

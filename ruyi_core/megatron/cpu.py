@@ -81,6 +81,7 @@ def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_
     coeff = max_norm / (total_norm + 1.0e-6)
     if coeff < 1.0:
         grads = [getattr(p, "decoupled_grad", None) if use_decoupled_grad else p.grad for p in parameters]
+        # private: torch's fused multi-tensor op (clip_grad_norm_ uses it); no public one (test_private_apis)
         torch._foreach_mul_([g.detach() for g in grads if g is not None], coeff)
 
 
@@ -88,6 +89,7 @@ def l2_norm_cpu(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     """megatron's fallback for apex's multi_tensor_l2norm (no apex) takes one norm per tensor in Python and
     turns them into a tensor through floats; the same norm in one foreach call."""
     # megatron calls it only with a non-empty list
+    # private: torch's fused multi-tensor norm (clip_grad_norm_ uses it); no public one (test_private_apis)
     total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensor_lists[0])))
     return total.reshape(1).float(), None
 
@@ -145,6 +147,7 @@ def _patches() -> list[tuple[object, str, object]]:
     patches = [
         (torch.cuda, "current_device", lambda: "cpu"),
         (torch.cuda, "synchronize", lambda *a, **k: None),
+        # private: megatron reads its RNG tracker from these globals and has no CPU one (test_private_apis)
         (mrandom, "_CUDA_RNG_STATE_TRACKER", CpuRngTracker()),
         (mrandom, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True),
         (moptim, "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_cpu),
@@ -187,6 +190,7 @@ def native_torch() -> Iterator[None]:
     """Leaves `CudaToCpu` for a region that never names a CUDA device (the model's forward): every torch call
     through a Python mode costs ~2 us, and a training step's forward makes ~4,500 of them (4% of a tiny
     model's CPU step). Where the mode is not active (GPUs) this does nothing."""
+    # private: torch has no public way to step out of one active TorchFunctionMode (test_private_apis)
     from torch.overrides import _get_current_function_mode, _pop_mode_temporarily
 
     if isinstance(_get_current_function_mode(), CudaToCpu):

@@ -44,9 +44,30 @@ class FamilyShape:
     expansions: tuple[tuple[int, int], ...] = ()  # DaE: (exit point, blocks appended after its branch block)
 
 
+def transformer_impl(wanted: str = "auto") -> str:
+    """The layers' implementation: Transformer Engine's on GPUs, megatron's local layers on the CPU (`auto`), or as
+    the spec's train.transformer_impl says. Transformer Engine that is asked for but cannot be used is an error, so
+    a GPU pool never trains on the slower local layers unnoticed."""
+    cuda = torch.cuda.is_available()
+    impl = ("transformer_engine" if cuda else "local") if wanted == "auto" else wanted
+    if impl == "transformer_engine":
+        if not cuda:
+            raise RuyiError("train.transformer_impl: transformer_engine needs CUDA GPUs; on the CPU use auto or local")
+        try:
+            # megatron's own TE module imports without TE (HAVE_TE False) and fails later: import TE itself
+            import transformer_engine.pytorch  # noqa: F401
+        except Exception as e:  # a broken install raises more than ImportError (missing symbols, CUDA mismatch)
+            raise RuyiError(f"Transformer Engine cannot be used on this GPU machine ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else 'no message'}): install transformer-engine[pytorch] "
+                            "matching this CUDA (the ruyi-trainer image has it), or set train.transformer_impl: local "
+                            "to train with megatron's local layers") from None
+    return impl
+
+
 def transformer_config(hf_cfg, tp: int = 1, pp: int = 1, bf16: bool = False, recompute: bool = False,
-                       sequence_parallel: bool = False, **overrides) -> TransformerConfig:
-    """megatron's config for an HF Qwen3/Qwen2 family config (fp32 on the CPU, bf16 on GPUs)."""
+                       sequence_parallel: bool = False, impl: str = "auto", **overrides) -> TransformerConfig:
+    """megatron's config for an HF Qwen3/Qwen2 family config (fp32 on the CPU, bf16 on GPUs); `impl` is the
+    layers' implementation (transformer_impl)."""
     qwen3 = getattr(hf_cfg, "base_arch", "qwen3") == "qwen3"
     dtype = torch.bfloat16 if bf16 else torch.float32
     kw = dict(
@@ -62,6 +83,7 @@ def transformer_config(hf_cfg, tp: int = 1, pp: int = 1, bf16: bool = False, rec
         gradient_accumulation_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False,
         # Without CUDA the MLP runs our SwiGLU module (see layer_spec and swiglu.py); the flag routes it there.
         use_te_activation_func=not torch.cuda.is_available(),
+        transformer_impl=transformer_impl(impl),
     )
     if recompute in (True, "full"):  # every block keeps only its input (FamilyGPT._block)
         kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -72,21 +94,19 @@ def transformer_config(hf_cfg, tp: int = 1, pp: int = 1, bf16: bool = False, rec
 
 
 def layer_spec(config: TransformerConfig):
-    """Transformer Engine's spec where it is installed (GPUs); otherwise megatron's local spec with SDPA as its
-    core attention (megatron's unfused DotProductAttention materialises the [b*heads, s, s] scores), the block's
-    norms inside its linears as in TE's spec (megatron/linear.py) and, on the CPU, SwiGLU as its MLP activation."""
-    try:
-        if not torch.cuda.is_available():
-            raise ImportError
+    """Transformer Engine's spec where config.transformer_impl says so (GPUs); otherwise megatron's local spec with
+    SDPA as its core attention (megatron's unfused DotProductAttention materialises the [b*heads, s, s] scores),
+    the block's norms inside its linears as in TE's spec (megatron/linear.py) and, on the CPU, SwiGLU as its MLP
+    activation."""
+    if config.transformer_impl == "transformer_engine":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
-    except ImportError:
-        spec = with_rms_norms(with_sdpa(get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm,
-                                                                 normalization="RMSNorm")))
-        swiglu = config.use_te_activation_func
-        spec = with_torch_linears(spec, gate_up=swiglu)
-        return with_swiglu(spec) if swiglu else spec
+    spec = with_rms_norms(with_sdpa(get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm,
+                                                             normalization="RMSNorm")))
+    swiglu = config.use_te_activation_func
+    spec = with_torch_linears(spec, gate_up=swiglu)
+    return with_swiglu(spec) if swiglu else spec
 
 
 class AttachLoss(torch.autograd.Function):
@@ -106,15 +126,12 @@ class AttachLoss(torch.autograd.Function):
 
 
 def norm_class(config: TransformerConfig):
-    """The block-level RMSNorm: Transformer Engine's on GPUs (the TE layer spec fuses
-    its layer norms into the linears, so the head cannot borrow one from the spec), norm.RMSNorm otherwise."""
-    if torch.cuda.is_available():
-        try:
-            from megatron.core.extensions.transformer_engine import TENorm
+    """The block-level RMSNorm: Transformer Engine's with its layers (the TE layer spec fuses its layer norms into
+    the linears, so the head cannot borrow one from the spec), norm.RMSNorm otherwise."""
+    if config.transformer_impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import TENorm
 
-            return TENorm
-        except ImportError:
-            pass
+        return TENorm
     return RMSNorm
 
 
@@ -296,9 +313,9 @@ def causal_mask(seq_len: int, device=None) -> torch.Tensor:
 
 
 def build_model(hf_cfg, tp: int = 1, pp: int = 1, seq_length: int = 256, bf16: bool = False,
-                recompute: bool = False, sequence_parallel: bool = False) -> FamilyGPT:
-    """This rank's part of the family (parallel state must be initialised)."""
-    cfg = transformer_config(hf_cfg, tp, pp, bf16, recompute, sequence_parallel)
+                recompute: bool = False, sequence_parallel: bool = False, impl: str = "auto") -> FamilyGPT:
+    """This rank's part of the family (parallel state must be initialised); `impl`: transformer_impl's argument."""
+    cfg = transformer_config(hf_cfg, tp, pp, bf16, recompute, sequence_parallel, impl)
     params = hf_cfg.rope_parameters or {}
     if params.get("rope_type", "default") != "default":
         raise RuyiError(f"megatron training supports plain RoPE only; this family's rope_type is "

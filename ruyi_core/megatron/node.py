@@ -10,6 +10,7 @@ import torch
 
 
 def apply(fn: type[torch.autograd.Function], *args):
+    # private: the check torch.autograd.Function.apply itself makes; no public one (test_private_apis)
     if torch._C._are_functorch_transforms_active():
         return fn.apply(*args)
     return super(torch.autograd.Function, fn).apply(*args)

@@ -195,7 +195,7 @@ class Trainer:
         st, par = self.st, self.spec.train.parallel
         dist_opt, seq_par = par.resolved(self.cuda)
         model = build_model(self.hf_cfg, par.tp, par.pp, st.seq_length, bf16=self.bf16, recompute=st.recompute,
-                            sequence_parallel=seq_par)
+                            sequence_parallel=seq_par, impl=self.spec.train.transformer_impl)
         if self.only is not None:
             model.train_only(self.only)
         if self.cuda:

@@ -138,6 +138,9 @@ class TrainSpec(_Strict):
     # precision; on the CPU the softmaxes, rotary embedding and core attention run in fp32). auto: the runtime's
     # dtype (spec.runtime: bf16 on GPUs, fp32 on the CPU).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # The layers' implementation: auto is Transformer Engine on GPUs (an error naming the fix when it cannot be
+    # used) and megatron's local layers on the CPU; local trains on GPUs without Transformer Engine, slower.
+    transformer_impl: Literal["auto", "transformer_engine", "local"] = "auto"
     launcher: Literal["local", "trainjob"] = "local"
     trainjob: TrainJobSpec = Field(default_factory=TrainJobSpec)
 

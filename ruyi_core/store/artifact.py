@@ -388,6 +388,7 @@ class ArtifactStore:
         cond = {"If-None-Match": "*"} if etag is None else {"If-Match": etag}
         with self._errors(f"writing {self.uri(key)}"):
             try:
+                # private: the public put_object turns If-Match / If-None-Match into user metadata (test_private_apis)
                 self.client._put_object(self.bucket, clean_key(key), data,
                                         headers={"Content-Type": "application/json", **cond})
             except S3Error as e:

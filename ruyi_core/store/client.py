@@ -214,6 +214,8 @@ class Transfer:
             self.stats.add(bytes_uploaded=len(data))
             return
         headers = {SHA_META: sha256, "Content-Type": "application/octet-stream"}
+        # private: minio's public put_object uploads its parts itself, one by one, with no retry per part; these
+        # are its own multipart steps, which let parts go in parallel and be retried (test_private_apis)
         upload_id = self.retry(self.client._create_multipart_upload, bucket, key, headers)
         try:
             parts = self._upload_parts(bucket, key, upload_id, path, size, mtime_ns)

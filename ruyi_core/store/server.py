@@ -202,7 +202,7 @@ def _answers(server: LocalServer) -> bool:
     except Exception:
         return False
     finally:
-        client._http.clear()
+        client._http.clear()  # private: Minio has no close(); this drops its pool's sockets (test_private_apis)
 
 
 def _last_log_line(log: Path) -> str:
