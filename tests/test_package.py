@@ -12,8 +12,9 @@ from ruyi_core.demo import tokenizer_texts
 from ruyi_core.errors import RuyiError
 from ruyi_core.family.io import export_tiers, init_family
 from ruyi_core.package import build_package, gate, promote, publish, read_index, resolve, verify_package
+from ruyi_core.package import keys
+from ruyi_core.package.keys import package_key
 from ruyi_core.spec import FamilySpec, PackageSpec
-from ruyi_core.store import model_prefix
 
 FAMILY = "micro"
 GATE = PackageSpec(tolerance=0.02, perplexity_tolerance=0.05)
@@ -108,11 +109,11 @@ def test_promotion_gate_both_ways(store, tier_dir, tmp_path):
     assert idx["promoted"] == {"end": "v3"} and idx["versions"][3]["tiers"]["end"]["promoted"] is True
     stored = read_index(store, FAMILY)
     assert stored == idx and [v["version"] for v in stored["versions"]] == ["v1", "v2", "v2b", "v3"]
-    assert resolve(store, FAMILY, "end") == store.uri(model_prefix(FAMILY, "v3", "end"))
-    assert resolve(store, FAMILY, "end", "v2") == store.uri(model_prefix(FAMILY, "v2", "end"))
+    assert resolve(store, FAMILY, "end") == store.uri(package_key(FAMILY, "v3", "end"))
+    assert resolve(store, FAMILY, "end", "v2") == store.uri(package_key(FAMILY, "v2", "end"))
 
     # idempotent: the same version again (a retried step) leaves the index as it was
-    uri = store.uri(model_prefix(FAMILY, "v3", "end"))
+    uri = store.uri(package_key(FAMILY, "v3", "end"))
     again = promote(store, FAMILY, "v3", "run-v3", {"end": {"uri": uri, "evaluation": evaluation(0.49, 10.4)}}, GATE)
     assert again == stored == read_index(store, FAMILY)
     # a version names weights: the same weights again are fine (a re-evaluation), other weights are refused
@@ -145,6 +146,21 @@ def test_eight_concurrent_promotes_lose_no_entry(store, tier_dir, tmp_path):
     assert sorted(v["version"] for v in index["versions"]) == sorted(scores)
     promoted = [v["version"] for v in index["versions"] if v["tiers"]["end"]["promoted"]]
     assert index["promoted"]["end"] == promoted[-1] == "c7"  # the best, whatever order they landed in
+
+
+def test_registry_keys_keep_their_layout_and_parse_back():
+    # published stores hold these exact keys
+    assert package_key("micro", "v1", "end") == "models/micro/v1/end"
+    assert keys.PACKAGE.format(family="micro", version="v1", tier="end") == "models/micro/v1/end"
+    assert keys.index_key("micro") == "models/micro/index.json"
+    assert keys.deploy_key("micro") == "models/micro/deploy.yaml"
+    assert keys.routing_key("micro", "v1") == "models/micro/v1/routing.json"
+    assert keys.family_prefix("micro") == "models/micro"
+    assert keys.parse_package(package_key("micro", "v1.2", "end")) == ("micro", "v1.2", "end")
+    assert keys.parse_package(package_key("micro", "v1", "end") + "/") == ("micro", "v1", "end")
+    for other in (keys.index_key("micro"), keys.deploy_key("micro"), keys.routing_key("micro", "v1"),
+                  "stages/micro/export/0123456789abcdef", "models/micro/v1/end/extra"):
+        assert keys.parse_package(other) is None, other
 
 
 def test_gate_ignores_benchmarks_missing_on_one_side():
@@ -194,8 +210,8 @@ def test_registry_from_the_command_line(store, s3_server, tier_dir, tmp_path, mo
     tampered = tmp_path / "tampered"
     shutil.copytree(tmp_path / "v2", tampered)
     flip_byte(tampered / "model.safetensors")
-    m = store.read_manifest(store.uri(model_prefix(FAMILY, "v2", "end")))
-    store.put_artifact(model_prefix(FAMILY, "v2", "end"), tampered, stage="package", spec_hash=m.spec_hash,
+    m = store.read_manifest(store.uri(package_key(FAMILY, "v2", "end")))
+    store.put_artifact(package_key(FAMILY, "v2", "end"), tampered, stage="package", spec_hash=m.spec_hash,
                        metadata=m.metadata)
     code, out = run_cli(["models", "verify", FAMILY, "--spec", spec])
     assert code == 1 and "v1/end" in out and "OK" in out

@@ -13,9 +13,9 @@ from rich.table import Table
 
 from ruyi_core.errors import RuyiError
 from ruyi_core.package.build import verify_package
-from ruyi_core.package.registry import families, read_index
+from ruyi_core.package.keys import ROOT, PackageKey, family_prefix, parse_package
+from ruyi_core.package.registry import families, read_index, tier_entry, version_entry
 from ruyi_core.store import ArtifactStore, IntegrityError
-from ruyi_core.store.artifact import clean_key
 
 models_app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                          help="The model registry: per-tier packages, their promotion, their integrity.")
@@ -45,9 +45,9 @@ def list_command(family: str | None = typer.Argument(None, help="a family: list 
     if family is None:
         names = families(store)
         if not names:
-            c.print(f"no packages under {store.uri('models')} yet: run the pipeline to publish some", highlight=False)
+            c.print(f"no packages under {store.uri(ROOT)} yet: run the pipeline to publish some", highlight=False)
             return
-        t = Table(title=f"families in {store.uri('models')}")
+        t = Table(title=f"families in {store.uri(ROOT)}")
         for col in ("family", "versions", "promoted"):
             t.add_column(col, overflow="fold")
         for name in names:
@@ -75,19 +75,14 @@ def list_command(family: str | None = typer.Argument(None, help="a family: list 
 
 def _picks(index: dict, family: str, version: str | None, tier: str | None) -> list[tuple[str, str, dict]]:
     """(version, tier, index entry) to show: one version's tiers, or each tier's promoted version."""
-    by_version = {v["version"]: v for v in index["versions"]}
     if version is None:
         chosen = {tier: index["promoted"].get(tier)} if tier else dict(sorted(index["promoted"].items()))
         if not all(chosen.values()):
             raise RuyiError(f"{family} has no promoted {tier!r} tier: pass --version, or one of "
                             f"{', '.join(index['promoted']) or 'no tiers'}")
-        return [(v, t, by_version[v]["tiers"][t]) for t, v in chosen.items()]
-    if version not in by_version:
-        raise RuyiError(f"{family} has no version {version!r}: versions are {', '.join(by_version)}")
-    tiers = by_version[version]["tiers"]
-    if tier is not None and tier not in tiers:
-        raise RuyiError(f"{family} {version} has no {tier!r} tier: it has {', '.join(tiers)}")
-    return [(version, t, tiers[t]) for t in ([tier] if tier else tiers)]
+        return [(v, t, tier_entry(index, v, t)) for t, v in chosen.items()]
+    tiers = [tier] if tier else version_entry(index, version)["tiers"]
+    return [(version, t, tier_entry(index, version, t)) for t in tiers]
 
 
 @models_app.command("show")
@@ -103,6 +98,13 @@ def show_command(family: str, version: str | None = typer.Option(None, help="def
         with tempfile.TemporaryDirectory(prefix="ruyi-card-") as d:
             store.get_file(f"{e['uri']}/README.md", Path(d) / "README.md")
             c.print((Path(d) / "README.md").read_text(), markup=False, highlight=False, soft_wrap=True)
+
+
+def _wanted(key: PackageKey | None, version: str | None, tier: str | None) -> bool:
+    """Whether a listed artifact is a package of this version and tier (any, where None)."""
+    if version is None and tier is None:
+        return True
+    return key is not None and version in (None, key.version) and tier in (None, key.tier)
 
 
 @models_app.command("verify")
@@ -121,9 +123,8 @@ def verify_command(target: str | None = typer.Argument(None, help="a family, or 
         results.append((str(path), verify_package(path)))
     else:
         store = open_store(spec, target)
-        prefix = target if target.startswith("s3://") else f"models/{clean_key(target, 'family')}"
-        uris = [u for u in store.list_artifacts(prefix)
-                if (version is None or u.split("/")[-2] == version) and (tier is None or u.split("/")[-1] == tier)]
+        prefix = target if target.startswith("s3://") else family_prefix(target)
+        uris = [u for u in store.list_artifacts(prefix) if _wanted(parse_package(store.split(u)[1]), version, tier)]
         if not uris:
             raise RuyiError(f"no packages under {store.normalize_uri(prefix)}"
                             + (f" for version {version}" if version else "") + (f" tier {tier}" if tier else "")

@@ -1,13 +1,15 @@
 """KServe InferenceServices for a family's promoted tiers, and one for the family server (`ruyi serve`: every
 tier on one trunk). A tier's service runs KServe's Hugging Face runtime on its package, read from the store
 with KServe's S3 convention (a ServiceAccount whose Secret carries the endpoint annotations and AWS-style
-keys); on GPUs the runtime's vLLM backend, on CPUs its transformers backend. `promote` writes them to
-models/<family>/deploy.yaml; `ruyi models deploy` prints them."""
+keys); on GPUs the runtime's vLLM backend, on CPUs its transformers backend. `promote` writes them beside the
+family's index (keys.deploy_key); `ruyi models deploy` prints them."""
 from __future__ import annotations
 
 import re
 
 import yaml
+
+from ruyi_core.package.registry import tier_entry
 
 API = "serving.kserve.io/v1beta1"
 CREDENTIALS = "ruyi-kserve-s3"  # the ServiceAccount and its Secret
@@ -95,8 +97,8 @@ def family_manifests(index: dict, *, store, image: str, s3_secret: str, namespac
     promoted = {t: v for t, v in index["promoted"].items() if tier is None or t == tier}
     docs = credentials(namespace=namespace, endpoint=store.endpoint, secure=store.secure, region=store.region)
     for t, version in sorted(promoted.items()):
-        entry = next(v for v in index["versions"] if v["version"] == version)
-        docs.append(tier_service(family, t, version, entry["tiers"][t]["uri"], namespace=namespace, gpu=gpu))
+        uri = tier_entry(index, version, t)["uri"]
+        docs.append(tier_service(family, t, version, uri, namespace=namespace, gpu=gpu))
     if tier is None:
         docs.append(family_service(family, None, namespace=namespace, image=image, bucket=store.bucket,
                                    endpoint=store.endpoint, secure=store.secure, s3_secret=s3_secret, gpu=gpu))

@@ -1,10 +1,7 @@
-"""The model registry, kept in the store beside the runs:
-
-    models/<family>/<version>/<tier>/   one package per tier (an artifact: files + manifest.json, stage "package")
-    models/<family>/index.json          every version with its per-tier gate decision, and the promoted version
-                                        of each tier: {"family", "versions": [{"version", "run_id", "created",
-                                        "tiers": {tier: {"uri", "metrics", "average", "promoted", "reason"}}}],
-                                        "promoted": {tier: version}}
+"""The model registry, kept in the store beside the runs (its keys: package/keys.py): one package per tier (an
+artifact: files + manifest.json, stage "package"), and per family an index of every version with its per-tier
+gate decision and the promoted version of each tier: {"family", "versions": [{"version", "run_id", "created",
+"tiers": {tier: {"uri", "metrics", "average", "promoted", "reason"}}}], "promoted": {tier: version}}
 
 A version names weights (it is derived from what determines them) and its weights never change once published; the
 index only grows. A gate decision, once recorded, stands: promoting the same version from the same run again
@@ -23,16 +20,10 @@ from pathlib import Path
 
 from ruyi_core.errors import RuyiError
 from ruyi_core.package.build import SUMS, verify_package
+from ruyi_core.package.keys import ROOT, index_key, package_key, parse_package
 from ruyi_core.spec import PackageSpec
-from ruyi_core.store import ArtifactStore, lineage, model_prefix
-from ruyi_core.store.artifact import clean_key
+from ruyi_core.store import ArtifactStore, lineage
 from ruyi_core.store.client import hash_file
-
-INDEX = "index.json"
-
-
-def index_key(family: str) -> str:
-    return f"models/{clean_key(family, 'family')}/{INDEX}"
 
 
 def lineage_entries(store: ArtifactStore, uri: str) -> list[dict]:
@@ -43,7 +34,7 @@ def lineage_entries(store: ArtifactStore, uri: str) -> list[dict]:
 def check_publishable(store: ArtifactStore, family: str, version: str, tier: str, weights: str) -> str:
     """The URI for a tier's package of `version`; refuses a version that already holds other weights (a version
     names weights: re-publishing the same weights, say with a new evaluation, is fine)."""
-    uri = store.uri(model_prefix(family, version, tier))
+    uri = store.uri(package_key(family, version, tier))
     if (m := store.read_manifest(uri)) is not None and m.metadata.get("weights", "") != weights:
         raise RuyiError(f"{family} version {version} already holds other {tier} weights (run "
                         f"{m.metadata.get('run_id')}): versions are immutable, set package.version to a new one")
@@ -52,7 +43,7 @@ def check_publishable(store: ArtifactStore, family: str, version: str, tier: str
 
 def publish(store: ArtifactStore, pkg_dir: Path, family: str, version: str, tier: str, *, run_id: str,
             spec_hash: str, weights: str = "", inputs: Iterable[str] = ()) -> str:
-    """Upload a package built outside the pipeline to models/<family>/<version>/<tier>; returns its URI. The
+    """Upload a package built outside the pipeline to its registry key; returns its URI. The
     pipeline's package stage publishes through the stage contract, with the same checks."""
     if problems := verify_package(pkg_dir):
         raise RuyiError(f"{pkg_dir} is not an intact package ({problems[0]}): rebuild it before publishing")
@@ -66,8 +57,8 @@ def publish(store: ArtifactStore, pkg_dir: Path, family: str, version: str, tier
 
 def families(store: ArtifactStore) -> list[str]:
     """Families with at least one published package."""
-    root = store.uri("models") + "/"
-    return sorted({u[len(root):].split("/")[0] for u in store.list_artifacts("models")})
+    keys = (parse_package(store.split(u)[1]) for u in store.list_artifacts(ROOT))
+    return sorted({k.family for k in keys if k is not None})
 
 
 def read_index(store: ArtifactStore, family: str, *, missing_ok: bool = False) -> dict | None:
@@ -78,7 +69,7 @@ def read_index(store: ArtifactStore, family: str, *, missing_ok: bool = False) -
             return None
         known = families(store)
         have = f"the registry has {', '.join(known)}" if known else "the registry is empty"
-        raise RuyiError(f"no model family {family!r} at {store.uri('models')} ({have}): check the family name, "
+        raise RuyiError(f"no model family {family!r} at {store.uri(ROOT)} ({have}): check the family name, "
                         "or run the pipeline to publish and promote one")
     return got[0]
 
@@ -96,6 +87,23 @@ def _read_index(store: ArtifactStore, family: str) -> tuple[dict, str] | None:
 
 def _find(index: dict, version: str) -> dict | None:
     return next((v for v in index["versions"] if v["version"] == version), None)
+
+
+def version_entry(index: dict, version: str) -> dict:
+    """The index's entry for `version`; a version the family does not have is an error naming those it has."""
+    entry = _find(index, version)
+    if entry is None:
+        raise RuyiError(f"{index['family']} has no version {version!r}: versions are "
+                        f"{', '.join(v['version'] for v in index['versions'])}")
+    return entry
+
+
+def tier_entry(index: dict, version: str, tier: str) -> dict:
+    """The gate decision of `version`'s `tier` ({"uri", "metrics", "average", "promoted", "reason"})."""
+    tiers = version_entry(index, version)["tiers"]
+    if tier not in tiers:
+        raise RuyiError(f"{index['family']} {version} has no {tier!r} tier: it has {', '.join(tiers)}")
+    return tiers[tier]
 
 
 def _number(v) -> bool:
@@ -194,13 +202,7 @@ def resolve(store: ArtifactStore, family: str, tier: str, version: str | None = 
             have = ", ".join(f"{t} ({v})" for t, v in sorted(index["promoted"].items())) or "none"
             raise RuyiError(f"{family} has no promoted {tier!r} tier (promoted: {have}): pick a tier, or a "
                             "--version that has it")
-    entry = _find(index, version)
-    if entry is None:
-        raise RuyiError(f"{family} has no version {version!r}: versions are "
-                        f"{', '.join(v['version'] for v in index['versions'])}")
-    if tier not in entry["tiers"]:
-        raise RuyiError(f"{family} {version} has no {tier!r} tier: it has {', '.join(entry['tiers'])}")
-    return entry["tiers"][tier]["uri"]
+    return tier_entry(index, version, tier)["uri"]
 
 
 def cache_root() -> Path:

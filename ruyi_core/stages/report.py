@@ -1,14 +1,16 @@
 """The run's report (Markdown, HTML with charts and the lineage picture), kept in the store at runs/<run-id>/report:
-the data-fingerprint gate looks there to know that a run already finished."""
+the data-fingerprint gate looks there to know that a run already finished. It only reads: the packages, the
+promotion's outcome, the routing calibration and what the stages behind them measured."""
 from __future__ import annotations
 
 import json
 
 from ruyi_core.spec import RunSpec
-from ruyi_core.stages.contract import Artifact, Stage, StageRun, manifest_of, overwrite, run_stage
+from ruyi_core.stages.contract import Artifact, Stage, StageRun, manifest_of, run_stage
 from ruyi_core.stages.data import PackedDataset, RunPlan
+from ruyi_core.stages.route import Routing
 from ruyi_core.stages.ship import Promotion
-from ruyi_core.store import ArtifactStore, lineage
+from ruyi_core.store import ArtifactStore, Manifest, lineage
 
 
 class Report(Artifact):
@@ -16,49 +18,41 @@ class Report(Artifact):
     tiers: list[str]
 
 
-REPORT = Stage("report", Report, ("eval", "package"), version=2, root="runs/{run_id}/report", named=True)
-# The figure each stage's artifact may carry, shown in the report.
-PICTURES = {"cpt": "cpt_losses.png", "sft": "sft_losses.png", "dae_cpt": "dae_cpt_losses.png",
-            "dae_sft": "dae_sft_losses.png", "grpo": "rewards.png", "svd_compress": "sweep.png"}
+# version 3: the routing calibration is an input (calibrate_routing's), not computed here
+REPORT = Stage("report", Report, ("eval", "package"), version=3, root="runs/{run_id}/report", named=True)
 
 
-def report(spec: RunSpec, store: ArtifactStore, plan: RunPlan, promotion: Promotion,
+def report(spec: RunSpec, store: ArtifactStore, plan: RunPlan, promotion: Promotion, routing: Routing,
            datasets: list[PackedDataset]) -> Report:
-    """`promotion` is the promote stage's result: this version's packages and the gate's decision per tier."""
-    inputs = {**{f"package/{p.tier}": p.uri for p in promotion.packages},
+    """`promotion` is the promote stage's result: this version's packages and the gate's decision per tier;
+    `routing` is calibrate_routing's."""
+    inputs = {**{f"package/{p.tier}": p.uri for p in promotion.packages}, "routing": routing.uri,
               **{f"dataset/{d.kind}": d.uri for d in datasets}}
     params = {"run_id": plan.run_id, "promotion": promotion.model_dump(mode="json", exclude={"packages"})}
-    return run_stage(REPORT, spec, store, lambda run: _report(run, plan, promotion, datasets), inputs=inputs,
-                     params=params)
+    return run_stage(REPORT, spec, store, lambda run: _report(run, plan, promotion, routing, datasets),
+                     inputs=inputs, params=params)
 
 
-def _report(run: StageRun, plan: RunPlan, promotion: Promotion, datasets: list[PackedDataset]) -> dict:
+def _report(run: StageRun, plan: RunPlan, promotion: Promotion, routing: Routing,
+            datasets: list[PackedDataset]) -> dict:
     from ruyi_core.report import render
 
     store, tiers = run.store, []
     for p in promotion.packages:
         # Rows come from the manifests: typed, whatever the orchestrator did to the metadata on the way.
-        store.get_file(f"{p.uri}/eval.json", run.work / f"eval-{p.tier}.json")
-        ev = json.loads((run.work / f"eval-{p.tier}.json").read_text())
+        ev = json.loads(p.read_text(store, "eval.json"))
         tiers.append({"uri": p.uri, **manifest_of(store, p.export_uri).metadata, "evaluation": ev,
                       "gate": promotion.tiers.get(p.tier)})
     tiers.sort(key=lambda r: r["exit_point"])
     rows = [{"uri": d.uri, **manifest_of(store, d.uri).metadata} for d in datasets]
     seen, chain = set(), []
-    for start in [t["uri"] for t in tiers] + [d["uri"] for d in rows]:
+    for start in [t["uri"] for t in tiers] + [routing.uri] + [d["uri"] for d in rows]:
         for m in lineage(store, start):
             if m.uri not in seen:
                 seen.add(m.uri)
                 chain.append(m)
-    figures = {}
-    for m in chain:
-        name = PICTURES.get(m.stage)
-        if name and any(f.path == name for f in m.files):
-            store.get_file(f"{m.uri}/{name}", run.work / f"{m.stage}.png")
-            figures[m.stage] = (run.work / f"{m.stage}.png").read_bytes()
     promo = promotion.model_dump(mode="json")
-    routing = _calibrate(run, promotion)
-    md, page, png = render(plan.run_id, tiers, rows, chain, figures, promo, routing)
+    md, page, png = render(plan.run_id, tiers, rows, chain, promo, _measured(run, chain, routing))
     (run.out / "report.md").write_text(md)
     (run.out / "report.html").write_text(page)
     (run.out / "lineage.png").write_bytes(png)
@@ -67,35 +61,22 @@ def _report(run: StageRun, plan: RunPlan, promotion: Promotion, datasets: list[P
     return {"run_id": plan.run_id, "tiers": [t["tier"] for t in tiers]}
 
 
-def _calibrate(run: StageRun, promotion: Promotion) -> dict | None:
-    """`auto` routing over this version's packages, on the generative benchmarks' first questions; kept in the
-    report and beside the version's packages (models/<family>/<version>/routing.json, which `ruyi serve` reads)."""
-    from ruyi_core.eval.tasks import GENERATIVE, contains_results, exact_match_results, load_records
-    from ruyi_core.runtime import for_spec
-    from ruyi_core.serve.route import calibrate
-    from ruyi_core.serve.tiers import from_packages
+def _measured(run: StageRun, chain: list[Manifest], routing: Routing):
+    """What the stages behind this run measured, picked out of the chain by the stage table."""
+    from ruyi_core.report import Measured
+    from ruyi_core.stages.dae import SVD
+    from ruyi_core.stages.grpo import GRPO
+    from ruyi_core.stages.table import STEPS, TRAINING
 
-    spec, n = run.spec, run.spec.package.routing_questions
-    benches = {k: b for k, b in spec.eval.benchmarks.items() if b.format in GENERATIVE}
-    if not n or not benches or len(promotion.packages) < 2:
-        return None
-    dirs = {}
-    for p in promotion.packages:
-        run.store.get_artifact(p.uri, run.work / "routing" / p.tier)
-        dirs[p.tier] = run.work / "routing" / p.tier
-    served = from_packages(promotion.family, dirs, for_spec(spec))
-    tok, questions = served.tokenizer, []
-    for name, bench in sorted(benches.items()):
-        score = exact_match_results if bench.format == "exact_match" else contains_results
-        for rec in load_records(name, bench, spec, tok, run.work, run.store)[:n]:
-            questions.append((tok(rec["prompt"])["input_ids"],
-                              lambda text, rec=rec, score=score: bool(next(iter(score(rec, [text]).values())))))
-    routing = calibrate(served, questions, max_new_tokens=spec.eval.max_new_tokens,
-                        tolerance=spec.package.routing_tolerance)
-    text = json.dumps(routing, indent=2)
-    (run.out / "routing.json").write_text(text)
-    overwrite(run.store, f"models/{promotion.family}/{promotion.version}/routing.json", text)
-    op = routing["operating_point"]
-    run.log(f"[report] routing: threshold {op['threshold']:.4f}, quality {op['quality']:.3f} at "
-            f"{op['compute']:.0%} compute (deepest tier alone {list(routing['tier_quality'].values())[-1]:.3f})")
-    return routing
+    by_stage = {m.stage: m for m in chain}
+    figures = {}
+    for s in STEPS:
+        m = by_stage.get(s.name)
+        if s.figure and m and any(f.path == s.figure for f in m.files):
+            figures[s.caption] = run.store.get_file(f"{m.uri}/{s.figure}", run.work / f"{s.name}.png") and \
+                (run.work / f"{s.name}.png").read_bytes()
+    svd = by_stage.get(SVD.name)
+    return Measured(trained=[by_stage[n] for n in TRAINING if n in by_stage],
+                    grpo=by_stage[GRPO.name].metadata if GRPO.name in by_stage else None,
+                    svd=SVD.result(uri=svd.uri, **svd.metadata).read_result(run.store).model_dump() if svd else None,
+                    routing=routing.read(run.store), figures=figures)

@@ -1,8 +1,9 @@
 """The end of a run: evaluate and package each exported tier, promote (or keep) the new version, and report.
 
 package_tier runs once per tier (in parallel on a cluster); promote runs once per run and is the only writer of
-the family's registry index. A package lives at models/<family>/<version>/<tier>: the version follows the weights,
-so new evaluation settings re-package the same version, and other weights under a taken version are refused.
+the family's registry index. A package lives at its registry key (package/keys.py): the version follows the
+weights, so new evaluation settings re-package the same version, and other weights under a taken version are
+refused.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from ruyi_core.errors import RuyiError
+from ruyi_core.package import keys
 from ruyi_core.spec import RunSpec
 from ruyi_core.stages.contract import Artifact, Stage, StageRun, manifest_of, overwrite, run_stage
 from ruyi_core.stages.data import RunPlan
@@ -41,8 +43,7 @@ class Promotion(BaseModel):
     packages: list[Package]
 
 
-PACKAGE = Stage("package", Package, ("eval", "package.targets"), root="models/{family}/{version}/{tier}",
-                named=True)
+PACKAGE = Stage("package", Package, ("eval", "package.targets"), root=keys.PACKAGE, named=True)
 
 
 def _scores(evaluation: dict) -> dict[str, float]:
@@ -52,7 +53,7 @@ def _scores(evaluation: dict) -> dict[str, float]:
 def package_tier(spec: RunSpec, store: ArtifactStore, plan: RunPlan, export: str, family: str) -> Package:
     """Benchmarks, speed and memory of the exported tier (a plain checkpoint, exactly what ships), the same
     benchmarks on the family at that exit for comparison (reused when the weights are the same), and the package
-    in models/<family>/<version>/<tier>."""
+    at its registry key."""
     row = manifest_of(store, export).metadata
     params = {"version": plan.version, "tier": row["tier"], "run_id": plan.run_id}
     return run_stage(PACKAGE, spec, store, lambda run: _package(run, plan, row), inputs={"export": export,
@@ -152,6 +153,7 @@ def same_weights(export_dir: Path, family_dir: Path, exit_point: int) -> bool:
 def promote(spec: RunSpec, store: ArtifactStore, plan: RunPlan, packages: list[Package]) -> Promotion:
     """Gate every tier of this run's version against the promoted one and record the outcome in the registry."""
     from ruyi_core.package import promote as record
+    from ruyi_core.package.registry import version_entry
 
     family, candidates = spec.family.name, {}
     with tempfile.TemporaryDirectory(prefix="ruyi-promote-") as d:
@@ -160,13 +162,13 @@ def promote(spec: RunSpec, store: ArtifactStore, plan: RunPlan, packages: list[P
             candidates[p.tier] = {"uri": p.uri, "evaluation": json.loads((Path(d) / "eval.json").read_text())}
     index = record(store, family, plan.version, plan.run_id, candidates, spec.package)
     _write_deploy(spec, store, index)
-    entry = next(v for v in index["versions"] if v["version"] == plan.version)
+    entry = version_entry(index, plan.version)
     return Promotion(family=family, version=plan.version, run_id=plan.run_id, tiers=entry["tiers"],
                      promoted=index["promoted"], packages=packages)
 
 
 def _write_deploy(spec: RunSpec, store: ArtifactStore, index: dict) -> None:
-    """KServe services for what is promoted now (models/<family>/deploy.yaml; `ruyi models deploy` prints the
+    """KServe services for what is promoted now (beside the family's index; `ruyi models deploy` prints the
     same)."""
     from ruyi_core.package.deploy import family_manifests, to_yaml
 
@@ -174,4 +176,4 @@ def _write_deploy(spec: RunSpec, store: ArtifactStore, index: dict) -> None:
     text = to_yaml(family_manifests(index, store=spec.store, image=spec.pipeline.image,
                                     s3_secret=spec.pipeline.s3_secret, namespace=spec.train.trainjob.namespace,
                                     gpu=gpu))
-    overwrite(store, f"models/{spec.family.name}/deploy.yaml", text)
+    overwrite(store, keys.deploy_key(spec.family.name), text)
