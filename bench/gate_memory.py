@@ -1,5 +1,5 @@
 """Peak memory of the data gate and of packing on a large corpus (default 1 GiB of JSONL): each phase runs in
-its own process and reports its peak resident memory (ru_maxrss) and wall time, next to a baseline process
+its own process and reports its peak resident memory (ruyi_core.measure) and wall time, next to a baseline process
 that only imports the same modules and loads the tokenizer. Memory that grew with the corpus would show as
 peak minus baseline growing with --mb; run it at two sizes to see the slope.
 
@@ -30,17 +30,18 @@ PHASES = {
                          "progress=False)"),
 }
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 from transformers import AutoTokenizer
 from ruyi_core.data.pack import prepare_corpus
 from ruyi_core.data.validate import gate_or_raise, validate_corpus
+from ruyi_core.measure import peak_rss_mib
 corpus, out = Path(sys.argv[1]), Path(sys.argv[2])
 tok = AutoTokenizer.from_pretrained(sys.argv[3])
 t0 = time.perf_counter()
 {body}
 print(json.dumps({{"seconds": round(time.perf_counter() - t0, 1),
-                  "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}}))
+                  "peak_rss_mib": round(peak_rss_mib())}}))
 """
 
 

@@ -1,6 +1,7 @@
 """Per-tier speed on the CPU with the KV cache: prefill and decode tokens/s, and each tier's decode speed over
-the full model's beside the ideal ratio from layer counts. Tiers are measured interleaved, round by round,
-and reported as medians, so machine noise hits every tier alike.
+the full model's beside the ideal ratio from layer counts. Each run is the eval stage's measurement
+(ruyi_core.eval.speed); tiers are measured interleaved, round by round, and reported as medians, so machine
+noise hits every tier alike.
 
     python bench/tier_speed.py --spec specs/tiny.yaml [--rounds 5] [--out bench/results/tier_speed.json]
 """
@@ -9,29 +10,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from ruyi_core.demo import tokenizer_texts
+from ruyi_core.eval.speed import prefill_and_decode, random_prompt
 from ruyi_core.family.io import init_family
 from ruyi_core.spec import load_spec
 
 
 def measure(model, exit_point: int, prompt_len: int, new_tokens: int, vocab: int) -> tuple[float, float]:
-    ids = torch.randint(3, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        model(ids, exit_point=exit_point, use_cache=True)
-        prefill = prompt_len / (time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       exit_point=exit_point, pad_token_id=0)
-        total = time.perf_counter() - t0
-    # generate's time = one prefill + new_tokens - 1 decode steps
-    decode = (new_tokens - 1) / max(total - prompt_len / prefill, 1e-9)
-    return prefill, decode
+    """(prefill, decode) tokens/s of one run."""
+    prefill, decode = prefill_and_decode(model, random_prompt(prompt_len, vocab, 0, torch.device("cpu")),
+                                         new_tokens, exit_point)
+    return prompt_len / prefill, new_tokens / decode
 
 
 def main() -> None:
@@ -45,6 +38,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     fam, _ = init_family(load_spec(a.spec).family, tokenizer_texts())
+    fam.eval()
     cfg = fam.config
     tiers = sorted(cfg.tiers.items(), key=lambda kv: kv[1])
     samples = {t: ([], []) for t, _ in tiers}

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import ssl
-import subprocess
 import tempfile
 import time
 import urllib.error
@@ -22,9 +21,9 @@ import warnings
 from pathlib import Path
 
 from ruyi_core.errors import RuyiError
+from ruyi_core.measure import git_commit
 from ruyi_core.spec import RunSpec, load_spec
 
-REPO = Path(__file__).resolve().parents[1]
 PROBE_TIMEOUT_S = 10.0
 TOKEN_ENV, COOKIES_ENV = "RUYI_KFP_TOKEN", "RUYI_KFP_COOKIES"
 # robfig/cron (KFP's scheduler) fields: second minute hour day-of-month month day-of-week (0-6, no 7).
@@ -155,19 +154,11 @@ def _host_of(client, host: str | None) -> str:
 
 
 # --- versions -------------------------------------------------------------------------------------------
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 def default_version_name() -> str:
     """`<ruyi version>-<git short sha>` of the code that compiled the pipeline, `-dev` outside git."""
     from ruyi_core import __version__
 
-    return f"{__version__}-{_git('rev-parse', '--short', 'HEAD') or 'dev'}"
+    return f"{__version__}-{git_commit() or 'dev'}"
 
 
 def _eq_filter(key: str, value: str) -> str:

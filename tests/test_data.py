@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from ruyi_core import demo as demo_world
 from ruyi_core.demo import tokenizer_texts, world
 from ruyi_core.data.cli import data_app
-from ruyi_core.data.pack import prepare_corpus, read_documents
+from ruyi_core.data.pack import prepare_corpus
+from ruyi_core.data.packed import read_documents
 from ruyi_core.data.validate import DataGateError, gate_or_raise, validate_corpus
 from ruyi_core.family.tokenizer import IM_END, build_tokenizer
 from ruyi_core.spec import DataSpec, KindThresholds

@@ -12,10 +12,11 @@ APPLICATION = ("pipelines", "components", "kfp")
 DEMO, DEMO_DOOR = "ruyi_core.demo", "ruyi_core.data.sources"  # the demo world and the one module that opens it
 # Lowest first. A module belongs to the longest entry that prefixes it; the package root (its version and
 # registering the family with transformers' Auto classes) may be imported from anywhere. The bottom layer holds
-# leaf modules of plain data and functions that the spec validates names against (presets, rewards), and the demo.
+# leaf modules of plain data and functions that the spec validates names against (presets, rewards), the demo, and
+# the helpers every layer may call (measurements, plotting).
 LAYERS = [
     ["ruyi_core.errors", "ruyi_core.family.presets", "ruyi_core.family.architectures", "ruyi_core.rl.rewards",
-     DEMO],
+     DEMO, "ruyi_core.measure", "ruyi_core.plots"],
     ["ruyi_core.spec.checks"],
     ["ruyi_core.spec", "ruyi_core.runtime", "ruyi_core.launch"],
     ["ruyi_core.store"],

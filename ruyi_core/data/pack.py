@@ -1,9 +1,7 @@
-"""Tokenize and pack a validated corpus into megatron-core indexed datasets.
-
-Layout of `out_dir`: `<kind>_00000.bin/.idx`, ... (one document per record, each ending with EOS, shards cut
-at `shard_tokens`), for sft a parallel `<kind>_mask_00000.bin/.idx` (uint8, 1 exactly on assistant tokens),
-for rl `rl_answers.jsonl` (the answers RL rewards need), and `dataset.json` describing it all. Output is a pure
-function of (records, tokenizer, shard_tokens): re-running gives byte-identical files.
+"""Tokenize and pack a validated corpus into a packed dataset (ruyi_core.data.packed: megatron-core indexed
+datasets): one document per record, each ending with EOS; for sft a loss mask 1 exactly on assistant tokens; for rl
+the answers RL rewards need. Output is a pure function of (records, tokenizer, shard_tokens): re-running gives
+byte-identical files.
 
 SFT loss mask: the chat template is rendered turn by turn; the text an assistant turn adds after the
 generation prompt, up to and including its end-of-turn special token, is tokenized as its own segment and
@@ -13,22 +11,18 @@ and the reply's tokens are produced from scratch.
 from __future__ import annotations
 
 import hashlib
-import json
-import re
 import struct
 import sys
-import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ruyi_core.data.packed import MANIFEST, Writer
 from ruyi_core.data.schema import check_kind
 from ruyi_core.errors import RuyiError
 
-MANIFEST = "dataset.json"
-ANSWERS = "rl_answers.jsonl"
 _BATCH = 1024  # records tokenized per encode_batch call
 _TEXT_FIELD = {"pretrain": "text", "rl": "prompt"}
 
@@ -44,13 +38,6 @@ class PackResult:
     fingerprint: str  # sha256 of the token streams (+ masks, + rl answers)
     vocab_hash: str
     manifest: Path
-
-
-def _indexed():
-    with warnings.catch_warnings():  # megatron-core warns at import that Apex/TE are absent: irrelevant here
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets import indexed_dataset
-    return indexed_dataset
 
 
 def vocab_hash(tokenizer) -> str:
@@ -125,59 +112,6 @@ def _tokenize_batch(tokenizer, recs: list[dict], kind: str, eos: int,
     return out
 
 
-class _ShardWriter:
-    """Documents into `<kind>_NNNNN` shards (and `<kind>_mask_NNNNN`), a new shard once the next document
-    would push the current one past `shard_tokens`. A document never straddles shards."""
-
-    def __init__(self, out: Path, kind: str, dtype, shard_tokens: int, with_mask: bool):
-        self.idx, self.out, self.kind, self.dtype = _indexed(), out, kind, dtype
-        self.shard_tokens, self.with_mask = shard_tokens, with_mask
-        self.shards: list[dict] = []
-        self._tok = self._mask = None
-
-    def _open(self) -> None:
-        n = len(self.shards)
-        s = {"prefix": f"{self.kind}_{n:05d}", "mask_prefix": f"{self.kind}_mask_{n:05d}" if self.with_mask else None,
-             "n_docs": 0, "n_tokens": 0}
-        self.shards.append(s)
-        self._tok = self.idx.IndexedDatasetBuilder(str(self.out / f"{s['prefix']}.bin"), dtype=self.dtype)
-        if self.with_mask:
-            self._mask = self.idx.IndexedDatasetBuilder(str(self.out / f"{s['mask_prefix']}.bin"), dtype=np.uint8)
-
-    def _close(self) -> None:
-        if self._tok is not None:
-            s = self.shards[-1]
-            self._tok.finalize(str(self.out / f"{s['prefix']}.idx"))
-            if self._mask is not None:
-                self._mask.finalize(str(self.out / f"{s['mask_prefix']}.idx"))
-        self._tok = self._mask = None
-
-    def add(self, ids: np.ndarray, mask: np.ndarray | None) -> None:
-        cur = self.shards[-1] if self._tok is not None else None
-        if cur is None or (cur["n_tokens"] and cur["n_tokens"] + len(ids) > self.shard_tokens):
-            self._close()
-            self._open()
-            cur = self.shards[-1]
-        self._tok.add_document(ids, [len(ids)])
-        if self._mask is not None:
-            self._mask.add_document(mask, [len(mask)])
-        cur["n_docs"] += 1
-        cur["n_tokens"] += len(ids)
-
-    def finish(self) -> list[dict]:
-        self._close()  # an empty corpus has no shards at all: megatron cannot mmap an empty .bin
-        return self.shards
-
-
-def _clean(out: Path, kind: str) -> None:
-    """Drop this kind's files from an earlier run, so stale extra shards cannot survive a smaller re-run."""
-    pat = re.compile(rf"^{kind}(_mask)?_\d{{5}}\.(bin|idx)$")
-    (out / MANIFEST).unlink(missing_ok=True)  # written last: its presence means the dataset is complete
-    for f in out.iterdir():
-        if pat.match(f.name) or (f.name == ANSWERS and kind == "rl"):
-            f.unlink()
-
-
 def _progress(enabled: bool | None, total: int | None):
     if enabled is None:
         enabled = sys.stderr.isatty()
@@ -204,19 +138,11 @@ def prepare_corpus(records: Iterable[dict], kind: str, tokenizer, out_dir: str |
     if shard_tokens < 1:
         raise RuyiError(f"shard_tokens must be >= 1, got {shard_tokens}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = out / MANIFEST
-    if manifest.is_file() and json.loads(manifest.read_text()).get("kind") not in (kind, None):
-        raise RuyiError(f"{out} already holds a packed {json.loads(manifest.read_text())['kind']} dataset: "
-                        f"use a separate --out directory per corpus kind")
-    _clean(out, kind)
-    dtype = _indexed().DType.optimal_dtype(len(tokenizer))
-    writer = _ShardWriter(out, kind, dtype, shard_tokens, with_mask=kind == "sft")
+    writer = Writer(out, kind, len(tokenizer), shard_tokens)
     specials = _special_strings(tokenizer)
     h = hashlib.sha256(f"ruyi-packed:{kind}\n".encode())
     n_docs = n_tokens = n_masked = 0
     bar = _progress(progress, len(records) if hasattr(records, "__len__") else total)
-    answers = (out / ANSWERS).open("w", encoding="utf-8") if kind == "rl" else None
     try:
         it = iter(records)
         while batch := [r for _, r in zip(range(_BATCH), it)]:
@@ -227,51 +153,18 @@ def prepare_corpus(records: Iterable[dict], kind: str, tokenizer, out_dir: str |
                 if mask is not None:
                     h.update(mask.tobytes())
                     n_masked += int(mask.sum())
-                if answers is not None:
-                    line = json.dumps({"doc": n_docs, "prompt": r["prompt"], "answer": r.get("answer")},
-                                      ensure_ascii=False) + "\n"
-                    answers.write(line)
-                    h.update(line.encode())
+                if kind == "rl":
+                    h.update(writer.add_answer(n_docs, r["prompt"], r.get("answer")).encode())
                 n_docs += 1
                 n_tokens += len(ids)
             if bar:
                 bar[0].advance(bar[1], len(batch))
-        shards = writer.finish()
     finally:
-        if answers is not None:
-            answers.close()
+        writer.close()
         if bar:
             bar[0].stop()
     vh = vocab_hash(tokenizer)
-    meta = {
-        "format": "megatron-core-indexed", "kind": kind, "shards": shards, "n_docs": n_docs, "n_tokens": n_tokens,
-        "dtype": np.dtype(dtype).name, "mask_dtype": "uint8" if kind == "sft" else None,
-        "n_assistant_tokens": n_masked if kind == "sft" else None, "eos_token_id": eos,
-        "vocab_size": len(tokenizer), "vocab_hash": vh, "shard_tokens": shard_tokens,
-        "answers": ANSWERS if kind == "rl" else None, "fingerprint": h.hexdigest(),
-    }
-    manifest.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return PackResult(out, kind, [s["prefix"] for s in shards], n_docs, n_tokens, meta["dtype"], meta["fingerprint"],
-                      vh, manifest)
-
-
-def read_manifest(out_dir: str | Path) -> dict:
-    p = Path(out_dir) / MANIFEST
-    if not p.is_file():
-        raise RuyiError(f"{out_dir} is not a packed dataset (no {MANIFEST}): run `ruyi data prepare` first")
-    return json.loads(p.read_text())
-
-
-def read_documents(out_dir: str | Path, kind: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """(tokens, mask or None) per document, in corpus order, through megatron-core's IndexedDataset."""
-    meta = read_manifest(out_dir)
-    if kind is not None and meta["kind"] != kind:
-        raise RuyiError(f"{out_dir} holds a {meta['kind']} dataset, not {kind}")
-    idx = _indexed()
-    for s in meta["shards"]:
-        toks = idx.IndexedDataset(str(Path(out_dir) / s["prefix"]))
-        masks = idx.IndexedDataset(str(Path(out_dir) / s["mask_prefix"])) if s["mask_prefix"] else None
-        for i in range(len(toks)):
-            # Copies: the arrays are views of an mmap that megatron closes when the dataset is collected.
-            yield np.array(toks[i]), (np.array(masks[i]) if masks is not None else None)
-        del toks, masks
+    meta = writer.finish(n_docs=n_docs, n_tokens=n_tokens, n_assistant_tokens=n_masked if kind == "sft" else None,
+                         eos_token_id=eos, vocab_size=len(tokenizer), vocab_hash=vh, fingerprint=h.hexdigest())
+    return PackResult(out, kind, [s["prefix"] for s in meta["shards"]], n_docs, n_tokens, meta["dtype"],
+                      meta["fingerprint"], vh, out / MANIFEST)

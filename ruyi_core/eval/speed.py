@@ -8,7 +8,6 @@ repeats after one warm-up run.
 """
 from __future__ import annotations
 
-import re
 import statistics
 import time
 from pathlib import Path
@@ -16,9 +15,9 @@ from pathlib import Path
 import torch
 
 from ruyi_core.family.io import dir_bytes
+from ruyi_core.measure import PeakMemory
 
 REPEATS = 3
-_MIB = 2**20
 
 
 def _sync(device: torch.device) -> None:
@@ -26,46 +25,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _rss_kib(field: str) -> int:
-    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
-
-
-class _PeakMemory:
-    """Peak memory of the workload inside the block, in MiB (None where it cannot be measured).
-
-    CUDA: torch.cuda.max_memory_allocated after a reset (weights, activations and KV cache).
-    CPU (Linux): the same quantity approximated as the model's weight bytes (for a family, every exit's) plus
-    the growth of the process's resident set: writing 5 to /proc/self/clear_refs resets the kernel's high-water
-    mark (VmHWM), read back afterwards, so no sampling thread can miss a short peak. A lower bound: memory the
-    allocator kept from earlier work in this process is reused without growing the resident set.
-    """
-
-    def __init__(self, model, device: torch.device):
-        self.model, self.device, self.mib, self.base_kib = model, device, None, None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return self
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.base_kib = _rss_kib("VmRSS")
-        except OSError:  # not Linux, or the kernel refuses: report None rather than a wrong number
-            pass
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.mib = torch.cuda.max_memory_allocated(self.device) / _MIB
-        elif self.base_kib is not None:
-            weights = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
-            self.mib = (weights + max(_rss_kib("VmHWM") - self.base_kib, 0) * 1024) / _MIB
-        return False
+def random_prompt(n_tokens: int, vocab: int, seed: int, device: torch.device) -> torch.Tensor:
+    """A fixed pseudo-random prompt of one row: speed does not depend on the text, only on its length."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (1, n_tokens), generator=g).to(device)
 
 
 @torch.inference_mode()
-def _run_once(model, prompt: torch.Tensor, new_tokens: int, exit_kw: dict) -> tuple[float, float]:
+def prefill_and_decode(model, prompt: torch.Tensor, new_tokens: int, exit_point: int | None = None
+                       ) -> tuple[float, float]:
     """(prefill seconds, decode seconds) for one prompt: a fresh cache, then greedy one-token steps."""
+    exit_kw = {} if exit_point is None else {"exit_point": exit_point}
     dev = prompt.device
     _sync(dev)
     t0 = time.perf_counter()
@@ -81,6 +51,15 @@ def _run_once(model, prompt: torch.Tensor, new_tokens: int, exit_kw: dict) -> tu
     return t1 - t0, time.perf_counter() - t1
 
 
+def _peak_mib(mem: PeakMemory, model) -> float | None:
+    """On CUDA torch's peak allocation (weights, activations and KV cache); on the CPU the same quantity
+    approximated as the model's weight bytes (for a family, every exit's) plus the resident set's growth."""
+    if mem.mib is not None or mem.grown_mib is None:
+        return mem.mib
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    return weights / 2**20 + mem.grown_mib
+
+
 def measure(model, tokenizer, spec, exit_point: int | None = None, path: str | Path | None = None) -> dict:
     """{"parameters", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_memory_mib", "prompt_tokens",
     "new_tokens", "device", ["bytes_on_disk" when `path` (a packaged tier's directory) is given]}.
@@ -89,21 +68,17 @@ def measure(model, tokenizer, spec, exit_point: int | None = None, path: str | P
     """
     ev = spec.eval
     model.eval()
-    exit_kw = {} if exit_point is None else {"exit_point": exit_point}
     dev = next(model.parameters()).device
-    # A fixed pseudo-random prompt: speed does not depend on the text, only on its length.
-    g = torch.Generator().manual_seed(ev.seed)
-    prompt = torch.randint(0, min(len(tokenizer), model.config.vocab_size), (1, ev.speed_prompt_tokens),
-                           generator=g).to(dev)
-    with _PeakMemory(model, dev) as mem:
-        _run_once(model, prompt, ev.speed_new_tokens, exit_kw)  # warm-up: allocator, kernels, caches
-        runs = [_run_once(model, prompt, ev.speed_new_tokens, exit_kw) for _ in range(REPEATS)]
+    x = random_prompt(ev.speed_prompt_tokens, min(len(tokenizer), model.config.vocab_size), ev.seed, dev)
+    with PeakMemory(dev) as mem:
+        prefill_and_decode(model, x, ev.speed_new_tokens, exit_point)  # warm-up: allocator, kernels, caches
+        runs = [prefill_and_decode(model, x, ev.speed_new_tokens, exit_point) for _ in range(REPEATS)]
     prefill = statistics.median(r[0] for r in runs)
     decode = statistics.median(r[1] for r in runs)
     params = (model.tier_parameter_count(exit_point) if exit_point is not None
               else sum(p.numel() for p in model.parameters()))
     out = {"parameters": params, "prefill_tokens_per_s": ev.speed_prompt_tokens / prefill,
-           "decode_tokens_per_s": ev.speed_new_tokens / decode, "peak_memory_mib": mem.mib,
+           "decode_tokens_per_s": ev.speed_new_tokens / decode, "peak_memory_mib": _peak_mib(mem, model),
            "prompt_tokens": ev.speed_prompt_tokens, "new_tokens": ev.speed_new_tokens, "device": str(dev)}
     if path is not None:
         out["bytes_on_disk"] = dir_bytes(Path(path))

@@ -8,12 +8,12 @@ window edge would train its answer without its question (the model learns to ign
 would put the same texts side by side every epoch (the model memorises contexts); reshuffling avoids both."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ruyi_core.data.packed import open_shards, read_manifest
 from ruyi_core.errors import RuyiError
 
 _OPEN_WINDOWS = 8  # conversations: windows still being filled while packing an epoch
@@ -21,18 +21,10 @@ _OPEN_WINDOWS = 8  # conversations: windows still being filled while packing an 
 
 class TokenStream:
     def __init__(self, packed_dir: str | Path, seq_length: int, seed: int):
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-        packed_dir = Path(packed_dir)
-        meta = json.loads((packed_dir / "dataset.json").read_text())
+        meta = read_manifest(packed_dir)
         self.kind, self.seq, self.seed, self.eos = meta["kind"], seq_length, seed, int(meta["eos_token_id"])
-        self.parts = []  # (IndexedDataset, mask IndexedDataset | None) per shard
-        lengths = []
-        for s in meta["shards"]:
-            tok = IndexedDataset(str(packed_dir / s["prefix"]), mmap=True)
-            mask = IndexedDataset(str(packed_dir / s["mask_prefix"]), mmap=True) if s.get("mask_prefix") else None
-            self.parts.append((tok, mask))
-            lengths.append(np.asarray(tok.sequence_lengths, dtype=np.int64))
+        self.parts = list(open_shards(packed_dir, meta))  # (IndexedDataset, mask IndexedDataset | None) per shard
+        lengths = [np.asarray(tok.sequence_lengths, dtype=np.int64) for tok, _ in self.parts]
         self.doc_len = np.concatenate(lengths)
         self.doc_shard = np.concatenate([np.full(len(n), i) for i, n in enumerate(lengths)])
         self.doc_local = np.concatenate([np.arange(len(n)) for n in lengths])

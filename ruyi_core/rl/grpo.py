@@ -19,6 +19,7 @@ from transformers.trainer_callback import PrinterCallback
 from ruyi_core.errors import RuyiError
 from ruyi_core.family.convert import generation_config as default_generation_config
 from ruyi_core.family.loss import heldout_loss
+from ruyi_core.plots import curves
 from ruyi_core.rl.rewards import DEFAULT_ANSWER_PATTERN, exact_answer, rewards_for
 from ruyi_core.spec import RlSpec
 
@@ -177,27 +178,6 @@ def _reward_rows(log_history: list[dict], names: list[str]) -> list[dict]:
     return rows
 
 
-def _plot(rows: list[dict], names: list[str], path: Path, title: str) -> None:
-    # Figure + Agg canvas directly: pyplot keeps process-global figure state.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 3.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    steps = [r["step"] for r in rows]
-    for key in ["reward", *names]:
-        ax.plot(steps, [r[key] if r[key] is not None else float("nan") for r in rows], marker="o", ms=3,
-                label="total" if key == "reward" else key)
-    ax.set_xlabel("GRPO step")
-    ax.set_ylabel("mean reward")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-
-
 def _generation_config(tier_dir: Path, tok, cfg) -> GenerationConfig:
     """The tier's own generation config (else the family default), never with a max_new_tokens: a saved one
     overrides evaluation harnesses' own limits."""
@@ -306,7 +286,9 @@ def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: 
     with (out_dir / "rewards.jsonl").open("w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    _plot(rows, names, out_dir / "rewards.png", f"GRPO, G={spec.group_size}, {spec.prompts_per_step} prompts/step")
+    curves(out_dir / "rewards.png", [r["step"] for r in rows],
+           {"total" if k == "reward" else k: [r[k] for r in rows] for k in ["reward", *names]}, "GRPO step",
+           "mean reward", f"GRPO, G={spec.group_size}, {spec.prompts_per_step} prompts/step", marker="o", ms=3)
 
     after = held_out("after") | text_loss("after")
     log(f"[grpo] held-out after: {said(after)}")
