@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench rehearsal store-stop clean images
+.PHONY: setup demo test test-fast bench rehearsal store-stop clean images
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+# The tests not marked slow: the loop while developing (about a minute and a half on 2 cores).
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not slow"
 
 # The whole pipeline on a random base of Qwen3-0.6B's exact shape, a few steps per stage: wall time and peak
 # memory per stage (bench/rehearsal.py). Not part of `make test`: tens of minutes and ~16 GiB here.

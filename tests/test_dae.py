@@ -16,6 +16,8 @@ from ruyi_core.errors import RuyiError
 from ruyi_core.family.convert import build_preset_base, export_tier, family_from_base
 from ruyi_core.family.io import load_family, save_family
 
+pytestmark = pytest.mark.slow  # real training, generation or pipeline runs: minutes in all
+
 
 @pytest.fixture(scope="module")
 def family():

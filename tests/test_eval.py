@@ -16,6 +16,8 @@ from ruyi_core.family.io import export_tiers, greedy_sample, init_family
 from ruyi_core.rl.rewards import extract_answer
 from ruyi_core.spec import BenchmarkSpec, EvalSpec, FamilySpec, RunSpec
 
+pytestmark = pytest.mark.slow  # real training, generation or pipeline runs: minutes in all
+
 FAMILY = FamilySpec(base="micro", exit_points=[0, 1, 3])
 EDGE = 1  # the "edge" tier's exit point
 MC_PROMPT = "Question: {}\nAnswer:"

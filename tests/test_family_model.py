@@ -62,6 +62,7 @@ def test_one_pass_gives_every_exit(family):
     assert len({round(v.item(), 4) for v in out.losses.values()}) == len(EXITS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("p", EXITS)
 def test_generate_with_cache_equals_without(family, p):
     fam = randomize_(RuyiForCausalLM(family.config), seed=3).eval()

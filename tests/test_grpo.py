@@ -18,6 +18,8 @@ from ruyi_core.rl.grpo import evaluate_reward, run_grpo
 from ruyi_core.rl.rewards import DEFAULT_ANSWER_PATTERN, extract_answer, rewards_for, valid_steps
 from ruyi_core.spec import RlSpec
 
+pytestmark = pytest.mark.slow  # real training, generation or pipeline runs: minutes in all
+
 TRAINABLE = ["model.layers.1.", "lm_head."]
 
 

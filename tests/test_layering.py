@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 APPLICATION = ("pipelines", "components", "kfp")
 DEMO, DEMO_DOOR = "ruyi_core.demo", "ruyi_core.data.sources"  # the demo world and the one module that opens it
@@ -104,6 +106,7 @@ def test_a_forbidden_import_is_named(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_ruyi_core_never_imports_kfp():
     code = (
         "import pkgutil, sys, ruyi_core\n"

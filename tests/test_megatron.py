@@ -21,6 +21,8 @@ from ruyi_core.family.convert import build_preset_base, family_from_base
 from ruyi_core.family.io import save_family
 from ruyi_core.spec import parse_spec
 
+pytestmark = pytest.mark.slow  # real training, generation or pipeline runs: minutes in all
+
 HERE = Path(__file__).parent
 EXITS = [1, 2, 3]  # micro: 4 layers; with PP=2 exit 1 is on stage 0, exits 2 and 3 on stage 1
 

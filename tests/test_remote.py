@@ -184,6 +184,7 @@ def _git_sha() -> str:
 
 
 # --- upload ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_upload_creates_the_pipeline_then_adds_versions(kfp_server, tmp_path):
     from pipelines.run import compile_pipeline
     from ruyi_core import __version__

@@ -131,6 +131,7 @@ def test_sources_are_checked_before_work(tmp_path, run_cli, field, value, words)
     assert code == 2 and len(out.strip().splitlines()) == 1 and words in out, out
 
 
+@pytest.mark.slow
 def test_bad_spec_in_a_real_process(tmp_path):
     spec = tmp_path / "bad.yaml"
     spec.write_text(yaml.safe_dump(with_demo({"family": {"exit_points": [3, 2]}})))

@@ -76,6 +76,7 @@ class PeakRSS:
         return self.peak - self.base
 
 
+@pytest.mark.slow
 def test_large_artifact_round_trips_streaming(store, tmp_path):
     size = 300 * MiB
     src = tmp_path / "src"
@@ -129,6 +130,7 @@ def test_corrupt_object_is_caught_by_hash(store, s3_server, tmp_path, size):
     assert (dst / "weights.bin").read_bytes() == (src / "weights.bin").read_bytes()
 
 
+@pytest.mark.slow
 def test_killed_upload_stays_invisible_and_retry_completes(tmp_path):
     root = tmp_path / "s3"
     srv = serve(root)

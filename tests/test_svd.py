@@ -14,6 +14,8 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from ruyi_core.dae.svd import (CompressionReport, LowRankLinear, allocate_ranks, calibrate, collect_gram, compress,
                                materialize, max_rank, truncation_losses, whitened_factors)
 
+pytestmark = pytest.mark.slow  # real training, generation or pipeline runs: minutes in all
+
 PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
