@@ -1,6 +1,6 @@
 """The family's name map: family -> each layout -> family is the identity (keys and tensors) on a real micro
 family with DaE blocks, with and without shared heads; every key of a layout comes from exactly one slot; a
-tier's names are exactly a vanilla Qwen3's."""
+tier's names are exactly a vanilla Qwen3's, and its modules are views of the family's."""
 import pytest
 import torch
 from conftest import randomize_
@@ -79,3 +79,19 @@ def test_dae_selections(family):
     assert linears[0] == "model.layers.2.self_attn.q_proj" and linears[-1] == "lm_head" and len(linears) == 15
     modules = dict(Qwen3ForCausalLM(tier_config(family, 1)).named_modules())
     assert all(isinstance(modules[n], torch.nn.Linear) for n in linears)
+
+
+def test_tier_modules_are_the_family_modules_a_tier_exports(family):
+    sd = family.state_dict()
+    for p in EXITS:
+        views = names.tier_modules(family, p)
+        tier = Qwen3ForCausalLM(tier_config(family, p))
+        plain = names.plain_modules(tier)
+        assert list(views) == list(plain)  # the same modules, in the same order, under the same names
+        # a view holds the very family tensors that export converts to those names
+        exported = names.convert(sd, family.config, "family", "tier", p)
+        viewed = {pre + n: t for pre, mod in views.items() for n, t in mod.state_dict().items()}
+        assert same(viewed, exported), p
+        assert {pre + n for pre, mod in plain.items() for n, _ in mod.named_parameters()} == {
+            n for n, _ in tier.named_parameters()}
+        assert family.tier_parameter_count(p) == sum(t.numel() for t in tier.parameters())

@@ -24,6 +24,7 @@ from transformers.models.qwen3.modeling_qwen3 import (
 from transformers.utils import ModelOutput
 
 from ruyi_core.errors import RuyiError
+from ruyi_core.family import names
 from ruyi_core.family.config import RuyiConfig
 
 DECODER_LAYERS = {"qwen3": Qwen3DecoderLayer, "qwen2": Qwen2DecoderLayer}
@@ -170,9 +171,7 @@ class RuyiForCausalLM(RuyiPreTrainedModel, GenerationMixin):
 
     def tier_parameter_count(self, exit_point: int) -> int:
         """Parameters a standalone export of this exit holds: embeddings, its blocks, norm, head."""
-        k, m = self.config.exit_index(exit_point), self.model
-        mods = [m.embed_tokens, *m.tier_blocks(exit_point), m.norms[k], self.head(exit_point)]
-        return sum(t.numel() for mod in mods for t in mod.parameters())
+        return sum(t.numel() for mod in names.tier_modules(self, exit_point).values() for t in mod.parameters())
 
 
 def _register() -> None:

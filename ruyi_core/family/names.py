@@ -185,6 +185,20 @@ def published_aliases(cfg) -> dict[str, str]:
             if s.names["tier"] != s.names["published"]}
 
 
+def tier_modules(family, exit_point: int) -> dict:
+    """{prefix in exit p's standalone tier: the family's module there}, in the tier's order (embedding, blocks,
+    norm, head): the tier as views of a RuyiForCausalLM, nothing copied."""
+    return {s.names["tier"]: family.get_submodule(s.names["family"].rstrip("."))
+            for s in slots(family.config, exit_point)}
+
+
+def plain_modules(model) -> dict:
+    """{prefix: module} of a plain decoder (a standalone tier, a base) by its checkpoint names: embedding, every
+    layer, norm, head. Its slots are those of a family with one exit at its last layer."""
+    one_exit = Family((model.config.num_hidden_layers - 1,))
+    return {pre: model.get_submodule(pre.rstrip(".")) for pre in prefixes(one_exit, "tier", tuple(GROUPS))}
+
+
 def prefixes(cfg, layout: str, groups: tuple[str, ...], exit_point: int | None = None) -> list[str]:
     """Prefixes in `layout` of the slots of these groups (of exit p's tier, if given), in order."""
     return [s.names[layout] for s in slots(cfg, exit_point) if s.group in groups and s.names[layout] is not None]
