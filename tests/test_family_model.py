@@ -96,3 +96,20 @@ def test_auto_classes_load_the_family(family, tmp_path):
     assert isinstance(loaded, RuyiForCausalLM) and loaded.config.tiers == family.config.tiers
     for name, t in family.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], t), name
+
+
+@pytest.mark.parametrize("order", ["ruyi_core first", "transformers first"])
+def test_import_ruyi_core_is_enough_to_load_a_family(family, tmp_path, order):
+    """The documented way: `import ruyi_core`, then transformers' Auto classes load a saved family, whichever
+    of the two a program imports first; the package root alone imports neither torch nor transformers."""
+    import subprocess
+    import sys
+
+    family.save_pretrained(tmp_path / "family")
+    imports = ("import ruyi_core, sys\nlight = 'torch' not in sys.modules\nimport transformers\n"
+               if order == "ruyi_core first" else "import transformers, ruyi_core\nlight = True\n")
+    code = imports + ("from transformers import AutoModelForCausalLM\n"
+                      f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'family')!r})\n"
+                      "print(light, type(m).__name__, m.config.early_exit_points)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.split("\n")[-2] == f"True RuyiForCausalLM {EXITS}", r.stdout + r.stderr[-2000:]
