@@ -43,7 +43,7 @@ def pipeline_upload(spec: Path = typer.Option(..., help="run spec YAML"),
     console.print(f"pipeline {res['pipeline_name']} version [bold]{res['version_name']}[/]\n{res['url']}",
                   highlight=False)
     for w in res.get("warnings", []):
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(str(w))}", highlight=False)
 
 
 @pipeline_app.command("schedule")
@@ -96,7 +96,7 @@ def _print_tiers(tiers: list[dict], promotion: dict) -> None:
     else:
         console.print(t)
     for flag in depth_flags(tiers):
-        console.print(f"[yellow]warning:[/] {flag}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(str(flag))}", highlight=False)
     for r in tiers:
         gate = r.get("gate") or {}
         if not gate.get("promoted"):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ruyi_core.data.cli import data_app
@@ -113,8 +114,8 @@ def family_export(family: Path = typer.Option(..., help="family checkpoint direc
                                                   "sample": "greedy sample"}))
     console.print(f"tiers under [bold]{out}[/]")
     if tok is None:
-        console.print(f"[yellow]warning:[/] {family} has no tokenizer files: exported weights and config only; copy "
-                      "the base's tokenizer files into each tier's folder", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(str(family))} has no tokenizer files: exported weights and config "
+                      "only; copy the base's tokenizer files into each tier's folder", highlight=False)
 
 
 @family_app.command("import-published")
@@ -313,7 +314,8 @@ def _internal_error(e: Exception) -> None:
     log = Path(tempfile.gettempdir()) / f"ruyi-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     log.write_text("".join(traceback.format_exception(e)))
     first = (str(e).strip().splitlines() or [""])[0]
-    console.print(f"[bold red]internal error:[/] {type(e).__name__}: {first} (traceback: {log}; please report it)",
+    console.print(f"[bold red]internal error:[/] {escape(f'{type(e).__name__}: {first} (traceback: {log}')}; please "
+                  "report it)",
                   highlight=False, soft_wrap=True)
     sys.exit(1)
 
@@ -323,7 +325,7 @@ def main(app: typer.Typer = app) -> None:
     try:
         code = app(standalone_mode=False)  # non-standalone click returns a typer.Exit's code instead of raising
     except RuyiError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # literally: [a-z] stays
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         console.print("aborted")

@@ -131,6 +131,14 @@ def test_sources_are_checked_before_work(tmp_path, run_cli, field, value, words)
     assert code == 2 and len(out.strip().splitlines()) == 1 and words in out, out
 
 
+def test_error_text_is_printed_literally(tmp_path, run_cli):
+    """A message holding brackets (a pattern, a list) is printed as it is, not read as console markup."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(with_demo({"store": {"bucket": "Bad_Bucket"}})))
+    code, out = run_cli(["plan", "--spec", spec])
+    assert code == 2 and "^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$" in out, out
+
+
 @pytest.mark.slow
 def test_bad_spec_in_a_real_process(tmp_path):
     spec = tmp_path / "bad.yaml"
