@@ -13,8 +13,8 @@ def validate_data(spec_yaml: str, kind: str, dataset: Output[Dataset], gate_docs
 
     from ruyi_core.stages import open_run, validate_data
 
-    with open_run(spec_yaml) as (spec, store):
-        docs = Path(tempfile.mkdtemp())
+    with open_run(spec_yaml) as (spec, store), tempfile.TemporaryDirectory(prefix="ruyi-gate-docs-") as tmp:
+        docs = Path(tmp)  # the site is built here; only its index page becomes the task's output
         validate_data(spec, store, kind, docs_dir=docs).emit(dataset)
         index = next(docs.rglob("index.html"), None)
         if index:

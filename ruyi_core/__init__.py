@@ -34,7 +34,9 @@ class _RegisterWithTransformers(importlib.abc.MetaPathFinder):
 
             def run_then_register(module):
                 run(module)
-                register()
+                config = sys.modules.get("ruyi_core.family.config")
+                if config is None or hasattr(config, "RuyiConfig"):  # else the family is loading: it registers
+                    register()
 
             spec.loader.exec_module = run_then_register  # this spec's own loader: nothing else imports through it
         return spec
