@@ -12,10 +12,10 @@ from pathlib import Path
 
 from ruyi_core.errors import RuyiError
 from ruyi_core.spec import RunSpec, load_spec
-from ruyi_core.stages import PACKAGE, REPORT, WEIGHT_STAGES
+from ruyi_core.stages import STEPS
 from ruyi_core.stages.contract import ERROR_DIR_ENV
 
-_STAGE_TAGS = "|".join(sorted({s.name for s in (*WEIGHT_STAGES, PACKAGE, REPORT)}))
+_STAGE_TAGS = "|".join(sorted(s.name for s in STEPS))
 
 
 def compile_pipeline(spec_path: str | Path, out: str | Path) -> Path:

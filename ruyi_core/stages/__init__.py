@@ -1,6 +1,6 @@
 """Pipeline stages as plain functions: a spec and input artifact URIs in, a typed result out, every one through
 the stage contract (contract.py). Components (components/) are thin wrappers around these; the CLI and tests
-call them directly too.
+call them directly too. The stage table (table.py) lists them in the order the pipeline runs them.
 
 Identity follows the weights: the model version hashes the validated data and the fields of the stages that
 determine the weights; the run id (where the report lives, and what the data-fingerprint gate checks) adds the
@@ -10,33 +10,24 @@ store's transfer settings, the launcher) change neither.
 from ruyi_core.stages.contract import (
     Artifact, Stage, StageRun, emit, manifest_of, open_run, run_stage, workdir,
 )
-from ruyi_core.stages.dae import EXPAND, GRPO, SVD, Compressed, Expanded, Grpo, dae_expand, grpo, svd_compress
+from ruyi_core.stages.dae import EXPAND, SVD, Compressed, Expanded, SvdResult, dae_expand, svd_compress
 from ruyi_core.stages.data import (
     KINDS, PREPARE, VALIDATE, PackedDataset, RawDataset, RunPlan, plan_run, prepare_data, validate_data,
 )
 from ruyi_core.stages.family import EXPORT, INIT, Family, TierExport, export_tier, init_family
+from ruyi_core.stages.grpo import GRPO, Grpo, grpo
 from ruyi_core.stages.report import REPORT, Report, report
+from ruyi_core.stages.route import ROUTE, Routing, calibrate_routing
 from ruyi_core.stages.ship import PACKAGE, Package, Promotion, package_tier, promote
+from ruyi_core.stages.table import REPORT_FIELDS, STEPS, WEIGHT_FIELDS, WEIGHT_STAGES, WEIGHT_VERSIONS, Step, steps
 from ruyi_core.stages.train import TRAIN, Trained, train, training_data
-
-
-def _fields(*stages: Stage) -> tuple[str, ...]:
-    return tuple(sorted({f for s in stages for f in s.fields}))
-
-
-WEIGHT_STAGES = (VALIDATE, INIT, PREPARE, *TRAIN.values(), EXPAND, GRPO, SVD, EXPORT)
-PIPELINE_SHAPE = ("dae.enabled", "rl.enabled")  # which stages run at all
-WEIGHT_FIELDS = tuple(sorted({*_fields(*WEIGHT_STAGES), *PIPELINE_SHAPE}))
-REPORT_FIELDS = _fields(PACKAGE, REPORT)
-# A weight stage whose code changes what it computes bumps its version: that is a new model version too.
-WEIGHT_VERSIONS = tuple(sorted({f"{s.name}:{s.version}" for s in WEIGHT_STAGES}))
 
 __all__ = [
     "Artifact", "Compressed", "EXPAND", "EXPORT", "Expanded", "Family", "GRPO", "Grpo", "INIT", "KINDS", "PACKAGE",
-    "PREPARE", "PackedDataset", "Package", "Promotion", "REPORT", "REPORT_FIELDS", "RawDataset", "Report",
-    "RunPlan", "SVD", "Stage", "StageRun", "TRAIN", "TierExport", "Trained", "VALIDATE", "WEIGHT_FIELDS",
-    "WEIGHT_VERSIONS",
-    "dae_expand", "emit", "export_tier", "grpo", "init_family", "manifest_of", "open_run", "package_tier", "plan_run",
-    "prepare_data", "promote", "report", "run_stage", "svd_compress", "train", "training_data",
-    "validate_data", "workdir",
+    "PREPARE", "PackedDataset", "Package", "Promotion", "REPORT", "REPORT_FIELDS", "ROUTE", "RawDataset", "Report",
+    "Routing", "RunPlan", "STEPS", "SVD", "Stage", "StageRun", "Step", "SvdResult", "TRAIN", "TierExport", "Trained",
+    "VALIDATE", "WEIGHT_FIELDS", "WEIGHT_STAGES", "WEIGHT_VERSIONS",
+    "calibrate_routing", "dae_expand", "emit", "export_tier", "grpo", "init_family", "manifest_of", "open_run",
+    "package_tier", "plan_run", "prepare_data", "promote", "report", "run_stage", "steps", "svd_compress", "train",
+    "training_data", "validate_data", "workdir",
 ]

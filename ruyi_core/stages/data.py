@@ -77,7 +77,7 @@ def validate_data(spec: RunSpec, store: ArtifactStore, kind: str, docs_dir: Path
 def plan_run(spec: RunSpec, datasets: list[RawDataset]) -> RunPlan:
     """The run id and model version, from what determines them: the validated data's fingerprints and the spec
     fields the stages declare (the weights' stages for the version; every stage for the run)."""
-    from ruyi_core.stages import REPORT_FIELDS, WEIGHT_FIELDS, WEIGHT_VERSIONS
+    from ruyi_core.stages.table import REPORT_FIELDS, WEIGHT_FIELDS, WEIGHT_VERSIONS
 
     data = [*sorted(d.fingerprint for d in datasets), *WEIGHT_VERSIONS]
     weights = slice_hash(spec, WEIGHT_FIELDS, *data)[:12]
@@ -103,8 +103,7 @@ def prepare_data(spec: RunSpec, store: ArtifactStore, kind: str, raw: str, famil
 
         records = corpus_records(run, "raw", kind)
         tok = AutoTokenizer.from_pretrained(run.fetch("family"))
-        prepare_corpus(records, kind, tok, run.out, spec.data.shard_tokens)
-        info = json.loads((run.out / "dataset.json").read_text())
-        return {k: info[k] for k in ("kind", "n_docs", "n_tokens", "fingerprint") if k in info}
+        res = prepare_corpus(records, kind, tok, run.out, spec.data.shard_tokens)
+        return {"kind": res.kind, "n_docs": res.n_docs, "n_tokens": res.n_tokens, "fingerprint": res.fingerprint}
 
     return run_stage(PREPARE, spec, store, build, inputs={"raw": raw, "family": family}, params={"kind": kind})
