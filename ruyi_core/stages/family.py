@@ -1,4 +1,5 @@
-"""Family stages: build the family from the spec's base (init_family) and export one tier (export_tier)."""
+"""Family stages: build the family from the spec's base (init_family) and export one tier (export_tier); and the
+family as the stages that work on one tier (DaE, GRPO) load it."""
 from __future__ import annotations
 
 import shutil
@@ -33,6 +34,18 @@ class TierExport(Artifact):
 
 INIT = Stage("init_family", Family, ("family",))
 EXPORT = Stage("export_tier", TierExport, root="stages/{family}/{stage}/{tier}")
+
+
+def load_for_tier(run: StageRun, section: str, tier: str, stored: bool = False):
+    """The input family, in the spec's runtime, or (`stored`: for work that only moves tensors) as it was saved;
+    `tier` (the spec's `section.tier`) must be one of its tiers."""
+    from ruyi_core.family.io import load_family
+    from ruyi_core.runtime import for_spec
+
+    fam, tok = load_family(run.fetch("family"), for_spec(run.spec), stored_dtype=stored)
+    if tier not in fam.config.tiers:
+        raise RuyiError(f"{section}.tier: unknown tier {tier!r}; this family has {', '.join(fam.config.tiers)}")
+    return fam, tok
 
 
 def init_family(spec: RunSpec, store: ArtifactStore, pretrain: str) -> Family:
@@ -84,14 +97,14 @@ def _export_compressed(run: StageRun, tier: str) -> dict:
 
     from ruyi_core.family.io import dir_bytes, greedy_sample
     from ruyi_core.runtime import for_spec
+    from ruyi_core.stages.dae import SVD_RESULT, SvdResult
 
-    svd = run.manifest("compressed").metadata
     src = run.fetch("compressed")
+    svd = SvdResult.model_validate_json((src / SVD_RESULT).read_text())
     shutil.copytree(src / "materialized", run.out, dirs_exist_ok=True)
     shutil.copytree(src / "factored", run.out / "factored")
     model = for_spec(run.spec).load(Qwen3ForCausalLM, run.out)
-    return {"tier": tier, "exit_point": int(svd["exit_point"]), "depth": model.config.num_hidden_layers,
-            "parameters": int(svd["factored_parameters"]), "weight_bytes": dir_bytes(run.out / "factored",
-                                                                                   "*.safetensors"),
-            "compressed": f"SVD {svd['ratio']:.0%} of the added parameters",
+    return {"tier": tier, "exit_point": svd.exit_point, "depth": model.config.num_hidden_layers,
+            "parameters": svd.factored_parameters, "weight_bytes": dir_bytes(run.out / "factored", "*.safetensors"),
+            "compressed": f"SVD {svd.ratio:.0%} of the added parameters",
             "sample": greedy_sample(model, AutoTokenizer.from_pretrained(run.out))}
