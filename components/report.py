@@ -5,25 +5,22 @@ from components.image import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def report(spec_yaml: str, plan: Input[Dataset], promotion: Input[Artifact], packed: Input[Dataset],
-           markdown: Output[Markdown], page: Output[HTML], metrics: Output[Metrics]) -> str:
-    """Per-tier table (benchmarks, size, speed, promotion), charts, data summary and lineage picture; returns the
-    report's store URI."""
+def report(spec_yaml: str, plan: Input[Dataset], promotion: Input[Artifact], routing: Input[Artifact],
+           packed: Input[Dataset], markdown: Output[Markdown], page: Output[HTML], metrics: Output[Metrics]) -> str:
+    """Per-tier table (benchmarks, size, speed, promotion), routing, charts, data summary and lineage picture;
+    returns the report's store URI."""
     import json
-    import tempfile
     from pathlib import Path
 
-    from ruyi_core.stages import PackedDataset, Promotion, RunPlan, open_run, report
+    from ruyi_core.stages import PackedDataset, Promotion, Routing, RunPlan, open_run, report
 
     with open_run(spec_yaml) as (spec, store):
         result = report(spec, store, RunPlan.model_validate(plan.metadata),
-                        Promotion.model_validate(promotion.metadata),
+                        Promotion.model_validate(promotion.metadata), Routing.of(routing.metadata),
                         [PackedDataset.of(d) for d in packed.metadata["datasets"]])
         store.get_file(f"{result.uri}/report.md", markdown.path)
         store.get_file(f"{result.uri}/report.html", page.path)
-        tiers = Path(tempfile.mkdtemp()) / "tiers.json"
-        store.get_file(f"{result.uri}/tiers.json", tiers)
-        for row in json.loads(tiers.read_text()):
+        for row in json.loads(result.read_text(store, "tiers.json")):
             metrics.log_metric(f"{row['tier']}_parameters", row["parameters"])
             ev = row["evaluation"]
             for bench, r in ev["benchmarks"].items():

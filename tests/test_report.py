@@ -26,14 +26,14 @@ def test_depth_check_flags_a_deeper_tier_that_scores_lower():
     assert not any("edge (" in f.split("below")[0] for f in flags)  # edge beats end on both
 
     promotion = {"family": "f", "version": "v1", "promoted": {"end": "v1", "edge": "v1", "cloud": "v0"}}
-    md, page, _ = render("f-v1", bad, [], [], {}, promotion)
+    md, page, _ = render("f-v1", bad, [], [], promotion)
     assert "| facts_mc | heldout_text | average | prefill tok/s | decode tok/s | peak MiB | promoted |" in md
     assert "⚠ facts_mc: cloud" in md and "cloud: kept, not promoted: not promoted, v0 stays" in md
     assert "promoted now: cloud v0, edge v1, end v1" in md
     assert "Quality vs parameters" in page and page.count("<tr>") >= 4
     assert "- end: identical scores" in md
     same = [dict(t, evaluation=dict(t["evaluation"], family_same_weights=True)) for t in bad]
-    md, _, _ = render("f-v1", same, [], [], {}, promotion)
+    md, _, _ = render("f-v1", same, [], [], promotion)
     assert "- end: the same weights as the family's exit, so the same scores (evaluated once)" in md
 
 
@@ -51,3 +51,44 @@ def test_training_table_has_every_exit_and_a_dae_stage_only_its_own():
     assert "| stage | steps | exit 1 | exit 6 | exit 11 |" in lines
     assert "| dae_sft | 3 | 0.500 → 0.400 | — | — |" in lines
     assert "| sft | 3 | 2.000 → 0.300 | 2.000 → 0.200 | 2.000 → 0.100 |" in lines
+
+
+def test_report_shows_what_the_stages_measured():
+    """The routing calibration, SVD's result and GRPO's measurements, each from its own step's output."""
+    from ruyi_core.report import Measured
+
+    point = {"threshold": 0.5, "quality": 0.5, "compute": 0.75, "answered_by": {"end": 0.5, "cloud": 0.5}}
+    routing = {"rule": "min token probability >= threshold, shallowest tier first", "tolerance": 0.02,
+               "questions": 12, "tier_quality": {"end": 0.25, "cloud": 0.5}, "operating_point": point,
+               "curve": [{"threshold": 0.0, "quality": 0.25, "compute": 0.4, "answered_by": {"end": 1.0}}, point]}
+    svd = {"tier": "end", "ratio": 0.4, "removed_fraction": 0.41, "heldout_loss_unexpanded": 3.0,
+           "heldout_loss_dense": 2.5, "heldout_loss_compressed": 2.6, "relative_drop": 0.04}
+    grpo = {"tier": "end", "heldout_reward_before": 0.1, "heldout_reward_after": 0.3, "heldout_samples": 2,
+            "temperature": 1.0, "heldout_prompts": 4, "heldout_exact_greedy_before": 0.0,
+            "heldout_exact_greedy_after": 0.25, "heldout_text_loss_before": 2.7, "heldout_text_loss_after": 2.5}
+    tiers = [tier("end", 1, 0.3, 9.0, True), tier("cloud", 3, 0.5, 7.0, True)]
+    measured = Measured(grpo=grpo, svd=svd, routing=routing, figures={"GRPO: reward per step": b"png"})
+    md, page, _ = render("f-v1", tiers, [], [], {"family": "f", "version": "v1", "promoted": {}}, measured)
+    assert "## Adaptive routing (`auto`)" in md and "calibrated on 12 held-out questions" in md
+    assert "threshold 0.5000: quality 0.500 at 75% of the deepest tier's compute" in md
+    assert "- DaE tier end: held-out loss 3.0000 unexpanded -> 2.7000 after DaE training -> 2.5000 after GRPO" in md
+    assert "- SVD at ratio 0.4: removed 41.0% of the added parameters, held-out loss 2.6000 (+4.00% relative)" in md
+    assert "GRPO on tier end: held-out mean reward 0.100 -> 0.300" in md
+    assert "<figcaption>GRPO: reward per step</figcaption>" in page and "Adaptive routing (FAMILY:auto)" in page
+    assert "Adaptive routing" not in render("f-v1", tiers, [], [], None, Measured(svd=svd))[0]
+
+
+def test_a_routing_step_without_two_tiers_records_that_it_did_not_calibrate(store):
+    """The routing step's result says whether it calibrated; a run without two tiers stores an empty calibration,
+    writes nothing to the registry, and the report reads no routing from it."""
+    from conftest import with_demo
+    from ruyi_core.package.keys import routing_key
+    from ruyi_core.spec import RunSpec
+    from ruyi_core.stages import Promotion, calibrate_routing
+
+    spec = RunSpec.model_validate(with_demo({"store": {"bucket": store.bucket}}))
+    promotion = Promotion(family="micro", version="v1", run_id="r1", tiers={}, promoted={}, packages=[])
+    routing = calibrate_routing(spec, store, promotion)
+    assert calibrate_routing(spec, store, promotion) == routing  # reused
+    assert routing.questions == 0 and routing.read(store) is None
+    assert store.read_manifest(routing.uri).files == [] and store.read_object(routing_key("micro", "v1")) is None

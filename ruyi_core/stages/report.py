@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from ruyi_core.report import Measured, render
 from ruyi_core.spec import RunSpec
 from ruyi_core.stages.contract import Artifact, Stage, StageRun, manifest_of, run_stage
 from ruyi_core.stages.data import PackedDataset, RunPlan
@@ -35,8 +36,6 @@ def report(spec: RunSpec, store: ArtifactStore, plan: RunPlan, promotion: Promot
 
 def _report(run: StageRun, plan: RunPlan, promotion: Promotion, routing: Routing,
             datasets: list[PackedDataset]) -> dict:
-    from ruyi_core.report import render
-
     store, tiers = run.store, []
     for p in promotion.packages:
         # Rows come from the manifests: typed, whatever the orchestrator did to the metadata on the way.
@@ -61,9 +60,8 @@ def _report(run: StageRun, plan: RunPlan, promotion: Promotion, routing: Routing
     return {"run_id": plan.run_id, "tiers": [t["tier"] for t in tiers]}
 
 
-def _measured(run: StageRun, chain: list[Manifest], routing: Routing):
+def _measured(run: StageRun, chain: list[Manifest], routing: Routing) -> Measured:
     """What the stages behind this run measured, picked out of the chain by the stage table."""
-    from ruyi_core.report import Measured
     from ruyi_core.stages.dae import SVD
     from ruyi_core.stages.grpo import GRPO
     from ruyi_core.stages.table import STEPS, TRAINING
@@ -73,8 +71,9 @@ def _measured(run: StageRun, chain: list[Manifest], routing: Routing):
     for s in STEPS:
         m = by_stage.get(s.name)
         if s.figure and m and any(f.path == s.figure for f in m.files):
-            figures[s.caption] = run.store.get_file(f"{m.uri}/{s.figure}", run.work / f"{s.name}.png") and \
-                (run.work / f"{s.name}.png").read_bytes()
+            path = run.work / f"{s.name}.png"
+            run.store.get_file(f"{m.uri}/{s.figure}", path)
+            figures[s.caption] = path.read_bytes()
     svd = by_stage.get(SVD.name)
     return Measured(trained=[by_stage[n] for n in TRAINING if n in by_stage],
                     grpo=by_stage[GRPO.name].metadata if GRPO.name in by_stage else None,
