@@ -1,5 +1,5 @@
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Model, Output
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 from components.image import BASE_IMAGE
 
@@ -14,19 +14,9 @@ def dae_expand(spec_yaml: str, family: Input[Model], expanded: Output[Model]):
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def grpo(spec_yaml: str, family: Input[Model], plan: Input[Dataset], policy: Output[Model]):
-    """GRPO (TRL) on one tier, only its own parameters trainable, merged back into the family."""
-    from ruyi_core.stages import RunPlan, grpo, open_run
-
-    with open_run(spec_yaml) as (spec, store):
-        rl = RunPlan.model_validate(plan.metadata).dataset("rl").uri
-        grpo(spec, store, family.metadata["uri"], rl).emit(policy)
-
-
-@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def svd_compress(spec_yaml: str, family: Input[Model], packed: Input[Dataset], expanded: Input[Model],
-                 compressed: Output[Model]):
-    """SVD compression of the DaE tier's added blocks and head; passes the family on with the result."""
+                 compressed: Output[Model], svd: Output[Metrics]):
+    """SVD compression of the DaE tier's added blocks and head: the compressed tier, and what was measured."""
     import json
     from pathlib import Path
 
@@ -35,6 +25,9 @@ def svd_compress(spec_yaml: str, family: Input[Model], packed: Input[Dataset], e
     with open_run(spec_yaml) as (spec, store):
         (pretrain,) = [d["uri"] for d in packed.metadata["datasets"] if d["kind"] == "pretrain"]
         result = svd_compress(spec, store, family.metadata["uri"], pretrain, expanded.metadata["uri"])
-        # Downstream tasks take the family from here: its URI, and the compressed tier beside it.
-        compressed.metadata.update({"uri": family.metadata["uri"], "compressed": result.model_dump(mode="json")})
-        Path(compressed.path).write_text(json.dumps(dict(compressed.metadata)))
+        result.emit(compressed)
+        for k, v in result.read_result(store).model_dump().items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                svd.log_metric(k, v)
+        # The local runner only caches a Metrics output whose metadata is also in its file.
+        Path(svd.path).write_text(json.dumps(svd.metadata))
