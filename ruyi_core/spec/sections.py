@@ -37,12 +37,16 @@ def base_num_layers(base: str) -> int | None:
 
 
 class FamilySpec(_Strict):
+    """The familial model: a base and its exits. Exit point p is depth p + 1 (trunk layers 0..p-1, a branch block,
+    a norm and a head); each tier is one exit, packaged as a standalone model."""
+
+    # The registry's family name (models/<name>/...) and the served models' prefix (<name>:<tier>).
     name: str = Field("ruyi", pattern=r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
     base: str  # a preset, a local Qwen3 checkpoint folder, or an s3:// folder in the store
-    exit_points: list[int]
-    tiers: dict[str, int] | None = None  # default: end / edge / cloud over the exits
-    shared_heads: bool = False
-    seed: int = 0
+    exit_points: list[int]  # strictly increasing layer indices; the last is the base's num_hidden_layers - 1
+    tiers: dict[str, int] | None = None  # tier name -> exit point; default: end / edge / cloud over the exits
+    shared_heads: bool = False  # one LM head for every exit (the published layout's option); default one per exit
+    seed: int = 0  # seeds a preset's random weights and DaE's new blocks
 
     @field_validator("exit_points")
     @classmethod
@@ -87,13 +91,13 @@ class StoreSpec(_Strict):
     """Where artifacts live. RUYI_S3_ENDPOINT overrides `endpoint`; credentials come only from the
     environment (RUYI_S3_ACCESS_KEY, RUYI_S3_SECRET_KEY), never from the spec."""
 
-    endpoint: str = "127.0.0.1:8333"
+    endpoint: str = "127.0.0.1:8333"  # host:port of the S3 API (`make demo`'s local server by default)
     bucket: str = Field("ruyi", pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-    secure: bool = False
+    secure: bool = False  # https
     region: str | None = None
     part_size_mb: int = Field(16, ge=5, le=5120)  # S3 multipart parts are at least 5 MiB
-    parallel_parts: int = Field(4, ge=1, le=64)
-    retries: int = Field(5, ge=0, le=20)
+    parallel_parts: int = Field(4, ge=1, le=64)  # parts (and files) transferred at once
+    retries: int = Field(5, ge=0, le=20)  # retries of a failed transfer
     # Seconds without a byte from the store before a call gives up (then it is retried): an endpoint that accepts
     # connections but never answers fails in about this long, not minutes.
     read_timeout_s: float = Field(20.0, gt=0, le=600)
@@ -102,10 +106,10 @@ class StoreSpec(_Strict):
 class KindThresholds(_Strict):
     """Data-gate thresholds for one corpus kind."""
 
-    min_records: int = Field(10, ge=1)
-    min_chars: int = Field(1, ge=0)
+    min_records: int = Field(10, ge=1)  # valid records at least
+    min_chars: int = Field(1, ge=0)  # per text (sft: per message, rl: per prompt)
     max_chars: int = Field(20000, ge=1)
-    max_duplicate_rate: float = Field(0.05, ge=0, le=1)
+    max_duplicate_rate: float = Field(0.05, ge=0, le=1)  # same text, conversation or prompt, whitespace aside
     max_bad_record_rate: float = Field(0.0, ge=0, le=1)  # unreadable lines (bad JSON/UTF-8, schema)
 
 
@@ -121,14 +125,14 @@ class DataSpec(_Strict):
     # Held out from every training stage: pretrain-kind texts for held-out loss, rl-kind prompts for reward.
     heldout: list[str] | None = None
     rl_heldout: list[str] | None = None  # needed when rl.enabled
-    seed: int = 0
+    seed: int = 0  # seeds the demo world where a source is `demo`
     # Allow-lists of pretraining records' `source` and `lang`: None accepts any (a spec narrows them, as the demo's).
     allowed_sources: list[str] | None = None
-    allowed_langs: list[str] | None = None
+    allowed_langs: list[str] | None = None  # see allowed_sources
     thresholds: dict[str, KindThresholds] = Field(default_factory=lambda: {
         "pretrain": KindThresholds(), "sft": KindThresholds(), "rl": KindThresholds(max_duplicate_rate=0.2)})
     demo_records: dict[str, int] = {"pretrain": 4000, "sft": 1500, "rl": 300}  # sizes where a source is `demo`
-    seq_length: int = Field(256, ge=8)
+    seq_length: int = Field(256, ge=8)  # tokens per SVD calibration sequence
     shard_tokens: int = Field(50_000_000, ge=1000)  # tokens per .bin/.idx shard
 
     @field_validator("pretrain", "sft", "rl", "heldout", "rl_heldout")
@@ -140,7 +144,9 @@ class DataSpec(_Strict):
 
 
 class Resources(_Strict):
-    cpu: str = "2"
+    """A pipeline step's Kubernetes requests, by component name (`default` for the rest)."""
+
+    cpu: str = "2"  # a Kubernetes quantity
     memory: str = "8Gi"
     gpus: int = Field(0, ge=0)  # on a cluster: GPUs for this step (training steps on a GPU node pool)
 
@@ -157,14 +163,14 @@ class Resources(_Strict):
 class PipelineSpec(_Strict):
     """How the KFP pipeline runs on a cluster (ignored by the local runner)."""
 
-    image: str = "ghcr.io/ruyi-flow/ruyi-base:0.1.0"
+    image: str = "ghcr.io/ruyi-flow/ruyi-base:0.1.0"  # every component's image (images/)
     s3_secret: str = "ruyi-s3"  # Kubernetes Secret with keys access_key and secret_key
     resources: dict[str, Resources] = Field(default_factory=lambda: {
         "default": Resources(), "validate_data": Resources(cpu="2", memory="4Gi"),
         "report": Resources(cpu="1", memory="2Gi")})
-    timeout_s: int = Field(6 * 3600, ge=60)
-    retries: int = Field(1, ge=0, le=10)
-    accelerator: str = "nvidia.com/gpu"
+    timeout_s: int = Field(6 * 3600, ge=60)  # per step
+    retries: int = Field(1, ge=0, le=10)  # per step
+    accelerator: str = "nvidia.com/gpu"  # the resource name GPU steps request
     gpu_node_selector: dict[str, str] = Field(default_factory=dict)  # for steps that request GPUs
     gpu_tolerations: list[dict[str, str]] = Field(default_factory=list)  # {key, operator, value, effect}
 
@@ -183,7 +189,7 @@ class BenchmarkSpec(_Strict):
     `demo:<set>`, one of the demo world's held-out sets."""
 
     format: Literal["exact_match", "contains", "multiple_choice", "perplexity"]
-    path: str
+    path: str  # a JSONL file, an s3:// object in the store, or demo:<set>
     limit: int | None = Field(None, ge=1)  # first N records only
     template: Literal["qa", "cloze"] = "qa"  # multiple_choice only
 
@@ -193,9 +199,9 @@ class EvalSpec(_Strict):
     parameters, bytes on disk, prefill / decode tokens/s and peak memory."""
 
     benchmarks: dict[str, BenchmarkSpec] = {}  # a spec must name at least one
-    max_new_tokens: int = Field(32, ge=1)
-    batch_size: int = Field(8, ge=1)
-    speed_prompt_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(32, ge=1)  # per generative answer
+    batch_size: int = Field(8, ge=1)  # lm-eval's batch size with transformers
+    speed_prompt_tokens: int = Field(64, ge=1)  # prompt length of the prefill / decode speed measurement
     speed_new_tokens: int = Field(32, ge=1)
     seed: int = 0
 
@@ -216,8 +222,8 @@ class PackageSpec(_Strict):
     (absolute for scores in [0, 1], relative for perplexity)."""
 
     version: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # default: from the run id
-    tolerance: float = Field(0.02, ge=0)
-    perplexity_tolerance: float = Field(0.05, ge=0)
+    tolerance: float = Field(0.02, ge=0)  # absolute, for scores in [0, 1]
+    perplexity_tolerance: float = Field(0.05, ge=0)  # relative
     targets: dict[str, str] = Field(default_factory=lambda: {
         "end": "end device (phone / PC, on-device NPU or CPU)", "edge": "edge server (one mid-range GPU)",
         "cloud": "cloud (data-centre GPUs)"})

@@ -14,7 +14,7 @@ class LossSpec(_Strict):
     weight (strong deep supervision) and decay to weight * final_scale by `schedule`, after an optional
     linear warm-up from 0."""
 
-    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"  # how early exits' weights decay
     weights: list[float] | None = None  # per exit, shallowest first; default 1.0 each
 
     @field_validator("weights")
@@ -23,26 +23,28 @@ class LossSpec(_Strict):
         if v is not None and (any(w < 0 for w in v) or not v or v[-1] <= 0):
             raise ValueError(f"weights {v}: every weight must be >= 0 and the last exit's > 0")
         return v
-    final_scale: float = Field(0.3, ge=0, le=1)
-    warmup_steps: int = Field(0, ge=0)
+    final_scale: float = Field(0.3, ge=0, le=1)  # an early exit's weight at the end, as a fraction of its weight
+    warmup_steps: int = Field(0, ge=0)  # early exits' weights rise linearly from 0 over these steps
 
 
 class TrainStageSpec(_Strict):
-    steps: int = Field(60, ge=1)
-    micro_batch_size: int = Field(8, ge=1)
-    global_batch_size: int = Field(16, ge=1)
-    seq_length: int = Field(128, ge=8)
-    lr: float = Field(3e-3, gt=0)
+    """One training stage on megatron-core: its schedule, batch and checkpoints."""
+
+    steps: int = Field(60, ge=1)  # optimizer steps
+    micro_batch_size: int = Field(8, ge=1)  # sequences per forward/backward pass on one rank
+    global_batch_size: int = Field(16, ge=1)  # sequences per optimizer step: micro_batch_size x DP x accumulation
+    seq_length: int = Field(128, ge=8)  # tokens per training window
+    lr: float = Field(3e-3, gt=0)  # peak learning rate, after warm-up; cosine decay to min_lr
     min_lr: float = Field(3e-4, ge=0)
     warmup_steps: int = Field(5, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     clip_grad: float = Field(1.0, ge=0)  # 0 disables clipping
-    save_every: int = Field(20, ge=1)
+    save_every: int = Field(20, ge=1)  # steps between checkpoints in the store (a rerun resumes from the latest)
     # Complete checkpoints kept, locally and in the store; older ones are deleted once a newer one is complete
     # (a 14B checkpoint with its Adam state is ~240 GB). The stage's output is built from the last one.
     # 0 keeps the newest while training (to resume) and deletes it once the stage's output is stored.
     keep_checkpoints: int = Field(2, ge=0)
-    seed: int = 1234
+    seed: int = 1234  # the stage's RNGs and the order its training windows are drawn in
     # Activation recompute: true / "full" keeps only each block's input for the backward; "selective" recomputes
     # core attention (megatron's); false keeps everything (fastest, most memory).
     recompute: bool | Literal["full", "selective"] = False
@@ -63,15 +65,17 @@ class TrainStageSpec(_Strict):
 
 
 class ParallelSpec(_Strict):
-    tp: int = Field(1, ge=1)
-    pp: int = Field(1, ge=1)
-    dp: int = Field(1, ge=1)
-    nodes: int = Field(1, ge=1)
+    """megatron's 3D-parallel layout; tp x pp x dp processes, checked against heads, layers and batch sizes."""
+
+    tp: int = Field(1, ge=1)  # tensor parallel
+    pp: int = Field(1, ge=1)  # pipeline parallel: an exit's branch loss is computed on the stage holding its layer
+    dp: int = Field(1, ge=1)  # data parallel
+    nodes: int = Field(1, ge=1)  # TrainJob nodes (the trainjob launcher)
     # megatron's distributed optimizer: fp32 master weights and Adam moments sharded over DP (ZeRO-1), grads
     # reduce-scattered. Sequence parallelism: the blocks' norms and residuals hold s/TP tokens per rank.
     # None = on where the run has GPUs (sequence parallelism only with tp > 1), as `ruyi plan` assumes.
     distributed_optimizer: bool | None = None
-    sequence_parallel: bool | None = None
+    sequence_parallel: bool | None = None  # see distributed_optimizer
 
     @property
     def world_size(self) -> int:
@@ -91,9 +95,9 @@ class TrainJobSpec(_Strict):
     namespace: str = "ruyi"
     runtime: str = "ruyi-megatron"  # a ClusterTrainingRuntime/TrainingRuntime (manifests/)
     gpus_per_node: int = Field(8, ge=0)
-    cpu: str = "16"
-    memory: str = "256Gi"
-    poll_s: float = Field(10.0, gt=0)
+    cpu: str = "16"  # per node
+    memory: str = "256Gi"  # per node
+    poll_s: float = Field(10.0, gt=0)  # seconds between status checks while the stage waits on its TrainJob
     timeout_s: int = Field(7 * 24 * 3600, ge=60)
 
     _quantities = field_validator("cpu", "memory")(Resources._quantity.__func__)
@@ -131,6 +135,8 @@ def _merge_stage_defaults(section: str, data):
 
 
 class TrainSpec(_Strict):
+    """Joint training of every exit: continued pretraining (cpt), then SFT; how and where the trainer runs."""
+
     cpt: TrainStageSpec = _stage_field("train", "cpt")
     sft: TrainStageSpec = _stage_field("train", "sft")
     parallel: ParallelSpec = Field(default_factory=ParallelSpec)
@@ -141,7 +147,7 @@ class TrainSpec(_Strict):
     # The layers' implementation: auto is Transformer Engine on GPUs (an error naming the fix when it cannot be
     # used) and megatron's local layers on the CPU; local trains on GPUs without Transformer Engine, slower.
     transformer_impl: Literal["auto", "transformer_engine", "local"] = "auto"
-    launcher: Literal["local", "trainjob"] = "local"
+    launcher: Literal["local", "trainjob"] = "local"  # local: torchrun here; trainjob: a Kubeflow Trainer TrainJob
     trainjob: TrainJobSpec = Field(default_factory=TrainJobSpec)
 
     @model_validator(mode="before")
@@ -158,15 +164,15 @@ class DaeSpec(_Strict):
     """DaE for one tier: Stable Block Expansion (zero-residual random blocks), then SVD compression."""
 
     enabled: bool = True
-    tier: str = "end"
-    blocks: int = Field(3, ge=1)
+    tier: str = "end"  # an early exit's tier (not the deepest)
+    blocks: int = Field(3, ge=1)  # decoder blocks appended after the tier's branch block
     init: Literal["zero", "clone"] = "zero"  # clone: copies of the branch block (the report's ablation)
-    std: float = Field(0.02, gt=0)
+    std: float = Field(0.02, gt=0)  # Gaussian init of the new blocks' q, k, v, gate and up projections
     cpt: TrainStageSpec = _stage_field("dae", "cpt")
     sft: TrainStageSpec = _stage_field("dae", "sft")
     svd_ratio: float = Field(0.4, gt=0, lt=1)  # fraction of the added parameters to remove
-    sweep: list[float] = [0.2, 0.4, 0.6]
-    calib_samples: int = Field(64, ge=1)
+    sweep: list[float] = [0.2, 0.4, 0.6]  # ratios the report's sweep compresses at (held-out loss vs size)
+    calib_samples: int = Field(64, ge=1)  # held-out sequences whose activations whiten the SVD
 
     @model_validator(mode="before")
     @classmethod
@@ -187,19 +193,19 @@ class RlSpec(_Strict):
     the form of a final answer in the SFT data: a regular expression whose one group captures the integer."""
 
     enabled: bool = True
-    tier: str = "end"
+    tier: str = "end"  # the tier GRPO trains (only its own parameters; the trunk stays frozen)
     group_size: int = Field(8, ge=2)  # G completions per prompt
-    steps: int = Field(30, ge=1)
+    steps: int = Field(30, ge=1)  # optimizer steps
     prompts_per_step: int = Field(4, ge=1)
     # Completions per forward/backward pass; the step's prompts_per_step x group_size are accumulated into one
     # optimizer step. Default: all of them in one pass (bounds activation memory on GPUs when set).
     micro_batch_size: int | None = Field(None, ge=1)
     lr: float = Field(1e-4, gt=0)
     beta: float = Field(0.04, ge=0)  # KL to the reference policy (the tier before GRPO)
-    clip_eps: float = Field(0.2, gt=0)
+    clip_eps: float = Field(0.2, gt=0)  # the policy ratio's clip
     max_new_tokens: int = Field(64, ge=1)  # a 3-step worked answer is ~30 tokens; generation stops at EOS
-    temperature: float = Field(1.0, gt=0)
-    heldout_prompts: int = Field(128, ge=1)
+    temperature: float = Field(1.0, gt=0)  # sampling temperature of the completions
+    heldout_prompts: int = Field(128, ge=1)  # of data.rl_heldout, for the reward before and after
     heldout_samples: int = Field(8, ge=1)  # completions per held-out prompt for the mean reward
     seed: int = 0
     # valid_steps: exact answers alone are too sparse for a small tier (a few percent of samples) to learn from.
