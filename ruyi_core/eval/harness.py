@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ruyi_core.eval.tasks import PRIMARY, write_tasks
-from ruyi_core.family.convert import generation_config
+from ruyi_core.eval.tasks import PRIMARY, end_of_turn_ids, write_tasks
 
 # HFLM warns on every construction that it was handed a model instance instead of a name; we do that on
 # purpose (the model is already loaded, possibly a family), so only these two messages are dropped.
@@ -82,8 +81,9 @@ def evaluate(model, tokenizer, spec, work: Path, store=None, exit_point: int | N
      "average": mean of the higher-is-better primary scores (None if there are none), "lm_eval_version"}.
 
     Deterministic in `spec.eval.seed`: greedy generation, zero-shot, no bootstrap (stderr) resampling.
-    `work` holds the throwaway task folder; s3:// benchmarks are fetched with `store`. `log`, when given,
-    gets a line as each benchmark finishes ("arithmetic 1/3: exact_match 0.140 (n=50) in 3.1 s").
+    `work` holds the throwaway task folder (tasks.write_tasks, the folder `ruyi eval tasks` writes for plain
+    lm_eval runs); s3:// benchmarks are fetched with `store`. `log`, when given, gets a line as each benchmark
+    finishes ("arithmetic 1/3: exact_match 0.140 (n=50) in 3.1 s").
     """
     from lm_eval.evaluator import evaluate as lm_evaluate
     from lm_eval.tasks import TaskManager
@@ -94,28 +94,27 @@ def evaluate(model, tokenizer, spec, work: Path, store=None, exit_point: int | N
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     config = AutoConfig.from_pretrained(path) if model is None else model.eval().config
-    eos = generation_config(tokenizer, config).eos_token_id or [tokenizer.eos_token_id]  # as packaged
+    eos = end_of_turn_ids(tokenizer, config)
     lm = _vllm_lm(path, runtime, ev) if model is None else _tier_lm(model, tokenizer, exit_point, eos, ev.batch_size)
-    stop = [tokenizer.decode([i], skip_special_tokens=False) for i in eos]
     out = {"results": {}, "n-samples": {}}
     with tempfile.TemporaryDirectory(dir=work, prefix="lm-eval-") as tmp:
-        names = write_tasks(spec, tokenizer, Path(tmp), stop, store)
+        suite = write_tasks(spec, tokenizer, eos, Path(tmp), store)
         # include_defaults=False: only our tasks are indexed (indexing lm-eval's own ~14k YAMLs took 27 s here).
-        tasks = TaskManager(include_path=tmp, include_defaults=False).load(names)["tasks"]
+        tasks = TaskManager(include_path=tmp, include_defaults=False).load(list(suite.tasks.values()))["tasks"]
         _seed(ev.seed)
         # lm_eval.evaluator.evaluate, not simple_evaluate: the latter only adds what we do here (seeding, the LM
         # and the tasks) plus seconds per call collecting environment info (torch collect_env, git). Its few-shot
         # seed has no use: every task is zero-shot. One benchmark per call, so progress shows between them
         # (greedy and log-likelihood scores do not depend on what else runs in the call).
-        for i, name in enumerate(names, 1):
+        for i, (name, task) in enumerate(suite.tasks.items(), 1):
             started = time.perf_counter()
-            res = lm_evaluate(lm=lm, task_dict={"tasks": {name: tasks[name]}, "groups": {}, "group_map": {}},
+            res = lm_evaluate(lm=lm, task_dict={"tasks": {task: tasks[task]}, "groups": {}, "group_map": {}},
                               bootstrap_iters=0, log_samples=False)
             for key in out:
-                out[key][name] = res[key][name]
+                out[key][name] = res[key][task]
             if log:
-                b = summarize(res, spec, [name])["benchmarks"][name]
-                log(f"{name} {i}/{len(names)}: {b['metric']} {b['value']:.4g} (n={b['n']}) "
+                b = summarize(out, spec, [name])["benchmarks"][name]
+                log(f"{name} {i}/{len(suite.tasks)}: {b['metric']} {b['value']:.4g} (n={b['n']}) "
                     f"in {time.perf_counter() - started:.1f} s")
     return summarize(out, spec)
 

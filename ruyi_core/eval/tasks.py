@@ -1,50 +1,45 @@
-"""lm-evaluation-harness task configs for the spec's benchmarks.
+"""The spec's benchmarks as an lm-evaluation-harness task folder: the one definition of every benchmark, which the
+evaluation stage runs and `ruyi eval tasks` writes for plain `lm_eval` runs on any exported tier.
 
 Every benchmark's records are read, checked and rewritten as a normalized JSONL file beside its task YAML, so
 lm-eval only ever sees one schema per format and loads it with the `datasets` "json" builder on a local file
 (works offline). Normalizing here, not in lm-eval hooks, keeps bad data a one-line RuyiError before any model
-runs, and lets the generative prompt be rendered with the model's own chat template (as SFT trained it).
+runs, and lets the generative prompt be rendered with the family's own chat template (as SFT trained it).
 """
 from __future__ import annotations
 
+import inspect
 import json
-import re
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from ruyi_core.errors import RuyiError
-from ruyi_core.rl.rewards import extract_answer
+from ruyi_core.eval import scoring
+from ruyi_core.eval.scoring import contains_results, exact_match_results, gold_answer
 
 # format -> (primary metric, higher is better). The lead's promotion gate compares these.
 PRIMARY = {"exact_match": ("exact_match", True), "contains": ("contains", True),
            "multiple_choice": ("acc", True), "perplexity": ("word_perplexity", False)}
 GENERATIVE = ("exact_match", "contains")  # scored on a greedy answer to a chat-templated question
+SCORERS = {"exact_match": exact_match_results, "contains": contains_results}  # a generative format's hook
 
 _MC_TEMPLATE = "Question: {{question}}\nAnswer:"  # lm-eval's usual zero-shot MC prompt; choices follow " "
 
 
-def exact_match_results(doc: dict, results: list[str]) -> dict:
-    """lm-eval `process_results` hook: the answer extracted from the generation equals the gold answer.
-    Referenced from the YAML as an importable function, so no generated Python module is needed."""
-    return {"exact_match": float(extract_answer(results[0]) == doc["target"])}
+def task_name(benchmark: str) -> str:
+    """The benchmark's lm-eval task. Prefixed: a benchmark called like one of lm-eval's own tasks (gsm8k, mmlu)
+    does not shadow it, and results say they come from these definitions (zero-shot, chat-templated)."""
+    return f"ruyi_{benchmark}"
 
 
-def contains_results(doc: dict, results: list[str]) -> dict:
-    """lm-eval `process_results` hook: the gold answer appears in the generation as a whole word or phrase
-    (case-insensitive), as in "The home of Alice is Paris." for the gold "Paris"."""
-    found = re.search(rf"(?<!\w){re.escape(doc['target'])}(?!\w)", results[0], re.IGNORECASE)
-    return {"contains": float(found is not None)}
+def end_of_turn_ids(tokenizer, config) -> list[int]:
+    """The tokens a tier stops generating at, as its package's generation_config.json lists them."""
+    from ruyi_core.family.convert import generation_config
 
-
-def gold_answer(answer) -> str:
-    """The gold answer as extract_answer would print it: GSM8K's "... #### 1,234" keeps the text after the
-    last '####'; integers are normalized ("05" -> "5") and lose thousands separators."""
-    text = str(answer).split("####")[-1].strip()
-    try:
-        return str(int(text.replace(",", "")))
-    except ValueError:
-        return text  # not an integer: extract_answer never yields it, so such a record always scores 0
+    return generation_config(tokenizer, config).eos_token_id or [tokenizer.eos_token_id]
 
 
 def _field(rec: dict, key: str, kind: type, where: str):
@@ -122,7 +117,8 @@ def task_config(name: str, fmt: str, data: Path, cache_dir: Path, max_new_tokens
     base = {
         "task": name,
         "dataset_path": "json",
-        # Arrow cache inside the throwaway task folder, not one more entry in ~/.cache per evaluation.
+        # Absolute paths: lm-eval may run from any directory. The Arrow cache lives in the task folder, not in
+        # ~/.cache, so removing the folder removes everything it made.
         "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(cache_dir)},
         "test_split": "test",
         "num_fewshot": 0,
@@ -147,23 +143,66 @@ def task_config(name: str, fmt: str, data: Path, cache_dir: Path, max_new_tokens
                        ("bits_per_byte", "bits_per_byte"))]}
 
 
-def write_tasks(spec, tokenizer, out_dir: Path, stop: list[str], store=None) -> list[str]:
-    """One task YAML and its data per benchmark under out_dir (an lm-eval include_path); returns the task
-    names (the benchmark names). Every benchmark is read before any is written, so a bad one fails fast."""
-    out_dir = Path(out_dir)
+# How each format is asked and scored: the comment heading its YAML, for whoever runs the folder by hand.
+_ASKED = {
+    "exact_match": ["Asked as `prompt`: the question in the family's chat template. The greedy reply (up to an",
+                    "end-of-turn token, at most max_gen_toks tokens) scores 1 when its last integer is `target`."],
+    "contains": ["Asked as `prompt`: the question in the family's chat template. The greedy reply (up to an",
+                 "end-of-turn token, at most max_gen_toks tokens) scores 1 when it contains `target` as a word."],
+    "multiple_choice": ["Scored by log-likelihood: the choice most likely after the question should be `gold`."],
+    "perplexity": ["Scored by the rolling log-likelihood of each `text`."],
+}
+
+
+def _task_yaml(cfg: dict, name: str, bench, n: int) -> str:
+    head = [f"Benchmark {name} ({bench.format}): the first {n} records of {bench.path}, normalized in data/.",
+            *_ASKED[bench.format]]
+    text = "".join(f"# {line}\n" for line in head) + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True)
+    if bench.format in SCORERS:  # a YAML tag safe_dump cannot emit; utils.py is this folder's copy of scoring.py
+        text += f"process_results: !function utils.{SCORERS[bench.format].__name__}\n"
+    return text
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A written task folder: `--tasks <group>` runs every benchmark; `tasks` maps benchmark names to task names."""
+
+    folder: Path
+    group: str
+    tasks: dict[str, str]
+    records: dict[str, int]
+
+
+def write_tasks(spec, tokenizer, eos: list[int], out_dir: Path, store=None) -> Suite:
+    """The spec's benchmarks as an lm-eval include_path in `out_dir` (absent or empty): per benchmark a task YAML
+    and its data, utils.py (the scoring hooks), and a group YAML named after the family listing them all.
+    Generative prompts use `tokenizer`'s chat template and stop at the tokens `eos` (end_of_turn_ids). Every
+    benchmark is read before any is written, so a bad one fails fast."""
+    out_dir = Path(out_dir).resolve()
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise RuyiError(f"{out_dir} is not empty: write the tasks to a new folder (or remove this one)")
     ev = spec.eval
     if any(b.format in GENERATIVE for b in ev.benchmarks.values()) and not tokenizer.chat_template:
         raise RuyiError("exact_match and contains benchmarks prompt through the chat template, but this tokenizer "
                         "has none")
-    records = {name: load_records(name, b, spec, tokenizer, out_dir / "fetched", store)
-               for name, b in ev.benchmarks.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".fetch-") as fetched:
+        records = {name: load_records(name, b, spec, tokenizer, Path(fetched), store)
+                   for name, b in ev.benchmarks.items()}
+    stop = [tokenizer.decode([i], skip_special_tokens=False) for i in eos]
+    (out_dir / "data").mkdir()
+    tasks = {name: task_name(name) for name in ev.benchmarks}
     for name, bench in ev.benchmarks.items():
         data = out_dir / "data" / f"{name}.jsonl"
-        data.parent.mkdir(parents=True, exist_ok=True)
-        data.write_text("".join(json.dumps(r) + "\n" for r in records[name]))
-        cfg = task_config(name, bench.format, data, out_dir / "hf_cache", ev.max_new_tokens, stop, bench.template)
-        text = yaml.safe_dump(cfg, sort_keys=False)
-        if bench.format in GENERATIVE:  # a YAML tag safe_dump cannot emit
-            text += f"process_results: !function {__name__}.{bench.format}_results\n"
-        (out_dir / f"{name}.yaml").write_text(text)
-    return list(ev.benchmarks)
+        data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records[name]), encoding="utf-8")
+        cfg = task_config(tasks[name], bench.format, data, out_dir / "hf_cache", ev.max_new_tokens, stop,
+                          bench.template)
+        (out_dir / f"{tasks[name]}.yaml").write_text(_task_yaml(cfg, name, bench, len(records[name])),
+                                                     encoding="utf-8")
+    (out_dir / "utils.py").write_text(inspect.getsource(scoring), encoding="utf-8")
+    group = spec.family.name  # never a task's name: family names have no "_"
+    (out_dir / f"{group}.yaml").write_text(
+        f"# Every benchmark of the spec: lm_eval --include_path {out_dir} --tasks {group}\n"
+        + yaml.safe_dump({"group": group, "task": list(tasks.values()), "metadata": {"version": 1.0}},
+                         sort_keys=False))
+    return Suite(out_dir, group, tasks, {name: len(r) for name, r in records.items()})
