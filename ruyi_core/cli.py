@@ -14,6 +14,7 @@ from rich.table import Table
 
 from ruyi_core.data.cli import data_app
 from ruyi_core.errors import RuyiError
+from ruyi_core.eval.cli import eval_app
 from ruyi_core.package.cli import models_app
 from ruyi_core.serve.cli import serve_command
 from ruyi_core.store.cli import lineage_command, store_app
@@ -28,6 +29,7 @@ console = Console()
 app.add_typer(data_app, name="data", help="Validate and pack corpora.")
 app.add_typer(store_app, name="store", help="The local S3 server.")
 app.add_typer(models_app, name="models", help="The model registry: packages per tier, promotion, verification.")
+app.add_typer(eval_app, name="eval", help="The spec's benchmarks as lm-evaluation-harness tasks.")
 app.command("lineage", help="The chain from an artifact back to the raw data files, with hashes.")(lineage_command)
 app.command("serve")(serve_command)
 
