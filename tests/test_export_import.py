@@ -196,11 +196,11 @@ def test_bf16_base_gives_bf16_family_and_tiers_and_no_tokenizer_exports(tmp_path
 CONVERT_PEAK = """
 import sys
 import megatron.core.dist_checkpointing, transformers, ruyi_core.family.modeling, ruyi_core.megatron.model
+from ruyi_core.measure import PeakMemory
 from ruyi_core.megatron import ckpt
-kib = lambda key: int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith(key)))
-base = kib("VmRSS:")
-ckpt.main(sys.argv[1:])
-print(kib("VmHWM:") - base)
+with PeakMemory() as mem:
+    ckpt.main(sys.argv[1:])
+print(int(mem.grown_mib * 1024))
 """
 
 

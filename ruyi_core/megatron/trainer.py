@@ -12,8 +12,6 @@ from the latest complete one (local or in the store). The same command runs loca
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import time
 from functools import partial
 from pathlib import Path
@@ -25,6 +23,8 @@ from ruyi_core.errors import RuyiError
 from ruyi_core.megatron import ckpt
 from ruyi_core.megatron.cpu import cpu_shim, fuse_cpu_adam, native_torch, seed_everything
 from ruyi_core.megatron.loss import exit_weights
+from ruyi_core.megatron.losslog import LossLog
+from ruyi_core.megatron.storage import CheckpointStore, StoreIO
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,54 +51,6 @@ def _rank0() -> bool:
     return dist.get_rank() == 0
 
 
-class StoreIO:
-    """Rank 0 of each node fetches inputs and rank 0 uploads checkpoints; other ranks wait at barriers."""
-
-    def __init__(self, spec, out: Path):
-        import os
-
-        self.spec, self.out = spec, out
-        self.local0 = int(os.environ.get("LOCAL_RANK", 0)) == 0
-        self._store = None
-
-    @property
-    def store(self):
-        if self._store is None:
-            import os
-
-            from ruyi_core.store import ArtifactStore
-
-            self._store = ArtifactStore.from_spec(self.spec.store, env=os.environ, create_bucket=False)
-        return self._store
-
-    def fetch(self, src: str, name: str, only: list[str] | None = None) -> Path:
-        """An input artifact's folder (`only` these files of it: the family's config, not its weights)."""
-        if not src.startswith("s3://"):
-            return Path(src)
-        dest = self.out / "inputs" / name
-        if self.local0 and not (dest / ".fetched").is_file():
-            self.store.get_artifact(src, dest, only=only)
-            (dest / ".fetched").write_text(src)
-        dist.barrier()
-        return dest
-
-    def pull_latest(self, prefix: str, root: Path) -> None:
-        """The store's latest complete checkpoint, when it is newer than what is on local disk."""
-        if self.local0:
-            remote = sorted(self.store.list_artifacts(prefix))
-            local = ckpt.latest_complete(root)
-            if remote and (local is None or remote[-1].rsplit("/", 1)[-1] > local.name):
-                self.store.get_artifact(remote[-1], root / remote[-1].rsplit("/", 1)[-1])
-        dist.barrier()
-
-    def push(self, path: Path, prefix: str, stage: str, step: int, inputs: list[str]) -> None:
-        if _rank0():
-            self.store.put_artifact(f"{prefix}/{path.name}", path, stage=f"{stage}_checkpoint",
-                                    spec_hash=self.spec.fingerprint(),
-                                    inputs=[i for i in inputs if i and i.startswith("s3://")], metadata={"step": step})
-        dist.barrier()
-
-
 class ExitLossMeter:
     """Per-exit losses of one step: recorded per microbatch on the stage that computes each exit, then
     averaged over microbatches, summed over pipeline stages (each exit lives on one) and averaged over DP.
@@ -119,26 +71,6 @@ class ExitLossMeter:
         dist.all_reduce(vec, group=ps.get_pipeline_model_parallel_group())
         dist.all_reduce(vec, group=ps.get_data_parallel_group())
         return (vec / ps.get_data_parallel_world_size()).tolist()
-
-
-def loss_curves_png(history: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    steps = [h["step"] for h in history]
-    for p, _ in enumerate(history[0]["exits"]):
-        ax.plot(steps, [h["exits"][p] for h in history], label=f"exit {history[0]['exit_points'][p]}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _last_exit_loss(loss: torch.Tensor):
@@ -178,8 +110,9 @@ class Trainer:
         self.exits = list(self.hf_cfg.early_exit_points)
         self.only = self.hf_cfg.tiers[self.spec.dae.tier] if args.stage.startswith("dae_") else None
         self.step_idx, self.consumed, self.history = 0, 0, []
-        self.ckpt_root = args.out / "checkpoints"
-        self.log_path = args.out / f"{args.stage}_losses.jsonl"
+        self.checkpoints = CheckpointStore(self.io, args.out / "checkpoints", args.ckpt_prefix, args.stage,
+                                           [args.family, args.data, args.replay])
+        self.losses = LossLog(args.out, args.stage, writes=_rank0())
         self._build_model()
         self._build_data()
 
@@ -292,40 +225,18 @@ class Trainer:
         return per_exit
 
     def save(self) -> Path:
-        """Checkpoints the current step (with the loss log and curves) and uploads it with --ckpt-prefix."""
-        path = self.ckpt_root / f"iter_{self.step_idx:07d}"
-        ckpt.save(path, self.ddp.module, self.opt, self.state_dict(), rng=True)
-        if _rank0():  # the loss log travels with each checkpoint, wherever the trainer ran
-            (path / self.log_path.name).write_bytes(self.log_path.read_bytes())
-            loss_curves_png(self.history, path / f"{self.args.stage}_losses.png",
-                            f"{self.args.stage}: loss per exit")
-        a = self.args
-        if a.ckpt_prefix:
-            self.io.push(path, a.ckpt_prefix, a.stage, self.step_idx, [a.family, a.data, a.replay])
-        self._prune()
-        return path
-
-    def _prune(self) -> None:
-        """Keeps the newest `keep_checkpoints` complete checkpoints here and in the store."""
+        """Checkpoints the current step, with the loss log and its curves."""
         keep = max(1, self.st.keep_checkpoints)  # 0: the newest is kept while training, for resume
-        dist.barrier()
-        if self.io.local0:  # each node's scratch holds its own copy
-            done = sorted(p for p in self.ckpt_root.glob("iter_*") if (p / ckpt.DONE).is_file())
-            for old in done[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        if _rank0() and self.args.ckpt_prefix:
-            for uri in sorted(self.io.store.list_artifacts(self.args.ckpt_prefix))[:-keep]:
-                self.io.store.delete_artifact(uri)
-        dist.barrier()
+        return self.checkpoints.save(self.step_idx, self.ddp.module, self.opt, self.state_dict(), keep,
+                                     attach=lambda path: self.losses.attach(path, self.history))
 
     def resume(self) -> bool:
         """Continues exactly from the latest complete checkpoint, local or (when newer) in the store."""
-        if self.args.ckpt_prefix:
-            self.io.pull_latest(self.args.ckpt_prefix, self.ckpt_root)
-        last = ckpt.latest_complete(self.ckpt_root)
-        if last is None:
+        loaded = self.checkpoints.load_latest(self.ddp.module, self.opt)
+        if loaded is None:
             return False
-        self.load_state_dict(ckpt.load(last, self.ddp.module, self.opt, rng=True))
+        last, state = loaded
+        self.load_state_dict(state)
         if _rank0():
             # tagged like the progress lines, so the pipeline's screen shows it, not only its log
             print(f"[{self.args.stage}] resumed from step {self.step_idx} ({last.name})", flush=True)
@@ -347,9 +258,7 @@ class Trainer:
     def run(self) -> None:
         if not (self.args.resume and self.resume()) and (self.args.init or self.args.init_hf):
             self.load_init()
-        if _rank0():  # the log restarts from the checkpoint's history: steps after it will be redone
-            self.args.out.mkdir(parents=True, exist_ok=True)
-            self.log_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        self.losses.restart(self.history)
         st, started, tokens = self.st, time.perf_counter(), 0
         while self.step_idx < st.steps:
             self.step()
@@ -369,12 +278,11 @@ class Trainer:
         save_family_files(self.hf_cfg, load_tokenizer(self.io.fetch(self.args.init_hf, "init_hf")), out)
 
     def _report(self, rate: float) -> None:
-        """Rank 0 appends the step's record to the loss log and prints progress every --log-every steps."""
+        """Appends the step's record to the loss log; rank 0 prints progress every --log-every steps."""
+        rec, st = self.history[-1], self.st
+        self.losses.append(rec)
         if not _rank0():
             return
-        rec, st = self.history[-1], self.st
-        with self.log_path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
         if self.step_idx % self.args.log_every == 0 or self.step_idx == st.steps:
             left = (st.steps - self.step_idx) * st.global_batch_size * st.seq_length / max(rate, 1e-9)
             print(f"[{self.args.stage}] step {self.step_idx}/{st.steps} | loss {rec['loss']:.4f} | exits "
