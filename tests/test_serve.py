@@ -8,6 +8,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -53,8 +54,9 @@ def packages(package_dirs):
     return {t: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for t, d in package_dirs.items()}
 
 
-def _post(url: str, content: bytes) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=content, headers={"content-type": "application/json"})
+def post(url: str, content: bytes | None, headers: dict | None = None) -> tuple[int, dict]:
+    """(status, JSON body) of a POST (a GET without `content`)."""
+    req = urllib.request.Request(url, data=content, headers={"content-type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, json.loads(r.read())
@@ -62,7 +64,7 @@ def _post(url: str, content: bytes) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-def _chat_ids(tok, text: str) -> list[int]:
+def chat_ids(tok, text: str) -> list[int]:
     t = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
     return tok(t)["input_ids"]
 
@@ -73,16 +75,14 @@ def _vanilla(model, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-@pytest.fixture(scope="module")
-def server(served):
+@contextmanager
+def serving(app):
+    """`app` on a free local port, in a thread: yields its /v1 URL."""
     import uvicorn
-
-    from ruyi_core.serve.api import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(served, max_batch=16)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     th = threading.Thread(target=srv.run, daemon=True)
     th.start()
@@ -90,9 +90,20 @@ def server(served):
         if srv.started:
             break
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1", app
-    srv.should_exit = True
-    th.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        srv.should_exit = True
+        th.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    from ruyi_core.serve.api import create_app
+
+    app = create_app(served, max_batch=16)
+    with serving(app) as url:
+        yield url, app
 
 
 def test_one_trunk_and_every_tier_equals_its_package(served, packages):
@@ -102,7 +113,7 @@ def test_one_trunk_and_every_tier_equals_its_package(served, packages):
     tok = served.tokenizer
     for tier, pkg in packages.items():
         for p in PROMPTS:
-            ids = _chat_ids(tok, p)
+            ids = chat_ids(tok, p)
             got = generate(served.tiers[tier], [ids], [12], set())[0]
             assert got == _vanilla(pkg, ids, 12), (tier, p)
 
@@ -117,7 +128,7 @@ def test_openai_client_streaming_and_models(server, served, packages):
     for tier, pkg in packages.items():
         r = client.chat.completions.create(model=f"micro:{tier}", messages=[{"role": "user", "content": PROMPTS[0]}],
                                            max_tokens=10, temperature=0)
-        want = tok.decode(_vanilla(pkg, _chat_ids(tok, PROMPTS[0]), 10), skip_special_tokens=True)
+        want = tok.decode(_vanilla(pkg, chat_ids(tok, PROMPTS[0]), 10), skip_special_tokens=True)
         assert r.choices[0].message.content == want and r.usage.completion_tokens == 10
         assert r.choices[0].finish_reason == "length"
         chunks = client.chat.completions.create(model=f"micro:{tier}", messages=[{"role": "user",
@@ -135,7 +146,7 @@ def test_hundred_concurrent_requests_are_batched(server):
     from openai import AsyncOpenAI
 
     url, app = server
-    before = app.state.batcher.batches
+    before = app.state.engine.batcher.batches
 
     async def main():
         client = AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
@@ -146,7 +157,7 @@ def test_hundred_concurrent_requests_are_batched(server):
     out = asyncio.run(main())
     assert len(out) == 100
     assert all(r.usage.completion_tokens == 8 or r.choices[0].finish_reason == "stop" for r in out)
-    assert app.state.batcher.batches - before < 100  # some requests shared a batch
+    assert app.state.engine.batcher.batches - before < 100  # some requests shared a batch
 
 
 @pytest.mark.parametrize("body,status,needle", [
@@ -158,11 +169,11 @@ def test_hundred_concurrent_requests_are_batched(server):
 ])
 def test_bad_requests_get_openai_errors_and_the_server_lives_on(server, body, status, needle):
     url, _ = server
-    code, got = _post(f"{url}/completions", (body if isinstance(body, str) else json.dumps(body)).encode())
+    code, got = post(f"{url}/completions", (body if isinstance(body, str) else json.dumps(body)).encode())
     assert code == status, got
     err = got["error"]
     assert needle in err["message"] and err["type"].endswith("_error")
-    code, ok = _post(f"{url}/completions", json.dumps({"model": "micro:end", "prompt": "x", "max_tokens": 2}).encode())
+    code, ok = post(f"{url}/completions", json.dumps({"model": "micro:end", "prompt": "x", "max_tokens": 2}).encode())
     assert code == 200 and ok["usage"]["completion_tokens"] == 2
 
 
@@ -170,7 +181,7 @@ def test_self_speculative_decoding_gives_the_target_tiers_greedy_tokens(served):
     end, edge, cloud = served.tiers.values()
     tok, stats = served.tokenizer, SpecStats()
     for i in range(20):
-        ids = _chat_ids(tok, f"question {i}: {PROMPTS[i % len(PROMPTS)]}")
+        ids = chat_ids(tok, f"question {i}: {PROMPTS[i % len(PROMPTS)]}")
         want = generate(cloud, [ids], [24], served.eos)[0]
         for draft, k in ((end, 3), (edge, 5)):
             assert speculative(draft, cloud, ids, 24, served.eos, k=k, stats=stats) == want, (i, k)
@@ -193,7 +204,7 @@ def test_packages_load_with_their_shared_blocks_once(package_dirs, packages):
     assert shared_depth(tiers["edge"], tiers["cloud"]) == 2 and shared_depth(tiers["end"], tiers["cloud"]) == 0
     assert tiers["end"].model.embed_tokens is tiers["cloud"].model.embed_tokens
     assert served.parameters_in_memory() < sum(sum(p.numel() for p in m.parameters()) for m in packages.values())
-    ids = _chat_ids(served.tokenizer, PROMPTS[0])
+    ids = chat_ids(served.tokenizer, PROMPTS[0])
     for t in tiers:
         assert generate(tiers[t], [ids], [8], served.eos) == generate(packages[t], [ids], [8], served.eos), t
 
@@ -221,6 +232,6 @@ def test_auto_answers_as_one_tier_and_says_which(server, served):
     r = client.chat.completions.create(model="micro:auto", messages=[{"role": "user", "content": PROMPTS[1]}],
                                        max_tokens=8)
     tier = r.system_fingerprint.split(":")[1]
-    ids = _chat_ids(served.tokenizer, PROMPTS[1])
+    ids = chat_ids(served.tokenizer, PROMPTS[1])
     want = served.tokenizer.decode(generate(served.tiers[tier], [ids], [8], served.eos)[0], skip_special_tokens=True)
     assert tier in served.tiers and r.choices[0].message.content == want

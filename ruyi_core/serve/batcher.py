@@ -1,6 +1,7 @@
 """Batches concurrent requests: one worker thread takes whatever requests are waiting (up to `max_batch`),
 groups them by tier and sampling settings, and decodes each group as one batch. Tokens go back to each
-request's asyncio queue as they are made, so streaming and batching work together."""
+request's asyncio queue as they are made, so streaming and batching work together. A seeded job is decoded
+alone: its sampled tokens then depend on its seed only, not on what it happened to share a batch with."""
 from __future__ import annotations
 
 import asyncio
@@ -20,12 +21,18 @@ class Job:
     temperature: float
     seed: int | None
     loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue = field(default_factory=asyncio.Queue)
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)  # (index, item): the n jobs of a request share it
+    index: int = 0  # which of its request's answers (OpenAI's choice index)
     stop: threading.Event = field(default_factory=threading.Event)  # set: the request wants no more tokens
     answered_by: str | None = None  # the tier that answered (set before the first token; `auto` routes)
 
     def put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        self.loop.call_soon_threadsafe(self.out.put_nowait, (self.index, item))
+
+    @property
+    def group(self) -> tuple:
+        """Jobs decoded together share this."""
+        return (self.tier, self.temperature) if self.seed is None else (self.tier, self.temperature, id(self))
 
 
 class Batcher:
@@ -66,10 +73,10 @@ class Batcher:
         while (jobs := self._take()) is not None:
             groups: dict[tuple, list[Job]] = {}
             for j in jobs:
-                groups.setdefault((j.tier, j.temperature, j.seed), []).append(j)
-            for (tier, _, _), group in groups.items():
+                groups.setdefault(j.group, []).append(j)
+            for group in groups.values():
                 self.batches += 1
-                self._run_group(tier, group)
+                self._run_group(group[0].tier, group)
 
     def _run_group(self, tier: str, group: list[Job]) -> None:
         def on_token(i: int, token: int) -> bool:

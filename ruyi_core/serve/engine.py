@@ -1,0 +1,155 @@
+"""The serving engine: what the HTTP routes call. It names the models, builds prompts, checks a request against
+the context, hands its answers to the batcher (batcher.py) and turns their tokens into text as they come:
+decoding a batch of one tier (decode.generate), self-speculatively through a shallower tier
+(decode.speculative), or routed over the tiers (`auto`, route.py)."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from ruyi_core.serve.batcher import DONE, Batcher, Job
+from ruyi_core.serve.decode import SpecStats, generate, speculative
+from ruyi_core.serve.detok import Detokenizer, StopStrings
+from ruyi_core.serve.protocol import ApiError
+from ruyi_core.serve.route import answer
+from ruyi_core.serve.tiers import ServedFamily
+
+
+@dataclass
+class Piece:
+    """New text of one answer (the request's `index`-th), with its finish reason once it is done."""
+    index: int
+    text: str
+    finish: str | None
+    tokens: int  # the answer's tokens so far
+
+
+class _Answer:
+    """One answer's text as its tokens come: detokenized, cut at stop strings."""
+
+    def __init__(self, job: Job, tokenizer, stops: list[str]):
+        self.job, self.detok, self.stops = job, Detokenizer(tokenizer), StopStrings(stops)
+        self.tokens, self.last, self.done = 0, None, False
+
+    def token(self, t: int) -> Piece | None:
+        self.tokens, self.last = self.tokens + 1, t
+        text, stopped = self.stops.push(self.detok.push(t))
+        if stopped:
+            self.job.stop.set()
+            return self._end(text, "stop")
+        return Piece(self.job.index, text, None, self.tokens) if text else None
+
+    def end(self, eos: set[int]) -> Piece:
+        text, stopped = self.stops.push(self.detok.flush())
+        if stopped:
+            return self._end(text, "stop")
+        return self._end(text + self.stops.flush(), "stop" if self.last in eos else "length")
+
+    def _end(self, text: str, finish: str) -> Piece:
+        self.done = True
+        return Piece(self.job.index, text, finish, self.tokens)
+
+
+class Engine:
+    def __init__(self, family: ServedFamily, max_batch: int = 8, default_max_tokens: int = 256,
+                 draft: str | None = None, draft_tokens: int = 4, auto_threshold: float | None = None):
+        """`draft`: greedy requests to deeper tiers are decoded self-speculatively with this tier drafting
+        `draft_tokens` at a time (one request at a time; same tokens, fewer passes through the deep blocks).
+        `FAMILY:auto` routes each request (route.py) at `auto_threshold` (default: the family's calibrated
+        operating point, else 0.5)."""
+        self.family, self.tok = family, family.tokenizer
+        self.default_max_tokens, self.draft, self.draft_tokens = default_max_tokens, draft, draft_tokens
+        point = (family.routing or {}).get("operating_point", {})
+        self.auto_threshold = auto_threshold if auto_threshold is not None else point.get("threshold", 0.5)
+        self.spec_stats = SpecStats()
+        self.names = [*family.tiers, *(["auto"] if len(family.tiers) > 1 else [])]
+        self.batcher = Batcher(self._run, max_batch)
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    @property
+    def longest_context(self) -> int:
+        return max(m.config.max_position_embeddings for m in self.family.tiers.values())
+
+    def tier_of(self, model: str) -> str:
+        fam, _, tier = model.partition(":")
+        if fam != self.family.name or tier not in self.names:
+            have = ", ".join(f"{self.family.name}:{t}" for t in self.names)
+            raise ApiError(404, f"the model {model!r} does not exist: this server has {have}", "model",
+                           "model_not_found")
+        return tier
+
+    async def prompt_ids(self, text: str) -> list[int]:
+        """Off the event loop: a long prompt must not stall the other requests' streams."""
+        return await asyncio.to_thread(lambda: self.tok(text)["input_ids"])
+
+    async def chat_ids(self, messages: list[dict]) -> list[int]:
+        return await self.prompt_ids(self.tok.apply_chat_template(messages, add_generation_prompt=True,
+                                                                  tokenize=False))
+
+    def submit(self, model: str, ids: list[int], max_tokens: int | None, temperature: float | None,
+               seed: int | None, n: int = 1) -> list[Job]:
+        """`n` answers to one prompt, queued for decoding; a seeded request's answers are seeded seed, seed + 1,
+        ... (n different answers, each reproducible)."""
+        tier = self.tier_of(model)
+        temperature = temperature or 0.0
+        if tier == "auto" and temperature > 0:
+            raise ApiError(400, f"{model} routes greedy answers (temperature 0): to sample, ask a tier "
+                                f"({', '.join(f'{self.family.name}:{t}' for t in self.family.tiers)})",
+                           "temperature")
+        limit = min(m.config.max_position_embeddings for t, m in self.family.tiers.items() if tier in (t, "auto"))
+        max_new = max_tokens or min(self.default_max_tokens, max(limit - len(ids), 1))
+        if len(ids) + max_new > limit:
+            raise ApiError(400, f"this model's maximum context length is {limit} tokens; the request has "
+                                f"{len(ids)} prompt tokens and asks for {max_new} more: shorten the prompt or "
+                                "lower max_tokens", "max_tokens", "context_length_exceeded")
+        out, loop = asyncio.Queue(), asyncio.get_running_loop()
+        return [self.batcher.submit(Job(tier, ids, max_new, temperature, None if seed is None else seed + i, loop,
+                                        out, index=i)) for i in range(n)]
+
+    async def pieces(self, jobs: list[Job], stops: list[str],
+                     gone: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[Piece]:
+        """The answers' text as it is made, piece by piece, until every answer is done; when the client is
+        `gone` (or stops reading), their decoding stops."""
+        answers = [_Answer(j, self.tok, stops) for j in jobs]
+        out = jobs[0].out
+        try:
+            while not all(a.done for a in answers):
+                i, item = await out.get()
+                a = answers[i]
+                if isinstance(item, Exception):
+                    raise item
+                if a.done:  # tokens decoded after a stop string, before the batch saw the stop
+                    continue
+                piece = a.end(self.family.eos) if item is DONE else a.token(item)
+                if piece is not None:
+                    yield piece
+                if gone is not None and await gone():
+                    return
+        finally:
+            for j in jobs:
+                j.stop.set()
+
+    def _run(self, tier: str, jobs: list[Job], on_token: Callable[[int, int], bool]) -> None:
+        """Decodes one batch (same tier and sampling), on the batcher's thread."""
+        fam = self.family
+        if tier == "auto":  # a batch escalates together, tier by tier
+            routed = answer(fam, [j.prompt for j in jobs], [j.max_new_tokens for j in jobs], self.auto_threshold)
+            for i, (j, a) in enumerate(zip(jobs, routed)):
+                j.answered_by = a.tier
+                for t in a.tokens:
+                    if on_token(i, t):
+                        break
+            return
+        for j in jobs:
+            j.answered_by = tier
+        model, temperature = fam.tiers[tier], jobs[0].temperature
+        if self.draft is None or temperature > 0 or fam.depth(tier) <= fam.depth(self.draft):
+            generate(model, [j.prompt for j in jobs], [j.max_new_tokens for j in jobs], fam.eos,
+                     temperature=temperature, seed=jobs[0].seed, on_token=on_token)
+            return
+        for i, j in enumerate(jobs):
+            speculative(fam.tiers[self.draft], model, j.prompt, j.max_new_tokens, fam.eos, k=self.draft_tokens,
+                        stats=self.spec_stats, on_token=lambda t, i=i: on_token(i, t))
