@@ -39,9 +39,18 @@ def serve_command(family: Path | None = typer.Option(None, help="a family folder
                   max_batch: int = typer.Option(8, min=1, help="requests decoded together at most"),
                   draft: str | None = typer.Option(None, help="decode greedy requests to deeper tiers "
                                                               "self-speculatively, this tier drafting"),
-                  draft_tokens: int = typer.Option(8, min=1, max=16, help="tokens drafted per round")):
+                  draft_tokens: int = typer.Option(8, min=1, max=16, help="tokens drafted per round"),
+                  api_key: str | None = typer.Option(None, envvar="RUYI_API_KEY", show_envvar=True,
+                                                     help="answer /v1 only for requests bearing this key "
+                                                          "(Authorization: Bearer KEY; others get 401), as vLLM's "
+                                                          "--api-key and VLLM_API_KEY: for a server on a shared "
+                                                          "network"),
+                  max_body_bytes: int | None = typer.Option(None, min=1, help="refuse larger request bodies "
+                                                                              "(413) before reading them; default "
+                                                                              "32 bytes per context token, at "
+                                                                              "least 1 MiB")):
     """Serve every tier of a family over an OpenAI-compatible API (/v1/chat/completions, /v1/completions,
-    /v1/models; streaming), one shared trunk in memory. Models are named FAMILY:TIER."""
+    /v1/models; streaming; an open /health), one shared trunk in memory. Models are named FAMILY:TIER."""
     import uvicorn
 
     from ruyi_core.serve.api import create_app
@@ -53,12 +62,13 @@ def serve_command(family: Path | None = typer.Option(None, help="a family folder
     served = load_served(family, registry, version, spec, lambda m: c.print(f"[dim]{m}[/]", highlight=False))
     if draft is not None and draft not in served.tiers:
         raise RuyiError(f"--draft {draft}: {served.name} has tiers {', '.join(served.tiers)}")
-    app = create_app(served, max_batch=max_batch, draft=draft, draft_tokens=draft_tokens)
+    app = create_app(served, max_batch=max_batch, draft=draft, draft_tokens=draft_tokens, api_key=api_key,
+                     max_body_bytes=max_body_bytes)
     own = sum(p.numel() for m in served.tiers.values() for p in m.parameters())
     c.print(f"serving {served.name}" + (f" {served.version}" if served.version else "") + " at "
             f"http://{host}:{port}/v1: " + ", ".join(f"{served.name}:{t}" for t in served.tiers)
             + f" ({served.parameters_in_memory() / 1e6:.1f}M parameters in memory for {own / 1e6:.1f}M "
-            "across the tiers)", highlight=False, soft_wrap=True)
+            "across the tiers)" + ("; API key required" if api_key else ""), highlight=False, soft_wrap=True)
     try:
         uvicorn.run(app, host=host, port=port, log_level=os.environ.get("RUYI_SERVE_LOG", "warning"))
     except OSError as e:
