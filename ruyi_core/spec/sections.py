@@ -116,7 +116,7 @@ class KindThresholds(_Strict):
 class DataSpec(_Strict):
     """Corpora by kind; a spec must name them (there is no default corpus). Each entry is a local JSONL/Parquet file
     or folder, an s3:// object or prefix, or `demo` (the generated demo world, deterministic in `seed`). Record
-    formats: pretrain and heldout {text, source?, lang?}; sft {messages: [{role, content}, ...]}; rl and rl_heldout
+    formats: pretrain {text, source, lang}; heldout {text}; sft {messages: [{role, content}, ...]}; rl and rl_heldout
     {prompt, answer} (docs/data.md)."""
 
     pretrain: list[str] | None = None
