@@ -307,6 +307,26 @@ def command_problem(words: list[str], marked: bool) -> str | None:
     return f"`{name}` cannot run here: mark the block <!-- not run: why -->"
 
 
+def test_commands_named_in_the_text_exist():
+    """`ruyi a b` in the text: every word is a real (sub)command, up to the command's options and arguments."""
+    import typer
+
+    from pipelines.cli import app
+
+    wrong = []
+    for doc in DOCS:
+        for span in re.findall(r"`(ruyi [^`\n]+)`", prose(doc)):
+            cmd, words = typer.main.get_command(app), span.split()[1:]
+            while getattr(cmd, "commands", None) and words and words[0] != "...":  # `ruyi models ...`: a group
+                if words[0] not in cmd.commands:
+                    wrong.append(f"{doc.name}: `{span}`")
+                    break
+                cmd, words = cmd.commands[words[0]], words[1:]
+            opts = {o for p in getattr(cmd, "params", []) for o in getattr(p, "opts", [])}
+            wrong += [f"{doc.name}: `{span}`: {w}" for w in words if w.startswith("--") and w not in opts]
+    assert not wrong, wrong
+
+
 @pytest.mark.parametrize("block", [b for b in ALL if b.lang == "bash"], ids=str)
 def test_shell_examples_name_real_commands(block):
     problems = [p for words in commands(block.text) if (p := command_problem(words, block.not_run is not None))]
