@@ -81,8 +81,9 @@ class RunSpec(_Strict):
 
 
 NAMING_HELP = ("give family.base and family.exit_points, data sources (each a list of JSONL/Parquet files or folders, "
-               "s3:// prefixes, or demo; records: pretrain/heldout {text}, sft {messages: [{role, content}]}, "
-               "rl/rl_heldout {prompt, answer}) and eval.benchmarks; see docs/data.md and specs/tiny.yaml")
+               "s3:// prefixes, or demo; records: pretrain {text, source, lang}, heldout {text}, "
+               "sft {messages: [{role, content}]}, rl/rl_heldout {prompt, answer}) and eval.benchmarks; see docs/data.md "
+               "and specs/tiny.yaml")
 
 
 def unnamed(raw: dict) -> list[str]:
