@@ -1,7 +1,8 @@
 """A long streamed answer's cost per token at its start and at its end, measured side by side in one run: a
 2,000-token answer streamed over the OpenAI API (the `openai` client; each chunk's arrival and, from vLLM's
-`continuous_usage_stats`, how many tokens it carries), the same tier decoding alone in-process (the model's own
-share, attention over a longer context included), and the answer's text made incrementally (serve/detok.py)
+`continuous_usage_stats`, how many tokens it carries); the same tier decoding alone in-process (the model's own
+share, attention over a longer context included); the server's own path with the model left out (the answer's
+tokens through the engine into server-sent events); and the answer's text made incrementally (serve/detok.py)
 against decoding the whole answer again per token. For each: ms per token over the first and the last 200
 tokens, and their ratio.
 
@@ -14,6 +15,7 @@ median gap between tokens (a pause of the shared machine's is not the code's), t
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import time
@@ -72,6 +74,34 @@ def decoded_alone(served, tier: str, ids: list[int], n: int) -> tuple[list[tuple
     return stamps, out[0]
 
 
+def serving_path(served, tier: str, tokens: list[int]) -> list[tuple[int, float]]:
+    """The server's own work per token, the model left out: the answer's tokens, queued at once as the decoder
+    would queue them, through the engine (text, stop strings) and into server-sent events."""
+    from ruyi_core.serve.batcher import DONE, Job
+    from ruyi_core.serve.engine import Engine
+    from ruyi_core.serve.protocol import StreamOptions
+    from ruyi_core.serve.respond import Reply, stream
+
+    async def run():
+        job = Job(tier, [], len(tokens), 0.0, None, asyncio.get_running_loop())
+        for t in [*tokens, DONE]:
+            job.out.put_nowait((0, t))
+        stamps = []
+        events = stream(Reply(tier, False, 1, 0, lambda: None), engine.pieces([job], []),
+                        StreamOptions(continuous_usage_stats=True))
+        async for e in events:
+            chunk = json.loads(e[6:]) if e.startswith("data: {") else {}
+            if chunk.get("choices"):
+                stamps.append((chunk["usage"]["completion_tokens"], time.perf_counter()))
+        return [s for s, prev in zip(stamps, [(0, 0.0), *stamps]) if s[0] > prev[0]]
+
+    engine = Engine(served)
+    try:
+        return asyncio.run(run())
+    finally:
+        engine.close()
+
+
 def detokenized(tok, tokens: list[int], incremental: bool) -> list[tuple[int, float]]:
     stamps, d = [], Detokenizer(tok)
     for i, t in enumerate(tokens):
@@ -88,12 +118,13 @@ def measure(served, url: str, tier: str, a) -> dict[str, list[tuple[float, float
     ids = served.tokenizer(prompt)["input_ids"]
     model = f"{served.name}:{tier}"
     streamed(url, model, prompt, 2 * a.window)  # warm-up: first calls are slower
-    rows: dict[str, list[tuple[float, float]]] = {"streamed": [], "decode_alone": [], "detok_incremental": [],
-                                                  "detok_full_redecode": []}
+    rows: dict[str, list[tuple[float, float]]] = {"streamed": [], "decode_alone": [], "serving_path": [],
+                                                  "detok_incremental": [], "detok_full_redecode": []}
     for _ in range(a.rounds):
         rows["streamed"].append(windows(streamed(url, model, prompt, a.tokens), a.window))
         stamps, tokens = decoded_alone(served, tier, ids, a.tokens)
         rows["decode_alone"].append(windows(stamps, a.window))
+        rows["serving_path"].append(windows(serving_path(served, tier, tokens), a.window))
         rows["detok_incremental"].append(windows(detokenized(served.tokenizer, tokens, True), a.window))
         rows["detok_full_redecode"].append(windows(detokenized(served.tokenizer, tokens, False), a.window))
     return rows
