@@ -68,12 +68,6 @@ class RuyiModel(RuyiPreTrainedModel):
     def branch_block(self, k: int) -> nn.Module:
         return self.eelayers[k] if k < len(self.eelayers) else self.layers[-1]
 
-    def tier_blocks(self, exit_point: int) -> list[nn.Module]:
-        """The blocks of exit p's standalone model, in order: trunk 0..p-1, branch block, added blocks."""
-        k = self.config.exit_index(exit_point)
-        extra = list(self.expanded[str(exit_point)]) if str(exit_point) in self.expanded else []
-        return [*self.layers[:exit_point], self.branch_block(k), *extra]
-
     def _masks(self, embeds, attention_mask, past_key_values, position_ids) -> dict:
         kw = dict(config=self.config, inputs_embeds=embeds, attention_mask=attention_mask,
                   past_key_values=past_key_values, position_ids=position_ids)

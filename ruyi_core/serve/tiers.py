@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ruyi_core.errors import RuyiError
+from ruyi_core.family import names
 
 
 @dataclass
@@ -66,22 +67,14 @@ def from_family(path: str | Path, runtime, name: str | None = None) -> ServedFam
         cfg._attn_implementation = fam.config._attn_implementation
         with torch.device("meta"):
             m = AutoModelForCausalLM.from_config(cfg)
-        k = fam.config.exit_index(p)
-        m.model.embed_tokens, m.model.norm, m.lm_head = fam.model.embed_tokens, fam.model.norms[k], fam.head(p)
-        m.model.layers = torch.nn.ModuleList(fam.model.tier_blocks(p))
+        for prefix, module in names.tier_modules(fam, p).items():  # the family's own modules, nothing copied
+            _replace(m, prefix, module)
         m.model.rotary_emb = fam.model.rotary_emb  # the same rope: computed from the same config fields
         m.generation_config = generation_config(tok, cfg)
         tiers[tier] = m.eval()
     tiers = _sort(tiers)
     return ServedFamily(name or Path(path).resolve().name, tiers, tok,
                         eos=_eos(tok, next(iter(tiers.values()))))
-
-
-def _units(model) -> dict[str, torch.nn.Module]:
-    """A causal LM's weight-holding parts, by their name prefix in its checkpoint."""
-    inner = model.model
-    return {"model.embed_tokens.": inner.embed_tokens, **{f"model.layers.{i}.": b for i, b in enumerate(inner.layers)},
-            "model.norm.": inner.norm, "lm_head.": model.lm_head}
 
 
 def _equal(module: torch.nn.Module, sd: dict[str, torch.Tensor]) -> bool:
@@ -102,8 +95,8 @@ def load_sharing(path: Path, runtime, loaded: list[torch.nn.Module]) -> tuple[to
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=runtime.dtype)
     files = TensorFiles(path)
-    shared, others = 0, [_units(m) for m in loaded]
-    for prefix, module in _units(model).items():
+    shared, others = 0, [names.plain_modules(m) for m in loaded]
+    for prefix, module in names.plain_modules(model).items():
         sd = {k[len(prefix):]: files[k].to(runtime.device, runtime.dtype) for k in files if k.startswith(prefix)}
         if not sd:  # a tied head: tied below
             continue
@@ -137,7 +130,8 @@ def from_registry(store, family: str, runtime, version: str | None = None,
                   log: Callable[[str], None] = lambda m: None) -> ServedFamily:
     """Each tier's package (the promoted one per tier, or `version`'s), verified, loaded by vanilla
     transformers, with the blocks the packages share kept once, and the version's calibrated routing."""
-    from ruyi_core.package.registry import fetch, read_index
+    from ruyi_core.package.keys import routing_key
+    from ruyi_core.package.registry import fetch, read_index, version_entry
 
     index = read_index(store, family)
     if version is None:
@@ -145,17 +139,13 @@ def from_registry(store, family: str, runtime, version: str | None = None,
         if not tier_names:
             raise RuyiError(f"{family} has no promoted tier yet: pass --version, or promote one")
     else:
-        entry = next((v for v in index["versions"] if v["version"] == version), None)
-        if entry is None:
-            raise RuyiError(f"{family} has no version {version!r}: versions are "
-                            f"{', '.join(v['version'] for v in index['versions'])}")
-        tier_names = sorted(entry["tiers"])
+        tier_names = sorted(version_entry(index, version)["tiers"])
     dirs = {t: fetch(store, family, t, version, log=log) for t in tier_names}
     served = from_packages(family, dirs, runtime, log)
-    versions = sorted({d.parent.name for d in dirs.values()})
+    versions = sorted({version} if version else {index["promoted"][t] for t in tier_names})
     served.version = version or ",".join(versions)
     if len(versions) == 1:  # routing is calibrated per version, on that version's tiers
-        got = store.read_object(f"models/{family}/{versions[0]}/routing.json")
+        got = store.read_object(routing_key(family, versions[0]))
         served.routing = json.loads(got[0]) if got else None
     return served
 
