@@ -27,7 +27,7 @@ def svd_compress(spec_yaml: str, family: Input[Model], packed: Input[Dataset], e
         result = svd_compress(spec, store, family.metadata["uri"], pretrain, expanded.metadata["uri"])
         result.emit(compressed)
         for k, v in result.read_result(store).model_dump().items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if isinstance(v, (int, float)):  # the scalars; the ranks and the sweep stay in svd_result.json
                 svd.log_metric(k, v)
         # The local runner only caches a Metrics output whose metadata is also in its file.
         Path(svd.path).write_text(json.dumps(svd.metadata))
