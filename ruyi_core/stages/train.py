@@ -81,6 +81,7 @@ def _starting_checkpoint(run: StageRun, fam_dir, stage: str) -> str:
 def _train(run: StageRun, stage: str) -> dict:
     from ruyi_core.megatron.ckpt import DONE
     from ruyi_core.megatron.launch import validate_layout
+    from ruyi_core.megatron.storage import stored_checkpoints
 
     spec, store, st = run.spec, run.store, run.spec.train_stage(stage)
     fam_dir = run.fetch("family")
@@ -103,7 +104,7 @@ def _train(run: StageRun, stage: str) -> dict:
         # --out is the pod's scratch volume, shared by the ranks of a node; the job is named for this artifact.
         run_trainjob(spec, stage, f"{spec.family.name}-{stage}-{run.key.rsplit('/', 1)[-1][:8]}",
                      [*args, "--out", "/scratch/run"], log=run.log)
-    stored = sorted(store.list_artifacts(f"{run.key}/checkpoints"))
+    stored = stored_checkpoints(store, f"{run.key}/checkpoints")
     final = run.work / "run" / "checkpoints" / stored[-1].rsplit("/", 1)[-1]
     if not (final / DONE).is_file():  # trained elsewhere (a TrainJob), or resumed from the store
         final = run.work / "final"
