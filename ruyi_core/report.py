@@ -3,9 +3,23 @@ from __future__ import annotations
 
 import base64
 import html
-import io
+from dataclasses import dataclass, field
 
+from ruyi_core.plots import axes, png
 from ruyi_core.store import Manifest
+
+
+@dataclass
+class Measured:
+    """What the run's stages measured, picked out of its lineage by the stage table (stages/report.py): the
+    training stages' manifests in run order, GRPO's measurements, SVD's result (svd_result.json), the calibrated
+    `auto` routing (serve/route.py), and the stages' figures by caption."""
+
+    trained: list[Manifest] = field(default_factory=list)
+    grpo: dict | None = None
+    svd: dict | None = None
+    routing: dict | None = None
+    figures: dict[str, bytes] = field(default_factory=dict)
 
 
 def _label(uri: str) -> str:
@@ -18,11 +32,6 @@ def _label(uri: str) -> str:
 
 def lineage_png(chain: list[Manifest]) -> bytes:
     """The chain drawn left (raw data) to right (the artifact): one box per manifest, arrows for inputs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     by_uri = {m.uri: m for m in chain}
     level: dict[str, int] = {}
 
@@ -38,7 +47,7 @@ def lineage_png(chain: list[Manifest]) -> bytes:
     for uri, lv in sorted(level.items(), key=lambda kv: kv[0]):
         cols.setdefault(lv, []).append(uri)
     pos = {u: (2.4 * lv, -1.2 * i) for lv, us in cols.items() for i, u in enumerate(us)}
-    fig, ax = plt.subplots(figsize=(3.3 * len(cols), 1.2 + 1.0 * max(len(v) for v in cols.values())))
+    fig, ax = axes(3.3 * len(cols), 1.2 + 1.0 * max(len(v) for v in cols.values()))
     boxes = {}
     for m in chain:
         x, y = pos[m.uri]
@@ -55,16 +64,7 @@ def lineage_png(chain: list[Manifest]) -> bytes:
     ax.set_ylim(min(ys) - 0.7, max(ys) + 0.7)
     ax.axis("off")
     ax.set_title("lineage: raw data → tiers", fontsize=9)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-CAPTIONS = {"quality": "Quality vs parameters (held-out benchmarks)",
-            "routing": "Adaptive routing (FAMILY:auto): quality vs compute, one point per threshold", "cpt": "CPT: loss per exit", "sft": "SFT: loss per exit", "dae_cpt": "DaE CPT: loss per exit",
-            "dae_sft": "DaE SFT: loss per exit", "grpo": "GRPO: reward per step",
-            "svd_compress": "SVD sweep: held-out loss vs tier size"}
+    return png(fig, dpi=110, crop=True)
 
 
 def time_lines(chain: list[Manifest]) -> list[str]:
@@ -81,9 +81,8 @@ def _peak(m: Manifest) -> str:
     return f"{m.build_peak_mib:,.0f}" if m.build_peak_mib is not None else "-"
 
 
-def training_lines(chain: list[Manifest]) -> list[str]:
+def training_lines(trained: list[Manifest]) -> list[str]:
     """Each training stage's mean loss per exit, first step -> last; a DaE stage trains (and logs) one exit."""
-    trained = [m for m in chain if m.stage in ("cpt", "sft", "dae_cpt", "dae_sft")]
     if not trained:
         return []
     points = sorted({p for m in trained for p in m.metadata["exit_points"]})
@@ -96,13 +95,10 @@ def training_lines(chain: list[Manifest]) -> list[str]:
     return lines
 
 
-def _dae_lines(chain: list[Manifest]) -> list[str]:
-    """Measured DaE / GRPO / SVD outcomes, from the stages' manifests."""
-    by_stage = {m.stage: m.metadata for m in chain}
-    lines = []
-    g = by_stage.get("grpo", {})
-    if "svd_compress" in by_stage:
-        s = by_stage["svd_compress"]
+def _dae_lines(grpo: dict | None, svd: dict | None) -> list[str]:
+    """Measured DaE / GRPO / SVD outcomes: GRPO's manifest, SVD's result."""
+    lines, g, s = [], grpo or {}, svd
+    if s:
         # GRPO on the DaE tier sits between DaE's training and compression: its held-out loss before GRPO is DaE's.
         after_grpo = g.get("tier") == s["tier"] and "heldout_text_loss_before" in g
         steps = (f"{g['heldout_text_loss_before']:.4f} after DaE training -> {s['heldout_loss_dense']:.4f} after GRPO"
@@ -181,27 +177,15 @@ def depth_flags(tiers: list[dict]) -> list[str]:
     return flags
 
 
-def _axes(width: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, 3.5), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig, fig.add_subplot()
-
-
 def _png(fig, ax) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return png(fig)
 
 
 def quality_png(tiers: list[dict]) -> bytes:
     """Each higher-is-better benchmark and the average against the tier's parameter count."""
-    fig, ax = _axes(6)
+    fig, ax = axes(6)
     tiers = sorted(tiers, key=lambda r: r["parameters"])
     xs = [t["parameters"] / 1e6 for t in tiers]
     names = sorted({b for t in tiers for b, r in t["evaluation"]["benchmarks"].items() if r.get("higher_is_better")})
@@ -235,7 +219,7 @@ def routing_lines(routing: dict | None) -> list[str]:
 
 
 def routing_png(routing: dict) -> bytes:
-    fig, ax = _axes(5)
+    fig, ax = axes(5)
     pts = sorted(routing["curve"], key=lambda p: p["compute"])
     ax.plot([p["compute"] for p in pts], [p["quality"] for p in pts], "o-", ms=3, label="auto, per threshold")
     op = routing["operating_point"]
@@ -247,19 +231,20 @@ def routing_png(routing: dict) -> bytes:
 
 
 def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Manifest],
-           curves: dict[str, bytes] | None = None, promotion: dict | None = None,
-           routing: dict | None = None) -> tuple[str, str, bytes]:
-    """Markdown, HTML and the lineage PNG for one run. `tiers` carry their export row, `evaluation` and `gate`;
-    `curves` are the stages' PNGs (loss curves, rewards, the SVD sweep) by stage name; `routing` the
-    calibrated `auto` routing (serve/route.py)."""
-    curves = dict(curves or {}) | ({"routing": routing_png(routing)} if routing else {})
+           promotion: dict | None = None, measured: Measured | None = None) -> tuple[str, str, bytes]:
+    """Markdown, HTML and the lineage PNG for one run. `tiers` carry their export row, `evaluation` and `gate`."""
+    measured = measured or Measured()
+    routing = measured.routing
+    curves = dict(measured.figures) | (
+        {"Adaptive routing (FAMILY:auto): quality vs compute, one point per threshold": routing_png(routing)}
+        if routing else {})
     tiers = sorted(tiers, key=lambda r: r["exit_point"])
     benchmarks = sorted({b for t in tiers for b in (t.get("evaluation") or {}).get("benchmarks", {})})
     cols = TIER_COLS + [(b, b) for b in benchmarks] + [("average", "average")] + SPEED_COLS + [("promoted", "promoted")]
     rows = tier_rows(tiers, benchmarks)
     flags = depth_flags(tiers)
     if benchmarks:
-        curves = {"quality": quality_png(tiers), **curves}
+        curves = {"Quality vs parameters (held-out benchmarks)": quality_png(tiers), **curves}
     md = [f"# Ruyi Flow run `{run_id}`", "", "## Tiers", "",
           "| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(str(r.get(k, "")).replace("|", "\\|") for k, _ in cols) + " |" for r in rows]
@@ -271,8 +256,8 @@ def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Man
     md += ["", "## Data", "", "| kind | documents | fingerprint | packed tokens | store URI |", "|---|---|---|---|---|"]
     md += [f"| {d['kind']} | {d.get('n_docs', '')} | {d.get('fingerprint', '')[:16]} | {d.get('n_tokens', '')} "
            f"| {d['uri']} |" for d in datasets]
-    md += training_lines(chain)
-    md += _dae_lines(chain) + time_lines(chain)
+    dae = _dae_lines(measured.grpo, measured.svd)
+    md += training_lines(measured.trained) + dae + time_lines(chain)
     md += ["", "## Lineage", ""] + [f"- `{m.stage}` {m.uri} (manifest sha256 {m.sha256()[:16]})" for m in chain]
     png = lineage_png(chain) if chain else b""
 
@@ -287,9 +272,8 @@ def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Man
 
     data_cols = [("kind", "kind"), ("n_docs", "documents"), ("n_tokens", "packed tokens"), ("uri", "store URI")]
     img = f'<img alt="lineage" src="data:image/png;base64,{base64.b64encode(png).decode()}">' if png else ""
-    figs = "".join(f'<figure><img alt="{s}" src="data:image/png;base64,{base64.b64encode(b).decode()}">'
-                   f"<figcaption>{CAPTIONS.get(s, s)}</figcaption></figure>" for s, b in curves.items())
-    dae = _dae_lines(chain)
+    figs = "".join(f'<figure><img alt="{html.escape(c)}" src="data:image/png;base64,{base64.b64encode(b).decode()}">'
+                   f"<figcaption>{html.escape(c)}</figcaption></figure>" for c, b in curves.items())
     timed = [{"stage": m.stage, "s": f"{m.build_seconds:.1f}", "peak": _peak(m), "uri": m.uri}
              for m in sorted(chain, key=lambda m: m.created_at) if m.build_seconds is not None]
     cols = [("stage", "stage"), ("s", "seconds"), ("peak", "peak MiB"), ("uri", "artifact")]

@@ -1,5 +1,6 @@
 """The KFP pipeline: compiled for a cluster (images, resources, the S3 Secret) and run end to end with KFP's
 local runner against the real local S3 server, on the micro preset."""
+import json
 import re
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import yaml
 from conftest import with_demo
 from ruyi_core.errors import RuyiError
 from ruyi_core.store import ArtifactStore, lineage
+
+pytestmark = pytest.mark.slow  # real training, generation or pipeline runs: minutes in all
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +54,7 @@ def test_compiled_pipeline_sets_images_resources_and_secret(tmp_path, monkeypatc
     docs = list(yaml.safe_load_all(text))
     ir, platform = docs[0], docs[1]
     executors = ir["deploymentSpec"]["executors"]
-    assert len(executors) == 15  # train runs 4 times (cpt, sft, dae_cpt, dae_sft)
+    assert len(executors) == 16  # train runs 4 times (cpt, sft, dae_cpt, dae_sft)
     for name, ex in executors.items():
         c = ex["container"]
         assert c["image"] == "registry.example/ruyi-base:test", name
@@ -92,7 +95,8 @@ def test_local_pipeline_end_to_end_then_cached(tmp_path, s3_server, monkeypatch)
         monkeypatch.setenv(k, v)
     spec = micro_spec(tmp_path, "e2e")
     first = run_local(spec, tmp_path / "kfp", show=lambda m: None)
-    # validate x3, plan, init, prepare, cpt, sft, dae_expand, dae_cpt, dae_sft, grpo, svd, export x2, report
+    # validate x3, plan, init, prepare, cpt, sft, dae_expand, dae_cpt, dae_sft, grpo, svd, export x2, package x2,
+    # promote, calibrate_routing, report
     # (parallel loop iterations may share a log line, so count at least the sequential ones)
     assert first["executed"] >= 1 + 1 + 1 + 2 + 3 + 1 + 1 + 1
     assert all(v == {"built"} for v in stage_lines(first).values()), stage_lines(first)
@@ -139,8 +143,21 @@ def test_local_pipeline_end_to_end_then_cached(tmp_path, s3_server, monkeypatch)
     for s in ("dae_cpt", "dae_sft"):
         assert store.list_artifacts(store.split(end[s].uri)[1] + "/checkpoints") == []
         assert not [i for i in store.read_manifest(end[s].uri).inputs if "/checkpoints/" in i.uri]
-    svd = end["svd_compress"].metadata
-    assert svd["removed_fraction"] >= 0.4 and svd["factored_parameters"] < svd["dense_parameters"]
+    # SVD's result is a file of its artifact, typed; the report shows it, and the routing the calibration step
+    # published beside the packages
+    from ruyi_core.package.keys import routing_key
+    from ruyi_core.stages import SVD
+
+    svd = SVD.result(uri=end["svd_compress"].uri, **end["svd_compress"].metadata).read_result(store)
+    assert svd.removed_fraction >= 0.4 and svd.factored_parameters < svd.dense_parameters
+    assert [p.ratio for p in svd.sweep] == [svd.ratio] == [0.4] and svd.tier == "end"
+    assert svd.ranks and all(0 < r for r in svd.ranks.values())
+    store.get_artifact(first["report_uri"], tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert f"- SVD at ratio 0.4: removed {svd.removed_fraction:.1%} of the added parameters" in md
+    routing = json.loads(store.read_object(routing_key("micro", version))[0])
+    assert "## Adaptive routing (`auto`)" in md and f"calibrated on {routing['questions']} held-out questions" in md
+    assert any(i.uri.startswith("s3://e2e/stages/micro/calibrate_routing/") for i in report.inputs)
     # GRPO moved nothing but the end tier's added blocks and head
     import torch
 
@@ -185,7 +202,7 @@ def check_identity_follows_the_weights(tmp_path, spec, store, first, version):
     ev, _ = rerun_with(tmp_path, spec, "eval", lambda d: d.setdefault("eval", {}).update(batch_size=3))
     lines = stage_lines(ev)
     assert ev["report_uri"] != first["report_uri"]
-    assert {s for s, v in lines.items() if "built" in v} == {"package", "report"}, lines
+    assert {s for s, v in lines.items() if "built" in v} == {"package", "calibrate_routing", "report"}, lines
     assert {"validate_data", "init_family", "prepare_data", "cpt", "sft", "dae_expand", "dae_cpt", "dae_sft", "grpo",
             "svd_compress", "export_tier"} <= {s for s, v in lines.items() if v == {"reused"}}, lines
     index = read_index(store, "micro")
@@ -197,7 +214,7 @@ def check_identity_follows_the_weights(tmp_path, spec, store, first, version):
     assert {s for s, v in lines.items() if v == {"reused"}} == {"validate_data", "init_family", "prepare_data",
                                                                  "cpt"}, lines
     assert {"sft", "dae_expand", "dae_cpt", "dae_sft", "grpo", "svd_compress", "export_tier", "package",
-            "report"} <= {s for s, v in lines.items() if v == {"built"}}, lines
+            "calibrate_routing", "report"} <= {s for s, v in lines.items() if v == {"built"}}, lines
     assert version not in {v["version"] for v in read_index(store, "micro")["versions"][1:]}
 
 

@@ -24,6 +24,7 @@ def _trainer(d: Path, name: str, bucket: str) -> list[str]:
             "--out", str(d / name), "--ckpt-prefix", f"runs/{name}/cpt/checkpoints", "--resume"]
 
 
+@pytest.mark.slow
 def test_store_killed_mid_training_is_one_line_and_the_rerun_resumes(workdir, tmp_path):  # noqa: F811
     """The launcher's view (what a stage and `ruyi train` show): the store dies after the first checkpoint
     upload (step 3); the next upload (step 6) fails with one line naming the store. With the store back,
@@ -72,13 +73,14 @@ def test_killed_runs_leave_no_work_folders(tmp_path, monkeypatch):
 
 
 def _peak_rss_mib(code: str, *args: str) -> int:
-    r = subprocess.run([sys.executable, "-c", code + "\nimport resource\n"
-                        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)", *args],
+    r = subprocess.run([sys.executable, "-c", code + "\nfrom ruyi_core.measure import peak_rss_mib\n"
+                        "print(int(peak_rss_mib()))", *args],
                        capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert r.returncode == 0, r.stderr[-2000:]
     return int(r.stdout.split()[-1])
 
 
+@pytest.mark.slow
 def test_gate_memory_does_not_grow_with_the_corpus(tmp_path):
     """The gate keeps a few small columns per record, never the texts: validating 64 MiB of long documents takes
     little more memory than validating 1 MiB of them (bench/gate_memory.py measures 1 GiB)."""

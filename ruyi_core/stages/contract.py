@@ -23,6 +23,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 from ruyi_core.errors import RuyiError
+from ruyi_core.measure import peak_rss_mib, reset_peak
 from ruyi_core.spec import RunSpec, parse_spec_yaml
 from ruyi_core.store import ArtifactStore, Manifest
 
@@ -48,6 +49,12 @@ class Artifact(BaseModel):
     def emit(self, output) -> None:
         """Write this result to a KFP output artifact (anything with `.metadata` and `.path`)."""
         emit(self, output)
+
+    def read_text(self, store: ArtifactStore, name: str) -> str:
+        """One of the artifact's files, verified against its stored sha256 on the way."""
+        with tempfile.TemporaryDirectory(prefix="ruyi-read-") as d:
+            store.get_file(f"{self.uri}/{name}", Path(d) / "file")
+            return (Path(d) / "file").read_text()
 
 
 def emit(result: BaseModel, output) -> None:
@@ -150,12 +157,12 @@ def run_stage(stage: Stage[R], spec: RunSpec, store: ArtifactStore, build: Calla
         log(f"[{stage.name}] reused {uri}")
         return stage.result(uri=uri, **m.metadata)
     started = time.perf_counter()
-    _reset_peak()
+    reset_peak()
     with workdir(stage.name) as work:
         run = StageRun(spec, store, inputs, work, key, log)
         run.out.mkdir()
         meta = stage.result(uri=uri, **(build(run) or {})).metadata()
-        seconds, peak = round(time.perf_counter() - started, 1), peak_mib()
+        seconds, peak = round(time.perf_counter() - started, 1), peak_rss_mib()
         store.put_artifact(key, run.out, stage=stage.name, spec_hash=slice_hash(spec, stage.fields),
                            identity=identity, inputs=[*inputs.values(), *run.lineage], metadata=meta,
                            build_seconds=seconds, build_peak_mib=peak)
@@ -163,28 +170,6 @@ def run_stage(stage: Stage[R], spec: RunSpec, store: ArtifactStore, build: Calla
             store.delete_artifact(uri_)
     log(f"[{stage.name}] built {uri} in {seconds:.1f} s, peak {peak:,.0f} MiB")
     return stage.result(uri=uri, **meta)
-
-
-def _reset_peak() -> None:
-    """Linux: restart this process's peak-RSS count (VmHWM), so that a stage's peak is its own."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_mib() -> float:
-    """Peak resident memory since _reset_peak of this process, or of its largest finished child (a trainer under
-    torchrun, a conversion), whichever is larger. Children are counted over the process's life."""
-    import resource
-
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    try:
-        status = Path("/proc/self/status").read_text().splitlines()
-        own = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-    except (OSError, StopIteration, ValueError):
-        pass
-    return round(max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024, 1)
 
 
 def manifest_of(store: ArtifactStore, uri: str) -> Manifest:

@@ -1,5 +1,5 @@
-"""DaE and GRPO as pipeline stages: expand the chosen tier (then stages.train trains it on megatron), GRPO on
-it, then compress what was added."""
+"""DaE as pipeline stages: expand the chosen tier (then stages.train trains it on megatron, and stages.grpo may
+train it further), then compress what was added."""
 from __future__ import annotations
 
 import copy
@@ -7,12 +7,12 @@ import json
 import time
 from pathlib import Path
 
-from pydantic import ConfigDict
+from pydantic import BaseModel
 
 from ruyi_core.errors import RuyiError
 from ruyi_core.spec import RunSpec
 from ruyi_core.stages.contract import Artifact, Stage, StageRun, run_stage
-from ruyi_core.stages.data import corpus_records
+from ruyi_core.stages.family import load_for_tier
 from ruyi_core.store import ArtifactStore
 
 
@@ -25,40 +25,51 @@ class Expanded(Artifact):
     heldout_loss_unexpanded: float
 
 
-class Grpo(Artifact):
-    model_config = ConfigDict(extra="allow")  # plus run_grpo's measurements (rewards before / after, ...)
-    tier: str
+class SweepPoint(BaseModel):
+    ratio: float
+    removed_fraction: float  # of the added parameters
+    heldout_loss: float
+    relative_drop: float  # against the dense tier's held-out loss
+    tier_parameters: int
 
 
-class Compressed(Artifact):
+class SvdResult(BaseModel):
+    """What svd_compress measured, in its artifact as svd_result.json: the chosen ratio, the rank each compressed
+    matrix keeps there, the held-out losses from before expansion to after compression, and the sweep."""
+
     tier: str
     exit_point: int
     ratio: float
     removed_fraction: float
+    heldout_loss_unexpanded: float
     heldout_loss_dense: float
     heldout_loss_compressed: float
     relative_drop: float
-    heldout_loss_unexpanded: float
     factored_parameters: int
     dense_parameters: int
+    ranks: dict[str, int]
+    sweep: list[SweepPoint]
+
+
+SVD_RESULT = "svd_result.json"
+
+
+class Compressed(Artifact):
+    """The compressed tier (factored/, materialized/) and its SvdResult."""
+
+    tier: str
+    exit_point: int
+    ratio: float
+
+    def read_result(self, store: ArtifactStore) -> SvdResult:
+        return SvdResult.model_validate_json(self.read_text(store, SVD_RESULT))
 
 
 EXPAND = Stage("dae_expand", Expanded, ("dae.tier", "dae.blocks", "dae.init", "dae.std", "family.seed",
                                         "data.heldout", "data.seed"))
-GRPO = Stage("grpo", Grpo, ("rl", "data.rl_heldout", "data.heldout", "data.seed"))
+# version 2: the measurements are in svd_result.json; the manifest names the tier
 SVD = Stage("svd_compress", Compressed, ("dae.tier", "dae.svd_ratio", "dae.sweep", "dae.calib_samples",
-                                         "data.seq_length", "data.heldout", "data.seed"))
-
-
-def _load(run: StageRun, section: str, tier: str, stored: bool = False):
-    """The family, in the spec's runtime, or (`stored`: for work that only moves tensors) as it was saved."""
-    from ruyi_core.family.io import load_family
-    from ruyi_core.runtime import for_spec
-
-    fam, tok = load_family(run.fetch("family"), for_spec(run.spec), stored_dtype=stored)
-    if tier not in fam.config.tiers:
-        raise RuyiError(f"{section}.tier: unknown tier {tier!r}; this family has {', '.join(fam.config.tiers)}")
-    return fam, tok
+                                         "data.seq_length", "data.heldout", "data.seed"), version=2)
 
 
 def dae_expand(spec: RunSpec, store: ArtifactStore, family: str) -> Expanded:
@@ -71,7 +82,7 @@ def dae_expand(spec: RunSpec, store: ArtifactStore, family: str) -> Expanded:
         from ruyi_core.family.loss import heldout_loss
 
         d = spec.dae
-        fam, tok = _load(run, "dae", d.tier)
+        fam, tok = load_for_tier(run, "dae", d.tier)
         p = fam.config.tiers[d.tier]
         before = heldout_loss(fam, tok, heldout_texts(spec, run.work, run.store), exit_point=p)
         out = expand_tier(fam, d.tier, d.blocks, d.init, d.std, seed=spec.family.seed, share_weights=True)
@@ -83,67 +94,10 @@ def dae_expand(spec: RunSpec, store: ArtifactStore, family: str) -> Expanded:
     return run_stage(EXPAND, spec, store, build, inputs={"family": family})
 
 
-def grpo(spec: RunSpec, store: ArtifactStore, family: str, rl_raw: str) -> Grpo:
-    """GRPO (TRL) on the exported tier with only its own parameters trainable, merged back into the family. It runs
-    as training does, on the training launcher: torchrun here, or a TrainJob on the cluster; one worker per GPU
-    the `grpo` step is given (one on the CPU)."""
-
-    def build(run: StageRun) -> dict:
-        from safetensors.torch import load_file
-
-        from ruyi_core.dae.expand import merge_tier, tier_own_prefixes
-        from ruyi_core.eval.heldout import heldout_prompts, heldout_texts
-        from ruyi_core.family.convert import export_tier
-        from ruyi_core.family.io import save_family
-        from ruyi_core.launch import run_child, torchrun
-        from ruyi_core.rl.worker import INPUTS
-
-        tier = spec.rl.tier
-        fam, tok = _load(run, "rl", tier, stored=True)
-        given = run.work / "grpo-inputs"  # laid out as the worker's --inputs artifact
-        export_tier(fam, tier, given / INPUTS["tier"], tok)
-        own = tier_own_prefixes(fam.config, tier)
-        del fam  # not held while the workers train: read again for the merge
-        with (given / INPUTS["prompts"]).open("w") as f:
-            for rec in corpus_records(run, "rl", "rl"):
-                f.write(json.dumps(rec) + "\n")
-        (given / INPUTS["heldout"]).write_text(json.dumps(heldout_prompts(spec, run.work, run.store)))
-        (given / INPUTS["heldout_text"]).write_text(json.dumps(heldout_texts(spec, run.work, run.store)))
-        policy = run.work / "policy"
-        args = ["--spec", spec.model_dump_json(), "--trainable", json.dumps(own)]
-        if spec.train.launcher == "local":
-            workers = max(1, spec.pipeline.resources_for("grpo").gpus)
-            parts = [a for n, rel in INPUTS.items() for a in (f"--{n.replace('_', '-')}", str(given / rel))]
-            run_child(torchrun(workers, "ruyi_core.rl.worker", [*args, "--out", str(policy), *parts]), run.log)
-        else:  # a TrainJob: the inputs and the policy travel through the store, deleted once the output is stored
-            from ruyi_core.megatron.trainjob import grpo_workers, run_trainjob
-
-            sent, got = store.uri(f"{run.key}/inputs"), store.uri(f"{run.key}/policy")
-            store.put_artifact(sent, given, stage="grpo_inputs", spec_hash="",
-                               inputs=[run.inputs["family"], run.inputs["rl"]])
-            run.scratch += [sent, got]
-            run_trainjob(spec, "grpo", f"{spec.family.name}-grpo-{run.key.rsplit('/', 1)[-1][:8]}",
-                         [*args, "--inputs", sent, "--publish", got, "--out", "/scratch/grpo"],
-                         workers=grpo_workers(spec), log=run.log)
-            store.get_artifact(got, policy)
-        res = json.loads((policy / "result.json").read_text())
-        state = {}
-        for f in sorted(policy.glob("*.safetensors")):
-            state.update(load_file(f))
-        fam, tok = _load(run, "rl", tier, stored=True)
-        merge_tier(fam, tier, state, own)
-        save_family(fam, tok, run.out)
-        for f in ("rewards.jsonl", "rewards.png"):
-            if (policy / f).is_file():
-                (run.out / f).write_bytes((policy / f).read_bytes())
-        return {"tier": tier, **{k: v for k, v in res.items() if isinstance(v, (int, float, str)) and k != "path"}}
-
-    return run_stage(GRPO, spec, store, build, inputs={"family": family, "rl": rl_raw})
-
-
 def svd_compress(spec: RunSpec, store: ArtifactStore, family: str, packed_pretrain: str, expanded: str) -> Compressed:
     """SVD-LLM-v2 compression of the tier's added blocks and head: a factored tier (two factors per matrix), a
-    materialised plain-Qwen3 export, and a sweep of ratios (held-out loss vs parameters)."""
+    materialised plain-Qwen3 export, and what was measured (SvdResult: the ranks kept, the held-out losses and a
+    sweep of ratios, held-out loss vs parameters)."""
 
     def build(run: StageRun) -> dict:
         import torch
@@ -154,7 +108,7 @@ def svd_compress(spec: RunSpec, store: ArtifactStore, family: str, packed_pretra
         from ruyi_core.runtime import for_spec
 
         d = spec.dae
-        fam, tok = _load(run, "dae", d.tier, stored=True)
+        fam, tok = load_for_tier(run, "dae", d.tier, stored=True)
         cfg, p = fam.config, fam.config.tiers[d.tier]
         if not cfg.expansion(p):
             raise RuyiError(f"dae.tier {d.tier!r} is not expanded: run dae_expand first")
@@ -166,12 +120,14 @@ def svd_compress(spec: RunSpec, store: ArtifactStore, family: str, packed_pretra
         n_dense = dense.num_parameters()  # the sweep's last ratio compresses `dense` itself
         chosen, rows, base_loss = _sweep(dense, tok, cfg, d, calib, heldout_texts(spec, run.work, run.store), run.log)
         model, rep, row = chosen
-        _save_compressed(model.to(getattr(torch, cfg.weights_dtype)), rep, rows, base_loss, tok, run.out)
-        return {"tier": d.tier, "exit_point": p, "ratio": d.svd_ratio, "removed_fraction": row["removed_fraction"],
-                "heldout_loss_dense": base_loss, "heldout_loss_compressed": row["heldout_loss"],
-                "relative_drop": row["relative_drop"],
-                "heldout_loss_unexpanded": run.manifest("expanded").metadata["heldout_loss_unexpanded"],
-                "factored_parameters": row["tier_parameters"], "dense_parameters": n_dense}
+        result = SvdResult(
+            tier=d.tier, exit_point=p, ratio=d.svd_ratio, removed_fraction=row.removed_fraction,
+            heldout_loss_unexpanded=run.manifest("expanded").metadata["heldout_loss_unexpanded"],
+            heldout_loss_dense=base_loss, heldout_loss_compressed=row.heldout_loss, relative_drop=row.relative_drop,
+            factored_parameters=row.tier_parameters, dense_parameters=n_dense,
+            ranks={m.name: m.rank for m in rep.matrices}, sweep=rows)
+        _save_compressed(model.to(getattr(torch, cfg.weights_dtype)), rep, result, tok, run.out)
+        return {"tier": d.tier, "exit_point": p, "ratio": d.svd_ratio}
 
     inputs = {"family": family, "packed": packed_pretrain, "expanded": expanded}
     return run_stage(SVD, spec, store, build, inputs=inputs)
@@ -209,11 +165,11 @@ def _sweep(dense, tok, cfg, d, calib, texts, log=print):
         model = dense if i == len(ratios) else _copy_sharing(dense, names)  # the last ratio needs no copy
         rep = compress(model, names, groups, cal, ratio)
         loss = heldout_loss(model, tok, texts)
-        row = {"ratio": ratio, "removed_fraction": rep.removed_fraction, "heldout_loss": loss,
-               "relative_drop": (loss - base_loss) / base_loss, "tier_parameters": model.num_parameters()}
+        row = SweepPoint(ratio=ratio, removed_fraction=rep.removed_fraction, heldout_loss=loss,
+                         relative_drop=(loss - base_loss) / base_loss, tier_parameters=model.num_parameters())
         rows.append(row)
         log(f"[svd_compress] ratio {ratio:g} ({i}/{len(ratios)}): removed {rep.removed_fraction:.1%} of the added "
-            f"parameters, held-out loss {loss:.4f} ({row['relative_drop']:+.2%}), "
+            f"parameters, held-out loss {loss:.4f} ({row.relative_drop:+.2%}), "
             f"{time.perf_counter() - started:.1f} s")
         if ratio == d.svd_ratio:
             chosen = (model, rep, row)
@@ -228,7 +184,7 @@ def _copy_sharing(model, names: list[str]):
     return copy.deepcopy(model, memo)
 
 
-def _save_compressed(model, rep, rows: list[dict], base_loss: float, tok, out: Path) -> None:
+def _save_compressed(model, rep, result: SvdResult, tok, out: Path) -> None:
     from ruyi_core.dae.svd import materialize
 
     (out / "factored").mkdir(parents=True)
@@ -237,25 +193,21 @@ def _save_compressed(model, rep, rows: list[dict], base_loss: float, tok, out: P
     (out / "factored" / "ruyi_lowrank.json").write_text(json.dumps(rep.to_dict(), indent=2))
     materialize(model).save_pretrained(out / "materialized")  # dense again, in place: after the factored save
     tok.save_pretrained(out / "materialized")
-    (out / "sweep.json").write_text(json.dumps(rows, indent=2))
-    _sweep_png(rows, base_loss, out / "sweep.png")
+    (out / SVD_RESULT).write_text(result.model_dump_json(indent=2))
+    _sweep_png(result, out / "sweep.png")
 
 
-def _sweep_png(rows: list[dict], base_loss: float, path: Path) -> None:
-    import matplotlib
+def _sweep_png(result: SvdResult, path: Path) -> None:
+    from ruyi_core.plots import axes, png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    ax.plot([r["tier_parameters"] / 1e6 for r in rows], [r["heldout_loss"] for r in rows], "o-", label="compressed")
+    fig, ax = axes(5, 3.4)
+    rows = result.sweep
+    ax.plot([r.tier_parameters / 1e6 for r in rows], [r.heldout_loss for r in rows], "o-", label="compressed")
     for r in rows:
-        ax.annotate(f"{r['ratio']:.0%}", (r["tier_parameters"] / 1e6, r["heldout_loss"]), fontsize=7)
-    ax.axhline(base_loss, color="grey", ls="--", label="dense (DaE-trained)")
+        ax.annotate(f"{r.ratio:.0%}", (r.tier_parameters / 1e6, r.heldout_loss), fontsize=7)
+    ax.axhline(result.heldout_loss_dense, color="grey", ls="--", label="dense (DaE-trained)")
     ax.set_xlabel("tier parameters (M)")
     ax.set_ylabel("held-out loss")
     ax.set_title("SVD compression sweep")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    png(fig, path, 110)

@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import json
 import os
-import subprocess
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -17,6 +16,7 @@ from typing import Any
 from minio.error import S3Error
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ruyi_core.measure import code_version
 from ruyi_core.spec import StoreSpec
 from ruyi_core.store.client import (
     IntegrityError, StoreError, Transfer, TransferStats, describe, hash_file, make_client, parse_endpoint,
@@ -86,25 +86,8 @@ def _safe_rel(path: str) -> bool:
         return False
 
 
-def model_prefix(family: str, version: str, tier: str) -> str:
-    return f"models/{clean_key(family, 'family')}/{clean_key(version, 'version')}/{clean_key(tier, 'tier')}"
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def code_version() -> str:
-    """ruyi_core's version, plus the git commit when the code runs from a checkout."""
-    from ruyi_core import __version__
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
-        sha = out.stdout.strip() if out.returncode == 0 else ""
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return f"{__version__}+g{sha}" if sha else __version__
 
 
 class ArtifactStore:
