@@ -212,6 +212,7 @@ def fam_parameters(family_dir) -> tuple[int, int]:
     return sum(sizes), max(sizes)
 
 
+@pytest.mark.slow
 def test_qwen3_shaped_base_from_s3_through_init_export_and_conversion(tmp_path, store, micro_base):
     """A 2-layer base of Qwen3-0.6B's exact shape (vocabulary 151,936, hidden 1024, 16 / 8 heads of 128, tied
     embeddings), bf16 and sharded, uploaded as plain objects: fetched from s3://, a family (a head per exit, made

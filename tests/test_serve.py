@@ -177,6 +177,7 @@ def test_bad_requests_get_openai_errors_and_the_server_lives_on(server, body, st
     assert code == 200 and ok["usage"]["completion_tokens"] == 2
 
 
+@pytest.mark.slow
 def test_self_speculative_decoding_gives_the_target_tiers_greedy_tokens(served):
     end, edge, cloud = served.tiers.values()
     tok, stats = served.tokenizer, SpecStats()
