@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ruyi_core.spec import TRAINING_STAGES
+
 BUILT = re.compile(r"\[(\w+)\] built (\S+) in ([\d.]+) s, peak ([\d,.]+) MiB")
 
 
@@ -68,7 +70,7 @@ def run_pipeline(spec_path: Path) -> list[dict]:
     return rows
 
 
-TRAINING = {"cpt", "sft", "dae_cpt", "dae_sft", "grpo"}
+TRAINING = {"grpo", *TRAINING_STAGES}
 
 
 def model_sizes(spec, store) -> dict[str, dict]:

@@ -9,7 +9,7 @@ from kfp import dsl, kubernetes
 from kfp.dsl import Dataset
 
 import components
-from ruyi_core.spec import PipelineSpec, RunSpec
+from ruyi_core.spec import PipelineSpec, RunSpec, training_stages
 from ruyi_core.stages import KINDS, steps
 
 
@@ -37,11 +37,11 @@ def train_and_ship(spec: RunSpec, task, plan) -> None:
     on = {s.name for s in steps(spec)}
     family = task("init_family", plan=plan).outputs["family"]
     packed = task("prepare_data", plan=plan, family=family).outputs["packed"]
-    for stage in ("cpt", "sft"):
+    for stage in training_stages("train"):
         family = task(stage, stage=stage, family=family, packed=packed).outputs["trained"]
     if "dae_expand" in on:  # the smallest tier grows, then trains alone on the frozen backbone
         family = expanded = task("dae_expand", family=family).outputs["expanded"]
-        for stage in ("dae_cpt", "dae_sft"):
+        for stage in training_stages("dae"):
             family = task(stage, stage=stage, family=family, packed=packed).outputs["trained"]
     if "grpo" in on:
         family = task("grpo", family=family, plan=plan).outputs["policy"]

@@ -234,12 +234,12 @@ def train_cmd(stage: str = typer.Option(..., help="cpt or sft"),
     Checkpoints go to the store; running the same command again resumes from the latest complete one."""
     import os
 
-    from ruyi_core.spec import load_spec
+    from ruyi_core.spec import load_spec, training_stages
     from ruyi_core.stages import train
     from ruyi_core.store import ArtifactStore
 
-    if stage not in ("cpt", "sft"):
-        raise RuyiError(f"--stage must be cpt or sft, got {stage!r}")
+    if stage not in training_stages("train"):
+        raise RuyiError(f"--stage must be one of {', '.join(training_stages('train'))}, got {stage!r}")
     for name, uri in (("--family", family), ("--data", data)):
         if not uri.startswith("s3://"):
             raise RuyiError(f"{name} must be an s3:// artifact URI (the pipeline's init_family / prepare_data "

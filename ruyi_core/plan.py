@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from ruyi_core.errors import RuyiError
 from ruyi_core.spec.checks import quantity
+from ruyi_core.spec.train import TRAINING_STAGES, training_stages
 
 MFU = 0.40  # step-time estimates assume this share of the GPU's dense bf16 peak
 GRPO_PROMPT_TOKENS = 512  # the plan's bound on a GRPO prompt (chat-templated question)
@@ -246,12 +247,12 @@ def plan_run(spec, device: str | None = None, store_config=None) -> tuple[Device
     rows = [StagePlan("init_family", a.family(exits, fam.shared_heads), 0,
                       a.family(exits, fam.shared_heads) * wb, note="host")]
     bf16 = spec.train.bf16(dev.peak_flops > 0)  # the runtime's dtype: bf16 on GPUs, fp32 on the CPU
-    for stage in ("cpt", "sft"):
+    for stage in training_stages("train"):
         rows.append(train_plan(stage, a, exits, fam.shared_heads, spec.train_stage(stage), par, dev, bf16=bf16))
     added = 0
     if dae.enabled:
         added, p = dae.blocks, tiers[dae.tier]
-        for stage in ("dae_cpt", "dae_sft"):
+        for stage in training_stages("dae"):
             rows.append(train_plan(stage, a, exits, fam.shared_heads, spec.train_stage(stage), par, dev, added, p,
                                    bf16))
         n = a.tier(p, added)
@@ -277,7 +278,7 @@ def refusal(spec, dev: Device, rows: list[StagePlan]) -> str | None:
         if not r.fits:
             where = "its pod's memory (pipeline.resources)" if r.note.startswith("host") else dev.name
             fix = ("raise train.parallel.tp / pp, turn on recompute, or lower micro_batch_size"
-                   if r.gpus > 1 or r.stage in ("cpt", "sft", "dae_cpt", "dae_sft") else
+                   if r.gpus > 1 or r.stage in TRAINING_STAGES else
                    "give the step more memory or a larger GPU (--gpu)")
             return f"plan: stage {r.stage} needs {r.total / 2**30:.1f} GiB per device, more than {where}: {fix}"
     return None

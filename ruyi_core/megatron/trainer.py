@@ -25,11 +25,12 @@ from ruyi_core.megatron.cpu import cpu_shim, fuse_cpu_adam, native_torch, seed_e
 from ruyi_core.megatron.loss import exit_weights
 from ruyi_core.megatron.losslog import LossLog
 from ruyi_core.megatron.storage import CheckpointStore, StoreIO
+from ruyi_core.spec.train import TRAINING_STAGES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="ruyi_core.megatron.trainer")
-    ap.add_argument("--stage", choices=["cpt", "sft", "dae_cpt", "dae_sft"], required=True)
+    ap.add_argument("--stage", choices=list(TRAINING_STAGES), required=True)
     ap.add_argument("--spec", required=True, help="run spec: a YAML/JSON file, or the JSON itself")
     ap.add_argument("--family", required=True, help="HF family (URI or dir): the model's config")
     init = ap.add_mutually_exclusive_group()

@@ -16,13 +16,14 @@ from ruyi_core.spec.base import _Strict
 from ruyi_core.spec.sections import (BenchmarkSpec, DataSpec, EvalSpec, FamilySpec, KindThresholds, PackageSpec,
                                      PipelineSpec, Resources, RuntimeSpec, StoreSpec, base_num_layers,
                                      check_exit_points, default_tier_names)
-from ruyi_core.spec.train import (STAGE_DEFAULTS, DaeSpec, LossSpec, ParallelSpec, RlSpec, TrainJobSpec, TrainSpec,
-                                  TrainStageSpec)
+from ruyi_core.spec.train import (STAGE_DEFAULTS, TRAINING_STAGES, DaeSpec, LossSpec, ParallelSpec, RlSpec,
+                                  TrainJobSpec, TrainSpec, TrainStageSpec, training_kind, training_stages)
 
 __all__ = ["BenchmarkSpec", "DaeSpec", "DataSpec", "EvalSpec", "FamilySpec", "KindThresholds", "LossSpec",
            "PackageSpec", "ParallelSpec", "PipelineSpec", "Resources", "RlSpec", "RunSpec", "RuntimeSpec",
-           "STAGE_DEFAULTS", "StoreSpec", "TrainJobSpec", "TrainSpec", "TrainStageSpec", "base_num_layers",
-           "check_exit_points", "default_tier_names", "load_spec", "parse_spec", "parse_spec_yaml", "spec_from_arg"]
+           "STAGE_DEFAULTS", "StoreSpec", "TRAINING_STAGES", "TrainJobSpec", "TrainSpec", "TrainStageSpec",
+           "base_num_layers", "check_exit_points", "default_tier_names", "load_spec", "parse_spec", "parse_spec_yaml",
+           "spec_from_arg", "training_kind", "training_stages"]
 
 
 class RunSpec(_Strict):
@@ -49,10 +50,10 @@ class RunSpec(_Strict):
 
     def train_stage(self, stage: str) -> TrainStageSpec:
         """A training stage's settings; the DaE stages train only the expanded tier's new blocks and head."""
-        stages = {"cpt": self.train.cpt, "sft": self.train.sft, "dae_cpt": self.dae.cpt, "dae_sft": self.dae.sft}
-        if stage not in stages:
-            raise ValueError(f"unknown training stage {stage!r}: one of {', '.join(stages)}")
-        return stages[stage]
+        if stage not in TRAINING_STAGES:
+            raise ValueError(f"unknown training stage {stage!r}: one of {', '.join(TRAINING_STAGES)}")
+        section, _, name = TRAINING_STAGES[stage].partition(".")
+        return getattr(getattr(self, section), name)
 
     @model_validator(mode="after")
     def _layout(self) -> "RunSpec":

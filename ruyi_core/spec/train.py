@@ -122,6 +122,22 @@ STAGE_DEFAULTS = {
 }
 
 
+# The training stages in the order they run, each named after its settings' place in the spec: cpt and sft from
+# `train`, dae_cpt and dae_sft from `dae`.
+TRAINING_STAGES = {(st if sec == "train" else f"{sec}_{st}"): f"{sec}.{st}"
+                   for sec, stages in STAGE_DEFAULTS.items() for st in stages}
+
+
+def training_stages(section: str) -> tuple[str, ...]:
+    """The training stages whose settings live in this spec section ("train" or "dae"), in order."""
+    return tuple(name for name, field in TRAINING_STAGES.items() if field.startswith(f"{section}."))
+
+
+def training_kind(stage: str) -> str:
+    """The corpus kind a training stage learns from: pretraining text for the cpt stages, chats for the others."""
+    return "pretrain" if TRAINING_STAGES[stage].endswith(".cpt") else "sft"
+
+
 def _stage_field(section: str, stage: str):
     return Field(default_factory=lambda: TrainStageSpec(**STAGE_DEFAULTS[section][stage]))
 

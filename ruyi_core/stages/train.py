@@ -12,7 +12,7 @@ import sys
 
 from ruyi_core.errors import RuyiError
 from ruyi_core.launch import run_child, torchrun
-from ruyi_core.spec import RunSpec
+from ruyi_core.spec import TRAINING_STAGES, RunSpec, training_kind, training_stages
 from ruyi_core.stages.contract import Artifact, Stage, StageRun, _print, run_stage
 from ruyi_core.stages.data import PackedDataset
 from ruyi_core.store import ArtifactStore
@@ -27,20 +27,18 @@ class Trained(Artifact):
 
 
 # The parallel layout and precision are in the identity (they change the arithmetic); the launcher is not.
-TRAIN = {
-    # version 2: the text stream is reshuffled by document every epoch (megatron/data.py)
-    "cpt": Stage("cpt", Trained, ("train.cpt", "train.parallel", "train.precision"), version=2),
-    # version 3: SFT windows hold whole conversations, repacked every epoch (megatron/data.py)
-    "sft": Stage("sft", Trained, ("train.sft", "train.parallel", "train.precision"), version=3),
-    # dae_cpt 3, dae_sft 4: the loss history holds the tier's exit only (an older checkpoint's would not resume)
-    "dae_cpt": Stage("dae_cpt", Trained, ("dae.cpt", "dae.tier", "train.parallel", "train.precision"), version=3),
-    "dae_sft": Stage("dae_sft", Trained, ("dae.sft", "dae.tier", "train.parallel", "train.precision"), version=4),
-}
+# cpt 2: the text stream is reshuffled by document every epoch; sft 3: SFT windows hold whole conversations,
+# repacked every epoch (megatron/data.py); dae_cpt 3, dae_sft 4: the loss history holds the tier's exit only (an
+# older checkpoint's would not resume).
+_VERSIONS = {"cpt": 2, "sft": 3, "dae_cpt": 3, "dae_sft": 4}
+TRAIN = {name: Stage(name, Trained, (settings, *(("dae.tier",) if name in training_stages("dae") else ()),
+                                     "train.parallel", "train.precision"), version=_VERSIONS[name])
+         for name, settings in TRAINING_STAGES.items()}
 
 
 def training_data(spec: RunSpec, stage: str, packed: list[PackedDataset]) -> tuple[str, str | None]:
     """(data, replay) URIs for a training stage: its kind's packed dataset, and pretraining text for replay."""
-    kind = "pretrain" if stage in ("cpt", "dae_cpt") else "sft"
+    kind = training_kind(stage)
     by_kind = {p.kind: p.uri for p in packed}
     return by_kind[kind], by_kind["pretrain"] if spec.train_stage(stage).replay else None
 
