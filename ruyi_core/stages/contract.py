@@ -1,7 +1,7 @@
 """The stage contract: what every pipeline stage does around its own work, written once.
 
 A stage declares its name, a code version, the spec fields that determine its output and a typed result. From
-those, its parameters and the sha256 of its inputs' manifests, the contract derives the stage's identity and its
+those, its parameters and its inputs' content tokens (Manifest.content_sha256), the contract derives the stage's identity and its
 store key, reuses a complete artifact with that identity, or gives the stage a work folder, uploads what the stage
 wrote there (manifest last) and returns the typed result. Operational settings (images, resources, timeouts,
 retries, poll intervals) are in no stage's fields, so changing them rebuilds nothing.
@@ -149,7 +149,7 @@ def run_stage(stage: Stage[R], spec: RunSpec, store: ArtifactStore, build: Calla
     fills `run.out` and returns the metadata) and publish its output. Logs "reused" or "built" with the URI."""
     inputs = {k: store.normalize_uri(v) for k, v in dict(inputs).items() if v}
     params = dict(params or {})
-    shas = {k: manifest_of(store, u).sha256() for k, u in inputs.items()}
+    shas = {k: manifest_of(store, u).content_sha256() for k, u in inputs.items()}
     identity = stage.identity(spec, shas, params)
     key = stage.key(spec, params, identity)
     uri = store.uri(key)
