@@ -1,10 +1,11 @@
 """The stage contract: what every pipeline stage does around its own work, written once.
 
 A stage declares its name, a code version, the spec fields that determine its output and a typed result. From
-those, its parameters and its inputs' content tokens (Manifest.content_sha256), the contract derives the stage's identity and its
-store key, reuses a complete artifact with that identity, or gives the stage a work folder, uploads what the stage
-wrote there (manifest last) and returns the typed result. Operational settings (images, resources, timeouts,
-retries, poll intervals) are in no stage's fields, so changing them rebuilds nothing.
+those, its parameters and its inputs' content tokens (Manifest.content_sha256: their files, not when they were
+built), the contract derives the stage's identity and its store key, reuses a complete artifact with that
+identity, or gives the stage a work folder, uploads what the stage wrote there (manifest last) and returns the
+typed result. Operational settings (images, resources, timeouts, retries, poll intervals) are in no stage's
+fields, so changing them rebuilds nothing.
 """
 from __future__ import annotations
 
