@@ -111,3 +111,33 @@ def test_a_bit_identical_rebuild_is_the_same_artifact(store, tmp_path):
                                                                         "manifest_sha256": rebuilt.sha256()}]})
     assert legacy.inputs[0].matches(rebuilt) and not legacy.inputs[0].matches(data.model_copy(
         update={"completed_at": "other"}))
+
+
+def test_a_stage_that_fails_behind_a_concurrent_run_reuses_its_artifact(store, tmp_path):
+    """Two runs build one stage at once; the first stores it and removes what the second still needed (the
+    checkpoints a spec does not keep): the second reuses the first's artifact instead of failing."""
+    from conftest import with_demo
+    from ruyi_core.spec import parse_spec
+    from ruyi_core.stages.contract import Artifact, Stage, run_stage
+
+    class Counted(Artifact):
+        n: int
+
+    stage = Stage("probe", Counted, ("family.name",))
+    spec = parse_spec(with_demo({"store": {"bucket": store.bucket}}))
+    identity, lines = stage.identity(spec, {}, {}), []
+
+    def overtaken(run):
+        (run.out / "x.txt").write_text("x")
+        store.put_artifact(run.key, run.out, stage="probe", spec_hash="h", identity=identity, metadata={"n": 1})
+        raise RuntimeError("its checkpoints are gone")
+
+    got = run_stage(stage, spec, store, overtaken, log=lines.append)
+    assert got.n == 1 and "another run stored it" in lines[-1]
+
+    def broken(run):
+        raise RuntimeError("a real failure")
+
+    other = Stage("probe2", Counted, ("family.name",))
+    with pytest.raises(RuntimeError, match="a real failure"):
+        run_stage(other, spec, store, broken, log=lines.append)

@@ -1,7 +1,7 @@
 """The run's report (Markdown, HTML with charts and the lineage picture), kept in the store at runs/<run-id>/report:
 the data-fingerprint gate looks there, and at the packages the run published, to know that a run already
-finished. It only reads: the packages, the
-promotion's outcome, the routing calibration and what the stages behind them measured."""
+finished. It only reads: the packages, the promotion's outcome, the routing calibration and what the stages
+behind them measured."""
 from __future__ import annotations
 
 import json
