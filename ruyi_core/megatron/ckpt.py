@@ -100,6 +100,8 @@ def _drop_storage_meta(path: Path) -> None:
     import pickle
 
     meta_file = path / ".metadata"
+    if not meta_file.is_file():  # a save strategy other than DCP's: nothing of the kind
+        return
     with open(meta_file, "rb") as f:
         meta = pickle.load(f)  # noqa: S301 - the file this process just wrote
     if getattr(meta, "storage_meta", None) is None:
