@@ -51,7 +51,7 @@ def lineage_png(chain: list[Manifest]) -> bytes:
     boxes = {}
     for m in chain:
         x, y = pos[m.uri]
-        label = f"{m.stage}\n{_label(m.uri)}\nsha {m.sha256()[:10]} · {len(m.files)} files"
+        label = f"{m.stage}\n{_label(m.uri)}\nsha {m.content_sha256()[:10]} · {len(m.files)} files"
         boxes[m.uri] = ax.text(x, y, label, ha="center", va="center", fontsize=7, family="monospace", zorder=3,
                                bbox=dict(boxstyle="round,pad=0.4", fc="#eef4fb", ec="#3b6ea5"))
     for m in chain:  # arrows run between the boxes' edges, from input to output
@@ -258,7 +258,7 @@ def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Man
            f"| {d['uri']} |" for d in datasets]
     dae = _dae_lines(measured.grpo, measured.svd)
     md += training_lines(measured.trained) + dae + time_lines(chain)
-    md += ["", "## Lineage", ""] + [f"- `{m.stage}` {m.uri} (manifest sha256 {m.sha256()[:16]})" for m in chain]
+    md += ["", "## Lineage", ""] + [f"- `{m.stage}` {m.uri} (content sha256 {m.content_sha256()[:16]})" for m in chain]
     png = lineage_png(chain) if chain else b""
 
     def table(rows: list[dict], cols: list[tuple[str, str]]) -> str:

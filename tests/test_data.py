@@ -128,6 +128,23 @@ def test_bad_record_rate_threshold_and_multiple_files(tmp_path):
     assert "a.jsonl:31" in str(_raises(res))
 
 
+def test_the_stored_gate_summary_is_a_function_of_the_data(tmp_path):
+    """What validate_data stores names the files as stored, not where a run found them: two runs over the same
+    data in different work folders store the same bytes."""
+    from ruyi_core.stages.data import stored_summary
+
+    spec = DataSpec(thresholds={"rl": KindThresholds(max_bad_record_rate=0.05)})
+    texts = []
+    for where in ("run1", "run2"):
+        (tmp_path / where).mkdir()
+        paths = [_write(tmp_path / where / "a.jsonl", _good("rl")[:30] + [b"{oops"]),
+                 _write(tmp_path / where / "b.jsonl", _good("rl")[30:])]
+        res = validate_corpus(paths, "rl", spec, tmp_path / where / "docs")
+        texts.append(json.dumps(stored_summary(res.summary, {str(p): f"{i:03d}-{p.name}"
+                                                             for i, p in enumerate(paths)})))
+    assert texts[0] == texts[1] and str(tmp_path) not in texts[0] and "000-a.jsonl" in texts[0]
+
+
 def _raises(res) -> DataGateError:
     with pytest.raises(DataGateError) as e:
         gate_or_raise(res)

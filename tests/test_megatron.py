@@ -81,6 +81,20 @@ def test_cpu_attention_and_swiglu_match_megatron(workdir):
     assert out["rope_max_diff"] < 1e-12 and out["xent_max_diff"] < 1e-12
 
 
+def test_a_checkpoint_is_a_function_of_its_tensors(workdir):
+    """Saved again (another folder, another process), the same tensors give the same bytes in every file:
+    concurrent or repeated runs store one and the same checkpoint artifact."""
+    import hashlib
+
+    subprocess.run([sys.executable, "-m", "ruyi_core.megatron.ckpt", "from-hf", "--family", str(workdir / "family"),
+                    "--out", str(workdir / "init_again")], check=True, capture_output=True)
+
+    def shas(d: Path) -> dict[str, str]:
+        return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(d.iterdir()) if f.is_file()}
+
+    assert ".metadata" in shas(workdir / "init") and shas(workdir / "init") == shas(workdir / "init_again")
+
+
 def test_checkpoint_restores_every_rng(workdir):
     out = probe("rng-resume", workdir / "family")
     assert out["repeats"] and out["extra"] == {"step": 1}

@@ -217,3 +217,56 @@ def test_registry_from_the_command_line(store, s3_server, tier_dir, tmp_path, mo
     assert code == 1 and "v1/end" in out and "OK" in out
     assert [line for line in out.splitlines() if "FAILED" in line] == [
         line for line in out.splitlines() if "v2/end: model.safetensors: changed" in line]
+
+
+def test_a_corrupt_promoted_package_fails_verify_until_a_rerun_heals_it(store, s3_server, tier_dir, tmp_path,
+                                                                        monkeypatch, run_cli):
+    """verify quarantines a corrupt promoted package and keeps failing while the index promotes what is gone;
+    the run gate then lets the same run go again, and republishing the same weights (what its package step
+    does) heals it; a bit-identical rebuild of the exported tier is the same version's weights."""
+    import io
+
+    from ruyi_core.package import check_publishable
+    from ruyi_core.spec import parse_spec
+    from ruyi_core.stages import RunPlan, run_finished
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(with_demo({"store": {"bucket": store.bucket}, "family": {"name": FAMILY}})))
+    export = store.put_artifact("stages/micro/export_tier/e1", tier_dir, stage="export_tier", spec_hash="h",
+                                identity="e1")
+    weights = export.content_sha256()
+    pkg = build(tier_dir, tmp_path / "v1", "v1", evaluation(0.5))
+    uri = publish(store, pkg, FAMILY, "v1", "end", run_id="run-v1", spec_hash="0" * 16, weights=weights)
+    promote(store, FAMILY, "v1", "run-v1", {"end": {"uri": uri, "evaluation": evaluation(0.5)}}, GATE)
+    store.put_artifact("runs/run-v1/report", pkg, stage="report", spec_hash="h", identity="r1")
+    run, plan = parse_spec(with_demo({"family": {"name": FAMILY}})), RunPlan(run_id="run-v1", version="v1",
+                                                                             datasets=[])
+    assert run_finished(run, store, plan)
+
+    # another writer's bytes under the package's weights (with the sha256 the manifest expects)
+    m = store.read_manifest(uri)
+    entry = next(f for f in m.files if f.path == "model.safetensors")
+    data = bytearray((pkg / "model.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    store.client.put_object(store.bucket, f"{store.split(uri)[1]}/model.safetensors", io.BytesIO(bytes(data)),
+                            len(data), metadata={"sha256": entry.sha256})
+    code, out = run_cli(["models", "verify", FAMILY, "--spec", spec])
+    assert code == 1 and "sha256 mismatch" in out
+    code, out = run_cli(["models", "verify", FAMILY, "--spec", spec])
+    assert code == 1 and f"the index promotes {FAMILY} v1 end but its package is missing" in out
+    assert not run_finished(run, store, plan)  # the gate lets the same run go again
+
+    # the re-run rebuilds the exported tier bit for bit: the same weights, so the same version takes them
+    store.delete_artifact(export.uri)
+    rebuilt = store.put_artifact("stages/micro/export_tier/e1", tier_dir, stage="export_tier", spec_hash="h",
+                                 identity="e1")
+    assert rebuilt.content_sha256() == weights and rebuilt.sha256() != export.sha256()
+    publish(store, pkg, FAMILY, "v1", "end", run_id="run-v1", spec_hash="0" * 16, weights=rebuilt.content_sha256())
+    code, out = run_cli(["models", "verify", FAMILY, "--spec", spec])
+    assert code == 0 and "OK" in out and "FAILED" not in out
+    assert run_finished(run, store, plan)
+    publish(store, pkg, FAMILY, "v1", "end", run_id="run-v1", spec_hash="0" * 16, weights=weights)  # still fine
+    with pytest.raises(RuyiError, match="already holds other end weights"):
+        check_publishable(store, FAMILY, "v1", "end", "other" + weights[5:])

@@ -242,7 +242,7 @@ def test_cli_serve_reuses_server_and_never_prints_the_secret(s3_server, store, t
         monkeypatch.setenv(k, v)
     res = runner.invoke(store_app, ["lineage", m.uri])
     assert res.exit_code == 0, res.output
-    assert "prepare_data" in res.output and m.sha256()[:12] in res.output
+    assert "prepare_data" in res.output and m.content_sha256()[:12] in res.output
     assert s3_server.secret_key not in res.output
     # errors reach the main CLI as one-line StoreErrors; a lookup creates no bucket
     res = runner.invoke(store_app, ["lineage", "s3://no-such-bucket/x"])
@@ -284,7 +284,7 @@ def test_lineage_walks_three_levels(store, tmp_path):
     run = store.put_artifact("runs/r3/pretrain", d, stage="pretrain", spec_hash="h", inputs=[data.uri])
     model = store.put_artifact("models/demo/v1/small", d, stage="package", spec_hash="h",
                                inputs=[run.uri, "datasets/demo/v1"])  # keys work as inputs too; no repeats
-    assert model.inputs[0].manifest_sha256 == run.sha256()
+    assert model.inputs[0].content_sha256 == run.content_sha256()
     chain = lineage(store, model.uri)
     assert [m.stage for m in chain] == ["package", "pretrain", "prepare_data"]
     assert [m.uri for m in chain] == [model.uri, run.uri, data.uri]

@@ -87,8 +87,30 @@ def save(path: Path, model, optimizer=None, extra: dict | None = None, rng: bool
         dist_checkpointing.save(sd, str(path))
     dist.barrier()
     if dist.get_rank() == 0:
+        _drop_storage_meta(path)
         (path / DONE).write_text(json.dumps({"step": (extra or {}).get("step")}))
     dist.barrier()
+
+
+def _drop_storage_meta(path: Path) -> None:
+    """torch's DCP pickles a StorageMeta into `.metadata`: the folder it saved to and a fresh uuid4 per save.
+    Neither is needed to load (the reader fills in its own), but both make two saves of the same tensors differ,
+    so a checkpoint would not be a function of its contents (concurrent identical runs, bit-identical
+    re-runs). Rewritten without it; a plain pickle of a dataclass tree, so the rest stays byte-for-byte."""
+    import pickle
+
+    meta_file = path / ".metadata"
+    if not meta_file.is_file():  # a save strategy other than DCP's: nothing of the kind
+        return
+    with open(meta_file, "rb") as f:
+        meta = pickle.load(f)  # noqa: S301 - the file this process just wrote
+    if getattr(meta, "storage_meta", None) is None:
+        return
+    meta.storage_meta = None
+    tmp = meta_file.with_name(".metadata.tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(meta, f)
+    os.replace(tmp, meta_file)
 
 
 def load(path: Path, model, optimizer=None, rng: bool = False) -> dict | None:

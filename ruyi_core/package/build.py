@@ -70,7 +70,8 @@ def model_card(*, family: str, version: str, tier: str, target: str, evaluation:
     lines += ["## Speed and memory", "", "| prefill tok/s | decode tok/s | peak memory MiB |", "|---|---|---|",
               f"| {_fmt(speed.get('prefill_tokens_per_s'))} | {_fmt(speed.get('decode_tokens_per_s'))} | "
               f"{_fmt(speed.get('peak_memory_mib'))} |", ""]
-    lines += ["## Lineage", "", "From this package back to the raw data (manifest sha256, first 12 hex digits):", "",
+    lines += ["## Lineage", "", "From this package back to the raw data (each artifact's content sha256, first 12 hex "
+              "digits):", "",
               "| stage | artifact | sha256 |", "|---|---|---|"]
     lines += [f"| {e.get('stage', '')} | `{e['uri']}` | `{e.get('sha256', '')[:12]}` |" for e in lineage]
     lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",

@@ -14,7 +14,7 @@ from rich.table import Table
 from ruyi_core.errors import RuyiError
 from ruyi_core.package.build import verify_package
 from ruyi_core.package.keys import ROOT, PackageKey, family_prefix, parse_package
-from ruyi_core.package.registry import families, read_index, tier_entry, version_entry
+from ruyi_core.package.registry import absent_packages, families, read_index, tier_entry, version_entry
 from ruyi_core.store import ArtifactStore, IntegrityError
 
 models_app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -115,17 +115,19 @@ def verify_command(target: str | None = typer.Argument(None, help="a family, or 
                    path: Path | None = typer.Option(None, "--path", help="check a local package folder instead"),
                    spec: Path | None = typer.Option(None, help=SPEC_HELP)) -> None:
     """Download each package and check its files against its SHA256SUMS (independently of the store's manifest
-    check); exits 1 with one line per problem."""
+    check), and that every tier the family's index promotes still has its package; exits 1 with one line per
+    problem. A package that fails is removed from the store, and stays a problem until a run of its spec
+    rebuilds and republishes it."""
     if (target is None) == (path is None):
         raise RuyiError("say what to verify: a family, an s3:// URI, or --path DIR (one of them)")
-    results: list[tuple[str, list[str]]] = []
     if path is not None:
-        results.append((str(path), verify_package(path)))
+        results = [(str(path), verify_package(path))]
     else:
         store = open_store(spec, target)
+        results = [] if target.startswith("s3://") else _promoted_absent(store, target, version, tier)
         prefix = target if target.startswith("s3://") else family_prefix(target)
         uris = [u for u in store.list_artifacts(prefix) if _wanted(parse_package(store.split(u)[1]), version, tier)]
-        if not uris:
+        if not uris and not results:
             raise RuyiError(f"no packages under {store.normalize_uri(prefix)}"
                             + (f" for version {version}" if version else "") + (f" tier {tier}" if tier else "")
                             + (": that is the default bucket; pass --spec with the run's spec (its store section), "
@@ -147,6 +149,17 @@ def verify_command(target: str | None = typer.Argument(None, help="a family, or 
             c.print(f"[green]OK[/] {label}", highlight=False, soft_wrap=True)
     if any(p for _, p in results):
         raise typer.Exit(1)
+
+
+def _promoted_absent(store: ArtifactStore, family: str, version: str | None,
+                     tier: str | None) -> list[tuple[str, list[str]]]:
+    """A problem for each package the family's index promotes (of `version`, `tier`) that is not in the store."""
+    index = read_index(store, family, missing_ok=True)
+    if index is None:
+        return []
+    return [(uri, [f"the index promotes {family} {v} {t} but its package is missing (removed as corrupt?): run "
+                   "the spec that built it again, which rebuilds and republishes it"])
+            for v, t, uri in absent_packages(store, index) if version in (None, v) and tier in (None, t)]
 
 
 @models_app.command("deploy")

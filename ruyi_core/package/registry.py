@@ -28,7 +28,7 @@ from ruyi_core.store.client import hash_file
 
 def lineage_entries(store: ArtifactStore, uri: str) -> list[dict]:
     """The lineage of an artifact (an exported tier) as build_package records it."""
-    return [{"stage": m.stage, "uri": m.uri, "sha256": m.sha256()} for m in lineage(store, uri)]
+    return [{"stage": m.stage, "uri": m.uri, "sha256": m.content_sha256()} for m in lineage(store, uri)]
 
 
 def check_publishable(store: ArtifactStore, family: str, version: str, tier: str, weights: str) -> str:
@@ -191,6 +191,18 @@ def _decide(store: ArtifactStore, index: dict, version: str, run_id: str, candid
                                 "average": ev.get("average")}
         if ok:
             index["promoted"][tier] = version
+
+
+def absent_packages(store: ArtifactStore, index: dict, version: str | None = None) -> list[tuple[str, str, str]]:
+    """(version, tier, uri) of each package the index names that has no complete artifact in the store: every
+    tier's promoted package, or `version`'s packages. A quarantined package stays absent until a run of its spec
+    rebuilds and republishes it."""
+    if version is None:
+        picks = sorted((v, t) for t, v in index["promoted"].items())
+    else:
+        entry = _find(index, version)
+        picks = [(version, t) for t in sorted(entry["tiers"])] if entry else []
+    return [(v, t, u) for v, t in picks if not store.has_artifact(u := tier_entry(index, v, t)["uri"])]
 
 
 def resolve(store: ArtifactStore, family: str, tier: str, version: str | None = None) -> str:

@@ -16,7 +16,7 @@ from ruyi_core.stages.data import (
 )
 from ruyi_core.stages.family import EXPORT, INIT, Family, TierExport, export_tier, init_family
 from ruyi_core.stages.grpo import GRPO, Grpo, grpo
-from ruyi_core.stages.report import REPORT, Report, report
+from ruyi_core.stages.report import REPORT, Report, report, run_finished
 from ruyi_core.stages.route import ROUTE, Routing, calibrate_routing
 from ruyi_core.stages.ship import PACKAGE, Package, Promotion, package_tier, promote
 from ruyi_core.stages.table import REPORT_FIELDS, STEPS, WEIGHT_FIELDS, WEIGHT_STAGES, WEIGHT_VERSIONS, Step, steps
@@ -28,6 +28,6 @@ __all__ = [
     "Routing", "RunPlan", "STEPS", "SVD", "Stage", "StageRun", "Step", "SvdResult", "TRAIN", "TierExport", "Trained",
     "VALIDATE", "WEIGHT_FIELDS", "WEIGHT_STAGES", "WEIGHT_VERSIONS",
     "calibrate_routing", "dae_expand", "emit", "export_tier", "grpo", "init_family", "manifest_of", "open_run",
-    "package_tier", "plan_run", "prepare_data", "promote", "report", "run_stage", "steps", "svd_compress", "train",
-    "training_data", "validate_data", "workdir",
+    "package_tier", "plan_run", "prepare_data", "promote", "report", "run_finished", "run_stage", "steps",
+    "svd_compress", "train", "training_data", "validate_data", "workdir",
 ]

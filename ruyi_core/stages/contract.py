@@ -1,10 +1,11 @@
 """The stage contract: what every pipeline stage does around its own work, written once.
 
 A stage declares its name, a code version, the spec fields that determine its output and a typed result. From
-those, its parameters and the sha256 of its inputs' manifests, the contract derives the stage's identity and its
-store key, reuses a complete artifact with that identity, or gives the stage a work folder, uploads what the stage
-wrote there (manifest last) and returns the typed result. Operational settings (images, resources, timeouts,
-retries, poll intervals) are in no stage's fields, so changing them rebuilds nothing.
+those, its parameters and its inputs' content tokens (Manifest.content_sha256: their files, not when they were
+built), the contract derives the stage's identity and its store key, reuses a complete artifact with that
+identity, or gives the stage a work folder, uploads what the stage wrote there (manifest last) and returns the
+typed result. Operational settings (images, resources, timeouts, retries, poll intervals) are in no stage's
+fields, so changing them rebuilds nothing.
 """
 from __future__ import annotations
 
@@ -149,7 +150,7 @@ def run_stage(stage: Stage[R], spec: RunSpec, store: ArtifactStore, build: Calla
     fills `run.out` and returns the metadata) and publish its output. Logs "reused" or "built" with the URI."""
     inputs = {k: store.normalize_uri(v) for k, v in dict(inputs).items() if v}
     params = dict(params or {})
-    shas = {k: manifest_of(store, u).sha256() for k, u in inputs.items()}
+    shas = {k: manifest_of(store, u).content_sha256() for k, u in inputs.items()}
     identity = stage.identity(spec, shas, params)
     key = stage.key(spec, params, identity)
     uri = store.uri(key)
@@ -161,15 +162,25 @@ def run_stage(stage: Stage[R], spec: RunSpec, store: ArtifactStore, build: Calla
     with workdir(stage.name) as work:
         run = StageRun(spec, store, inputs, work, key, log)
         run.out.mkdir()
-        meta = stage.result(uri=uri, **(build(run) or {})).metadata()
+        try:
+            meta = stage.result(uri=uri, **(build(run) or {})).metadata()
+        except Exception:
+            # another run building this identity at the same time finished first, and may have removed what this
+            # build still needed (the checkpoints a spec does not keep): its artifact is this stage's output
+            if (m := store.read_manifest(uri)) is not None and m.identity == identity:
+                log(f"[{stage.name}] reused {uri} (another run stored it while this one was building)")
+                return stage.result(uri=uri, **m.metadata)
+            raise
         seconds, peak = round(time.perf_counter() - started, 1), peak_rss_mib()
-        store.put_artifact(key, run.out, stage=stage.name, spec_hash=slice_hash(spec, stage.fields),
-                           identity=identity, inputs=[*inputs.values(), *run.lineage], metadata=meta,
-                           build_seconds=seconds, build_peak_mib=peak)
+        # another run that built the same identity at the same time may have stored its output first: then that
+        # is the artifact, and its metadata the result
+        stored = store.put_artifact(key, run.out, stage=stage.name, spec_hash=slice_hash(spec, stage.fields),
+                                    identity=identity, inputs=[*inputs.values(), *run.lineage], metadata=meta,
+                                    build_seconds=seconds, build_peak_mib=peak)
         for uri_ in run.scratch:
             store.delete_artifact(uri_)
     log(f"[{stage.name}] built {uri} in {seconds:.1f} s, peak {peak:,.0f} MiB")
-    return stage.result(uri=uri, **meta)
+    return stage.result(uri=uri, **stored.metadata)
 
 
 def manifest_of(store: ArtifactStore, uri: str) -> Manifest:

@@ -66,12 +66,27 @@ def validate_data(spec: RunSpec, store: ArtifactStore, kind: str, docs_dir: Path
         gate_or_raise(gate)
 
         def build(run: StageRun) -> dict:
-            for i, p in enumerate(paths):
-                shutil.copy(p, run.out / f"{i:03d}-{p.name}")
-            (run.out / "gate_summary.json").write_text(json.dumps(gate.summary, indent=2, default=str))
+            stored = {str(p): f"{i:03d}-{p.name}" for i, p in enumerate(paths)}
+            for p, name in stored.items():
+                shutil.copy(p, run.out / name)
+            summary = stored_summary(gate.summary, stored)
+            (run.out / "gate_summary.json").write_text(json.dumps(summary, indent=2, default=str))
             return {"kind": kind, "n_records": gate.n_records, "fingerprint": gate.fingerprint}
 
         return run_stage(VALIDATE, spec, store, build, params={"kind": kind, "fingerprint": gate.fingerprint})
+
+
+def stored_summary(summary: dict, stored: dict[str, str]) -> dict:
+    """The gate's summary as the artifact keeps it: files named as stored (not where this run found them) and no
+    local Data Docs path, so the artifact is a function of the data alone (concurrent or repeated runs store the
+    same bytes)."""
+    def name(path: str) -> str:
+        return stored.get(path, Path(path).name)
+
+    bad = {k: {**v, "examples": [[name(f), *rest] for f, *rest in v["examples"]]}
+           for k, v in summary["bad_records"].items()}
+    return {**{k: v for k, v in summary.items() if k != "docs_index"}, "files": [name(f) for f in summary["files"]],
+            "bad_records": bad}
 
 
 def plan_run(spec: RunSpec, datasets: list[RawDataset]) -> RunPlan:

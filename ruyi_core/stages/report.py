@@ -1,6 +1,7 @@
 """The run's report (Markdown, HTML with charts and the lineage picture), kept in the store at runs/<run-id>/report:
-the data-fingerprint gate looks there to know that a run already finished. It only reads: the packages, the
-promotion's outcome, the routing calibration and what the stages behind them measured."""
+the data-fingerprint gate looks there, and at the packages the run published, to know that a run already
+finished. It only reads: the packages, the promotion's outcome, the routing calibration and what the stages
+behind them measured."""
 from __future__ import annotations
 
 import json
@@ -21,6 +22,20 @@ class Report(Artifact):
 
 # version 3: the routing calibration is an input (calibrate_routing's), not computed here
 REPORT = Stage("report", Report, ("eval", "package"), version=3, root="runs/{run_id}/report", named=True)
+
+
+def run_finished(spec: RunSpec, store: ArtifactStore, plan: RunPlan) -> bool:
+    """Whether the run for this plan already finished and what it published is still whole: its report is in the
+    store and every package the registry's index names for its version is complete. A package removed since (a
+    failed `ruyi models verify` quarantines it) makes the run go again, which rebuilds what is missing (every
+    other stage is reused) and publishes it again."""
+    from ruyi_core.package.registry import absent_packages, read_index
+
+    if not store.has_artifact(store.uri(REPORT.root.format(run_id=plan.run_id))):
+        return False
+    index = read_index(store, spec.family.name, missing_ok=True)
+    return index is not None and any(v["version"] == plan.version for v in index["versions"]) \
+        and not absent_packages(store, index, plan.version)
 
 
 def report(spec: RunSpec, store: ArtifactStore, plan: RunPlan, promotion: Promotion, routing: Routing,

@@ -30,7 +30,7 @@ class Package(Artifact):
     tier: str
     run_id: str
     export_uri: str
-    weights: str  # the exported tier's manifest sha256: what a version may never change
+    weights: str  # the exported tier's content token (Manifest.content_sha256): what a version may never change
     average: float | None = None
 
 
@@ -73,7 +73,7 @@ def _package(run: StageRun, plan: RunPlan, row: dict) -> dict:
     def say(msg: str) -> None:  # progress lines, tagged for the pipeline's log
         run.log(f"[package] {tier}: {msg}")
 
-    weights = run.manifest("export").sha256()
+    weights = run.manifest("export").content_sha256()
     check_publishable(store, family, plan.version, tier, weights)
     rt = for_spec(spec)
     tok = AutoTokenizer.from_pretrained(run.fetch("export"))

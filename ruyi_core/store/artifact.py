@@ -3,10 +3,9 @@ so a killed upload stays invisible; every download is checked against the manife
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from io import BytesIO
@@ -14,60 +13,22 @@ from pathlib import Path
 from typing import Any
 
 from minio.error import S3Error
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from ruyi_core.measure import code_version
 from ruyi_core.spec import StoreSpec
 from ruyi_core.store.client import (
     IntegrityError, StoreError, Transfer, TransferStats, describe, hash_file, make_client, parse_endpoint,
 )
+from ruyi_core.store.manifest import MANIFEST, FileEntry, InputRef, Manifest
 
-MANIFEST = "manifest.json"
 _MISSING = ("NoSuchKey", "NoSuchObject", "ResourceNotFound")
+_ATTEMPTS = 3  # reads and writes that another writer of the same artifact can make stale: tried again
 
 
-class FileEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    path: str  # relative to the artifact prefix, '/'-separated
-    size: int
-    sha256: str
-
-
-class InputRef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    uri: str
-    manifest_sha256: str
-
-
-class Manifest(BaseModel):
-    # extra="allow": a manifest written by a newer version still parses and hashes to the same value
-    model_config = ConfigDict(extra="allow")
-    uri: str
-    stage: str
-    spec_hash: str
-    identity: str = ""  # the producing stage's identity (stage, code version, spec slice, inputs); see stages
-    build_seconds: float | None = None  # wall time of the stage that built it
-    build_peak_mib: float | None = None  # its peak resident memory (largest process, the stage's children included)
-    code_version: str
-    created_at: str
-    completed_at: str
-    files: list[FileEntry] = []
-    inputs: list[InputRef] = []
-    metadata: dict[str, Any] = {}
-
-    def canonical_json(self) -> bytes:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"),
-                          ensure_ascii=False).encode()
-
-    def sha256(self) -> str:
-        return hashlib.sha256(self.canonical_json()).hexdigest()
-
-    @property
-    def total_size(self) -> int:
-        return sum(f.size for f in self.files)
-
-    def _content(self) -> tuple:
-        return self.stage, self.spec_hash, self.identity, self.files, self.inputs, self.metadata
+class _Rewritten(StoreError):
+    """An artifact's manifest changed while its files were being read (a StoreError: store errors pass through
+    _errors unchanged)."""
 
 
 def clean_key(key: str, what: str = "key") -> str:
@@ -175,21 +136,24 @@ class ArtifactStore:
 
     # ---- artifacts ------------------------------------------------------------------------------------
     def read_manifest(self, uri: str) -> Manifest | None:
-        bucket, key, uri = self._artifact(uri)
+        return self._read_manifest(*self._artifact(uri))[0]
+
+    def _read_manifest(self, bucket: str, key: str, uri: str) -> tuple[Manifest | None, str]:
+        """The manifest and its ETag (what a conditional rewrite names), or (None, "")."""
         with self._errors(f"reading the manifest of {uri}", bucket):
             try:
                 resp = self.transfer.retry(self.client.get_object, bucket, f"{key}/{MANIFEST}")
             except S3Error as e:
                 if e.code in _MISSING:
-                    return None
+                    return None, ""
                 raise
             try:
-                raw = resp.read()
+                raw, etag = resp.read(), resp.headers.get("ETag", "")
             finally:
                 resp.close()
                 resp.release_conn()
         try:
-            return Manifest.model_validate_json(raw)
+            return Manifest.model_validate_json(raw), etag
         except ValidationError as e:
             first = e.errors()[0]
             raise IntegrityError(f"{uri}/{MANIFEST} is not a valid manifest "
@@ -223,9 +187,10 @@ class ArtifactStore:
     def put_artifact(self, prefix: str, local_dir: str | Path, *, stage: str, spec_hash: str, identity: str = "",
                      inputs: Iterable[str] = (), metadata: Mapping[str, Any] | None = None,
                      build_seconds: float | None = None, build_peak_mib: float | None = None) -> Manifest:
-        """Upload every file under `local_dir` to `<prefix>/<relpath>`, then `<prefix>/manifest.json` LAST.
-        Files already stored intact (same sha256 and size) are not sent again; re-putting identical content
-        keeps the existing manifest, so hashes recorded by downstream artifacts stay valid."""
+        """Upload every file under `local_dir` to `<prefix>/<relpath>`, then `<prefix>/manifest.json` LAST, with
+        a conditional write: of concurrent writers of one artifact the first complete manifest wins and the others
+        return it. An artifact already there from the same build (the same stage identity; without one, the same
+        content) is kept and returned, its missing files uploaded again; one from another build is replaced."""
         bucket, key, uri = self._artifact(prefix)
         local_dir = Path(local_dir)
         if not local_dir.is_dir():
@@ -237,31 +202,62 @@ class ArtifactStore:
         meta = self._clean_metadata(metadata)
         created = _now()
         with self._errors(f"uploading {uri}", bucket):
-            refs: list[InputRef] = []
-            for u in dict.fromkeys(inputs):
-                m = self.read_manifest(u)
-                if m is None:
-                    raise StoreError(f"input {u} is not an artifact (no {MANIFEST}): upload it before {uri}")
-                refs.append(InputRef(uri=self._artifact(u)[2], manifest_sha256=m.sha256()))
+            refs = [InputRef(uri=self._artifact(u)[2], content_sha256=self._input(u, uri).content_sha256())
+                    for u in dict.fromkeys(inputs)]
             with ThreadPoolExecutor(self.spec.parallel_parts, thread_name_prefix="ruyi-hash") as pool:
                 hashed = list(pool.map(hash_file, paths))
             files = [FileEntry(path=r, size=n, sha256=h) for r, (h, n, _) in zip(rels, hashed)]
-            existing = self.read_manifest(uri)
-            same = existing is not None and existing._content() == (stage, spec_hash, identity, files, refs, meta)
-            if existing is not None and not same:
-                # hide the old artifact first: a crash mid-rewrite must not leave a manifest over mixed files
-                self.transfer.retry(self.client.remove_object, bucket, f"{key}/{MANIFEST}")
-            self._upload_files(bucket, key, list(zip(paths, files, (m for *_, m in hashed))))
-            if same:
-                return existing
-            manifest = Manifest(uri=uri, stage=stage, spec_hash=spec_hash, identity=identity,
+            items = list(zip(paths, files, (m for *_, m in hashed)))
+            content = (stage, spec_hash, identity, files, refs, meta)
+
+            def manifest() -> Manifest:  # ours, completed now
+                return Manifest(uri=uri, stage=stage, spec_hash=spec_hash, identity=identity,
                                 build_seconds=build_seconds, build_peak_mib=build_peak_mib,
-                                code_version=self._code(), created_at=created,
-                                completed_at=_now(), files=files, inputs=refs, metadata=meta)
-            body = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True).encode()
-            self.transfer.retry(lambda: self.client.put_object(
-                bucket, f"{key}/{MANIFEST}", BytesIO(body), len(body), content_type="application/json"))
-        return manifest
+                                code_version=self._code(), created_at=created, completed_at=_now(), files=files,
+                                inputs=refs, metadata=meta)
+
+            existing, etag = self._read_manifest(bucket, key, uri)
+            if existing is not None and existing.same_build(identity, content):
+                return self._keep(bucket, key, uri, (existing, etag), items, content, manifest)
+            if existing is not None:
+                # another build: hide it first, so a crash mid-rewrite never leaves a manifest over mixed files
+                self.transfer.retry(self.client.remove_object, bucket, f"{key}/{MANIFEST}")
+            self._upload_files(bucket, key, items)
+            ours = manifest()
+            if self._write_manifest(bucket, key, ours, None):
+                return ours
+            # another writer completed this artifact first: theirs stands when it is the same build
+            return self._keep(bucket, key, uri, self._read_manifest(bucket, key, uri), items, content, lambda: ours)
+
+    def _input(self, uri: str, consumer: str) -> Manifest:
+        m = self.read_manifest(uri)
+        if m is None:
+            raise StoreError(f"input {uri} is not an artifact (no {MANIFEST}): upload it before {consumer}")
+        return m
+
+    def _keep(self, bucket: str, key: str, uri: str, found: tuple[Manifest | None, str],
+              items: list[tuple[Path, FileEntry, int]], content: tuple, ours: Callable[[], Manifest]) -> Manifest:
+        """The stored manifest `found`, of the same build, instead of ours. Where its files are ours too they are
+        uploaded again (restoring any removed since). A stage whose output is not a pure function of its identity
+        leaves the stored files alone while they are intact; when they are not (our upload replaced some, or
+        they were damaged), ours are uploaded and our manifest replaces theirs, conditionally."""
+        existing, etag = found
+        if existing is None or not existing.same_build(content[2], content):
+            raise StoreError(f"another writer stored a different build of {uri} while this one uploaded it: "
+                             "run the stage again")
+        if existing.files == content[3]:
+            self._upload_files(bucket, key, items)  # skips what is stored intact
+            return existing
+        if all(self.transfer.is_intact(bucket, f"{key}/{f.path}", f.sha256, f.size) for f in existing.files):
+            return existing
+        self._upload_files(bucket, key, items)
+        if self._write_manifest(bucket, key, manifest := ours(), etag):
+            return manifest
+        raise StoreError(f"{uri} kept changing while this writer stored it: run the stage again")
+
+    def _write_manifest(self, bucket: str, key: str, manifest: Manifest, etag: str | None) -> bool:
+        body = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True).encode()
+        return self._put_if(bucket, f"{key}/{MANIFEST}", body, etag)
 
     def _clean_metadata(self, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
         try:
@@ -290,12 +286,24 @@ class ArtifactStore:
 
     def get_artifact(self, uri: str, local_dir: str | Path, only: Collection[str] | None = None) -> Manifest:
         """Download a completed artifact (`only` these of its files) into `local_dir`, verifying every file's
-        size and sha256."""
+        size and sha256. A manifest rewritten while we read (another writer completing the same artifact) is
+        read again, never taken for damage."""
         bucket, key, uri = self._artifact(uri)
-        manifest = self.read_manifest(uri)
-        if manifest is None:
-            raise StoreError(f"no artifact at {uri}: it has no {MANIFEST} (never completed, or a wrong URI)")
-        local_dir = Path(local_dir)
+        for _ in range(_ATTEMPTS):
+            found = self._read_manifest(bucket, key, uri)
+            if found[0] is None:
+                raise StoreError(f"no artifact at {uri}: it has no {MANIFEST} (never completed, or a wrong URI)")
+            try:
+                self._download(bucket, key, uri, found, Path(local_dir), only)
+            except _Rewritten:
+                continue
+            return found[0]
+        raise IntegrityError(f"{uri} kept changing while it was downloaded (other writers?): run again; nothing "
+                             "was removed")
+
+    def _download(self, bucket: str, key: str, uri: str, found: tuple[Manifest, str], local_dir: Path,
+                  only: Collection[str] | None) -> None:
+        manifest = found[0]
         files = [f for f in manifest.files if only is None or f.path in only]
         if only is not None and len(files) != len(set(only)):
             raise StoreError(f"{uri} has no {', '.join(sorted(set(only) - {f.path for f in files}))}")
@@ -312,6 +320,8 @@ class ArtifactStore:
                 try:  # once more: bytes damaged on the way are not damaged in the store
                     self.transfer.download(*get, label=f"{uri}/{f.path}")
                 except IntegrityError as e:
+                    if self._read_manifest(bucket, key, uri) != found:
+                        raise _Rewritten from None  # not damage: the artifact was rewritten meanwhile
                     self._quarantine(bucket, key, f.path)
                     raise IntegrityError(f"{str(e).split('; re-upload')[0]}; removed it and the artifact's "
                                          f"manifest, so running the stage that built {uri} again rebuilds "
@@ -324,7 +334,6 @@ class ArtifactStore:
             for f in files:
                 if f.size > self.part_size:
                     one(f)
-        return manifest
 
     def _quarantine(self, bucket: str, key: str, path: str) -> None:
         """A stored object that fails its manifest twice: remove it and the manifest (the manifest first, so the
@@ -368,16 +377,18 @@ class ArtifactStore:
     def write_object_if(self, key: str, data: bytes, etag: str | None) -> bool:
         """Write `key` only if it is still as read: absent (`etag` None) or unchanged (that ETag). False when
         another writer got there first (S3 conditional writes: MinIO, SeaweedFS and AWS honour them)."""
-        cond = {"If-None-Match": "*"} if etag is None else {"If-Match": etag}
         with self._errors(f"writing {self.uri(key)}"):
-            try:
-                # private: the public put_object turns If-Match / If-None-Match into user metadata (test_private_apis)
-                self.client._put_object(self.bucket, clean_key(key), data,
-                                        headers={"Content-Type": "application/json", **cond})
-            except S3Error as e:
-                if e.code in ("PreconditionFailed", "ConditionalRequestConflict"):
-                    return False
-                raise
+            return self._put_if(self.bucket, clean_key(key), data, etag)
+
+    def _put_if(self, bucket: str, obj: str, data: bytes, etag: str | None) -> bool:
+        cond = {"If-None-Match": "*"} if etag is None else {"If-Match": etag}
+        try:
+            # private: the public put_object turns If-Match / If-None-Match into user metadata (test_private_apis)
+            self.client._put_object(bucket, obj, data, headers={"Content-Type": "application/json", **cond})
+        except S3Error as e:
+            if e.code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
         return True
 
     def get_folder(self, uri: str, local_dir: str | Path) -> list[str]:

@@ -54,11 +54,11 @@ def lineage_command(uri: str, spec: Path | None = None) -> None:
     store = ArtifactStore.from_spec(store_spec, env=os.environ, create_bucket=False)  # a lookup creates nothing
     chain = lineage(store, uri)
     t = Table(title=f"lineage of {store.normalize_uri(uri)}")
-    for col in ("#", "stage", "uri", "created", "files", "size", "manifest sha256", "inputs"):
+    for col in ("#", "stage", "uri", "created", "files", "size", "content sha256", "inputs"):
         t.add_column(col, overflow="fold")
     for i, m in enumerate(chain):
         t.add_row(str(i), m.stage, m.uri, m.created_at, str(len(m.files)), _size(m.total_size),
-                  m.sha256()[:12], str(len(m.inputs)))
+                  m.content_sha256()[:12], str(len(m.inputs)))
     _console().print(t)
 
 

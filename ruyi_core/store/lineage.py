@@ -1,5 +1,6 @@
 """Lineage: an artifact and, transitively, the artifacts it was built from, each checked against the
-manifest hash its consumer recorded (a rewritten input breaks the chain loudly, not silently)."""
+content token its consumer recorded (an input with other content breaks the chain loudly, not silently; a
+bit-identical rebuild of it does not)."""
 from __future__ import annotations
 
 from collections import deque
@@ -28,9 +29,9 @@ def lineage(store: ArtifactStore, uri: str) -> list[Manifest]:
             if parent is None:
                 raise StoreError(f"{m.uri} was built from {ref.uri}, which no longer has a manifest: "
                                  "restore it or rebuild the chain")
-            if parent.sha256() != ref.manifest_sha256:
-                raise IntegrityError(f"{ref.uri} changed after {m.uri} was built from it (manifest sha256 "
-                                     f"{parent.sha256()[:12]} != recorded {ref.manifest_sha256[:12]}): "
+            if not ref.matches(parent):
+                raise IntegrityError(f"{ref.uri} changed after {m.uri} was built from it (content sha256 "
+                                     f"{parent.content_sha256()[:12]} != recorded {ref.recorded()[:12]}): "
                                      "rebuild the downstream artifacts")
             out.append(parent)
             queue.append(parent)
