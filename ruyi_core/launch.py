@@ -72,6 +72,10 @@ def _free_port() -> int:
 def worker_main(body: Callable[[], None], cleanup: Callable[[], None] | None = None) -> None:
     """A torchrun worker's main: dies with its parent, runs `body`, and reports as run_child expects."""
     die_with_parent()  # a killed runner leaves no worker behind
+    # The kernel clears the request in a fork's child, and megatron's checkpoint save forks its writers (the
+    # torch_dist strategy always does): ask again in every child, or a writer killed mid-save outlives the run.
+    # The hook is process-wide, which is right here: this process is the worker, and every fork of it should go.
+    os.register_at_fork(after_in_child=die_with_parent)
     try:
         body()
     except RuyiError as e:  # the user can fix it: one line, no traceback

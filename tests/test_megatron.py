@@ -5,9 +5,12 @@ import inspect
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -179,7 +182,6 @@ def test_one_rank_reads_and_writes_the_hf_family_in_process(workdir, reference):
 def test_distributed_optimizer_matches_tp1_and_resumes_exactly(workdir, reference):
     """megatron's distributed optimizer (GPU runs' default) over torch's Adam: DP 2 learns as TP 1 does, and a
     run resumed from its step-6 checkpoint repeats the uninterrupted run's losses bit for bit."""
-    import shutil
 
     layout = {"dp": 2, "distributed_optimizer": True}
     p = train(workdir, "distopt", layout, keep=4)
@@ -199,7 +201,6 @@ def test_bf16_learns_as_fp32_resumes_exactly_and_exports(workdir, reference):
     """bf16 mixed precision (`train.precision: bf16`, GPUs' default, here on the CPU): every exit learns as in fp32 up
     to bf16's rounding; resumed from its step-6 checkpoint, a run repeats its losses bit for bit (the fp32 master
     weights and moments travel in the checkpoint); the bf16 checkpoint exports to an HF family."""
-    import shutil
 
     from ruyi_core.family.modeling import RuyiForCausalLM
 
@@ -224,32 +225,61 @@ def test_bf16_learns_as_fp32_resumes_exactly_and_exports(workdir, reference):
     assert all(not torch.equal(w0[k], w1[k]) for k in w0)  # every leaf trained
 
 
-def test_sigkill_then_resume_repeats_the_loss_sequence_exactly(workdir, reference, s3_server):
-    """Checkpoints go to the store; the resumed run finds the latest complete one there."""
-    env = {**os.environ, **s3_server.env()}
+def _processes_marked(mark: str) -> dict[int, int]:
+    """{pid: parent pid} of every process whose environment holds `mark` (forks inherit it, as execs do)."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if mark.encode() in Path(f"/proc/{pid}/environ").read_bytes():
+                found[int(pid)] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:  # gone meanwhile, or not ours
+            pass
+    return found
+
+
+def test_sigkill_during_a_save_leaves_no_process_and_resume_repeats_the_losses(workdir, reference, s3_server):
+    """Killing the runner's process group while a checkpoint is being written stops every process of the run,
+    megatron's forked checkpoint writers included; checkpoints go to the store, and the resumed run finds the
+    latest complete one there and repeats the loss sequence exactly."""
+    run_id = uuid.uuid4().hex
+    mark = f"RUYI_TEST_RUN={run_id}"
+    env = {**os.environ, **s3_server.env(), "RUYI_TEST_RUN": run_id}
     spec = parse_spec(with_demo({"store": {"bucket": "killres"}}))
     from ruyi_core.store import ArtifactStore
 
     ArtifactStore.from_spec(spec.store, env=env)  # creates the bucket
+    # the step-6 save's writers block opening their files (FIFOs nobody reads): the kill lands mid-save
+    saving = workdir / "killed" / "checkpoints" / "iter_0000006"
+    saving.mkdir(parents=True)
+    for name in ("__0_0.distcp", "__0_1.distcp"):
+        os.mkfifo(saving / name)
     extra = ["--ckpt-prefix", "runs/kill/cpt/checkpoints", "--resume"]
     p = train(workdir, "killed", {}, extra, bucket="killres", env=env)
     seen = []
     for line in p.stdout:
         seen.append(line)
-        if "step 5/10" in line:
-            os.killpg(p.pid, signal.SIGKILL)
+        if "step 6/10" in line:
             break
+    writers: dict[int, int] = {}
+    for _ in range(600):  # a worker's child: a forked checkpoint writer
+        run = _processes_marked(mark)
+        writers = {pid: parent for pid, parent in run.items() if parent in run and parent != p.pid}
+        if writers or p.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert writers, "".join(seen)[-3000:]
+    os.killpg(p.pid, signal.SIGKILL)
     p.wait()
-    assert p.returncode != 0 and (workdir / "killed" / "checkpoints").is_dir(), "".join(seen)[-3000:]
-    import shutil
-
+    time.sleep(5)
+    left = _processes_marked(mark)
+    for pid in left:  # do not leave them to the rest of the session
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes of the killed run still alive 5 s later: {left}"
     shutil.rmtree(workdir / "killed" / "checkpoints")  # the store's copy must be enough
     p = train(workdir, "killed", {}, extra, bucket="killres", env=env)
     out = p.communicate()[0]
     assert p.returncode == 0, out[-3000:]
-    # iter 3, or iter 6 when the kill lands after the next upload (a loaded machine reads the pipe late)
-    resumed = re.search(r"\[cpt\] resumed from step (\d+) \(iter_\d+\)", out)
-    assert resumed and int(resumed.group(1)) in (3, 6), out[-3000:]
+    assert "[cpt] resumed from step 3 (iter_0000003)" in out, out[-3000:]  # the step-6 save never completed
     assert losses(workdir, "killed") == reference  # bit-exact, every exit, every step
     kept = ArtifactStore.from_spec(spec.store, env=env).list_artifacts("runs/kill/cpt/checkpoints")
     assert [u.rsplit("/", 1)[-1] for u in kept] == ["iter_0000009", "iter_0000010"]  # older ones deleted
@@ -360,7 +390,6 @@ def test_a_worker_dies_with_its_parent(tmp_path):
     """torchrun's workers live in their own session; killing the parent (SIGKILL, no cleanup) stops them too."""
     import os
     import signal
-    import time
 
     pid_file = tmp_path / "worker.pid"
     worker = ("import os, sys, time; from ruyi_core.launch import die_with_parent; die_with_parent(); "

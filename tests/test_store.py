@@ -223,6 +223,44 @@ def test_bad_credentials_and_unreachable_endpoint_are_one_line(s3_server):
         ArtifactStore.from_spec(spec, env={**env, "RUYI_S3_ENDPOINT": "ftp://x:1"})
 
 
+def test_a_silenced_store_fails_a_many_file_transfer_within_its_bound(s3_server, tmp_path, monkeypatch):
+    """The store stops answering (SIGSTOP) as the first file starts: an upload or download of many files fails
+    with one line within one call's retries plus one attempt (docs/architecture.md), because the first failure
+    stops the rest; files still queued never start."""
+    spec = StoreSpec(bucket="silenced", part_size_mb=5, parallel_parts=2, retries=1, read_timeout_s=2.0)
+    store = ArtifactStore.from_spec(spec, env=s3_server.env())
+    src = tmp_path / "src"
+    for i in range(16):
+        write_random(src / f"shard-{i:02d}.bin", 1000, seed=i)
+    uri = store.put_artifact("ckpt/stored", src, stage="t", spec_hash="h").uri
+    t = store.transfer
+    backoff = sum(min(t.backoff_cap_s, t.backoff_s * 2 ** i) for i in range(spec.retries))
+    # a stopped process's kernel still accepts connections: every attempt waits out the read timeout
+    bound = (spec.retries + 2) * spec.read_timeout_s + backoff
+    stat, calls = store.client.stat_object, []
+
+    def silence_then_stat(*args, **kw):  # every file's first call
+        calls.append(args)
+        os.kill(s3_server.pid, signal.SIGSTOP)
+        return stat(*args, **kw)
+
+    monkeypatch.setattr(store.client, "stat_object", silence_then_stat)
+    try:
+        for transfer in (lambda: store.put_artifact("ckpt/new", src, stage="t", spec_hash="h"),
+                         lambda: store.get_artifact(uri, tmp_path / "dst")):
+            calls.clear()
+            started = time.monotonic()
+            with pytest.raises(StoreError, match=r"cannot reach the object store at .* \(timed out\)") as e:
+                transfer()
+            took = time.monotonic() - started
+            os.kill(s3_server.pid, signal.SIGCONT)
+            assert "\n" not in str(e.value)
+            assert took < bound, f"{took:.1f} s against a silent store; the bound is {bound:.1f} s"
+            assert len(calls) < 16, "files still queued after the first failure were started"
+    finally:
+        os.kill(s3_server.pid, signal.SIGCONT)
+
+
 def test_cli_serve_reuses_server_and_never_prints_the_secret(s3_server, store, tmp_path, monkeypatch):
     runner = CliRunner()
     res = runner.invoke(store_app, ["serve", "--root", str(s3_server.root)])

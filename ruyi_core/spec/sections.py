@@ -99,7 +99,8 @@ class StoreSpec(_Strict):
     parallel_parts: int = Field(4, ge=1, le=64)  # parts (and files) transferred at once
     retries: int = Field(5, ge=0, le=20)  # retries of a failed transfer
     # Seconds without a byte from the store before a call gives up (then it is retried): an endpoint that accepts
-    # connections but never answers fails in about this long, not minutes.
+    # connections but never answers fails in about this long, not minutes. A transfer of any number of files against
+    # a store that stops answering fails within (retries + 2) x this plus the backoff (15.5 s by default): ~2.5 min.
     read_timeout_s: float = Field(20.0, gt=0, le=600)
 
 

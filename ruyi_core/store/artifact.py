@@ -268,21 +268,23 @@ class ArtifactStore:
             raise StoreError("artifact metadata contains the object store's secret key: remove it")
         return json.loads(text)
 
-    def _upload_one(self, bucket: str, obj: str, path: Path, f: FileEntry, mtime_ns: int) -> None:
-        if self.transfer.is_intact(bucket, obj, f.sha256, f.size):
+    def _upload_one(self, transfer: Transfer, bucket: str, obj: str, path: Path, f: FileEntry,
+                    mtime_ns: int) -> None:
+        if transfer.is_intact(bucket, obj, f.sha256, f.size):
             self.stats.add(files_skipped=1)
             return
-        self.transfer.upload(bucket, obj, path, f.sha256, f.size, mtime_ns)
+        transfer.upload(bucket, obj, path, f.sha256, f.size, mtime_ns)
         self.stats.add(files_uploaded=1)
 
     def _upload_files(self, bucket: str, key: str, items: list[tuple[Path, FileEntry, int]]) -> None:
-        # small files side by side (latency-bound); large ones one at a time, each with parallel parts
+        # small files side by side (latency-bound); large ones one at a time, each with parallel parts; the first
+        # failure stops the others (Transfer.run_all), so a silent store fails this within one call's retries
+        files = self.transfer.batch()
         small = [it for it in items if it[1].size <= self.part_size]
         large = [it for it in items if it[1].size > self.part_size]
-        with ThreadPoolExecutor(self.spec.parallel_parts, thread_name_prefix="ruyi-files") as pool:
-            list(pool.map(lambda it: self._upload_one(bucket, f"{key}/{it[1].path}", *it), small))
+        files.run_all(lambda it: self._upload_one(files, bucket, f"{key}/{it[1].path}", *it), small, "ruyi-files")
         for p, f, m in large:
-            self._upload_one(bucket, f"{key}/{f.path}", p, f, m)
+            self._upload_one(files, bucket, f"{key}/{f.path}", p, f, m)
 
     def get_artifact(self, uri: str, local_dir: str | Path, only: Collection[str] | None = None) -> Manifest:
         """Download a completed artifact (`only` these of its files) into `local_dir`, verifying every file's
@@ -312,13 +314,15 @@ class ArtifactStore:
                 raise IntegrityError(f"{uri}/{MANIFEST} lists an unsafe path {f.path!r}: refusing to download")
             (local_dir / f.path).parent.mkdir(parents=True, exist_ok=True)
 
+        transfer = self.transfer.batch()  # the first failure stops the other files (Transfer.run_all)
+
         def one(f: FileEntry) -> None:
             get = (bucket, f"{key}/{f.path}", local_dir / f.path, f.size, f.sha256)
             try:
-                self.transfer.download(*get, label=f"{uri}/{f.path}")
+                transfer.download(*get, label=f"{uri}/{f.path}")
             except IntegrityError:
                 try:  # once more: bytes damaged on the way are not damaged in the store
-                    self.transfer.download(*get, label=f"{uri}/{f.path}")
+                    transfer.download(*get, label=f"{uri}/{f.path}")
                 except IntegrityError as e:
                     if self._read_manifest(bucket, key, uri) != found:
                         raise _Rewritten from None  # not damage: the artifact was rewritten meanwhile
@@ -328,9 +332,7 @@ class ArtifactStore:
                                          "it") from None
 
         with self._errors(f"downloading {uri}", bucket):
-            small = [f for f in files if f.size <= self.part_size]
-            with ThreadPoolExecutor(self.spec.parallel_parts, thread_name_prefix="ruyi-files") as pool:
-                list(pool.map(one, small))
+            transfer.run_all(one, [f for f in files if f.size <= self.part_size], "ruyi-files")
             for f in files:
                 if f.size > self.part_size:
                     one(f)
@@ -354,7 +356,7 @@ class ArtifactStore:
         sha, size, mtime = hash_file(local_path)
         entry = FileEntry(path=k, size=size, sha256=sha)
         with self._errors(f"uploading {self.uri(k, bucket)}", bucket):
-            self._upload_one(bucket, k, local_path, entry, mtime)
+            self._upload_one(self.transfer, bucket, k, local_path, entry, mtime)
         return entry
 
     # ---- small shared objects, updated with conditional writes (no lost updates) ------------------------------

@@ -2,6 +2,7 @@
 that never hold more than a few parts of a file in memory."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
@@ -9,7 +10,7 @@ import random
 import threading
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -41,6 +42,11 @@ class StoreError(RuyiError):
 
 class IntegrityError(StoreError):
     """Stored bytes do not match their manifest."""
+
+
+class Cancelled(Exception):
+    """A call given up because another call of its batch failed first (`Transfer.run_all`); that failure is the one
+    reported, so this never reaches a user."""
 
 
 def parse_endpoint(value: str, secure: bool) -> tuple[str, bool]:
@@ -168,23 +174,73 @@ class TransferStats:
 
 
 class Transfer:
-    """Streaming single-object transfers with retries; parts of `part_size` bytes, `parallel` in flight."""
+    """Streaming single-object transfers with retries; parts of `part_size` bytes, `parallel` in flight.
+
+    Against a store that stops answering, one call gives up after `retries` + 1 attempts of at most the read
+    timeout each, with the backoff between them. Many calls run as a batch (`batch`, `run_all`): the first failure
+    stops the others at their next retry, so a transfer of any number of files or parts fails within one call's
+    cycle plus one attempt (docs/architecture.md)."""
 
     def __init__(self, client: Minio, *, part_size: int, parallel: int, retries: int, stats: TransferStats,
-                 backoff_s: float = 0.5, backoff_cap_s: float = 8.0):
+                 backoff_s: float = 0.5, backoff_cap_s: float = 8.0, stops: tuple[threading.Event, ...] = ()):
         self.client, self.part_size, self.parallel, self.retries = client, part_size, parallel, retries
         self.stats, self.backoff_s, self.backoff_cap_s = stats, backoff_s, backoff_cap_s
+        self._stops = (*stops, threading.Event())  # an enclosing batch's, then this one's own
+
+    def batch(self) -> Transfer:
+        """This transfer for one group of calls: a failure in it stops the group (and the groups inside it), never
+        the enclosing one, which learns of it from the exception."""
+        return Transfer(self.client, part_size=self.part_size, parallel=self.parallel, retries=self.retries,
+                        stats=self.stats, backoff_s=self.backoff_s, backoff_cap_s=self.backoff_cap_s,
+                        stops=self._stops)
+
+    def stop(self) -> None:
+        self._stops[-1].set()
+
+    @property
+    def stopped(self) -> bool:
+        return any(e.is_set() for e in self._stops)
+
+    def run_all(self, fn: Callable[[Any], None], items: list, name: str) -> None:
+        """`fn(item)` for every item, `parallel` at once, on a batch (`batch`). The first failure is raised and stops
+        the rest: queued items never start, running ones give up at their next retry."""
+        def one(item: Any) -> None:
+            try:
+                fn(item)
+            except BaseException:
+                self.stop()  # before this thread takes the next item, which then never starts
+                raise
+
+        with ThreadPoolExecutor(self.parallel, thread_name_prefix=name) as pool:
+            futures = [pool.submit(one, it) for it in items]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            if self.stopped:
+                for f in futures:
+                    f.cancel()
+        # the pool has waited for every started call: nothing of this batch outlives it
+        failed = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
+        if failed:  # the cause, not the calls it cancelled (unless an enclosing batch stopped them all)
+            raise next((e for e in failed if not isinstance(e, Cancelled)), failed[0])
 
     def retry(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         for attempt in range(self.retries + 1):
+            if self.stopped:
+                raise Cancelled("another call of this batch failed")
             try:
                 return fn(*args, **kw)
             except Exception as e:
                 if attempt >= self.retries or not is_transient(e):
                     raise
                 # full jitter keeps parallel parts from retrying in lockstep
-                time.sleep(min(self.backoff_cap_s, self.backoff_s * 2 ** attempt) * (0.5 + random.random() / 2))
+                pause = min(self.backoff_cap_s, self.backoff_s * 2 ** attempt) * (0.5 + random.random() / 2)
+                self._pause(pause)
         raise AssertionError("unreachable")
+
+    def _pause(self, seconds: float) -> None:
+        """Sleeps `seconds`, or less once the batch stops (the next attempt then raises Cancelled)."""
+        deadline = time.monotonic() + seconds
+        while not self.stopped and (left := deadline - time.monotonic()) > 0:
+            self._stops[-1].wait(min(left, 0.1))  # an enclosing batch's stop is seen within 0.1 s
 
     def stat(self, bucket: str, key: str) -> tuple[int, str | None] | None:
         """(size, sha256 from user metadata) of an object, or None when it is absent."""
@@ -218,14 +274,14 @@ class Transfer:
         # are its own multipart steps, which let parts go in parallel and be retried (test_private_apis)
         upload_id = self.retry(self.client._create_multipart_upload, bucket, key, headers)
         try:
-            parts = self._upload_parts(bucket, key, upload_id, path, size, mtime_ns)
+            parts = self.batch()._upload_parts(bucket, key, upload_id, path, size, mtime_ns)
             self.retry(self.client._complete_multipart_upload, bucket, key, upload_id, parts)
-        except BaseException:
-            # best effort: the server may be the thing that failed
-            try:
-                self.client._abort_multipart_upload(bucket, key, upload_id)
-            except Exception:
-                pass
+        except BaseException as e:
+            # Best effort, and only when the store answered: against one that does not, an abort would wait a read
+            # timeout more, past the batch's bound (an unfinished upload stays invisible; MinIO expires it).
+            if not (is_transient(e) or isinstance(e, Cancelled)):
+                with contextlib.suppress(Exception):
+                    self.client._abort_multipart_upload(bucket, key, upload_id)
             raise
 
     def _put_part(self, bucket: str, key: str, upload_id: str, number: int, data: bytes) -> Part:
@@ -250,6 +306,7 @@ class Transfer:
                 finished, _ = wait(pending)
                 done += [fut.result() for fut in finished]
             except BaseException:
+                self.stop()  # the parts still sending give up at their next retry
                 for fut in pending:
                     fut.cancel()
                 raise
@@ -281,7 +338,7 @@ class Transfer:
                 if size <= self.part_size:
                     got = self.retry(self._get_whole, bucket, key, fd, size)
                 else:
-                    got = self._get_parts(bucket, key, fd, size)
+                    got = self.batch()._get_parts(bucket, key, fd, size)
             finally:
                 os.close(fd)
             if sha256 is not None and got != sha256:
@@ -343,6 +400,7 @@ class Transfer:
                 while window:
                     h.update(window.popleft().result())
             except BaseException:
+                self.stop()  # the parts still arriving give up at their next retry
                 for fut in window:
                     fut.cancel()
                 raise
