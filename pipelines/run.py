@@ -144,7 +144,8 @@ def _failure(errors: Path, e: RuntimeError, log_path: Path) -> Exception:
         return RuyiError("; ".join(users) + f" (full log: {log_path})")
     # not a user error: a bug or an unexpected failure, whose traceback is in the log
     causes = [f.read_text().strip() for f in sorted(errors.glob(f"*{INTERNAL_ERROR}"))]
-    return RuntimeError(f"a pipeline task failed: {'; '.join(causes) or kfp_says} (its traceback is in {log_path})")
+    task = f"task {m.group(1)}" if (m := re.search(r"Inner task failed: (.+?)\.?$", kfp_says)) else "a task"
+    return RuntimeError(f"{task} failed: {'; '.join(causes) or kfp_says} (its traceback is in {log_path})")
 
 
 def fetch_report(spec: RunSpec, report_uri: str, dest: Path) -> dict:

@@ -79,7 +79,7 @@ def test_a_failed_task_shows_its_cause_in_one_plain_line(tmp_path, monkeypatch, 
         raise ValueError("offset must be non-negative and no greater than buffer length (1160)\nmore detail")
     e = _failure(tmp_path, RuntimeError(KFP_FAILED), tmp_path / "run.log")
     assert type(e) is RuntimeError and "\n" not in str(e) and "\x1b" not in str(e)
-    assert str(e).startswith("a pipeline task failed: ValueError: offset must be non-negative and no greater than "
+    assert str(e).startswith("task 'cpt' failed: ValueError: offset must be non-negative and no greater than "
                              "buffer length (1160) (its traceback is in ")
     with pytest.raises(RuyiError), open_run(spec_yaml):  # a user error wins: it names the fix
         raise RuyiError("x.bin is truncated or damaged: re-run the data stage")
