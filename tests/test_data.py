@@ -188,6 +188,8 @@ def test_a_damaged_packed_dataset_is_a_data_error_naming_the_file(tok, tmp_path,
         TokenStream(tmp_path / "sft", 32, seed=0)
     msg = str(e.value)
     assert str(f) in msg and "truncated or damaged" in msg and "re-run the data stage" in msg and "\n" not in msg
+    _pack(world.sft_records(40, seed=0), "sft", tok, tmp_path / "sft")  # the fix works, whatever was damaged
+    assert TokenStream(tmp_path / "sft", 32, seed=0).n_windows > 0
 
 
 def test_sft_masks_cover_exactly_the_assistant_tokens(tok, tmp_path):

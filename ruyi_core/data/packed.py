@@ -79,7 +79,11 @@ class _Shards:
 def _clean(out: Path, kind: str) -> None:
     """Drop this kind's files from an earlier run, so stale extra shards cannot survive a smaller re-run."""
     manifest = out / MANIFEST
-    if manifest.is_file() and (held := json.loads(manifest.read_text()).get("kind")) not in (kind, None):
+    try:
+        held = json.loads(manifest.read_text()).get("kind") if manifest.is_file() else None
+    except (ValueError, AttributeError):  # a damaged manifest: re-packing is its fix, so it goes like the rest
+        held = None
+    if held not in (kind, None):
         raise RuyiError(f"{out} already holds a packed {held} dataset: use a separate --out directory per corpus kind")
     pat = re.compile(rf"^{kind}(_mask)?_\d{{5}}\.(bin|idx)$")
     manifest.unlink(missing_ok=True)
