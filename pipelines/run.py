@@ -6,14 +6,14 @@ import io
 import json
 import os
 import re
-import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from ruyi_core.errors import RuyiError
 from ruyi_core.spec import RunSpec, load_spec
 from ruyi_core.stages import STEPS
-from ruyi_core.stages.contract import ERROR_DIR_ENV
+from ruyi_core.stages.contract import ERROR_DIR_ENV, INTERNAL_ERROR, USER_ERROR, workdir
 
 _STAGE_TAGS = "|".join(sorted(s.name for s in STEPS))
 
@@ -39,7 +39,7 @@ class _TaskLog(io.TextIOBase):
     # "[cpt] reused s3://..." (at the start of the line, or after a launcher's "[default0]:" prefix); not other
     # libraries' tagged lines ("[transformers] ...").
     _progress = re.compile(rf"(?:^|\]:)(\[(?:{_STAGE_TAGS})\] \S.*)")
-    _ansi = re.compile(r"\x1b\[[0-9;]*m")
+    ansi = re.compile(r"\x1b\[[0-9;]*m")
 
     def __init__(self, log, show):
         self.log, self.show, self.events, self._showing, self._partial = log, show, [], False, ""
@@ -64,7 +64,7 @@ class _TaskLog(io.TextIOBase):
         self._showing = True
         try:
             for line in lines:
-                self._line(self._ansi.sub("", line).strip())
+                self._line(self.ansi.sub("", line).strip())
         finally:
             self._showing = False
 
@@ -98,33 +98,54 @@ def run_local(spec_path: str | Path, root: str | Path = ".ruyi/kfp", show=None) 
     spec = load_spec(spec_path)
     store = ArtifactStore.from_spec(spec.store, env=os.environ)  # fail fast, one line, on a bad store/credentials
     root.mkdir(parents=True, exist_ok=True)
-    tag = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # two runs in one folder share neither file
-    errors = root / "errors" / tag
-    errors.mkdir(parents=True)
-    log_path = root / f"run-{tag}.log"
-    os.environ[ERROR_DIR_ENV] = str(errors)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), enable_caching=True,
-               raise_on_error=True)
-    pipeline = build_pipeline(spec, spec.model_dump_json(), cluster=False)
-    with open(log_path, "w") as log:
-        tee = _TaskLog(log, show)
-        try:
-            with contextlib.redirect_stdout(tee), contextlib.redirect_stderr(tee):
-                try:
-                    task = pipeline()
-                finally:
-                    tee.finish()
-        except RuntimeError as e:
-            msgs = [f.read_text().strip() for f in sorted(errors.glob("*.txt"))]
-            shutil.rmtree(errors, ignore_errors=True)
-            if msgs:
-                raise RuyiError("; ".join(msgs) + f" (full log: {log_path})") from None
-            # no stage reported a user error: a bug or an unexpected failure, whose traceback is in the log
-            raise RuntimeError(f"a pipeline task failed ({e}); its traceback is in {log_path}") from None
-    shutil.rmtree(errors, ignore_errors=True)
+    log_path = root / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"  # concurrent runs: one log each
+    # The tasks' temp dir, removed with the run (or swept once a killed run's process is gone): KFP's per-task
+    # scripts, torch's folders and the tasks' own scratch never reach the user's temp dir.
+    with workdir("pipeline") as tmp, _environ(TMPDIR=str(tmp), **{ERROR_DIR_ENV: str(tmp / "errors")}):
+        (tmp / "errors").mkdir()
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
+                   workspace_root=str(tmp / "workspace"), enable_caching=True, raise_on_error=True)
+        pipeline = build_pipeline(spec, spec.model_dump_json(), cluster=False)
+        with open(log_path, "w") as log:
+            tee = _TaskLog(log, show)
+            try:
+                with contextlib.redirect_stdout(tee), contextlib.redirect_stderr(tee):
+                    try:
+                        task = pipeline()
+                    finally:
+                        tee.finish()
+            except RuntimeError as e:
+                raise _failure(tmp / "errors", e, log_path) from None
     report_uri = store.uri(REPORT.root.format(run_id=task.output.metadata["run_id"]))
     executed = sum(1 for e in tee.events if e.startswith("Task ") and "finished with status" in e)
     return {"report_uri": report_uri, "log": str(log_path), "events": tee.events, "executed": executed}
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """The tasks inherit this process's environment: set `values` for the run, then put back what was there."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _failure(errors: Path, e: RuntimeError, log_path: Path) -> Exception:
+    """One line for a failed run: the failing stages' user errors, else the cause a stage reported for its
+    internal error, else KFP's own message (without its colour codes)."""
+    kfp_says = _TaskLog.ansi.sub("", str(e)).strip()
+    if users := [f.read_text().strip() for f in sorted(errors.glob(f"*{USER_ERROR}"))]:
+        return RuyiError("; ".join(users) + f" (full log: {log_path})")
+    # not a user error: a bug or an unexpected failure, whose traceback is in the log
+    causes = [f.read_text().strip() for f in sorted(errors.glob(f"*{INTERNAL_ERROR}"))]
+    task = f"task {m.group(1)}" if (m := re.search(r"Inner task failed: (.+?)\.?$", kfp_says)) else "a task"
+    return RuntimeError(f"{task} failed: {'; '.join(causes) or kfp_says} (its traceback is in {log_path})")
 
 
 def fetch_report(spec: RunSpec, report_uri: str, dest: Path) -> dict:

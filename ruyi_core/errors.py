@@ -7,3 +7,8 @@ class RuyiError(Exception):
 
 class SpecError(RuyiError):
     """The run spec is invalid."""
+
+
+class CorruptDataError(RuyiError):
+    """A stored input (a packed shard, a manifest, a config) is truncated or damaged: not a bug in the code. The
+    message names the file and how to rebuild it."""

@@ -9,6 +9,7 @@ import sys
 import traceback
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 
 from ruyi_core.errors import RuyiError
 
@@ -56,9 +57,11 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def torchrun(nproc: int, module: str, args: list[str]) -> list[str]:
+def torchrun(nproc: int, module: str, args: list[str], log_dir: Path) -> list[str]:
+    """`log_dir`: torchrun's own folder, in the caller's work folder (by default it leaves a `torchelastic_*`
+    folder in the temp dir per launch)."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-port", str(_free_port()), "-m", module, *args]
+            "--master-port", str(_free_port()), "--log-dir", str(log_dir), "-m", module, *args]
 
 
 def _free_port() -> int:

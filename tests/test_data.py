@@ -189,6 +189,26 @@ def test_pretrain_and_rl_round_trip_over_shards(tok, tmp_path):
     assert [a["answer"] for a in answers] == [r["answer"] for r in rl] and answers[5]["doc"] == 5
 
 
+@pytest.mark.parametrize("damage", ["truncate_bin", "truncate_mask_idx", "manifest"])
+def test_a_damaged_packed_dataset_is_a_data_error_naming_the_file(tok, tmp_path, damage):
+    """Training's reader checks every shard whole when it opens it: one line naming the file and the fix, not
+    megatron's bare ValueError at the first read past the damage."""
+    from ruyi_core.errors import CorruptDataError
+    from ruyi_core.megatron.data import TokenStream
+
+    _pack(world.sft_records(40, seed=0), "sft", tok, tmp_path / "sft")
+    victim = {"truncate_bin": "sft_00000.bin", "truncate_mask_idx": "sft_mask_00000.idx",
+              "manifest": "dataset.json"}[damage]
+    f = tmp_path / "sft" / victim
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CorruptDataError) as e:
+        TokenStream(tmp_path / "sft", 32, seed=0)
+    msg = str(e.value)
+    assert str(f) in msg and "truncated or damaged" in msg and "re-run the data stage" in msg and "\n" not in msg
+    _pack(world.sft_records(40, seed=0), "sft", tok, tmp_path / "sft")  # the fix works, whatever was damaged
+    assert TokenStream(tmp_path / "sft", 32, seed=0).n_windows > 0
+
+
 def test_sft_masks_cover_exactly_the_assistant_tokens(tok, tmp_path):
     recs = _good("sft", 200) + [
         {"messages": [{"role": "system", "content": "Be brief."}, _user("Spell sun."), _asst("s-u-n"),

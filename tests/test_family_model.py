@@ -113,3 +113,17 @@ def test_import_ruyi_core_is_enough_to_load_a_family(family, tmp_path, order):
                       "print(light, type(m).__name__, m.config.early_exit_points)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.split("\n")[-2] == f"True RuyiForCausalLM {EXITS}", r.stdout + r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("damaged", ["config.json", "model.safetensors", "tokenizer.json"])
+def test_a_damaged_saved_family_is_a_data_error(micro_base, family, tmp_path, damaged):
+    """A truncated file of a stored family is named as damaged data with its fix, not a bug to report."""
+    from ruyi_core.errors import CorruptDataError
+    from ruyi_core.family.io import load_family
+
+    family.save_pretrained(tmp_path)
+    micro_base[1].save_pretrained(tmp_path)
+    f = tmp_path / damaged
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CorruptDataError, match=rf"^{tmp_path}: a file is truncated or damaged \(.*\): delete it"):
+        load_family(tmp_path)

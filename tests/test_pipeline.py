@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,15 @@ def test_compiled_pipeline_sets_images_resources_and_secret(tmp_path, monkeypatc
 STAGE_LINE = re.compile(r"\[(\w+)\] (reused|built) (s3://\S+)")
 
 
+def fresh_temp_dir(tmp_path: Path, monkeypatch) -> Path:
+    """A temp dir of the test's own, for this process and the tasks it starts."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    return tmp
+
+
 def stage_lines(run: dict) -> dict[str, set[str]]:
     """{stage: {"reused", "built"}} from the run log's per-stage lines."""
     out: dict[str, set[str]] = {}
@@ -94,7 +104,9 @@ def test_local_pipeline_end_to_end_then_cached(tmp_path, s3_server, monkeypatch)
     for k, v in s3_server.env().items():
         monkeypatch.setenv(k, v)
     spec = micro_spec(tmp_path, "e2e")
+    tmp = fresh_temp_dir(tmp_path, monkeypatch)
     first = run_local(spec, tmp_path / "kfp", show=lambda m: None)
+    assert list(tmp.iterdir()) == []  # KFP's task scripts, torchrun's folders, the stages' work folders: all gone
     # validate x3, plan, init, prepare, cpt, sft, dae_expand, dae_cpt, dae_sft, grpo, svd, export x2, package x2,
     # promote, calibrate_routing, report
     # (parallel loop iterations may share a log line, so count at least the sequential ones)
@@ -270,8 +282,11 @@ def test_failed_gate_stops_the_pipeline_and_writes_nothing(tmp_path, s3_server, 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine text", "source": "facts", "lang": "en"}\n{not json\n' * 20)
     spec = micro_spec(tmp_path, "badgate", pretrain=[str(bad)])
-    with pytest.raises(RuyiError, match="data gate failed for pretrain.*bad_json"):
+    tmp = fresh_temp_dir(tmp_path, monkeypatch)
+    with pytest.raises(RuyiError, match="data gate failed for pretrain.*bad_json") as e:
         run_local(spec, tmp_path / "kfp", show=lambda m: None)
+    assert "\n" not in str(e.value) and "\x1b" not in str(e.value)
+    assert list(tmp.iterdir()) == []  # a failed run cleans up too
     from ruyi_core.spec import load_spec
 
     store = ArtifactStore.from_spec(load_spec(spec).store)

@@ -57,3 +57,36 @@ def test_tier_table_keeps_its_header_in_a_pipe(capsys):
         "tier", "params", "on disk", *benches, "average", "prefill tok/s", "decode tok/s", "peak MiB", "promoted"]
     assert set(lines[2]) <= {"|", "-"} and len(lines[1]) > 170
     assert lines[3].startswith("| end ") and lines[4].startswith("| cloud ") and len(lines[3]) == len(lines[1])
+
+
+KFP_FAILED = ("Pipeline \x1b[95m'ruyi-flow'\x1b[0m finished with status \x1b[91mFAILURE\x1b[0m. Inner task failed: "
+              "\x1b[96m'cpt'\x1b[0m.")
+
+
+def test_a_failed_task_shows_its_cause_in_one_plain_line(tmp_path, monkeypatch, s3_server):
+    """A stage's internal error reaches the runner as its type and first line; KFP's colour codes never show."""
+    import yaml
+
+    from conftest import with_demo
+    from pipelines.run import _failure
+    from ruyi_core.errors import RuyiError
+    from ruyi_core.stages.contract import ERROR_DIR_ENV, open_run
+
+    for k, v in {**s3_server.env(), ERROR_DIR_ENV: str(tmp_path)}.items():
+        monkeypatch.setenv(k, v)
+    spec_yaml = yaml.safe_dump(with_demo({"store": {"bucket": "failed-task"}}))
+    with pytest.raises(ValueError), open_run(spec_yaml):
+        raise ValueError("offset must be non-negative and no greater than buffer length (1160)\nmore detail")
+    e = _failure(tmp_path, RuntimeError(KFP_FAILED), tmp_path / "run.log")
+    assert type(e) is RuntimeError and "\n" not in str(e) and "\x1b" not in str(e)
+    assert str(e).startswith("task 'cpt' failed: ValueError: offset must be non-negative and no greater than "
+                             "buffer length (1160) (its traceback is in ")
+    with pytest.raises(RuyiError), open_run(spec_yaml):  # a user error wins: it names the fix
+        raise RuyiError("x.bin is truncated or damaged: re-run the data stage")
+    e = _failure(tmp_path, RuntimeError(KFP_FAILED), tmp_path / "run.log")
+    assert isinstance(e, RuyiError) and str(e).startswith("x.bin is truncated or damaged: re-run the data stage")
+    nothing = tmp_path / "nothing"
+    nothing.mkdir()
+    e = _failure(nothing, RuntimeError(KFP_FAILED), tmp_path / "run.log")  # died before saying why
+    assert "Pipeline 'ruyi-flow' finished with status FAILURE. Inner task failed: 'cpt'." in str(e)
+    assert "\x1b" not in str(e)

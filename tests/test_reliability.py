@@ -72,6 +72,28 @@ def test_killed_runs_leave_no_work_folders(tmp_path, monkeypatch):
     assert sweep_workdirs(tmp_path) == 0 and not list(tmp_path.glob(f"{WORK_PREFIX}*"))
 
 
+def test_torchrun_and_the_local_store_leave_nothing_in_the_temp_dir(tmp_path, monkeypatch):
+    """torchrun's own folder goes where its caller says (a stage's work folder); the local store writes its glog
+    files under its root. The temp dir is as it was."""
+    from ruyi_core.launch import torchrun
+    from ruyi_core.store.server import serve
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    lines: list[str] = []
+    run_child(torchrun(1, "this", [], tmp_path / "work" / "torchrun"), lines.append)
+    assert any("Beautiful is better than ugly" in line for line in lines)
+    assert list((tmp_path / "work" / "torchrun").iterdir())  # torchrun's run folder, where it was told
+    srv = serve(tmp_path / "s3")
+    try:
+        assert srv.env()["RUYI_S3_ENDPOINT"]
+    finally:
+        srv.kill()
+    assert any(p.name.startswith("weed.") for p in (tmp_path / "s3" / "logs").iterdir())
+    assert sorted(p.name for p in tmp.iterdir()) == []
+
+
 def _peak_rss_mib(code: str, *args: str) -> int:
     r = subprocess.run([sys.executable, "-c", code + "\nfrom ruyi_core.measure import peak_rss_mib\n"
                         "print(int(peak_rss_mib()))", *args],

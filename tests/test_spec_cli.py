@@ -1,4 +1,5 @@
 """Specs: shipped ones load, bad ones stop with one line naming the field; the CLI end to end on micro."""
+import os
 import re
 import subprocess
 import sys
@@ -143,10 +144,12 @@ def test_error_text_is_printed_literally(tmp_path, run_cli):
 def test_bad_spec_in_a_real_process(tmp_path):
     spec = tmp_path / "bad.yaml"
     spec.write_text(yaml.safe_dump(with_demo({"family": {"exit_points": [3, 2]}})))
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
     r = subprocess.run([sys.executable, "-m", "ruyi_core.cli", "family", "init", "--spec", str(spec), "--out",
-                        str(tmp_path / "f")], capture_output=True, text=True)
+                        str(tmp_path / "f")], capture_output=True, text=True, env={**env, "TERM": "xterm-256color"})
     assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
     assert "family.exit_points: must be strictly increasing" in r.stdout
+    assert "\x1b" not in r.stdout + r.stderr  # a pipe gets no colour codes, whatever the terminal type says
     # A bad option value (typer's vendored click raises it) is a usage error, not an internal one.
     r = subprocess.run([sys.executable, "-m", "ruyi_core.cli", "data", "validate", "--kind", "web", "x.jsonl"],
                        capture_output=True, text=True)

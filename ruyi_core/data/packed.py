@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from ruyi_core.errors import RuyiError
+from ruyi_core.errors import CorruptDataError, RuyiError
 
 MANIFEST = "dataset.json"
 ANSWERS = "rl_answers.jsonl"
@@ -78,7 +79,11 @@ class _Shards:
 def _clean(out: Path, kind: str) -> None:
     """Drop this kind's files from an earlier run, so stale extra shards cannot survive a smaller re-run."""
     manifest = out / MANIFEST
-    if manifest.is_file() and (held := json.loads(manifest.read_text()).get("kind")) not in (kind, None):
+    try:
+        held = json.loads(manifest.read_text()).get("kind") if manifest.is_file() else None
+    except (ValueError, AttributeError):  # a damaged manifest: re-packing is its fix, so it goes like the rest
+        held = None
+    if held not in (kind, None):
         raise RuyiError(f"{out} already holds a packed {held} dataset: use a separate --out directory per corpus kind")
     pat = re.compile(rf"^{kind}(_mask)?_\d{{5}}\.(bin|idx)$")
     manifest.unlink(missing_ok=True)
@@ -129,18 +134,45 @@ def read_manifest(packed_dir: str | Path, kind: str | None = None) -> dict:
     p = Path(packed_dir) / MANIFEST
     if not p.is_file():
         raise RuyiError(f"{packed_dir} is not a packed dataset (no {MANIFEST}): run `ruyi data prepare` first")
-    meta = json.loads(p.read_text())
+    try:
+        meta = json.loads(p.read_text())
+        meta["kind"], meta["shards"]  # noqa: B018 (the fields every reader needs)
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _corrupt(p, f"unreadable manifest: {type(e).__name__}: {e}") from None
     if kind is not None and meta["kind"] != kind:
         raise RuyiError(f"{packed_dir} holds a {meta['kind']} dataset, not {kind}")
     return meta
 
 
+def _corrupt(path: Path, what: str) -> CorruptDataError:
+    return CorruptDataError(f"{path} is truncated or damaged ({what}): delete this packed dataset and re-run the "
+                            "data stage that made it (`ruyi data prepare`, or the pipeline's prepare_data)")
+
+
+def _open_shard(prefix: Path):
+    """One memory-mapped IndexedDataset, checked whole: megatron would only fail (with a bare ValueError or
+    AssertionError) at the first read past a truncation, deep inside training."""
+    idx = indexed()
+    idx_file, bin_file = prefix.with_name(prefix.name + ".idx"), prefix.with_name(prefix.name + ".bin")
+    for f in (idx_file, bin_file):
+        if not f.is_file():
+            raise _corrupt(f, "missing")
+    try:  # the index alone first: a half-built IndexedDataset fails again in its __del__
+        ix = idx._IndexReader(str(idx_file), multimodal=False)
+    except (ValueError, AssertionError, struct.error) as e:
+        raise _corrupt(idx_file, f"{type(e).__name__}: {e}") from None
+    end = int(ix.sequence_pointers[-1]) + int(ix.sequence_lengths[-1]) * ix.dtype_size if len(ix) else 0
+    if (size := bin_file.stat().st_size) != end:
+        raise _corrupt(bin_file, f"{size} bytes, its index needs {end}")
+    return idx.IndexedDataset(str(prefix), mmap=True)
+
+
 def open_shards(packed_dir: str | Path, meta: dict) -> Iterator[tuple]:
-    """(tokens, mask or None) IndexedDataset pair per shard, memory-mapped, opened one at a time."""
-    idx, d = indexed(), Path(packed_dir)
+    """(tokens, mask or None) IndexedDataset pair per shard, memory-mapped, opened one at a time; a truncated or
+    damaged shard is a CorruptDataError naming its file."""
+    d = Path(packed_dir)
     for s in meta["shards"]:
-        yield (idx.IndexedDataset(str(d / s["prefix"]), mmap=True),
-               idx.IndexedDataset(str(d / s["mask_prefix"]), mmap=True) if s.get("mask_prefix") else None)
+        yield _open_shard(d / s["prefix"]), _open_shard(d / s["mask_prefix"]) if s.get("mask_prefix") else None
 
 
 def read_documents(packed_dir: str | Path, kind: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:

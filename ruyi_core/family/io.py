@@ -1,12 +1,15 @@
 """Build, save and load families; export tiers with a summary row each."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from ruyi_core.errors import RuyiError
+from ruyi_core.errors import CorruptDataError, RuyiError
 from ruyi_core.family.config import RuyiConfig
 from ruyi_core.family.convert import (build_preset_base, export_tier, family_from_base, generation_config, load_base,
                                       tier_config)
@@ -66,12 +69,27 @@ def load_family(path: str | Path, runtime=None, stored_dtype: bool = False) -> t
     path = Path(path)
     if not (path / "config.json").is_file():
         raise RuyiError(f"{path} is not a family directory (no config.json): create one with `ruyi family init`")
-    if stored_dtype:
-        model = RuyiForCausalLM.from_pretrained(path, dtype="auto").eval()
-    else:
-        model = (runtime.load(RuyiForCausalLM, path) if runtime is not None else
-                 RuyiForCausalLM.from_pretrained(path, dtype=torch.float32).eval())
-    return model, load_tokenizer(path)
+    with stored_files(path):
+        if stored_dtype:
+            model = RuyiForCausalLM.from_pretrained(path, dtype="auto").eval()
+        else:
+            model = (runtime.load(RuyiForCausalLM, path) if runtime is not None else
+                     RuyiForCausalLM.from_pretrained(path, dtype=torch.float32).eval())
+        return model, load_tokenizer(path)
+
+
+@contextmanager
+def stored_files(path: Path) -> Iterator[None]:
+    """Reading a saved family or tier: a truncated or damaged file (config, tokenizer, weights) is a data error
+    naming the folder, not transformers' or safetensors' bare exception (which often names no file)."""
+    try:
+        yield
+    except RuyiError:
+        raise
+    except (OSError, ValueError, SafetensorError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CorruptDataError(f"{path}: a file is truncated or damaged ({type(e).__name__}: {first}): delete it "
+                               "(or its artifact) and re-run the stage that made it") from None
 
 
 def load_tier(family_dir: str | Path, exit_point: int, runtime):
@@ -82,14 +100,15 @@ def load_tier(family_dir: str | Path, exit_point: int, runtime):
     from ruyi_core.family import names
     from ruyi_core.family.tensors import TensorFiles
 
-    cfg = RuyiConfig.from_pretrained(family_dir)
-    tier_cfg = tier_config(cfg, exit_point)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(tier_cfg, dtype=runtime.dtype)
-    sd = names.convert(TensorFiles(family_dir, runtime.dtype), cfg, "family", "tier", exit_point)
-    model.load_state_dict(sd, strict=True, assign=True)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=tier_cfg)  # computed, not stored
-    model.generation_config = generation_config(load_tokenizer(Path(family_dir)), tier_cfg)
+    with stored_files(Path(family_dir)):
+        cfg = RuyiConfig.from_pretrained(family_dir)
+        tier_cfg = tier_config(cfg, exit_point)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(tier_cfg, dtype=runtime.dtype)
+        sd = names.convert(TensorFiles(family_dir, runtime.dtype), cfg, "family", "tier", exit_point)
+        model.load_state_dict(sd, strict=True, assign=True)
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=tier_cfg)  # computed, not stored
+        model.generation_config = generation_config(load_tokenizer(Path(family_dir)), tier_cfg)
     return model.to(runtime.device).eval()
 
 

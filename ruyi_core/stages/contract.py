@@ -28,7 +28,8 @@ from ruyi_core.measure import peak_rss_mib, reset_peak
 from ruyi_core.spec import RunSpec, parse_spec_yaml
 from ruyi_core.store import ArtifactStore, Manifest
 
-ERROR_DIR_ENV = "RUYI_ERROR_DIR"  # a failed stage's one-line user error goes here for the local runner to show
+ERROR_DIR_ENV = "RUYI_ERROR_DIR"  # a failed stage's one-line error goes here for the local runner to show
+USER_ERROR, INTERNAL_ERROR = ".error.txt", ".internal.txt"  # the two kinds of file there, after the task's pid
 
 
 class Artifact(BaseModel):
@@ -235,11 +236,16 @@ def workdir(prefix: str) -> Iterator[Path]:
 @contextmanager
 def open_run(spec_yaml: str) -> Iterator[tuple[RunSpec, ArtifactStore]]:
     """What every component does: the spec from its YAML text and the store from spec + environment.
-    A user error inside is also written, as its one line, to $RUYI_ERROR_DIR for the local runner to show."""
+    An error inside is also written, as one line, to $RUYI_ERROR_DIR for the local runner to show: a user error's
+    message, or an internal error's type and first line (its traceback stays in the task's log)."""
     try:
         spec = parse_spec_yaml(spec_yaml)
         yield spec, ArtifactStore.from_spec(spec.store, env=os.environ)
-    except RuyiError as e:
+    except Exception as e:
         if os.environ.get(ERROR_DIR_ENV):
-            (Path(os.environ[ERROR_DIR_ENV]) / f"{os.getpid()}.txt").write_text(str(e))
+            if isinstance(e, RuyiError):
+                line, kind = str(e), USER_ERROR
+            else:
+                line, kind = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}", INTERNAL_ERROR
+            (Path(os.environ[ERROR_DIR_ENV]) / f"{os.getpid()}{kind}").write_text(line)
         raise

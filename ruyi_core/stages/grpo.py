@@ -75,7 +75,8 @@ def _train_policy(run: StageRun, given: Path, policy: Path, args: list[str]) -> 
     if spec.train.launcher == "local":
         workers = max(1, spec.pipeline.resources_for("grpo").gpus)
         parts = [a for n, rel in INPUTS.items() for a in (f"--{n.replace('_', '-')}", str(given / rel))]
-        run_child(torchrun(workers, "ruyi_core.rl.worker", [*args, "--out", str(policy), *parts]), run.log)
+        run_child(torchrun(workers, "ruyi_core.rl.worker", [*args, "--out", str(policy), *parts],
+                           run.work / "torchrun"), run.log)
         return
     from ruyi_core.megatron.trainjob import grpo_workers, run_trainjob
 

@@ -95,7 +95,7 @@ def _train(run: StageRun, stage: str) -> dict:
         args += ["--replay", run.inputs["replay"]]
     if spec.train.launcher == "local":
         run_child(torchrun(spec.train.parallel.world_size, "ruyi_core.megatron.trainer",
-                           [*args, "--out", str(run.work / "run")]), run.log)
+                           [*args, "--out", str(run.work / "run")], run.work / "torchrun"), run.log)
     else:
         from ruyi_core.megatron.trainjob import run_trainjob
 

@@ -246,7 +246,9 @@ def serve(root: Path = DEFAULT_ROOT, port: int | None = None, *, timeout_s: floa
         ports = _pick_ports(want)  # previous ports when free, so a sourced s3.env keeps working
         if port is not None and ports["s3.port"] != port:
             raise StoreError(f"port {port} on 127.0.0.1 is in use: pick another with --port, or omit it")
-        args = [str(weed_binary()), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        (root / "logs").mkdir(exist_ok=True)
+        # glog files go under the root, not the temp dir (weed's default), one set per start
+        args = [str(weed_binary()), f"-logdir={root / 'logs'}", "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 f"-s3.config={root / 's3.json'}", "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
                 "-s3.port.iceberg=0", "-s3.port.lance=0", *VACUUM, *(f"-{k}={v}" for k, v in ports.items())]
         log = root / "weed.log"
