@@ -12,7 +12,7 @@ from ruyi_core.serve.batcher import DONE, Batcher, Job
 from ruyi_core.serve.decode import SpecStats, generate, speculative
 from ruyi_core.serve.detok import Detokenizer, StopStrings
 from ruyi_core.serve.protocol import ApiError
-from ruyi_core.serve.route import answer
+from ruyi_core.serve.route import escalate
 from ruyi_core.serve.tiers import ServedFamily
 
 
@@ -135,9 +135,9 @@ class Engine:
     def _run(self, tier: str, jobs: list[Job], on_token: Callable[[int, int], bool]) -> None:
         """Decodes one batch (same tier and sampling), on the batcher's thread."""
         fam = self.family
-        if tier == "auto":  # a batch escalates together, tier by tier
-            routed = answer(fam, [j.prompt for j in jobs], [j.max_new_tokens for j in jobs], self.auto_threshold)
-            for i, (j, a) in enumerate(zip(jobs, routed)):
+        if tier == "auto":  # one request at a time: a deeper tier continues from the shallower one's state
+            for i, j in enumerate(jobs):
+                a = escalate(fam, j.prompt, j.max_new_tokens, self.auto_threshold)
                 j.answered_by = a.tier
                 for t in a.tokens:
                     if on_token(i, t):
