@@ -57,6 +57,7 @@ def test_serve_flags_reach_the_server(run_cli, family_dir, started, monkeypatch)
 @pytest.mark.parametrize("args,needle", [
     ([], "say what to serve"),
     (["--draft", "nope"], "--draft nope: micro-fam has tiers end, edge, cloud"),
+    (["--tiers", "end,nope"], "--tiers end,nope: micro-fam has tiers cloud, edge, end"),
 ])
 def test_what_cannot_be_served_is_one_line(run_cli, family_dir, started, args, needle):  # noqa: F811
     code, out = run_cli(["serve", *(["--family", family_dir] if args else []), *args])

@@ -13,10 +13,11 @@ from starlette.exceptions import HTTPException
 
 from ruyi_core.serve.engine import Engine
 from ruyi_core.serve.guard import Guard
-from ruyi_core.serve.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, SamplingRequest,
-                                      StreamOptions, error_body)
+from ruyi_core.serve.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, Continuation,
+                                      SamplingRequest, StreamOptions, error_body)
 from ruyi_core.serve.respond import Reply, stream, whole
 from ruyi_core.serve.tiers import ServedFamily
+from ruyi_core.serve.upstream import PATH, Upstream
 
 BYTES_PER_TOKEN = 32  # the body bound per context token: past any prompt that fits, even as escaped JSON
 MIN_BODY = 1 << 20
@@ -24,11 +25,12 @@ MIN_BODY = 1 << 20
 
 def create_app(family: ServedFamily, max_batch: int = 8, default_max_tokens: int = 256,
                draft: str | None = None, draft_tokens: int = 4, auto_threshold: float | None = None,
-               api_key: str | None = None, max_body_bytes: int | None = None) -> FastAPI:
+               api_key: str | None = None, max_body_bytes: int | None = None,
+               upstream: Upstream | None = None) -> FastAPI:
     """The app over one engine (see Engine for `draft` and `auto_threshold`). `api_key`: /v1 answers only
     requests bearing it. `max_body_bytes`: the largest request body read (default: 32 bytes per token of
-    the longest context, at least 1 MiB)."""
-    engine = Engine(family, max_batch, default_max_tokens, draft, draft_tokens, auto_threshold)
+    the longest context, at least 1 MiB). `upstream`: see Engine."""
+    engine = Engine(family, max_batch, default_max_tokens, draft, draft_tokens, auto_threshold, upstream)
     app = FastAPI(title=f"ruyi serve: {family.name}")
     app.state.engine = engine
     app.router.on_shutdown.append(engine.close)
@@ -82,13 +84,29 @@ def _routes(app: FastAPI, engine: Engine) -> None:
         ids = await engine.chat_ids([{"role": m.role, "content": m.text} for m in req.messages])
         return await _answer(engine, req, request, ids, req.max_completion_tokens or req.max_tokens, chat=True)
 
+    @app.post("/v1" + PATH)
+    async def continuation(req: Continuation):
+        """A hand-off from a server of shallower tiers (upstream.py): the answer's token ids and tier."""
+        if engine.tier_of(req.model) != "auto":
+            raise ApiError(400, f"hand-offs continue {name}:auto, not {req.model}", "model")
+        vocab = engine.family.tiers[engine.family.deepest].config.vocab_size
+        if not all(0 <= t < vocab for t in [*req.prompt, *req.draft]) or len(req.draft) > req.max_tokens:
+            raise ApiError(400, f"prompt and draft are token ids below {vocab}, the draft at most max_tokens long",
+                           "draft")
+        job = engine.submit(req.model, req.prompt, req.max_tokens, 0.0, None, draft=req.draft)[0]
+        tokens = await engine.tokens(job)
+        return {"tier": job.answered_by, "tokens": tokens, "computed_at": job.computed_at,
+                "network_bytes": job.network_bytes, "fallback": job.fallback}
+
 
 async def _answer(engine: Engine, req: SamplingRequest, request: Request, ids: list[int], max_tokens: int | None,
                   chat: bool):
     jobs = engine.submit(req.model, ids, max_tokens, req.temperature, req.seed, req.n)
     answered = jobs[0]
+    where = (lambda: {"computed_at": answered.computed_at, "network_bytes": answered.network_bytes,
+                      "fallback": answered.fallback}) if answered.tier == "auto" else dict
     reply = Reply(req.model, chat, req.n, len(ids),
-                  lambda: answered.answered_by and f"{engine.family.name}:{answered.answered_by}")
+                  lambda: answered.answered_by and f"{engine.family.name}:{answered.answered_by}", where)
     pieces = engine.pieces(jobs, req.stops, request.is_disconnected)
     if req.stream:
         return StreamingResponse(stream(reply, pieces, req.stream_options or StreamOptions()),

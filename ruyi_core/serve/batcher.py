@@ -25,6 +25,10 @@ class Job:
     index: int = 0  # which of its request's answers (OpenAI's choice index)
     stop: threading.Event = field(default_factory=threading.Event)  # set: the request wants no more tokens
     answered_by: str | None = None  # the tier that answered (set before the first token; `auto` routes)
+    draft: list[int] | None = None  # `auto` handed over by a server of shallower tiers: their draft
+    computed_at: str = "local"  # `auto`: where the answer was computed (this server, or an upstream's URL)
+    network_bytes: int = 0  # `auto`: bytes sent to and received from upstream servers
+    fallback: str | None = None  # `auto`: why this server answered although its answer was unsure
 
     def put(self, item) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, (self.index, item))

@@ -10,8 +10,9 @@ from rich.console import Console
 from ruyi_core.errors import RuyiError
 
 
-def load_served(family: Path | None, registry: str | None, version: str | None, spec: Path | None, log):
-    """The family to serve: a family folder, or a family's packages from the registry."""
+def load_served(family: Path | None, registry: str | None, version: str | None, spec: Path | None, log,
+                only: list[str] | None = None):
+    """The family to serve (its `only` tiers, when named): a family folder, or its packages from the registry."""
     from ruyi_core.runtime import resolve
     from ruyi_core.serve.tiers import from_family, from_registry
     from ruyi_core.spec import RuntimeSpec, load_spec
@@ -22,10 +23,10 @@ def load_served(family: Path | None, registry: str | None, version: str | None, 
     if family is not None:
         if version is not None:
             raise RuyiError("--version goes with --registry")
-        return from_family(family, runtime)
+        return from_family(family, runtime, only=only)
     from ruyi_core.package.cli import open_store
 
-    return from_registry(open_store(spec), registry, runtime, version, log=log)
+    return from_registry(open_store(spec), registry, runtime, version, log=log, only=only)
 
 
 def serve_command(family: Path | None = typer.Option(None, help="a family folder (all its tiers)"),
@@ -48,27 +49,41 @@ def serve_command(family: Path | None = typer.Option(None, help="a family folder
                   max_body_bytes: int | None = typer.Option(None, min=1, help="refuse larger request bodies "
                                                                               "(413) before reading them; default "
                                                                               "32 bytes per context token, at "
-                                                                              "least 1 MiB")):
+                                                                              "least 1 MiB"),
+                  tiers: str | None = typer.Option(None, help="serve only these tiers (comma-separated), loading "
+                                                              "only their packages"),
+                  upstream: str | None = typer.Option(None, help="a server of deeper tiers (http://HOST:PORT): "
+                                                                 "FAMILY:auto hands on to it what these tiers are "
+                                                                 "unsure of"),
+                  upstream_timeout: float = typer.Option(10.0, min=0.1, help="seconds to wait for the upstream "
+                                                                             "to connect, then to answer, before "
+                                                                             "answering here, flagged"),
+                  upstream_key: str | None = typer.Option(None, envvar="RUYI_UPSTREAM_KEY", show_envvar=True,
+                                                          help="the upstream's API key")):
     """Serve every tier of a family over an OpenAI-compatible API (/v1/chat/completions, /v1/completions,
     /v1/models; streaming; an open /health), one shared trunk in memory. Models are named FAMILY:TIER."""
     import uvicorn
 
     from ruyi_core.serve.api import create_app
+    from ruyi_core.serve.upstream import Upstream
 
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the server's own lines only
     c = Console(stderr=True)
-    served = load_served(family, registry, version, spec, lambda m: c.print(f"[dim]{m}[/]", highlight=False))
+    only = [t.strip() for t in tiers.split(",")] if tiers is not None else None
+    served = load_served(family, registry, version, spec, lambda m: c.print(f"[dim]{m}[/]", highlight=False), only)
     if draft is not None and draft not in served.tiers:
         raise RuyiError(f"--draft {draft}: {served.name} has tiers {', '.join(served.tiers)}")
     app = create_app(served, max_batch=max_batch, draft=draft, draft_tokens=draft_tokens, api_key=api_key,
-                     max_body_bytes=max_body_bytes)
+                     max_body_bytes=max_body_bytes,
+                     upstream=Upstream(upstream, upstream_timeout, upstream_key) if upstream else None)
     own = sum(p.numel() for m in served.tiers.values() for p in m.parameters())
     c.print(f"serving {served.name}" + (f" {served.version}" if served.version else "") + " at "
             f"http://{host}:{port}/v1: " + ", ".join(f"{served.name}:{t}" for t in served.tiers)
             + f" ({served.parameters_in_memory() / 1e6:.1f}M parameters in memory for {own / 1e6:.1f}M "
-            "across the tiers)" + ("; API key required" if api_key else ""), highlight=False, soft_wrap=True)
+            "across the tiers)" + ("; API key required" if api_key else "")
+            + (f"; auto hands on to {upstream}" if upstream else ""), highlight=False, soft_wrap=True)
     try:
         uvicorn.run(app, host=host, port=port, log_level=os.environ.get("RUYI_SERVE_LOG", "warning"))
     except OSError as e:

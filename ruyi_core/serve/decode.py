@@ -148,6 +148,26 @@ def shared_depth(a, b) -> int:
     return n
 
 
+def verify(t: Tier, own: list, cache: KV, states: torch.Tensor, at: int,
+           drafts: list[int]) -> tuple[int, list[int], list[float]]:
+    """A target tier checks drafted tokens in one pass: its own blocks (`own`, on `cache`) read `states`, the
+    trunk's output for positions `at`, `at + 1`, ..., whose last len(drafts) + 1 are the position before the
+    first draft and the drafts'. Returns how many drafts it accepts (each is what it would pick itself), its own
+    greedy token after each of those len(drafts) + 1 positions, and the probability it gives each."""
+    q = states.shape[1]
+    valid = torch.ones(1, at + q, dtype=torch.bool, device=states.device)
+    pos = torch.arange(at, at + q, device=states.device)[None]
+    h = t.run(own, states, cache, pos, _mask(valid, q, t.model.dtype))
+    logits = t.logits(h[:, q - len(drafts) - 1:])[0]
+    picked = logits.argmax(-1)
+    probs = torch.softmax(logits, -1).gather(-1, picked[:, None])[:, 0].tolist()
+    preds = picked.tolist()
+    a = 0
+    while a < len(drafts) and drafts[a] == preds[a]:
+        a += 1
+    return a, preds, probs
+
+
 @dataclass
 class SpecStats:
     rounds: int = 0
@@ -196,13 +216,7 @@ def speculative(draft_model, target_model, prompt: list[int], max_new_tokens: in
                 break
         m = len(drafts)
         states.append(trunk_step(drafts[-1], n + m))
-        q = torch.arange(n, n + m + 1, device=device)[None]
-        valid = torch.ones(1, n + m + 1, dtype=torch.bool, device=device)
-        preds = t.logits(t.run(t_own, torch.cat(states, dim=1), tc, q, _mask(valid, m + 1, t.model.dtype)))
-        preds = preds[0].argmax(-1).tolist()
-        a = 0
-        while a < m and drafts[a] == preds[a]:
-            a += 1
+        a, preds, _ = verify(t, t_own, tc, torch.cat(states, dim=1), n, drafts)
         stats.rounds, stats.drafted, stats.accepted = stats.rounds + 1, stats.drafted + m, stats.accepted + a
         sc.crop(n + a + 1)
         tc.crop(n + a + 1)
@@ -218,3 +232,95 @@ def speculative(draft_model, target_model, prompt: list[int], max_new_tokens: in
             out.append(tok)
             stopped = bool(on_token(tok))
     return out
+
+
+@dataclass
+class Read:
+    """One sequence as a tier has read it (the prompt and its answer but the answer's last token), kept for a
+    deeper tier that shares the reader's first `depth` blocks: those blocks' keys and values, and their output
+    (the state where the two tiers part) at every position read."""
+    model: torch.nn.Module
+    depth: int
+    kv: KV
+    states: torch.Tensor  # [1, positions read, hidden]
+
+    @property
+    def length(self) -> int:
+        return self.states.shape[1]
+
+    def crop(self, length: int) -> Read:
+        """What was read of the first `length` positions only."""
+        self.kv.crop(length)
+        return Read(self.model, self.depth, self.kv, self.states[:, :length])
+
+
+@dataclass
+class Continued:
+    """A tier's greedy answer, decoded on from what a shallower tier read (`continue_reading`)."""
+    tokens: list[int]
+    confidence: list[float]  # the probability the tier gave each of its tokens
+    read: Read  # what this tier read, kept at the depth asked for
+    accepted: int  # draft tokens taken as they were
+    block_tokens: int  # blocks run times the positions they read
+
+
+def first_read(model, tokens: list[int]) -> Read:
+    """Tokens as no block has read them yet (a prompt, or a prompt and a draft but its last token): their
+    embeddings, the state before block 0."""
+    t = Tier(model)
+    return Read(model, 0, KV(), t.embed(torch.tensor([tokens], device=next(model.parameters()).device)))
+
+
+@torch.no_grad()
+def continue_reading(model, read: Read, draft: list[int], max_new_tokens: int, eos: set[int],
+                     keep: int) -> Continued:
+    """The greedy answer of `model` (a tier that shares `read`'s first `read.depth` blocks) to the prompt that
+    `read` holds with `draft` after it (a shallower tier's answer; `read` has read all of it but its last
+    token): the trunk's keys and values for the prompt and draft are reused, the tier's own blocks check the
+    draft in one pass (`verify`) and decoding goes on from the first token the tier would not have produced.
+    With no draft (and a `first_read`), plain greedy decoding. What this tier reads is kept at depth `keep`
+    (at least `read.depth`); `read` itself is used up."""
+    t = Tier(model)
+    s = read.depth
+    if shared_depth(read.model, model) < s or keep < s:
+        raise ValueError("the tier does not share the reader's trunk (load them as one family), or keep < depth")
+    trunk, mid, top = t.layers[:s], t.layers[s:keep], t.layers[keep:]
+    mid_kv, top_kv, device = KV(), KV(), read.states.device
+    cost = 0
+
+    def read_token(tok: int, at: int) -> torch.Tensor:
+        """One token through the trunk, on the reused cache: its state where the tiers part."""
+        nonlocal cost
+        cost += len(trunk)
+        return t.run(trunk, t.embed(torch.tensor([[tok]], device=device)), read.kv, torch.tensor([[at]], device=device),
+                     None)
+
+    states = read.states
+    if draft:  # the draft's last token, not yet read
+        states = torch.cat([states, read_token(draft[-1], read.length)], dim=1)
+    kept = t.run(mid, states, mid_kv, torch.arange(states.shape[1], device=device)[None], None)
+    a, preds, probs = verify(t, top, top_kv, kept, 0, draft)
+    cost += (len(mid) + len(top)) * states.shape[1]
+    out, conf = [], []
+    for tok, p in zip(draft[:a] + [preds[a]], probs):
+        if (out and out[-1] in eos) or len(out) >= max_new_tokens:
+            break
+        out.append(tok)
+        conf.append(p)
+    n = states.shape[1] - len(draft) + len(out) - 1  # positions read: the prompt and the answer but its last
+    read.kv.crop(n)
+    mid_kv.crop(n)
+    top_kv.crop(n)
+    kept = [kept[:, :n]]
+    while out[-1] not in eos and len(out) < max_new_tokens:
+        pos = torch.tensor([[n]], device=device)
+        kept.append(t.run(mid, read_token(out[-1], n), mid_kv, pos, None))
+        cost += len(mid) + len(top)
+        logits = t.logits(t.run(top, kept[-1], top_kv, pos, None)[:, -1])
+        x = int(logits.argmax(-1))
+        out.append(x)
+        conf.append(float(torch.softmax(logits, -1)[0, x]))
+        n += 1
+    kv = KV()
+    kv.kv = {**read.kv.kv, **mid_kv.kv}
+    return Continued(out, conf, Read(model, keep, kv, torch.cat(kept, dim=1)), a, cost)

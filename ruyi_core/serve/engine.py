@@ -12,8 +12,9 @@ from ruyi_core.serve.batcher import DONE, Batcher, Job
 from ruyi_core.serve.decode import SpecStats, generate, speculative
 from ruyi_core.serve.detok import Detokenizer, StopStrings
 from ruyi_core.serve.protocol import ApiError
-from ruyi_core.serve.route import answer
+from ruyi_core.serve.route import escalate
 from ruyi_core.serve.tiers import ServedFamily
+from ruyi_core.serve.upstream import Unreachable, Upstream
 
 
 @dataclass
@@ -53,17 +54,19 @@ class _Answer:
 
 class Engine:
     def __init__(self, family: ServedFamily, max_batch: int = 8, default_max_tokens: int = 256,
-                 draft: str | None = None, draft_tokens: int = 4, auto_threshold: float | None = None):
+                 draft: str | None = None, draft_tokens: int = 4, auto_threshold: float | None = None,
+                 upstream: Upstream | None = None):
         """`draft`: greedy requests to deeper tiers are decoded self-speculatively with this tier drafting
         `draft_tokens` at a time (one request at a time; same tokens, fewer passes through the deep blocks).
         `FAMILY:auto` routes each request (route.py) at `auto_threshold` (default: the family's calibrated
-        operating point, else 0.5)."""
+        operating point, else 0.5). `upstream`: a server of deeper tiers that `auto` hands on to when this
+        server's deepest tier is unsure (upstream.py)."""
         self.family, self.tok = family, family.tokenizer
         self.default_max_tokens, self.draft, self.draft_tokens = default_max_tokens, draft, draft_tokens
         point = (family.routing or {}).get("operating_point", {})
         self.auto_threshold = auto_threshold if auto_threshold is not None else point.get("threshold", 0.5)
-        self.spec_stats = SpecStats()
-        self.names = [*family.tiers, *(["auto"] if len(family.tiers) > 1 else [])]
+        self.spec_stats, self.upstream = SpecStats(), upstream
+        self.names = [*family.tiers, "auto"]
         self.batcher = Batcher(self._run, max_batch)
 
     def close(self) -> None:
@@ -90,9 +93,9 @@ class Engine:
                                                                   tokenize=False))
 
     def submit(self, model: str, ids: list[int], max_tokens: int | None, temperature: float | None,
-               seed: int | None, n: int = 1) -> list[Job]:
+               seed: int | None, n: int = 1, draft: list[int] | None = None) -> list[Job]:
         """`n` answers to one prompt, queued for decoding; a seeded request's answers are seeded seed, seed + 1,
-        ... (n different answers, each reproducible)."""
+        ... (n different answers, each reproducible). `draft`: an `auto` request handed over with its draft."""
         tier = self.tier_of(model)
         temperature = temperature or 0.0
         if tier == "auto" and temperature > 0:
@@ -107,7 +110,16 @@ class Engine:
                                 "lower max_tokens", "max_tokens", "context_length_exceeded")
         out, loop = asyncio.Queue(), asyncio.get_running_loop()
         return [self.batcher.submit(Job(tier, ids, max_new, temperature, None if seed is None else seed + i, loop,
-                                        out, index=i)) for i in range(n)]
+                                        out, index=i, draft=draft)) for i in range(n)]
+
+    async def tokens(self, job: Job) -> list[int]:
+        """One answer's token ids, once it is done (a hand-off's answer: the ids, not text)."""
+        got = []
+        while (item := (await job.out.get())[1]) is not DONE:
+            if isinstance(item, Exception):
+                raise item
+            got.append(item)
+        return got
 
     async def pieces(self, jobs: list[Job], stops: list[str],
                      gone: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[Piece]:
@@ -132,14 +144,28 @@ class Engine:
             for j in jobs:
                 j.stop.set()
 
+    def _auto(self, j: Job) -> list[int]:
+        """One `auto` answer: this server's tiers, then the upstream's when they are unsure. An upstream that
+        does not answer in time leaves this server's answer, flagged."""
+        a = escalate(self.family, j.prompt, j.max_new_tokens, self.auto_threshold, j.draft)
+        j.answered_by = a.tier
+        if self.upstream is None or a.confidence >= self.auto_threshold:
+            return a.tokens
+        try:
+            got = self.upstream.ask(f"{self.family.name}:auto", j.prompt, a.draft, j.max_new_tokens)
+        except Unreachable as e:
+            j.fallback = str(e)
+            return a.tokens
+        j.answered_by, j.computed_at, j.network_bytes, j.fallback = (got.tier, got.computed_at, got.network_bytes,
+                                                                      got.fallback)
+        return got.tokens
+
     def _run(self, tier: str, jobs: list[Job], on_token: Callable[[int, int], bool]) -> None:
         """Decodes one batch (same tier and sampling), on the batcher's thread."""
         fam = self.family
-        if tier == "auto":  # a batch escalates together, tier by tier
-            routed = answer(fam, [j.prompt for j in jobs], [j.max_new_tokens for j in jobs], self.auto_threshold)
-            for i, (j, a) in enumerate(zip(jobs, routed)):
-                j.answered_by = a.tier
-                for t in a.tokens:
+        if tier == "auto":  # one request at a time: a deeper tier continues from the shallower one's state
+            for i, j in enumerate(jobs):
+                for t in self._auto(j):
                     if on_token(i, t):
                         break
             return

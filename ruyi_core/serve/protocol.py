@@ -94,6 +94,19 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # `auto` in a split deployment: where the answer was computed ("local", or an upstream's URL), the bytes its
+    # hand-offs moved, and why this server answered although unsure (its upstream did not answer)
+    computed_at: str | None = None
+    network_bytes: int | None = None
+    fallback: str | None = None
+
+
+class Continuation(_In):
+    """A hand-off (upstream.py): an `auto` request a server of shallower tiers was unsure of, tokens only."""
+    model: str
+    prompt: list[int] = Field(min_length=1)
+    draft: list[int] = Field(min_length=1)
+    max_tokens: int = Field(ge=1)
 
 
 class CompletionChoice(BaseModel):

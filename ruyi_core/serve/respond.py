@@ -22,6 +22,7 @@ class Reply:
     n: int
     prompt_tokens: int
     fingerprint: Callable[[], str | None]  # FAMILY:TIER once the answering tier is known
+    where: Callable[[], dict] = dict  # `auto`: Usage's computed_at, network_bytes and fallback, once known
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -30,7 +31,7 @@ class Reply:
 
     def usage(self, completion_tokens: int) -> Usage:
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=self.prompt_tokens + completion_tokens)
+                     total_tokens=self.prompt_tokens + completion_tokens, **self.where())
 
     def head(self) -> dict:
         return {"id": self.id, "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint()}

@@ -5,15 +5,16 @@ where small models go wrong). Per request, in the spirit of CALM's per-token exi
 one tier's own answer.
 
 Compute is counted in block-tokens: a tier of depth d that reads a prompt of n tokens and writes m costs
-d * (n + m); an escalated request pays for every tier it tried. `calibrate` measures, on held-out questions,
-every tier's answers once and then the whole quality-versus-compute curve of one shared threshold, and picks
-the cheapest point within `tolerance` of the deepest tier's quality."""
+d * (n + m) on its own; an escalated request pays for every tier it tried, but a deeper tier continues from the
+shallower one's answer (`escalate`): it does not read the trunk they share again. `calibrate` measures, on
+held-out questions, every tier's answers once and then the whole quality-versus-compute curve of one shared
+threshold, and picks the cheapest point within `tolerance` of the deepest tier's quality."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from ruyi_core.serve.decode import generate
+from ruyi_core.serve.decode import continue_reading, first_read, generate, shared_depth
 from ruyi_core.serve.tiers import ServedFamily
 
 
@@ -23,6 +24,7 @@ class Attempt:
     tokens: list[int]
     confidence: float
     cost: int  # block-tokens
+    draft: list[int] = field(default_factory=list)  # for a deeper tier to continue from: up to the first unsure token
 
 
 def attempts_batched(served: ServedFamily, tier: str, prompts: list[list[int]], max_new_tokens: list[int],
@@ -38,24 +40,34 @@ def attempts_batched(served: ServedFamily, tier: str, prompts: list[list[int]], 
     return out
 
 
-def answer(served: ServedFamily, prompts: list[list[int]], max_new_tokens: list[int],
-           threshold: float) -> list[Attempt]:
-    """The answering attempt per prompt: every tier, shallowest first, decodes the prompts still open; an
-    answer whose confidence reaches `threshold` (or the deepest tier's) closes its prompt."""
-    done: dict[int, Attempt] = {}
-    pending = list(range(len(prompts)))
-    for tier in served.tiers:
-        got = attempts_batched(served, tier, [prompts[i] for i in pending], [max_new_tokens[i] for i in pending],
-                               batch=len(pending))
-        still = []
-        for i, a in zip(pending, got):
-            if a.confidence < threshold and tier != served.deepest:
-                still.append(i)
-            else:
-                done[i] = a
-        if not (pending := still):
-            break
-    return [done[i] for i in range(len(prompts))]
+def escalate(served: ServedFamily, prompt: list[int], max_new_tokens: int, threshold: float,
+             draft: list[int] | None = None) -> Attempt:
+    """The answering attempt for one prompt: the shallowest tier answers first, and an answer whose confidence
+    is below `threshold` (but the deepest tier's) is the next deeper tier's draft. That tier continues from
+    it (decode.continue_reading) instead of starting over: it reuses the keys and values of the trunk the two
+    share, checks the draft (the answer up to its first unsure token) in one pass and decodes on from the first
+    token it would not have produced, so its answer is its own. The cost is the block-tokens every tier tried
+    ran. A `draft` handed over (tokens only, by a server of shallower tiers) is the first tier's draft; the
+    attempt's own `draft` is what a deeper tier elsewhere would continue from."""
+    tiers = list(served.tiers.values())
+    read, cost = first_read(tiers[0], prompt + (draft or [])[:-1]), 0
+    draft = draft or []
+    for i, (tier, model) in enumerate(served.tiers.items()):
+        nxt = tiers[i + 1] if i + 1 < len(tiers) else None
+        keep = shared_depth(model, nxt) if nxt is not None else read.depth
+        got = continue_reading(model, read, draft, max_new_tokens, served.eos, keep=max(keep, read.depth))
+        cost += got.block_tokens
+        confidence = min(got.confidence, default=1.0)
+        # the draft ends at the first token this tier was unsure of: past it, its tokens follow a token it
+        # doubted, and a deeper tier checking them mostly wastes its blocks (any draft gives the same answer)
+        unsure = next((i for i, c in enumerate(got.confidence) if c < threshold), len(got.tokens) - 1)
+        draft = got.tokens[:unsure + 1]
+        if nxt is None or confidence >= threshold:
+            return Attempt(tier, got.tokens, confidence, cost, draft)
+        read = got.read.crop(len(prompt) + len(draft) - 1)
+        if keep < read.depth:  # a deeper tier that parts from this one below the reused trunk reads anew
+            read = first_read(nxt, prompt + draft[:-1])
+    raise ValueError("no tiers")
 
 
 def route(per_tier: list[Attempt], threshold: float) -> tuple[int, int]:

@@ -51,8 +51,18 @@ def _sort(tiers: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
     return dict(sorted(tiers.items(), key=lambda kv: len(kv[1].model.layers)))
 
 
-def from_family(path: str | Path, runtime, name: str | None = None) -> ServedFamily:
-    """Every tier of a saved family, sharing the family's modules."""
+def _only(have, tiers: list[str] | None, family: str) -> list[str]:
+    """The tiers asked for, of those the family has (all of them when none are named)."""
+    if tiers is None:
+        return list(have)
+    unknown = [t for t in tiers if t not in have]
+    if unknown or not tiers:
+        raise RuyiError(f"--tiers {','.join(tiers)}: {family} has tiers {', '.join(have)}")
+    return list(tiers)
+
+
+def from_family(path: str | Path, runtime, name: str | None = None, only: list[str] | None = None) -> ServedFamily:
+    """Every tier of a saved family (or the `only` ones), sharing the family's modules."""
     from transformers import AutoModelForCausalLM
 
     from ruyi_core.family.convert import generation_config, tier_config
@@ -62,8 +72,8 @@ def from_family(path: str | Path, runtime, name: str | None = None) -> ServedFam
     if tok is None:
         raise RuyiError(f"{path} has no tokenizer files: serving needs the family's tokenizer")
     tiers = {}
-    for tier, p in fam.config.tiers.items():
-        cfg = tier_config(fam, p)
+    for tier in _only(fam.config.tiers, only, name or Path(path).resolve().name):
+        cfg = tier_config(fam, p := fam.config.tiers[tier])
         cfg._attn_implementation = fam.config._attn_implementation
         with torch.device("meta"):
             m = AutoModelForCausalLM.from_config(cfg)
@@ -127,9 +137,10 @@ def _replace(model, prefix: str, module: torch.nn.Module) -> None:
 
 
 def from_registry(store, family: str, runtime, version: str | None = None,
-                  log: Callable[[str], None] = lambda m: None) -> ServedFamily:
-    """Each tier's package (the promoted one per tier, or `version`'s), verified, loaded by vanilla
-    transformers, with the blocks the packages share kept once, and the version's calibrated routing."""
+                  log: Callable[[str], None] = lambda m: None, only: list[str] | None = None) -> ServedFamily:
+    """Each tier's package (the promoted one per tier, or `version`'s; only the `only` ones fetched), verified,
+    loaded by vanilla transformers, with the blocks the packages share kept once, and the version's
+    calibrated routing."""
     from ruyi_core.package.keys import routing_key
     from ruyi_core.package.registry import fetch, read_index, version_entry
 
@@ -140,6 +151,7 @@ def from_registry(store, family: str, runtime, version: str | None = None,
             raise RuyiError(f"{family} has no promoted tier yet: pass --version, or promote one")
     else:
         tier_names = sorted(version_entry(index, version)["tiers"])
+    tier_names = _only(tier_names, only, family)
     dirs = {t: fetch(store, family, t, version, log=log) for t in tier_names}
     served = from_packages(family, dirs, runtime, log)
     versions = sorted({version} if version else {index["promoted"][t] for t in tier_names})

@@ -1,0 +1,140 @@
+"""A split deployment: a server of the end tier hands `auto` requests its tier is unsure of to a server of the
+deeper tiers (tokens only: the prompt and the draft); the client gets exactly the answering tier's own answer,
+told where it was computed and how many bytes crossed the network; an upstream that is down leaves the lower
+tier's own answer, flagged."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+from test_serve import CPU, chat_ids, family_dir, serving  # noqa: F401 - a fixture
+
+from ruyi_core.serve.api import create_app
+from ruyi_core.serve.decode import generate
+from ruyi_core.serve.tiers import from_family
+from ruyi_core.serve.upstream import Upstream
+
+QUESTIONS = ["Where does Ada live?", "What is 3 + 4?", "Tell me about Oslo.", "hi", "Who is Bo?"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _alone(served, tier, ids, n):
+    return generate(served.tiers[tier], [ids], [n], served.eos)[0]
+
+
+def _ask(url: str, q: str, model: str = "micro:auto", n: int = 6):
+    return OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60).chat.completions.create(
+        model=model, messages=[{"role": "user", "content": q}], max_tokens=n)
+
+
+@pytest.fixture(scope="module")
+def whole(family_dir):  # noqa: F811
+    return from_family(family_dir, CPU, name="micro")
+
+
+def test_end_hands_on_to_edge_and_cloud_with_their_own_answers(family_dir, whole):  # noqa: F811
+    end = from_family(family_dir, CPU, name="micro", only=["end"])
+    deeper = from_family(family_dir, CPU, name="micro", only=["edge", "cloud"])
+    assert list(end.tiers) == ["end"] and list(deeper.tiers) == ["edge", "cloud"]
+    tok, seen = whole.tokenizer, set()
+    for threshold in (0.012, 0.5):  # the random micro family is unsure (p ~ 0.01): some stay, most hand on
+        with serving(create_app(deeper, auto_threshold=threshold)) as up, \
+                serving(create_app(end, auto_threshold=threshold, upstream=Upstream(up, timeout=30))) as url:
+            for q in QUESTIONS:
+                r = _ask(url, q)
+                tier = r.system_fingerprint.split(":")[1]
+                seen.add(tier)
+                want = tok.decode(_alone(whole, tier, chat_ids(tok, q), 6), skip_special_tokens=True)
+                assert r.choices[0].message.content == want, (q, tier)
+                extra = r.usage.model_extra
+                if tier == "end":
+                    assert extra["computed_at"] == "local" and extra["network_bytes"] == 0
+                else:
+                    assert extra["computed_at"] == up and extra["network_bytes"] > 0
+                assert extra["fallback"] is None
+    assert "end" in seen and "cloud" in seen
+
+
+@pytest.mark.parametrize("upstream", ["down", "silent"])
+def test_an_upstream_down_or_slow_leaves_the_lower_tiers_answer_flagged(family_dir, whole, upstream):  # noqa: F811
+    end = from_family(family_dir, CPU, name="micro", only=["end"])
+    with socket.socket() as silent:  # "silent" accepts connections and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1] if upstream == "silent" else _free_port()
+        with serving(create_app(end, upstream=Upstream(f"http://127.0.0.1:{port}", timeout=1))) as url:
+            r = _ask(url, QUESTIONS[0])  # the client's own timeout (60 s) bounds the wait too
+    tok = whole.tokenizer
+    assert r.system_fingerprint == "micro:end"
+    assert r.choices[0].message.content == tok.decode(_alone(whole, "end", chat_ids(tok, QUESTIONS[0]), 6),
+                                                      skip_special_tokens=True)
+    assert "did not answer" in r.usage.model_extra["fallback"] and r.usage.model_extra["computed_at"] == "local"
+
+
+def test_malformed_hand_offs_get_4xx(family_dir):  # noqa: F811
+    from test_serve import post
+
+    deeper = from_family(family_dir, CPU, name="micro", only=["edge", "cloud"])
+    with serving(create_app(deeper)) as up:
+        for body in ({"model": "micro:auto", "prompt": [1], "draft": [10 ** 9], "max_tokens": 4},
+                     {"model": "micro:auto", "prompt": [], "draft": [1], "max_tokens": 4},
+                     {"model": "micro:auto", "prompt": [1], "draft": [1, 2, 3], "max_tokens": 2},
+                     {"model": "micro:cloud", "prompt": [1], "draft": [1], "max_tokens": 2}):
+            code, got = post(f"{up}/ruyi/continue", json.dumps(body).encode())
+            assert code == 400, (body, got)
+        code, got = post(f"{up}/ruyi/continue", b'{"model": "micro:auto", "prompt": [1, 2], "draft": [3], '
+                                                b'"max_tokens": 3}')
+        assert code == 200 and got["tier"] in ("edge", "cloud") and len(got["tokens"]) <= 3
+
+
+def _start(args: list[str]) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    proc = subprocess.Popen([Path(sys.executable).parent / "ruyi", "serve", *args, "--port", str(port)],
+                            env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for _ in range(1200):
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                return proc, f"http://127.0.0.1:{port}/v1"
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(args)
+
+
+@pytest.mark.slow
+def test_three_ruyi_serve_processes_chain_end_edge_cloud(family_dir, whole):  # noqa: F811
+    procs = []
+    try:
+        cloud, cloud_url = _start(["--family", str(family_dir), "--tiers", "cloud"])
+        procs.append(cloud)
+        edge, edge_url = _start(["--family", str(family_dir), "--tiers", "edge", "--upstream", cloud_url])
+        procs.append(edge)
+        end, end_url = _start(["--family", str(family_dir), "--tiers", "end", "--upstream", edge_url])
+        procs.append(end)
+        tok = whole.tokenizer
+        for q in QUESTIONS:  # at the default threshold (0.5) the random family's tiers are all unsure
+            r = _ask(end_url, q, "micro-fam:auto")
+            assert r.system_fingerprint == "micro-fam:cloud"
+            assert r.choices[0].message.content == tok.decode(_alone(whole, "cloud", chat_ids(tok, q), 6),
+                                                              skip_special_tokens=True)
+            assert r.usage.model_extra["computed_at"] == cloud_url and r.usage.model_extra["network_bytes"] > 0
+        cloud.send_signal(signal.SIGINT)
+        cloud.wait(timeout=30)
+        r = _ask(end_url, QUESTIONS[0], "micro-fam:auto")  # the cloud gone: the edge answers, flagged
+        assert r.system_fingerprint == "micro-fam:edge" and r.usage.model_extra["fallback"]
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+            p.wait(timeout=30)
