@@ -80,16 +80,16 @@ def test_a_reader_does_not_quarantine_an_artifact_rewritten_under_it(store, s3_s
     old = store.put_artifact("runs/r/report", folder(tmp_path / "v1", seed=1), stage="report", spec_hash="h",
                              identity="one")
     other, removed = writer(store, s3_server.env())
-    download, calls = store.transfer.download, []
+    batch, calls = store.transfer.batch, []
 
-    def rewritten_first(*args, **kw):  # another run rewrites the (named) artifact as this read begins
+    def rewritten_first():  # another run rewrites the (named) artifact as this read begins
         if not calls:
             calls.append(1)
             other.put_artifact("runs/r/report", folder(tmp_path / "v2", seed=2), stage="report", spec_hash="h",
                                identity="two")
-        return download(*args, **kw)
+        return batch()
 
-    store.transfer.download = rewritten_first
+    store.transfer.batch = rewritten_first
     got = store.get_artifact(old.uri, tmp_path / "dst")
     assert got.identity == "two" and store.read_manifest(old.uri) == got, "read the new artifact, removed nothing"
     assert removed == ["runs/r/report/manifest.json"]  # only the rewrite hid the old manifest
