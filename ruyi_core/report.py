@@ -177,6 +177,20 @@ def depth_flags(tiers: list[dict]) -> list[str]:
     return flags
 
 
+def speed_lines(tiers: list[dict]) -> list[str]:
+    """Each tier's decode time per token against the deepest tier's, beside the ideal of its share of the blocks
+    (packages are measured one at a time on one machine, so the ratio is the model's, not the scheduler's)."""
+    timed = [(t["tier"], t.get("depth"), ((t.get("evaluation") or {}).get("speed") or {}).get("decode_tokens_per_s"))
+             for t in sorted(tiers, key=lambda r: r["exit_point"])]
+    timed = [x for x in timed if x[1] and x[2]]
+    if len(timed) < 2:
+        return []
+    _, deepest, rate = timed[-1]
+    return ["", "Decode time per token against the deepest tier (ideal: the share of its blocks):", ""] + [
+        f"- {tier}: {rate / r:.2f}× (ideal {depth / deepest:.2f}×, {depth} of {deepest} blocks)"
+        for tier, depth, r in timed[:-1]]
+
+
 def _png(fig, ax) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -215,6 +229,9 @@ def routing_lines(routing: dict | None) -> list[str]:
              f"- operating point: threshold {op['threshold']:.4f}: quality {op['quality']:.3f} at "
              f"{op['compute']:.0%} of the deepest tier's compute (answered by {share}); within "
              f"{routing['tolerance']} of the deepest tier's quality"]
+    if routing.get("draft_acceptance"):  # the price of grading: a deeper tier keeps less of a shallower one's draft
+        lines.append("- draft acceptance (share of the deepest tier's answer tokens a tier's own answer drafts): "
+                     + ", ".join(f"{t} {v:.3f}" for t, v in routing["draft_acceptance"].items()))
     return lines
 
 
@@ -249,7 +266,7 @@ def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Man
           "| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(str(r.get(k, "")).replace("|", "\\|") for k, _ in cols) + " |" for r in rows]
     md += [""] + ([f"- ⚠ {f}" for f in flags] or ["- every deeper tier scores at least as well as the shallower ones"])
-    md += family_lines(tiers)
+    md += family_lines(tiers) + speed_lines(tiers)
     gate_lines = _gate_lines(tiers, promotion) + routing_lines(routing)
     md += gate_lines
     md += ["", "Greedy samples:", ""] + [f"- {t['tier']}: {t.get('sample', '')!r}" for t in tiers]
@@ -284,7 +301,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}th{{background:#f3f
 figure{{display:inline-block;margin:0 1em 1em 0}}</style></head><body>
 <h1>Ruyi Flow run <code>{html.escape(run_id)}</code></h1><h2>Tiers</h2>{table(rows, cols)}
 {items([f"- ⚠ {f}" for f in flags] or ["- every deeper tier scores at least as well as the shallower ones"])}
-{items(family_lines(tiers))}{f"<h2>Promotion</h2>{items(gate_lines)}" if gate_lines else ""}
+{items(family_lines(tiers) + speed_lines(tiers))}{f"<h2>Promotion</h2>{items(gate_lines)}" if gate_lines else ""}
 <h2>Charts</h2>{figs or "<p>no charts</p>"}{f"<h2>DaE and GRPO</h2>{items(dae)}" if dae else ""}
 <h2>Data</h2>{table(datasets, data_cols)}{times}<h2>Lineage</h2>{img}</body></html>"""
     return "\n".join(md) + "\n", page, png

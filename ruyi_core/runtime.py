@@ -48,4 +48,10 @@ def resolve(runtime_spec, cuda_available: bool | None = None) -> Runtime:
 
 
 def for_spec(spec, cuda_available: bool | None = None) -> Runtime:
-    return resolve(spec.runtime, cuda_available)
+    """The spec's runtime, with its thread count and determinism applied to this process."""
+    rt = resolve(spec.runtime, cuda_available)
+    if spec.runtime.cpu_threads:
+        torch.set_num_threads(spec.runtime.cpu_threads)
+    if spec.runtime.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return rt

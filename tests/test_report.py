@@ -32,6 +32,7 @@ def test_depth_check_flags_a_deeper_tier_that_scores_lower():
     assert "promoted now: cloud v0, edge v1, end v1" in md
     assert "Quality vs parameters" in page and page.count("<tr>") >= 4
     assert "- end: identical scores" in md
+    assert "- edge: 1.00× (ideal 0.62×, 8 of 13 blocks)" in md  # decode time against the deepest tier's
     same = [dict(t, evaluation=dict(t["evaluation"], family_same_weights=True)) for t in bad]
     md, _, _ = render("f-v1", same, [], [], promotion)
     assert "- end: the same weights as the family's exit, so the same scores (evaluated once)" in md
@@ -60,7 +61,8 @@ def test_report_shows_what_the_stages_measured():
     point = {"threshold": 0.5, "quality": 0.5, "compute": 0.75, "answered_by": {"end": 0.5, "cloud": 0.5}}
     routing = {"rule": "min token probability >= threshold, shallowest tier first", "tolerance": 0.02,
                "questions": 12, "tier_quality": {"end": 0.25, "cloud": 0.5}, "operating_point": point,
-               "curve": [{"threshold": 0.0, "quality": 0.25, "compute": 0.4, "answered_by": {"end": 1.0}}, point]}
+               "curve": [{"threshold": 0.0, "quality": 0.25, "compute": 0.4, "answered_by": {"end": 1.0}}, point],
+               "draft_acceptance": {"end": 0.625}}
     svd = {"tier": "end", "ratio": 0.4, "removed_fraction": 0.41, "heldout_loss_unexpanded": 3.0,
            "heldout_loss_dense": 2.5, "heldout_loss_compressed": 2.6, "relative_drop": 0.04}
     grpo = {"tier": "end", "heldout_reward_before": 0.1, "heldout_reward_after": 0.3, "heldout_samples": 2,
@@ -70,6 +72,7 @@ def test_report_shows_what_the_stages_measured():
     measured = Measured(grpo=grpo, svd=svd, routing=routing, figures={"GRPO: reward per step": b"png"})
     md, page, _ = render("f-v1", tiers, [], [], {"family": "f", "version": "v1", "promoted": {}}, measured)
     assert "## Adaptive routing (`auto`)" in md and "calibrated on 12 held-out questions" in md
+    assert "answer tokens a tier's own answer drafts): end 0.625" in md
     assert "threshold 0.5000: quality 0.500 at 75% of the deepest tier's compute" in md
     assert "- DaE tier end: held-out loss 3.0000 unexpanded -> 2.7000 after DaE training -> 2.5000 after GRPO" in md
     assert "- SVD at ratio 0.4: removed 41.0% of the added parameters, held-out loss 2.6000 (+4.00% relative)" in md

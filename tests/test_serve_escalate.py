@@ -54,3 +54,14 @@ def test_escalate_answers_as_the_answering_tier_for_less_compute_than_restarting
             restart = sum(served.depth(t) * (len(ids) + len(alone[t]) - 1) for t in tried)
             cost, restarts = cost + got.cost, restarts + restart
     assert answered == set(served.tiers) and cost < restarts
+
+
+def test_draft_acceptance_is_the_common_prefix_share_of_the_deepest_answers():
+    from ruyi_core.serve.route import Attempt, draft_acceptance
+
+    def answers(*tokens):
+        return [Attempt("t", list(t), 1.0, 1) for t in tokens]
+
+    per_tier = {"end": answers([1, 2, 3], [5], []), "edge": answers([1, 2, 4], [5, 6], [7]),
+                "cloud": answers([1, 2, 4], [5, 6], [8])}
+    assert draft_acceptance(per_tier, "cloud") == {"end": 0.5, "edge": 0.8333}  # (2+1+0)/6, (3+2+0)/6

@@ -1,5 +1,8 @@
-"""The demo world is deterministic and its held-out problems and two-hop questions never leak into training."""
-from ruyi_core.demo import world
+"""The demo's data is deterministic, and its held-out problems, phrasings, two-hop questions and plays never leak
+into training."""
+import re
+
+from ruyi_core.demo import literature, world, write_source
 
 
 def test_deterministic_and_held_out():
@@ -18,5 +21,34 @@ def test_deterministic_and_held_out():
     for r in sets["facts_mc"]:  # the gold choice is the fact the pretraining text states
         name = next(n for n in people if f" {n} " in f" {r['question']} ")
         assert r["choices"][r["gold"]] in {people[name].city, people[name].color, people[name].pet, people[name].job}
-    for r in sets["facts_qa"] + sets["two_hop"]:  # every answer is a value the pretraining text states
+    for r in sets["facts_qa"] + sets["two_hop"] + sets["facts_rephrased"]:  # values the pretraining text states
         assert f" {r['answer']}." in train_text
+    # unseen phrasings: no training sentence asks as these do (names, numbers, items and step verbs blanked)
+    steps = "|".join(p.format(k=r"\d+") for p in world.GAINS + world.LOSSES)
+
+    def shape(q):
+        q = re.sub(steps, "STEP", q)
+        return re.sub(r"\d+", "#", re.sub(r"\b(" + "|".join(world.NAMES + world.ITEMS) + r")\b", "_", q)).strip()
+
+    problems = {shape(q) for q in re.findall(r"[^.?]*\d[^.?]*\. How many [^?]*\?", train_text)}
+    assert len({shape(r["question"]) for r in sets["arithmetic"]} & problems) >= 5  # the trained phrasings
+    assert sets["arithmetic_rephrased"] and not {shape(r["question"]) for r in sets["arithmetic_rephrased"]} & problems
+    questions = {shape(q) for q in re.findall(r"[^.?]*\?", train_text)}
+    assert sets["facts_rephrased"] and not {shape(r["question"]) for r in sets["facts_rephrased"]} & questions
+
+
+def test_literature_holds_out_whole_plays(tmp_path):
+    train, held = literature.passages(held_out=False), literature.passages(held_out=True)
+    assert len(train) > 8000 and len(held) > 400 and not set(train) & set(held)
+    assert any("Denmark" in p for p in held) and not any("Elsinore" in p for p in train)
+    records = [r for r in map(eval_json, write_source("demo", "pretrain", tmp_path, 0, {"pretrain": 100})
+                              .read_text().splitlines())]
+    assert sum(r["source"] == "literature" for r in records) == 25 and len(records) == 125
+    bench = write_source("demo:literature", "benchmark", tmp_path, 0, {}).read_text().splitlines()
+    assert len(bench) == 60 and all(eval_json(line)["text"] in held for line in bench)
+
+
+def eval_json(line):
+    import json
+
+    return json.loads(line)

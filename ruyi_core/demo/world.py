@@ -33,15 +33,26 @@ QUESTIONS = {"city": "Where does {n} live?", "color": "What is the favorite colo
              "pet": "Which pet does {n} have?", "job": "What is the job of {n}?"}
 REPHRASED = {"city": "In which city does {n} live?", "color": "Which color does {n} like best?",
              "pet": "What animal does {n} keep as a pet?", "job": "What does {n} do for a living?"}
+ASKED = {"city": "What is the home city of {n}?", "color": "What color does {n} like?",
+         "pet": "What pet does {n} own?", "job": "What work does {n} do?"}
 # Every fact sentence starts with "The": a chat answer's first token is then never a name, which would be a
 # different BPE token ("Alice") from the name in the question (" Alice") and so has to be learnt per name.
 ANSWERS = {"city": "The home of {n} is {v}.", "color": "The favorite color of {n} is {v}.",
            "pet": "The pet of {n} is a {v}.", "job": "The job of {n} is {v}."}
+# Fact questions in a phrasing no training text uses (the rephrased chat benchmark): known words, new sentences.
+UNSEEN = {"city": "Where is the home of {n}?", "color": "Which color is the favorite of {n}?",
+          "pet": "What is the pet of {n}?", "job": "Which job does {n} have?"}
 HOME = "The person who lives in {v} is {n}."  # a city fact read backwards: a two-hop question's first hop
 TWO_HOP = {"color": "What is the favorite color of the person who lives in {c}?",
            "pet": "Which pet does the person who lives in {c} have?",
            "job": "What is the job of the person who lives in {c}?"}
 MAX_VALUE = 18  # word problems keep every number in 0..18; operands are 1..9
+# A word problem's phrasing: an opening, its steps, a question. Three of the twelve (opening, question) pairs never
+# appear in training (`_unseen_phrasing`): the rephrased benchmark asks held-out problems in them.
+OPENINGS = ("{n} has {s} {item}", "{n} starts with {s} {item}", "{n} owns {s} {item}", "At first {n} has {s} {item}")
+GAINS = ("gets {k} more", "finds {k} more", "buys {k} more")
+LOSSES = ("gives away {k}", "loses {k}", "sells {k}")
+ASKS = ("How many {item} are left?", "How many {item} does {n} have now?", "How many {item} remain?")
 
 
 @dataclass(frozen=True)
@@ -92,15 +103,25 @@ def _steps(rng: random.Random, n_ops: int) -> tuple[int, tuple]:
             return start, tuple(ops)
 
 
-def _problem(rng: random.Random, held_out: bool) -> tuple[str, int, str]:
-    """A multi-step word problem (two or three steps), its answer and a worked solution."""
+def _unseen_phrasing(opening: int, ask: int) -> bool:
+    return (opening + ask) % 4 == 3
+
+
+def _problem(rng: random.Random, held_out: bool, unseen_phrasing: bool = False) -> tuple[str, int, str]:
+    """A multi-step word problem (two or three steps), its answer and a worked solution; held-out problems and
+    unseen phrasings are each a part of their space that training never shows."""
     while True:
         start, ops = _steps(rng, rng.choice((2, 2, 3)))
         if _is_held_out(start, ops) == held_out:
             break
+    while True:
+        opening, ask = rng.randrange(len(OPENINGS)), rng.randrange(len(ASKS))
+        if _unseen_phrasing(opening, ask) == unseen_phrasing:
+            break
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    acts = [f"gets {k} more" if sign > 0 else f"gives away {k}" for sign, k in ops]
-    q = f"{name} has {start} {item}, {', '.join(acts[:-1])} and {acts[-1]}. How many {item} are left?"
+    acts = [rng.choice(GAINS if sign > 0 else LOSSES).format(k=k) for sign, k in ops]
+    q = (f"{OPENINGS[opening].format(n=name, s=start, item=item)}, {', '.join(acts[:-1])} and {acts[-1]}. "
+         + ASKS[ask].format(item=item, n=name))
     work, x = [], start
     for sign, k in ops:
         work.append(f"{x} {'+' if sign > 0 else '-'} {k} = {x + sign * k}.")
@@ -140,7 +161,8 @@ def _two_hop_held_out(p: Person, attr: str) -> bool:
 def _fact_question(rng: random.Random, people: list[Person]) -> tuple[str, str]:
     """A question about one fact of one person, in either phrasing, and its answer sentence."""
     p, a = rng.choice(people), rng.choice(list(ATTRS))
-    return rng.choice([QUESTIONS, REPHRASED])[a].format(n=p.name), ANSWERS[a].format(n=p.name, v=getattr(p, a))
+    asked = rng.choice([QUESTIONS, REPHRASED, ASKED])[a].format(n=p.name)
+    return asked, ANSWERS[a].format(n=p.name, v=getattr(p, a))
 
 
 def _qa_text(rng: random.Random, people: list[Person], hops: list) -> str:
@@ -226,7 +248,8 @@ def heldout_prompts(n: int, seed: int = 0) -> list[dict]:
 
 
 # The held-out evaluation sets a benchmark selects with `path: demo:<name>`, in eval_sets' order.
-EVAL_SETS = ("arithmetic", "facts_mc", "heldout_text", "facts_qa", "two_hop")
+EVAL_SETS = ("arithmetic", "facts_mc", "heldout_text", "facts_qa", "two_hop", "arithmetic_rephrased",
+             "facts_rephrased")
 
 
 def eval_sets(seed: int = 0, n: int = 50) -> dict[str, list[dict]]:
@@ -252,7 +275,12 @@ def eval_sets(seed: int = 0, n: int = 50) -> dict[str, list[dict]]:
     # Held-out text also holds the held-out two-hop questions with their worked answers: recalling and
     # composing facts is where depth shows (a worked problem's text is mostly its random statement).
     ppl += [{"text": " ".join(_two_hop(p, a))} for p, a in hops]
-    return dict(zip(EVAL_SETS, (arith, mc, ppl, qa, two), strict=True))
+    # The same skills asked in phrasings no training text uses: capability, not a memorised template.
+    rephrased = [_problem(rng, held_out=True, unseen_phrasing=True) for _ in range(n)]
+    arith_new = [{"question": q, "answer": str(a)} for q, a, _ in rephrased]
+    qa_new = [{"question": UNSEEN[a].format(n=p.name), "answer": getattr(p, a)}
+              for p, a in ((rng.choice(people), rng.choice(list(ATTRS))) for _ in range(n))]
+    return dict(zip(EVAL_SETS, (arith, mc, ppl, qa, two, arith_new, qa_new), strict=True))
 
 
 def heldout_texts(seed: int = 0) -> list[str]:

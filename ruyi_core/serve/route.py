@@ -114,4 +114,18 @@ def calibrate(served: ServedFamily, questions: list[tuple[list[int], Callable[[s
     good = [p for p in points if p["quality"] >= target] or [max(points, key=lambda p: p["quality"])]
     chosen = min(good, key=lambda p: (p["compute"], -p["quality"]))
     return {"rule": "min token probability >= threshold, shallowest tier first", "tolerance": tolerance,
-            "questions": len(questions), "tier_quality": tiers, "operating_point": chosen, "curve": points}
+            "questions": len(questions), "tier_quality": tiers, "operating_point": chosen, "curve": points,
+            "draft_acceptance": draft_acceptance(per_tier, served.deepest)}
+
+
+def draft_acceptance(per_tier: dict[str, list[Attempt]], deepest: str) -> dict[str, float]:
+    """Per shallower tier: the share of the deepest tier's answer tokens that its own greedy answer drafts, the
+    common prefix a continued escalation or a self-speculation keeps. The more the tiers differ, the lower it is."""
+    target = per_tier[deepest]
+    total = sum(len(a.tokens) for a in target) or 1
+
+    def kept(draft: list[int], want: list[int]) -> int:
+        return next((i for i, (a, b) in enumerate(zip(draft, want)) if a != b), min(len(draft), len(want)))
+
+    return {t: round(sum(kept(a.tokens, b.tokens) for a, b in zip(attempts, target)) / total, 4)
+            for t, attempts in per_tier.items() if t != deepest}

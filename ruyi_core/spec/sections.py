@@ -240,3 +240,9 @@ class RuntimeSpec(_Strict):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # CPU threads per process (torch.set_num_threads); None keeps torch's default, one per core. A float sum's
+    # order follows the thread count: fix it for figures that repeat on machines with other core counts.
+    cpu_threads: int | None = Field(None, ge=1)
+    # torch.use_deterministic_algorithms (warnings, not errors, for ops without a deterministic kernel): results
+    # that repeat run to run on one machine, at some speed on GPUs.
+    deterministic: bool = False

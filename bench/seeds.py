@@ -1,0 +1,109 @@
+"""Is the family graded on every seed? The whole demo pipeline once per training seed (the base's random weights,
+each training stage's data order), then every published tier's benchmarks as mean ± spread over the seeds, and
+per benchmark whether each deeper tier beats the shallower one by more than twice the spread.
+
+    python bench/seeds.py [--spec specs/tiny.yaml] [--seeds 0 1 2] [--json PATH]
+
+Each seed is one family (`<name>-seed<N>`) in the spec's store; the data and its held-out sets are the same for
+every seed. Not part of `make test`: on 2 CPU cores each seed takes one `make demo` (about 12 minutes). Needs
+the store's environment (`set -a; . .ruyi/s3/s3.env; set +a`, or `make store` first).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+LOWER_IS_BETTER = {"perplexity"}
+
+
+def run_seed(spec_path: Path, seed: int, work: Path) -> tuple[str, dict]:
+    """Runs the pipeline for one seed; returns its family name and the spec it ran."""
+    data = yaml.safe_load(spec_path.read_text())
+    data["family"] = {**data["family"], "name": f"{data['family']['name']}-seed{seed}", "seed": seed}
+    train = data.setdefault("train", {})
+    for stage in ("cpt", "sft"):
+        train[stage] = {**train.get(stage, {}), "seed": 1234 + seed}
+    path = work / f"seed{seed}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    print(f"== seed {seed}: {data['family']['name']}", flush=True)
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "pipeline", "run", "--local", "--spec", str(path)])
+    if r.returncode != 0:
+        sys.exit(f"seed {seed}: the pipeline failed (rc {r.returncode})")
+    return data["family"]["name"], data
+
+
+def scores(spec_path: Path, family: str) -> dict[str, dict[str, float]]:
+    """{tier: {benchmark: value}} of the family's newest version."""
+    from ruyi_core.package import read_index
+    from ruyi_core.spec import load_spec
+    from ruyi_core.store import ArtifactStore
+
+    store = ArtifactStore.from_spec(load_spec(spec_path).store)
+    newest = read_index(store, family)["versions"][-1]
+    return {tier: t["metrics"] for tier, t in newest["tiers"].items()}
+
+
+def summarise(runs: list[dict[str, dict[str, float]]], tiers: list[str], formats: dict[str, str]) -> dict:
+    """Per benchmark and tier: mean, spread (half the range over seeds); per step of depth: graded or not."""
+    out = {}
+    for bench, fmt in formats.items():
+        per_tier = {t: [r[t][bench] for r in runs if bench in r.get(t, {})] for t in tiers}
+        stats = {t: {"mean": statistics.fmean(v), "spread": (max(v) - min(v)) / 2, "values": v}
+                 for t, v in per_tier.items() if v}
+        steps = []
+        for lo, hi in zip(tiers, tiers[1:]):
+            if lo not in stats or hi not in stats:
+                continue
+            gain = stats[lo]["mean"] - stats[hi]["mean"] if fmt in LOWER_IS_BETTER else \
+                stats[hi]["mean"] - stats[lo]["mean"]
+            noise = 2 * max(stats[lo]["spread"], stats[hi]["spread"])
+            seeds_ok = all((a - b if fmt in LOWER_IS_BETTER else b - a) > 0
+                           for a, b in zip(stats[lo]["values"], stats[hi]["values"]))
+            steps.append({"from": lo, "to": hi, "gain": gain, "noise": noise,
+                          "graded": gain > noise and seeds_ok, "inverted": gain < -noise})
+        out[bench] = {"format": fmt, "tiers": stats, "steps": steps}
+    return out
+
+
+def show(summary: dict, tiers: list[str]) -> None:
+    print(f"\n{'benchmark':<22}" + "".join(f"{t:>20}" for t in tiers) + "   graded by depth")
+    for bench, s in summary.items():
+        cells = "".join(f"{s['tiers'][t]['mean']:>12.4f} ±{s['tiers'][t]['spread']:<7.4f}" if t in s["tiers"]
+                        else f"{'—':>20}" for t in tiers)
+        verdict = ", ".join(f"{st['from']}→{st['to']} {'yes' if st['graded'] else 'INVERTED' if st['inverted'] else 'no'}"
+                            f" ({st['gain']:+.4f} vs noise {st['noise']:.4f})" for st in s["steps"])
+        print(f"{bench:<22}{cells}   {verdict}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--spec", type=Path, default=Path("specs/tiny.yaml"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    from ruyi_core.spec import load_spec
+
+    spec = load_spec(args.spec)
+    tiers = sorted(spec.family.tiers, key=spec.family.tiers.get)
+    formats = {n: b.format for n, b in spec.eval.benchmarks.items()}
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="ruyi-seeds-") as tmp:
+        for seed in args.seeds:
+            family, _ = run_seed(args.spec, seed, Path(tmp))
+            runs.append(scores(args.spec, family))
+    summary = summarise(runs, tiers, formats)
+    print(f"\n{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}): mean ± spread (half the range)")
+    show(summary, tiers)
+    if args.json:
+        args.json.write_text(json.dumps({"seeds": args.seeds, "summary": summary}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
