@@ -4,8 +4,9 @@ per benchmark whether each deeper tier beats the shallower one by more than twic
 
     python bench/seeds.py [--spec specs/tiny.yaml] [--seeds 0 1 2] [--json PATH]
 
-Each seed is one family (`<name>-seed<N>`) in the spec's store; the data and its held-out sets are the same for
-every seed. Not part of `make test`: on 2 CPU cores each seed takes one `make demo` (about 12 minutes). Needs
+Each seed is one family (`<name>-seed<N>`) in the spec's store, except the spec's own seed, which runs the spec as
+it is (after `make demo` its stages are already in the store); the data and its held-out sets are the same for
+every seed. Not part of `make test`: on 2 CPU cores each seed takes one `make demo` (about 15 minutes). Needs
 the store's environment (`set -a; . .ruyi/s3/s3.env; set +a`, or `make store` first).
 """
 from __future__ import annotations
@@ -26,10 +27,11 @@ LOWER_IS_BETTER = {"perplexity"}
 def run_seed(spec_path: Path, seed: int, work: Path) -> tuple[str, dict]:
     """Runs the pipeline for one seed; returns its family name and the spec it ran."""
     data = yaml.safe_load(spec_path.read_text())
-    data["family"] = {**data["family"], "name": f"{data['family']['name']}-seed{seed}", "seed": seed}
-    train = data.setdefault("train", {})
-    for stage in ("cpt", "sft"):
-        train[stage] = {**train.get(stage, {}), "seed": 1234 + seed}
+    if seed != data["family"].get("seed", 0):  # the spec's own seed runs as it is: a finished demo is reused
+        data["family"] = {**data["family"], "name": f"{data['family']['name']}-seed{seed}", "seed": seed}
+        train = data.setdefault("train", {})
+        for stage in ("cpt", "sft"):
+            train[stage] = {**train.get(stage, {}), "seed": 1234 + seed}
     path = work / f"seed{seed}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     print(f"== seed {seed}: {data['family']['name']}", flush=True)
@@ -82,11 +84,34 @@ def show(summary: dict, tiers: list[str]) -> None:
         print(f"{bench:<22}{cells}   {verdict}")
 
 
+def chart(summary: dict, tiers: list[str], path: Path) -> None:
+    """One panel per benchmark: each tier's mean over the seeds as a bar, its spread as the error bar."""
+    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from ruyi_core.plots import png
+
+    names = list(summary)
+    fig = Figure(figsize=(2.2 * len(names), 2.8), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, bench in enumerate(names):
+        ax = fig.add_subplot(1, len(names), i + 1)
+        stats = summary[bench]["tiers"]
+        shown = [t for t in tiers if t in stats]
+        ax.bar(shown, [stats[t]["mean"] for t in shown], yerr=[stats[t]["spread"] for t in shown], capsize=3,
+               color="#4c78a8")
+        better = "lower" if summary[bench]["format"] in LOWER_IS_BETTER else "higher"
+        ax.set_title(f"{bench}\n({better} is better)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    png(fig, path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--spec", type=Path, default=Path("specs/tiny.yaml"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--plot", type=Path, default=Path("bench/results/seeds.png"))
     args = ap.parse_args()
     from ruyi_core.spec import load_spec
 
@@ -101,6 +126,9 @@ def main() -> None:
     summary = summarise(runs, tiers, formats)
     print(f"\n{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}): mean ± spread (half the range)")
     show(summary, tiers)
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    chart(summary, tiers, args.plot)
+    print(f"chart: {args.plot}")
     if args.json:
         args.json.write_text(json.dumps({"seeds": args.seeds, "summary": summary}, indent=2))
 
