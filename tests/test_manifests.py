@@ -336,20 +336,11 @@ def _inference_service_model():
     return InferenceService
 
 
-@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
-def test_kserve_services_validate(gpu):
+def _validate_kserve(docs: list[dict]) -> None:
+    """InferenceServices against the typed model, their pods (a custom predictor's containers, or the runtime's
+    stand-in) and every other object against Kubernetes' schema."""
     import kubernetes_validate
 
-    from ruyi_core.package.deploy import family_manifests
-    from ruyi_core.spec import StoreSpec
-
-    index = {"family": "ruyi-tiny", "promoted": {"end": "v2", "edge": "v1"}, "versions": [
-        {"version": "v1", "tiers": {"edge": {"uri": "s3://ruyi/models/ruyi-tiny/v1/edge"}}},
-        {"version": "v2", "tiers": {"end": {"uri": "s3://ruyi/models/ruyi-tiny/v2/end"}}}]}
-    docs = family_manifests(index, store=StoreSpec(endpoint="minio.ruyi.svc:9000"), image="ghcr.io/x/ruyi:0.1.0",
-                            s3_secret="ruyi-s3", gpu=gpu)
-    kinds = [d["kind"] for d in docs]
-    assert kinds == ["Secret", "ServiceAccount", "InferenceService", "InferenceService", "InferenceService"]
     model = _inference_service_model()
     for d in docs:
         if d["kind"] == "InferenceService":
@@ -363,9 +354,94 @@ def test_kserve_services_validate(gpu):
             kubernetes_validate.validate(_strip_none(pod), K8S_OLDEST, strict=True)
         else:
             kubernetes_validate.validate(d, K8S_OLDEST, strict=True)
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
+def test_kserve_services_validate(gpu):
+    from ruyi_core.package.deploy import family_manifests
+    from ruyi_core.spec import StoreSpec
+
+    index = {"family": "ruyi-tiny", "promoted": {"end": "v2", "edge": "v1"}, "versions": [
+        {"version": "v1", "tiers": {"edge": {"uri": "s3://ruyi/models/ruyi-tiny/v1/edge"}}},
+        {"version": "v2", "tiers": {"end": {"uri": "s3://ruyi/models/ruyi-tiny/v2/end"}}}]}
+    docs = family_manifests(index, store=StoreSpec(endpoint="minio.ruyi.svc:9000"), image="ghcr.io/x/ruyi:0.1.0",
+                            s3_secret="ruyi-s3", gpu=gpu)
+    kinds = [d["kind"] for d in docs]
+    assert kinds == ["Secret", "ServiceAccount", "InferenceService", "InferenceService", "InferenceService"]
+    _validate_kserve(docs)
     tiers = {d["metadata"]["labels"].get("ruyi.ai/tier"): d for d in docs if d["kind"] == "InferenceService"}
     assert tiers["edge"]["spec"]["predictor"]["model"]["storageUri"].endswith("/v1/edge")
     assert ("--backend=vllm" in tiers["end"]["spec"]["predictor"]["model"]["args"]) == gpu
     assert all(v == "REPLACE_ME" for v in docs[0]["stringData"].values())
     server = tiers[None]["spec"]["predictor"]["containers"][0]
     assert server["command"][:4] == ["ruyi", "serve", "--registry", "ruyi-tiny"]
+
+
+def _option(cmd: list[str], name: str) -> str | None:
+    return cmd[cmd.index(name) + 1] if name in cmd else None
+
+
+@pytest.mark.parametrize("key_secret", [None, "ruyi-tier-keys"], ids=["open", "keyed"])
+def test_chain_roles_validate_and_hand_on_in_order(key_secret):
+    """Device, edge and cloud as separate services: each role serves its tier and names the next role's Service
+    as its upstream (the deepest none); every command parses against the real `ruyi serve`."""
+    import typer
+
+    from pipelines.cli import app
+    from ruyi_core.errors import RuyiError
+    from ruyi_core.package.deploy import chain_services
+    from ruyi_core.spec import StoreSpec
+
+    index = {"family": "ruyi-tiny", "promoted": {"end": "v2", "edge": "v1", "cloud": "v1"}, "versions": [
+        {"version": "v1", "tiers": {t: {"uri": f"s3://ruyi/models/ruyi-tiny/v1/{t}"} for t in ("edge", "cloud")}},
+        {"version": "v2", "tiers": {t: {"uri": f"s3://ruyi/models/ruyi-tiny/v2/{t}"} for t in ("end", "mid")}}]}
+    store, chain = StoreSpec(endpoint="minio.ruyi.svc:9000"), ["end", "edge", "cloud"]
+    docs = chain_services(index, chain, store=store, image="ghcr.io/x/ruyi:0.1.0", s3_secret="ruyi-s3",
+                          namespace="serving", key_secret=key_secret)
+    assert [d["kind"] for d in docs] == ["InferenceService"] * 3
+    _validate_kserve(docs)
+    serve = typer.main.get_command(app).commands["serve"]
+    names = [d["metadata"]["name"] for d in docs]
+    for i, (tier, d) in enumerate(zip(chain, docs)):
+        assert d["metadata"]["labels"]["ruyi.ai/role"] == d["metadata"]["labels"]["ruyi.ai/tier"] == tier
+        (c,) = d["spec"]["predictor"]["containers"]
+        assert c["command"][:2] == ["ruyi", "serve"]
+        serve.make_context("ruyi serve", c["command"][2:])
+        assert _option(c["command"], "--registry") == "ruyi-tiny" and _option(c["command"], "--tiers") == tier
+        upstream = names[i + 1] if i + 1 < len(chain) else None
+        want = upstream and f"http://{upstream}-predictor.serving.svc.cluster.local"
+        assert _option(c["command"], "--upstream") == want
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e}
+        assert refs["RUYI_S3_ACCESS_KEY"]["name"] == "ruyi-s3"
+        assert not [e for e in c["env"] if "KEY" in e["name"] and "value" in e]  # keys only as references
+        keys = {n: (r["name"], r["key"]) for n, r in refs.items() if n in ("RUYI_API_KEY", "RUYI_UPSTREAM_KEY")}
+        assert keys == ({} if key_secret is None else {"RUYI_API_KEY": (key_secret, tier)}
+                        | ({"RUYI_UPSTREAM_KEY": (key_secret, chain[i + 1])} if upstream else {}))
+    # A chain may start deeper; a role's name is apart from its tier's own service, which may run beside.
+    deeper = chain_services(index, ["edge", "cloud"], store=store, image="x", s3_secret="s", namespace="serving")
+    assert [d["metadata"]["name"] for d in deeper] == names[1:] and "ruyi-tiny-cloud" not in names
+    for wrong, why in ((["end", "mid"], "no promoted 'mid'"), (["end", "tpu"], "no promoted 'tpu'"),
+                       (["end", "end"], "each tier once"), ([], "each tier once")):
+        with pytest.raises(RuyiError, match=why):
+            chain_services(index, wrong, store=store, image="x", s3_secret="s")
+
+
+def test_models_deploy_chain_prints_the_roles_or_one_line_errors(run_cli, monkeypatch):
+    from types import SimpleNamespace
+
+    import ruyi_core.package.cli as models_cli
+    from ruyi_core.spec import StoreSpec
+
+    index = {"family": "ruyi-tiny", "promoted": {"end": "v1", "cloud": "v1"}, "versions": [
+        {"version": "v1", "tiers": {t: {"uri": f"s3://ruyi/models/ruyi-tiny/v1/{t}"} for t in ("end", "cloud")}}]}
+    monkeypatch.setattr(models_cli, "open_store", lambda spec: SimpleNamespace(spec=StoreSpec()))
+    monkeypatch.setattr(models_cli, "read_index", lambda store, family: index)
+    code, out = run_cli(["models", "deploy", "ruyi-tiny", "--chain", "end,cloud", "--api-key-secret", "k"])
+    assert code == 0, out
+    docs = list(yaml.safe_load_all(out))
+    assert [d["metadata"]["labels"]["ruyi.ai/role"] for d in docs] == ["end", "cloud"]
+    code, out = run_cli(["models", "deploy", "ruyi-tiny"])
+    assert code == 0 and [d["kind"] for d in yaml.safe_load_all(out)][:2] == ["Secret", "ServiceAccount"]
+    for args in (["--chain", "end,edge,cloud"], ["--chain", "end", "--tier", "end"], ["--api-key-secret", "k"]):
+        code, out = run_cli(["models", "deploy", "ruyi-tiny", *args])
+        assert code == 2 and out.startswith("error:") and len(out.strip().splitlines()) == 1, (args, out)

@@ -166,14 +166,24 @@ def _promoted_absent(store: ArtifactStore, family: str, version: str | None,
 def deploy_command(family: str = typer.Argument(..., help="a family in the registry"),
                    tier: str | None = typer.Option(None, help="only this tier's service (default: every promoted "
                                                               "tier and the family server)"),
+                   chain: str | None = typer.Option(None, help="instead, a role per tier, shallowest first "
+                                                               "(comma-separated, e.g. end,edge,cloud): each "
+                                                               "serves its tier and hands FAMILY:auto on to the "
+                                                               "next"),
+                   api_key_secret: str | None = typer.Option(None, help="with --chain: a Secret holding each "
+                                                                        "role's API key under its tier's name"),
                    gpu: bool = typer.Option(False, help="GPU services: vLLM backend, one GPU each"),
                    namespace: str = typer.Option("ruyi", help="Kubernetes namespace"),
                    spec: Path | None = typer.Option(None, help=SPEC_HELP + "; also the image and S3 Secret")) -> None:
     """Print KServe InferenceServices for the promoted tiers (`kubectl apply -f -`), with the S3 credentials'
-    ServiceAccount and Secret template."""
-    from ruyi_core.package.deploy import family_manifests, to_yaml
+    ServiceAccount and Secret template; or, with --chain, a service per role of a split deployment."""
+    from ruyi_core.package.deploy import chain_services, family_manifests, to_yaml
     from ruyi_core.spec import PipelineSpec, load_spec
 
+    if chain is not None and tier is not None:
+        raise RuyiError("--chain and --tier are two kinds of deployment: pass one")
+    if api_key_secret is not None and chain is None:
+        raise RuyiError("--api-key-secret goes with --chain (the keys between its roles)")
     store = open_store(spec)
     run = load_spec(spec) if spec is not None else None
     index = read_index(store, family)
@@ -181,6 +191,12 @@ def deploy_command(family: str = typer.Argument(..., help="a family in the regis
         have = ", ".join(index["promoted"]) or "none"
         raise RuyiError(f"{family} has no promoted {tier!r} tier: promoted are {have}")
     pipe = run.pipeline if run is not None else PipelineSpec()
-    docs = family_manifests(index, store=run.store if run is not None else store.spec, image=pipe.image,
-                            s3_secret=pipe.s3_secret, namespace=namespace, tier=tier, gpu=gpu)
+    where = run.store if run is not None else store.spec
+    if chain is not None:
+        # The roles read the store with the spec's S3 Secret, as the family server does: no KServe credentials.
+        docs = chain_services(index, [t.strip() for t in chain.split(",")], store=where, image=pipe.image,
+                              s3_secret=pipe.s3_secret, namespace=namespace, key_secret=api_key_secret, gpu=gpu)
+    else:
+        docs = family_manifests(index, store=where, image=pipe.image, s3_secret=pipe.s3_secret,
+                                namespace=namespace, tier=tier, gpu=gpu)
     print(to_yaml(docs), end="")

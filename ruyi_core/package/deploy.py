@@ -2,13 +2,15 @@
 tier on one trunk). A tier's service runs KServe's Hugging Face runtime on its package, read from the store
 with KServe's S3 convention (a ServiceAccount whose Secret carries the endpoint annotations and AWS-style
 keys); on GPUs the runtime's vLLM backend, on CPUs its transformers backend. `promote` writes them beside the
-family's index (keys.deploy_key); `ruyi models deploy` prints them."""
+family's index (keys.deploy_key); `ruyi models deploy` prints them. Or a chain of roles, a service per tier
+(`ruyi serve --tiers TIER --upstream NEXT`): device, edge and cloud apart, each handing on to the next."""
 from __future__ import annotations
 
 import re
 
 import yaml
 
+from ruyi_core.errors import RuyiError
 from ruyi_core.package.registry import tier_entry
 
 API = "serving.kserve.io/v1beta1"
@@ -56,6 +58,26 @@ def tier_service(family: str, tier: str, version: str, uri: str, *, namespace: s
                 "resources": _resources(gpu, cpu, memory)}}}}
 
 
+def _serve_container(cmd: list[str], *, image: str, bucket: str, endpoint: str, secure: bool, s3_secret: str,
+                     gpu: bool, cpu: str = "4", memory: str = "16Gi", env: list[dict] = ()) -> dict:
+    """`ruyi serve` as KServe's custom predictor container: the store's address and keys in its environment (the
+    server fetches its packages itself, so no storage initializer), hardened as every pod of ours."""
+    store_env = [{"name": "RUYI_S3_ENDPOINT", "value": f"{'https' if secure else 'http'}://{endpoint}"},
+                 {"name": "RUYI_S3_BUCKET", "value": bucket},
+                 *({"name": f"RUYI_S3_{k.upper()}", "valueFrom": {"secretKeyRef": {"name": s3_secret, "key": k}}}
+                   for k in ("access_key", "secret_key"))]
+    return {"name": "kserve-container", "image": image, "command": cmd, "env": [*store_env, *env],
+            "ports": [{"containerPort": PORT, "protocol": "TCP"}], "resources": _resources(gpu, cpu, memory),
+            "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
+                                "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}}
+
+
+def _custom_service(name: str, namespace: str, labels: dict, container: dict) -> dict:
+    return {"apiVersion": API, "kind": "InferenceService",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {"predictor": {"containers": [container]}}}
+
+
 def family_service(family: str, version: str | None, *, namespace: str, image: str, bucket: str, endpoint: str,
                    secure: bool, s3_secret: str, gpu: bool = False, cpu: str = "4", memory: str = "16Gi") -> dict:
     """`ruyi serve --registry FAMILY` in a custom predictor: every promoted tier (or `version`'s) on one trunk,
@@ -63,18 +85,52 @@ def family_service(family: str, version: str | None, *, namespace: str, image: s
     cmd = ["ruyi", "serve", "--registry", family, "--host", "0.0.0.0", "--port", str(PORT)]
     if version:
         cmd += ["--version", version]
-    env = [{"name": "RUYI_S3_ENDPOINT", "value": f"{'https' if secure else 'http'}://{endpoint}"},
-           {"name": "RUYI_S3_BUCKET", "value": bucket},
-           *({"name": f"RUYI_S3_{k.upper()}", "valueFrom": {"secretKeyRef": {"name": s3_secret, "key": k}}}
-             for k in ("access_key", "secret_key"))]
-    container = {"name": "kserve-container", "image": image, "command": cmd, "env": env,
-                 "ports": [{"containerPort": PORT, "protocol": "TCP"}], "resources": _resources(gpu, cpu, memory),
-                 "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
-                                     "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}}
-    return {"apiVersion": API, "kind": "InferenceService",
-            "metadata": {"name": service_name(family), "namespace": namespace,
-                         "labels": _labels(family, version, None)},
-            "spec": {"predictor": {"containers": [container]}}}
+    container = _serve_container(cmd, image=image, bucket=bucket, endpoint=endpoint, secure=secure,
+                                 s3_secret=s3_secret, gpu=gpu, cpu=cpu, memory=memory)
+    return _custom_service(service_name(family), namespace, _labels(family, version, None), container)
+
+
+def role_name(family: str, tier: str) -> str:
+    """A chain role's service: apart from the tier's own (KServe's runtime on its package), which may run beside."""
+    return service_name(family, f"{tier}-role")
+
+
+def role_url(family: str, tier: str, namespace: str) -> str:
+    """Where the role serving `tier` answers inside the cluster. KServe names an InferenceService N's predictor
+    Service N-predictor (port 80) in raw deployment mode, and Knative gives the same name a cluster-local route
+    in serverless mode; its full DNS name resolves in both, whereas the bare N.NAMESPACE address is the
+    ingress's and has no Service behind it in raw mode."""
+    return f"http://{role_name(family, tier)}-predictor.{namespace}.svc.cluster.local"
+
+
+def chain_services(index: dict, chain: list[str], *, store, image: str, s3_secret: str, namespace: str = "ruyi",
+                   key_secret: str | None = None, gpu: bool = False) -> list[dict]:
+    """A role per tier of `chain` (shallowest first, e.g. end, edge, cloud): `ruyi serve --tiers TIER` of the
+    tier's promoted package, handing FAMILY:auto on to the next role; the deepest answers itself. With
+    `key_secret`, each role's API key is that Secret's key named after its tier, and it holds its upstream's:
+    the same value everywhere makes one shared token; distinct ones leave a role only its own and its next's."""
+    family = index["family"]
+    if not chain or len(set(chain)) < len(chain):
+        raise RuyiError(f"a chain names each tier once, shallowest first: got {','.join(chain) or 'none'}")
+    if missing := [t for t in chain if t not in index["promoted"]]:
+        raise RuyiError(f"{family} has no promoted {missing[0]!r} tier: promoted are "
+                        f"{', '.join(sorted(index['promoted'])) or 'none'}")
+    docs = []
+    for tier, upstream in zip(chain, [*chain[1:], None]):
+        cmd = ["ruyi", "serve", "--registry", family, "--tiers", tier, "--host", "0.0.0.0", "--port", str(PORT)]
+        env = [_secret_env("RUYI_API_KEY", key_secret, tier)] if key_secret else []
+        if upstream:
+            cmd += ["--upstream", role_url(family, upstream, namespace)]
+            env += [_secret_env("RUYI_UPSTREAM_KEY", key_secret, upstream)] if key_secret else []
+        container = _serve_container(cmd, image=image, bucket=store.bucket, endpoint=store.endpoint,
+                                     secure=store.secure, s3_secret=s3_secret, gpu=gpu, env=env)
+        labels = {**_labels(family, None, tier), "ruyi.ai/role": tier}
+        docs.append(_custom_service(role_name(family, tier), namespace, labels, container))
+    return docs
+
+
+def _secret_env(name: str, secret: str, key: str) -> dict:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
 
 
 def credentials(*, namespace: str, endpoint: str, secure: bool, region: str | None) -> list[dict]:
