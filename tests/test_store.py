@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from ruyi_core.errors import RuyiError
 from ruyi_core.spec import StoreSpec
 from ruyi_core.store import ArtifactStore, IntegrityError, Manifest, StoreError, lineage
+from ruyi_core.store.lineage import lineage_json, lineage_tree
 from ruyi_core.store.cli import store_app
 from ruyi_core.store.server import serve, stop
 
@@ -326,6 +327,14 @@ def test_lineage_walks_three_levels(store, tmp_path):
     chain = lineage(store, model.uri)
     assert [m.stage for m in chain] == ["package", "pretrain", "prepare_data"]
     assert [m.uri for m in chain] == [model.uri, run.uri, data.uri]
+    # printed as a tree of keys under the bucket (one node per artifact, a repeat named once), or as JSON
+    tree = lineage_tree(chain)
+    assert tree[2].startswith("package  " + model.content_sha256()[:12]) and tree[3] == "  models/demo/v1/small"
+    assert tree[5] == "│    runs/r3/pretrain" and tree[7] == "│       datasets/demo/v1"
+    assert tree[4].startswith("├─ pretrain") and tree[6].startswith("│  └─ prepare_data")
+    assert tree[-1] == f"└─ prepare_data {data.content_sha256()[:8]} (above)"
+    doc = json.loads(json.dumps(lineage_json(chain)))
+    assert doc["uri"] == model.uri and [a["inputs"] for a in doc["artifacts"]] == [[run.uri, data.uri], [data.uri], []]
     assert model.code_version.startswith("0.") and model.created_at.endswith("Z")
     assert store.list_artifacts() == sorted([data.uri, run.uri, model.uri])
     assert store.list_artifacts("runs/r3") == [run.uri]

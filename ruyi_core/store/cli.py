@@ -2,13 +2,13 @@
 main CLI, which prints any RuyiError (StoreError included) as one line."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from ruyi_core.errors import RuyiError
 from ruyi_core.store.server import DEFAULT_ROOT, serve, stop
@@ -42,32 +42,20 @@ def stop_command(root: Path = typer.Option(DEFAULT_ROOT, "--root", help="folder 
 
 
 @store_app.command("lineage")
-def lineage_command(uri: str, spec: Path | None = None) -> None:
-    """Print an artifact and, transitively, the artifacts it was built from."""
+def lineage_command(uri: str, spec: Path | None = None,
+                    as_json: bool = typer.Option(False, "--json", help="print the chain as JSON, for scripts")) -> None:
+    """Print an artifact and, transitively, the artifacts it was built from: a tree, or JSON with --json."""
     from ruyi_core.spec import StoreSpec, load_spec
     from ruyi_core.store.artifact import ArtifactStore
-    from ruyi_core.store.lineage import lineage
+    from ruyi_core.store.lineage import lineage, lineage_json, lineage_tree
 
     store_spec = load_spec(spec).store if spec is not None else StoreSpec()
     if uri.startswith("s3://"):  # connect to the URI's bucket
         store_spec = store_spec.model_copy(update={"bucket": uri[5:].partition("/")[0] or store_spec.bucket})
     store = ArtifactStore.from_spec(store_spec, env=os.environ, create_bucket=False)  # a lookup creates nothing
     chain = lineage(store, uri)
-    t = Table(title=f"lineage of {store.normalize_uri(uri)}")
-    for col in ("#", "stage", "uri", "created", "files", "size", "content sha256", "inputs"):
-        t.add_column(col, overflow="fold")
-    for i, m in enumerate(chain):
-        t.add_row(str(i), m.stage, m.uri, m.created_at, str(len(m.files)), _size(m.total_size),
-                  m.content_sha256()[:12], str(len(m.inputs)))
-    _console().print(t)
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    # plain text: a pipe or a narrow terminal gets the same lines, unwrapped
+    typer.echo(json.dumps(lineage_json(chain), indent=2) if as_json else "\n".join(lineage_tree(chain)))
 
 
 if __name__ == "__main__":  # python -m ruyi_core.store.cli ...

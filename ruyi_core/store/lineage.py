@@ -36,3 +36,52 @@ def lineage(store: ArtifactStore, uri: str) -> list[Manifest]:
             out.append(parent)
             queue.append(parent)
     return out
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def lineage_json(chain: list[Manifest]) -> dict:
+    """The chain for scripts: the root's URI and every artifact with its hashes and the URIs it was built from."""
+    return {"uri": chain[0].uri, "artifacts": [
+        {"uri": m.uri, "stage": m.stage, "created_at": m.created_at, "files": len(m.files),
+         "size_bytes": m.total_size, "content_sha256": m.content_sha256(), "inputs": [r.uri for r in m.inputs]}
+        for m in chain]}
+
+
+def lineage_tree(chain: list[Manifest]) -> list[str]:
+    """The chain as a tree, one artifact per node: its stage, content hash, files and date on one line, its key on
+    the next, its inputs below it. Keys are shown under the root's bucket (the first line names it) so that a
+    deep chain still reads in a narrow terminal; an artifact reached twice is shown once, then named."""
+    by_uri = {m.uri: m for m in chain}
+    bucket = chain[0].uri.split("/", 3)[:3]
+    prefix = "/".join(bucket) + "/"
+    lines = [f"lineage of {chain[0].uri}", f"(keys under {prefix})"]
+    shown: set[str] = set()
+
+    def node(m: Manifest, lead: str, branch: str, rest: str) -> None:
+        shown.add(m.uri)
+        when = m.created_at[:16].replace("T", " ")
+        lines.append(f"{lead}{branch}{m.stage}  {m.content_sha256()[:12]}  {len(m.files)} files, "
+                     f"{_size(m.total_size)}  {when}")
+        lines.append(f"{lead}{rest}  {m.uri.removeprefix(prefix)}")
+        parents = [by_uri[r.uri] for r in m.inputs if r.uri in by_uri]
+        seen = [p for p in parents if p.uri in shown]
+        new = [p for p in parents if p.uri not in shown]
+        if seen:
+            lines.append(f"{lead}{rest}  also from (above): " +
+                         ", ".join(f"{p.stage} {p.content_sha256()[:8]}" for p in seen))
+        for i, p in enumerate(new):
+            last = i == len(new) - 1
+            if p.uri in shown:  # reached through an earlier sibling's subtree
+                lines.append(f"{lead}{rest}{'└─ ' if last else '├─ '}{p.stage} {p.content_sha256()[:8]} (above)")
+                continue
+            node(p, lead + rest, "└─ " if last else "├─ ", "   " if last else "│  ")
+
+    node(chain[0], "", "", "")
+    return lines
