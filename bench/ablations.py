@@ -1,0 +1,109 @@
+"""What each part of the recipe buys, against a control that gets the same compute without it. Each ablation is a
+spec switch over the given spec (so a user can run it at scale), run as its own family `<name>-<ablation>`, and
+compared tier by tier with the spec's own family (its newest version: run `make demo` or the spec first).
+
+    python bench/ablations.py [--spec specs/tiny.yaml] [--only familial_tax no_replay] [--json PATH]
+
+- familial_tax: the same tokens, the same steps, but only the deepest exit in the loss (a single-exit model).
+  The family's deepest tier should lose little against it (the Ruyi2 report: within a few percent).
+- no_replay: SFT without the pretraining replay; the deep tiers' held-out text loss shows what replay protects.
+
+Both switch off DaE and GRPO in the ablated run: they train only the smallest tier, which neither comparison
+reads. Not part of `make test`: on 2 CPU cores each ablation is most of one `make demo`. Needs the store's
+environment (`set -a; . .ruyi/s3/s3.env; set +a`).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from seeds import LOWER_IS_BETTER, scores
+
+OFF = {"dae": {"enabled": False}, "rl": {"enabled": False}}
+# name -> what it measures, its switches (given the exit count), the tiers it compares (a slice of them).
+ABLATIONS = {
+    "familial_tax": {"what": "the family's deepest exit vs a single-exit model on the same tokens",
+                     "train": lambda n: {s: {"loss": {"weights": [0.0] * (n - 1) + [1.0]}} for s in ("cpt", "sft")},
+                     "compare": slice(-1, None)},
+    "no_replay": {"what": "SFT with replay (the family) vs without (the ablation)",
+                  "train": lambda n: {"sft": {"replay": 0.0}}, "compare": slice(1, None)},
+}
+
+
+def merged(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = merged(out.get(k) or {}, v) if isinstance(v, dict) else v
+    return out
+
+
+def ablated_spec(data: dict, name: str) -> dict:
+    """The spec with the ablation's switches on, under the family name `<name>-<ablation>`."""
+    train = ABLATIONS[name]["train"](len(data["family"]["exit_points"]))
+    out = merged(data, {"train": train, **OFF})
+    out["family"]["name"] = f"{data['family']['name']}-{name.replace('_', '-')}"
+    return out
+
+
+def run(spec_path: Path, name: str, work: Path) -> str:
+    data = ablated_spec(yaml.safe_load(spec_path.read_text()), name)
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    print(f"== {name}: {ABLATIONS[name]['what']} ({data['family']['name']})", flush=True)
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "pipeline", "run", "--local", "--spec", str(path)])
+    if r.returncode != 0:
+        sys.exit(f"{name}: the pipeline failed (rc {r.returncode})")
+    return data["family"]["name"]
+
+
+def compare(family: dict, ablated: dict, tiers: list[str], formats: dict[str, str]) -> list[dict]:
+    """Per compared tier and benchmark: the family's value, the ablation's, and how much better the family is
+    (relative, positive = the family is better)."""
+    rows = []
+    for tier in tiers:
+        for bench, fmt in formats.items():
+            a, b = family.get(tier, {}).get(bench), ablated.get(tier, {}).get(bench)
+            if a is None or b is None:
+                continue
+            gain = (b - a) if fmt in LOWER_IS_BETTER else (a - b)
+            rows.append({"tier": tier, "benchmark": bench, "family": a, "ablation": b,
+                         "family_better_by": gain / abs(b) if b else 0.0})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--spec", type=Path, default=Path("specs/tiny.yaml"))
+    ap.add_argument("--only", nargs="+", choices=list(ABLATIONS), default=list(ABLATIONS))
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    from ruyi_core.spec import load_spec
+
+    spec = load_spec(args.spec)
+    tiers = sorted(spec.family.tiers, key=spec.family.tiers.get)
+    formats = {n: b.format for n, b in spec.eval.benchmarks.items()}
+    base = scores(args.spec, spec.family.name)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="ruyi-ablations-") as tmp:
+        for name in args.only:
+            compared = tiers[ABLATIONS[name]["compare"]]
+            results[name] = compare(base, scores(args.spec, run(args.spec, name, Path(tmp))), compared, formats)
+    for name, rows in results.items():
+        print(f"\n{name}: {ABLATIONS[name]['what']}")
+        print(f"{'tier':<8}{'benchmark':<22}{'family':>12}{'ablation':>12}{'family better by':>18}")
+        for r in rows:
+            print(f"{r['tier']:<8}{r['benchmark']:<22}{r['family']:>12.4f}{r['ablation']:>12.4f}"
+                  f"{r['family_better_by']:>+17.2%}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
