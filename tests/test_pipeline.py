@@ -221,12 +221,12 @@ def check_identity_follows_the_weights(tmp_path, spec, store, first, version):
     assert [v["version"] for v in index["versions"]] == [version]
     assert index["promoted"] == {"cloud": version, "end": version}
     # A training setting re-does its stage and everything after it; what comes before is reused.
-    lr, _ = rerun_with(tmp_path, spec, "lr", lambda d: d["train"]["sft"].update(lr=2e-3))
+    lr, _ = rerun_with(tmp_path, spec, "lr", lambda d: d["dae"]["sft"].update(lr=2e-3))
     lines = stage_lines(lr)
     assert {s for s, v in lines.items() if v == {"reused"}} == {"validate_data", "init_family", "prepare_data",
-                                                                 "cpt"}, lines
-    assert {"sft", "dae_expand", "dae_cpt", "dae_sft", "grpo", "svd_compress", "export_tier", "package",
-            "calibrate_routing", "report"} <= {s for s, v in lines.items() if v == {"built"}}, lines
+                                                                 "cpt", "sft", "dae_expand", "dae_cpt"}, lines
+    assert {"dae_sft", "grpo", "svd_compress", "export_tier", "package", "calibrate_routing",
+            "report"} <= {s for s, v in lines.items() if v == {"built"}}, lines
     assert version not in {v["version"] for v in read_index(store, "micro")["versions"][1:]}
 
 
