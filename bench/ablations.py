@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import yaml
 
-from seeds import LOWER_IS_BETTER, scores
+from seeds import LOWER_IS_BETTER, run_spec, scores
 
 OFF = {"dae": {"enabled": False}, "rl": {"enabled": False}}
 # name -> what it measures, its switches (given the exit count), the tiers it compares (a slice of them).
@@ -54,13 +52,7 @@ def ablated_spec(data: dict, name: str) -> dict:
 
 def run(spec_path: Path, name: str, work: Path) -> str:
     data = ablated_spec(yaml.safe_load(spec_path.read_text()), name)
-    path = work / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    print(f"== {name}: {ABLATIONS[name]['what']} ({data['family']['name']})", flush=True)
-    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "pipeline", "run", "--local", "--spec", str(path)])
-    if r.returncode != 0:
-        sys.exit(f"{name}: the pipeline failed (rc {r.returncode})")
-    return data["family"]["name"]
+    return run_spec(data, work / f"{name}.yaml", f"{name} ({ABLATIONS[name]['what']})")
 
 
 def compare(family: dict, ablated: dict, tiers: list[str], formats: dict[str, str]) -> list[dict]:

@@ -32,13 +32,17 @@ def run_seed(spec_path: Path, seed: int, work: Path) -> tuple[str, dict]:
         train = data.setdefault("train", {})
         for stage in ("cpt", "sft"):
             train[stage] = {**train.get(stage, {}), "seed": 1234 + seed}
-    path = work / f"seed{seed}.yaml"
+    return run_spec(data, work / f"seed{seed}.yaml", f"seed {seed}"), data
+
+
+def run_spec(data: dict, path: Path, label: str) -> str:
+    """Writes the spec to `path`, runs the whole pipeline on it locally and returns its family name."""
     path.write_text(yaml.safe_dump(data, sort_keys=False))
-    print(f"== seed {seed}: {data['family']['name']}", flush=True)
+    print(f"== {label}: {data['family']['name']}", flush=True)
     r = subprocess.run([sys.executable, "-m", "pipelines.cli", "pipeline", "run", "--local", "--spec", str(path)])
     if r.returncode != 0:
-        sys.exit(f"seed {seed}: the pipeline failed (rc {r.returncode})")
-    return data["family"]["name"], data
+        sys.exit(f"{label}: the pipeline failed (rc {r.returncode})")
+    return data["family"]["name"]
 
 
 def scores(spec_path: Path, family: str) -> dict[str, dict[str, float]]:
