@@ -1,7 +1,9 @@
 """A split deployment: a server of the end tier hands `auto` requests its tier is unsure of to a server of the
-deeper tiers (tokens only: the prompt and the draft); the client gets exactly the answering tier's own answer,
-told where it was computed and how many bytes crossed the network; an upstream that is down leaves the lower
-tier's own answer, flagged."""
+deeper tiers (the prompt and the draft, and in state mode the shared trunk's keys and values); the client gets
+exactly the answering tier's own answer, told where it was computed, how it was handed over and how many bytes
+crossed the network; an upstream that is down leaves the lower tier's own answer, flagged; a state the upstream's
+trunk does not match is read as tokens; a malformed one is a 4xx."""
+import http.client
 import json
 import os
 import signal
@@ -18,6 +20,8 @@ from test_serve import CPU, chat_ids, family_dir, serving  # noqa: F401 - a fixt
 
 from ruyi_core.serve.api import create_app
 from ruyi_core.serve.decode import generate
+from ruyi_core.serve.handoff import digests, encode
+from ruyi_core.serve.route import escalate
 from ruyi_core.serve.tiers import from_family
 from ruyi_core.serve.upstream import Upstream
 
@@ -65,6 +69,64 @@ def test_end_hands_on_to_edge_and_cloud_with_their_own_answers(family_dir, whole
                     assert extra["computed_at"] == up and extra["network_bytes"] > 0
                 assert extra["fallback"] is None
     assert "end" in seen and "cloud" in seen
+
+
+@pytest.mark.parametrize("mode", ["tokens", "state"])
+def test_edge_hands_cloud_its_trunk_state_and_the_answers_stay_exact(family_dir, whole, mode):  # noqa: F811
+    lower = from_family(family_dir, CPU, name="micro", only=["end", "edge"])
+    cloud = from_family(family_dir, CPU, name="micro", only=["cloud"])
+    tok, sent = whole.tokenizer, []
+    with serving(create_app(cloud)) as up, \
+            serving(create_app(lower, auto_threshold=0.5, upstream=Upstream(up, timeout=30, mode=mode))) as url:
+        for q in QUESTIONS:  # the random family is unsure everywhere: every answer is the cloud's
+            r = _ask(url, q)
+            assert r.system_fingerprint == "micro:cloud"
+            want = _alone(whole, "cloud", chat_ids(tok, q), 6)
+            assert r.choices[0].message.content == tok.decode(want, skip_special_tokens=True), q
+            assert escalate(whole, chat_ids(tok, q), 6, 0.5).tokens == want  # one process: the same tokens
+            assert r.usage.model_extra["handoff"] == mode and r.usage.model_extra["computed_at"] == up
+            sent.append(r.usage.model_extra["network_bytes"])
+    per_position = 2 * 2 * 2 * 16 * 4 + 64 * 4  # two blocks' k and v (2 heads x 16) and the states, fp32
+    prompt = min(len(chat_ids(tok, q)) for q in QUESTIONS)
+    assert min(sent) > (prompt * per_position if mode == "state" else 0) and max(sent) < 1 << 20
+
+
+def test_a_state_for_another_trunk_is_read_as_tokens_and_a_malformed_one_is_a_400(family_dir, whole):  # noqa: F811
+    from test_serve import post
+
+    lower = whole.tiers["edge"]
+    ids = chat_ids(whole.tokenizer, QUESTIONS[0])
+    a = escalate(from_family(family_dir, CPU, name="micro", only=["edge"]), ids, 4, 1.01, hand_depth=2)
+    request = {"model": "micro:auto", "prompt": ids, "draft": a.draft, "max_tokens": 4}
+    good = encode(request, a.read, digests(lower)[2])
+    cloud = from_family(family_dir, CPU, name="micro", only=["cloud"])
+    want = _alone(whole, "cloud", ids, 4)
+    with serving(create_app(cloud)) as up:
+        code, got = post(f"{up}/ruyi/continue-state", good, {"content-type": "application/octet-stream"})
+        assert code == 200 and got["handoff"] == "state" and got["tokens"] == want, got
+        code, got = post(f"{up}/ruyi/continue-state", encode(request, a.read, "0" * 32))
+        assert code == 200 and got["handoff"].startswith("tokens: ") and got["tokens"] == want, got
+        head, tensors = good.split(b"\n", 1)
+        hostile = {"length": 10 ** 9}, {"depth": 99}, {"dtype": "int64"}, {"depth": "2"}
+        bodies = [b"{no json", head, good[:-4], good + b"0000", b"[]\n", head + b"\n" + tensors[:10]] + [
+            json.dumps({**json.loads(head), "state": {**json.loads(head)["state"], **h}}).encode() + b"\n" + tensors
+            for h in hostile]
+        for body in bodies:
+            code, got = post(f"{up}/ruyi/continue-state", body)
+            assert code == 400 and "state hand-off" in got["error"]["message"], (body[:80], got)
+        host, port = up.split("//")[1].split("/")[0].split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)  # refused on its declared length
+        conn.request("POST", "/v1/ruyi/continue-state", body=b"x", headers={"content-length": str(4 << 20)})
+        assert conn.getresponse().status == 413
+
+
+def test_the_cost_model_sends_state_on_a_fast_link_and_tokens_on_a_slow_one():
+    fast, slow = Upstream("http://x", mode="auto", link_mbps=1000), Upstream("http://x", mode="auto", link_mbps=5)
+    for up in (fast, slow):
+        up._trunk = {"digests": [], "dtype": "float32", "block_token_s": 2e-4}  # as GET /v1/ruyi/trunk says
+    # 20 positions, 20 blocks: re-reading costs 80 ms; 1 MB takes 8 ms at 1 Gbit/s and 1.6 s at 5 Mbit/s
+    assert fast.wants_state(20, 20, 1_000_000) and not slow.wants_state(20, 20, 1_000_000)
+    assert not Upstream("http://x", mode="tokens").wants_state(20, 20, 1)
 
 
 @pytest.mark.parametrize("upstream", ["down", "silent"])
@@ -119,7 +181,8 @@ def test_three_ruyi_serve_processes_chain_end_edge_cloud(family_dir, whole):  # 
     try:
         cloud, cloud_url = _start(["--family", str(family_dir), "--tiers", "cloud"])
         procs.append(cloud)
-        edge, edge_url = _start(["--family", str(family_dir), "--tiers", "edge", "--upstream", cloud_url])
+        edge, edge_url = _start(["--family", str(family_dir), "--tiers", "edge", "--upstream", cloud_url,
+                                 "--handoff", "state"])
         procs.append(edge)
         end, end_url = _start(["--family", str(family_dir), "--tiers", "end", "--upstream", edge_url])
         procs.append(end)
@@ -130,6 +193,8 @@ def test_three_ruyi_serve_processes_chain_end_edge_cloud(family_dir, whole):  # 
             assert r.choices[0].message.content == tok.decode(_alone(whole, "cloud", chat_ids(tok, q), 6),
                                                               skip_special_tokens=True)
             assert r.usage.model_extra["computed_at"] == cloud_url and r.usage.model_extra["network_bytes"] > 0
+            # the end tier shares only the embedding with the edge: tokens; the edge hands the cloud 2 blocks' state
+            assert r.usage.model_extra["handoff"] == "tokens, then state"
         cloud.send_signal(signal.SIGINT)
         cloud.wait(timeout=30)
         r = _ask(end_url, QUESTIONS[0], "micro-fam:auto")  # the cloud gone: the edge answers, flagged

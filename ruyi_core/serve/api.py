@@ -4,6 +4,7 @@ sampling defaults to the package's generation config (greedy), as vLLM does. Err
 with a 4xx status. The routes only parse, call the engine (engine.py) and shape its answers (respond.py)."""
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import FastAPI, Request
@@ -17,6 +18,7 @@ from ruyi_core.serve.protocol import (ApiError, ChatCompletionRequest, Completio
                                       SamplingRequest, StreamOptions, error_body)
 from ruyi_core.serve.respond import Reply, stream, whole
 from ruyi_core.serve.tiers import ServedFamily
+from ruyi_core.serve.handoff import STATE_PATH, TRUNK_PATH, decode, state_bytes_per_token
 from ruyi_core.serve.upstream import PATH, Upstream
 
 BYTES_PER_TOKEN = 32  # the body bound per context token: past any prompt that fits, even as escaped JSON
@@ -34,8 +36,11 @@ def create_app(family: ServedFamily, max_batch: int = 8, default_max_tokens: int
     app = FastAPI(title=f"ruyi serve: {family.name}")
     app.state.engine = engine
     app.router.on_shutdown.append(engine.close)
-    app.add_middleware(Guard, api_key=api_key,
-                       max_body=max_body_bytes or max(MIN_BODY, BYTES_PER_TOKEN * engine.longest_context))
+    bound = max_body_bytes or max(MIN_BODY, BYTES_PER_TOKEN * engine.longest_context)
+    shallowest = family.tiers[next(iter(family.tiers))]
+    # a state hand-off: the whole trunk of the shallowest tier for a full context, and the ids
+    state = bound + engine.longest_context * state_bytes_per_token(shallowest, len(shallowest.model.layers))
+    app.add_middleware(Guard, api_key=api_key, max_body=bound, larger={"/v1" + STATE_PATH: state})
     _errors(app)
     _routes(app, engine)
     return app
@@ -87,16 +92,42 @@ def _routes(app: FastAPI, engine: Engine) -> None:
     @app.post("/v1" + PATH)
     async def continuation(req: Continuation):
         """A hand-off from a server of shallower tiers (upstream.py): the answer's token ids and tier."""
-        if engine.tier_of(req.model) != "auto":
-            raise ApiError(400, f"hand-offs continue {name}:auto, not {req.model}", "model")
-        vocab = engine.family.tiers[engine.family.deepest].config.vocab_size
-        if not all(0 <= t < vocab for t in [*req.prompt, *req.draft]) or len(req.draft) > req.max_tokens:
-            raise ApiError(400, f"prompt and draft are token ids below {vocab}, the draft at most max_tokens long",
-                           "draft")
-        job = engine.submit(req.model, req.prompt, req.max_tokens, 0.0, None, draft=req.draft)[0]
-        tokens = await engine.tokens(job)
-        return {"tier": job.answered_by, "tokens": tokens, "computed_at": job.computed_at,
-                "network_bytes": job.network_bytes, "fallback": job.fallback}
+        return await _continue(engine, req, None, "tokens")
+
+    @app.post("/v1" + STATE_PATH)
+    async def continuation_state(request: Request):
+        """A trunk-state hand-off (handoff.py): checked whole before any tensor is made."""
+        shallowest = next(iter(engine.family.tiers))
+        try:
+            got = await asyncio.to_thread(decode, await request.body(), engine.family.tiers[shallowest],
+                                          engine.chain(shallowest))
+            req = Continuation(**got.request)
+        except (ValueError, TypeError) as e:  # pydantic's ValidationError and JSON errors are ValueErrors
+            raise ApiError(400, f"malformed state hand-off: {str(e).splitlines()[0]}", "state") from None
+        return await _continue(engine, req, got.read, "state" if got.read is not None else f"tokens: {got.mismatch}")
+
+    @app.get("/v1" + TRUNK_PATH)
+    async def trunk():
+        """What a server of shallower tiers needs to hand over state: this server's digest chain (of its
+        shallowest tier), the dtype of its states and its seconds per block-token."""
+        shallowest = next(iter(engine.family.tiers))
+        model = engine.family.tiers[shallowest]
+        chain, block_s = await asyncio.to_thread(lambda: (engine.chain(shallowest), engine.block_token_seconds()))
+        return {"digests": chain, "dtype": str(model.dtype).removeprefix("torch."), "block_token_s": block_s}
+
+
+async def _continue(engine: Engine, req: Continuation, read, handoff: str) -> dict:
+    if engine.tier_of(req.model) != "auto":
+        raise ApiError(400, f"hand-offs continue {engine.family.name}:auto, not {req.model}", "model")
+    vocab = engine.family.tiers[engine.family.deepest].config.vocab_size
+    if not all(0 <= t < vocab for t in [*req.prompt, *req.draft]) or len(req.draft) > req.max_tokens:
+        raise ApiError(400, f"prompt and draft are token ids below {vocab}, the draft at most max_tokens long",
+                       "draft")
+    job = engine.submit(req.model, req.prompt, req.max_tokens, 0.0, None, draft=req.draft, read=read)[0]
+    tokens = await engine.tokens(job)
+    return {"tier": job.answered_by, "tokens": tokens, "computed_at": job.computed_at,
+            "network_bytes": job.network_bytes, "fallback": job.fallback,
+            "handoff": handoff + (f", then {job.handoff}" if job.handoff else "")}
 
 
 async def _answer(engine: Engine, req: SamplingRequest, request: Request, ids: list[int], max_tokens: int | None,
@@ -104,7 +135,8 @@ async def _answer(engine: Engine, req: SamplingRequest, request: Request, ids: l
     jobs = engine.submit(req.model, ids, max_tokens, req.temperature, req.seed, req.n)
     answered = jobs[0]
     where = (lambda: {"computed_at": answered.computed_at, "network_bytes": answered.network_bytes,
-                      "fallback": answered.fallback}) if answered.tier == "auto" else dict
+                      "fallback": answered.fallback, "handoff": answered.handoff}
+             ) if answered.tier == "auto" else dict
     reply = Reply(req.model, chat, req.n, len(ids),
                   lambda: answered.answered_by and f"{engine.family.name}:{answered.answered_by}", where)
     pieces = engine.pieces(jobs, req.stops, request.is_disconnected)

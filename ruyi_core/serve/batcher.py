@@ -29,6 +29,8 @@ class Job:
     computed_at: str = "local"  # `auto`: where the answer was computed (this server, or an upstream's URL)
     network_bytes: int = 0  # `auto`: bytes sent to and received from upstream servers
     fallback: str | None = None  # `auto`: why this server answered although its answer was unsure
+    read: object | None = None  # `auto` handed over with a trunk state: what the lower server read (decode.Read)
+    handoff: str | None = None  # `auto` sent upstream: "tokens", "state", or why a state was not used
 
     def put(self, item) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, (self.index, item))

@@ -59,7 +59,12 @@ def serve_command(family: Path | None = typer.Option(None, help="a family folder
                                                                              "to connect, then to answer, before "
                                                                              "answering here, flagged"),
                   upstream_key: str | None = typer.Option(None, envvar="RUYI_UPSTREAM_KEY", show_envvar=True,
-                                                          help="the upstream's API key")):
+                                                          help="the upstream's API key"),
+                  handoff: str = typer.Option("auto", help="what a hand-off sends upstream: tokens (the ids), "
+                                                           "state (also the shared trunk's keys and values, "
+                                                           "exact), or auto (the cheaper for --link-mbps)"),
+                  link_mbps: float = typer.Option(100.0, min=0.001, help="the link to the upstream, in Mbit/s, "
+                                                                         "for --handoff auto")):
     """Serve every tier of a family over an OpenAI-compatible API (/v1/chat/completions, /v1/completions,
     /v1/models; streaming; an open /health), one shared trunk in memory. Models are named FAMILY:TIER."""
     import uvicorn
@@ -75,9 +80,11 @@ def serve_command(family: Path | None = typer.Option(None, help="a family folder
     served = load_served(family, registry, version, spec, lambda m: c.print(f"[dim]{m}[/]", highlight=False), only)
     if draft is not None and draft not in served.tiers:
         raise RuyiError(f"--draft {draft}: {served.name} has tiers {', '.join(served.tiers)}")
+    if handoff not in ("tokens", "state", "auto"):
+        raise RuyiError(f"--handoff {handoff}: choose tokens, state or auto")
+    up = Upstream(upstream, upstream_timeout, upstream_key, handoff, link_mbps) if upstream else None
     app = create_app(served, max_batch=max_batch, draft=draft, draft_tokens=draft_tokens, api_key=api_key,
-                     max_body_bytes=max_body_bytes,
-                     upstream=Upstream(upstream, upstream_timeout, upstream_key) if upstream else None)
+                     max_body_bytes=max_body_bytes, upstream=up)
     own = sum(p.numel() for m in served.tiers.values() for p in m.parameters())
     c.print(f"serving {served.name}" + (f" {served.version}" if served.version else "") + " at "
             f"http://{host}:{port}/v1: " + ", ".join(f"{served.name}:{t}" for t in served.tiers)

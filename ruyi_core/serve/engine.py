@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from ruyi_core.serve.batcher import DONE, Batcher, Job
 from ruyi_core.serve.decode import SpecStats, generate, speculative
 from ruyi_core.serve.detok import Detokenizer, StopStrings
+from ruyi_core.serve.handoff import common_depth, digests, measure_block, state_bytes_per_token
 from ruyi_core.serve.protocol import ApiError
 from ruyi_core.serve.route import escalate
 from ruyi_core.serve.tiers import ServedFamily
@@ -66,6 +67,8 @@ class Engine:
         point = (family.routing or {}).get("operating_point", {})
         self.auto_threshold = auto_threshold if auto_threshold is not None else point.get("threshold", 0.5)
         self.spec_stats, self.upstream = SpecStats(), upstream
+        self._chains: dict[str, list[str]] = {}
+        self._block_s: float | None = None
         self.names = [*family.tiers, "auto"]
         self.batcher = Batcher(self._run, max_batch)
 
@@ -93,9 +96,10 @@ class Engine:
                                                                   tokenize=False))
 
     def submit(self, model: str, ids: list[int], max_tokens: int | None, temperature: float | None,
-               seed: int | None, n: int = 1, draft: list[int] | None = None) -> list[Job]:
+               seed: int | None, n: int = 1, draft: list[int] | None = None, read=None) -> list[Job]:
         """`n` answers to one prompt, queued for decoding; a seeded request's answers are seeded seed, seed + 1,
-        ... (n different answers, each reproducible). `draft`: an `auto` request handed over with its draft."""
+        ... (n different answers, each reproducible). `draft`: an `auto` request handed over with its draft (and
+        `read`, what the lower server read of it, in a state hand-off)."""
         tier = self.tier_of(model)
         temperature = temperature or 0.0
         if tier == "auto" and temperature > 0:
@@ -110,7 +114,7 @@ class Engine:
                                 "lower max_tokens", "max_tokens", "context_length_exceeded")
         out, loop = asyncio.Queue(), asyncio.get_running_loop()
         return [self.batcher.submit(Job(tier, ids, max_new, temperature, None if seed is None else seed + i, loop,
-                                        out, index=i, draft=draft)) for i in range(n)]
+                                        out, index=i, draft=draft, read=read)) for i in range(n)]
 
     async def tokens(self, job: Job) -> list[int]:
         """One answer's token ids, once it is done (a hand-off's answer: the ids, not text)."""
@@ -147,18 +151,49 @@ class Engine:
     def _auto(self, j: Job) -> list[int]:
         """One `auto` answer: this server's tiers, then the upstream's when they are unsure. An upstream that
         does not answer in time leaves this server's answer, flagged."""
-        a = escalate(self.family, j.prompt, j.max_new_tokens, self.auto_threshold, j.draft)
+        depth = self._hand_depth()
+        a = escalate(self.family, j.prompt, j.max_new_tokens, self.auto_threshold, j.draft, j.read, depth)
         j.answered_by = a.tier
         if self.upstream is None or a.confidence >= self.auto_threshold:
             return a.tokens
+        state = a.read if a.read is not None and a.read.depth == depth else None
+        if state is not None and not self.upstream.wants_state(
+                depth, state.length, state.length * state_bytes_per_token(self.family.tiers[self.family.deepest],
+                                                                          depth)):
+            state = None
         try:
-            got = self.upstream.ask(f"{self.family.name}:auto", j.prompt, a.draft, j.max_new_tokens)
+            got = self.upstream.ask(f"{self.family.name}:auto", j.prompt, a.draft, j.max_new_tokens, state,
+                                    self.chain(self.family.deepest)[depth] if state is not None else None)
         except Unreachable as e:
             j.fallback = str(e)
             return a.tokens
-        j.answered_by, j.computed_at, j.network_bytes, j.fallback = (got.tier, got.computed_at, got.network_bytes,
-                                                                      got.fallback)
+        j.answered_by, j.computed_at, j.network_bytes, j.fallback, j.handoff = (
+            got.tier, got.computed_at, got.network_bytes, got.fallback, got.handoff)
         return got.tokens
+
+    def chain(self, tier: str) -> list[str]:
+        """A tier's digest chain (handoff.digests), computed once."""
+        if tier not in self._chains:
+            self._chains[tier] = digests(self.family.tiers[tier])
+        return self._chains[tier]
+
+    def _hand_depth(self) -> int:
+        """How many leading blocks this server's deepest tier shares, bit for bit, with the upstream's shallowest
+        (0: hand over tokens only)."""
+        if self.upstream is None or self.upstream.mode == "tokens" or (trunk := self.upstream.trunk()) is None:
+            return 0
+        model = self.family.tiers[self.family.deepest]
+        if trunk["dtype"] != str(model.dtype).removeprefix("torch."):
+            return 0
+        return max(common_depth(self.chain(self.family.deepest), trunk["digests"]), 0)
+
+    def block_token_seconds(self) -> float:
+        """Seconds the shallowest tier's first block takes per position when reading a prompt (the upstream side
+        of the hand-off cost model), measured once on 64 positions."""
+        if self._block_s is None:
+            model = self.family.tiers[next(iter(self.family.tiers))]
+            self._block_s = measure_block(model)
+        return self._block_s
 
     def _run(self, tier: str, jobs: list[Job], on_token: Callable[[int, int], bool]) -> None:
         """Decodes one batch (same tier and sampling), on the batcher's thread."""

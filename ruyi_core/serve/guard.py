@@ -12,8 +12,9 @@ from ruyi_core.serve.protocol import error_body
 class Guard:
     """ASGI middleware. `api_key`: requests must bear it (`Authorization: Bearer KEY`), else 401."""
 
-    def __init__(self, app, api_key: str | None, max_body: int):
-        self.app, self.max_body = app, max_body
+    def __init__(self, app, api_key: str | None, max_body: int, larger: dict[str, int] | None = None):
+        """`larger`: paths whose bodies may be larger (a trunk-state hand-off), with their bounds."""
+        self.app, self.max_body, self.larger = app, max_body, larger or {}
         self.key = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
@@ -27,21 +28,23 @@ class Guard:
         declared = headers.get(b"content-length", b"0")
         if not declared.isdigit():
             return await _refuse(send, 400, "the Content-Length header is not a number", "invalid_request")
-        if int(declared) > self.max_body:
-            return await _refuse(send, 413, self._too_big(), "request_too_large")
+        bound = self.larger.get(scope["path"], self.max_body)
+        if int(declared) > bound:
+            return await _refuse(send, 413, self._too_big(bound), "request_too_large")
         try:
-            body = await self._read(receive)
+            body = await self._read(receive, bound)
         except _Gone:
             return None
         if body is None:
-            return await _refuse(send, 413, self._too_big(), "request_too_large")
+            return await _refuse(send, 413, self._too_big(bound), "request_too_large")
         return await self.app(scope, _replay(body, receive), send)
 
-    def _too_big(self) -> str:
-        return (f"the request body is over this server's bound of {self.max_body} bytes (--max-body-bytes): "
+    @staticmethod
+    def _too_big(bound: int) -> str:
+        return (f"the request body is over this server's bound of {bound} bytes (--max-body-bytes): "
                 "a prompt that long would not fit the model's context anyway")
 
-    async def _read(self, receive) -> bytes | None:
+    async def _read(self, receive, bound: int) -> bytes | None:
         """The whole body, or None once it passes the bound (a chunked upload declares no length)."""
         parts, size = [], 0
         while True:
@@ -49,7 +52,7 @@ class Guard:
             if msg["type"] != "http.request":
                 raise _Gone
             size += len(msg.get("body", b""))
-            if size > self.max_body:
+            if size > bound:
                 return None
             parts.append(msg.get("body", b""))
             if not msg.get("more_body", False):

@@ -99,6 +99,7 @@ class Usage(BaseModel):
     computed_at: str | None = None
     network_bytes: int | None = None
     fallback: str | None = None
+    handoff: str | None = None  # "tokens", "state", or why a state hand-off fell back to tokens
 
 
 class Continuation(_In):

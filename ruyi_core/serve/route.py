@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ruyi_core.serve.decode import continue_reading, first_read, generate, shared_depth
+from ruyi_core.serve.decode import Read, continue_reading, first_read, generate, shared_depth
 from ruyi_core.serve.tiers import ServedFamily
 
 
@@ -25,6 +25,7 @@ class Attempt:
     confidence: float
     cost: int  # block-tokens
     draft: list[int] = field(default_factory=list)  # for a deeper tier to continue from: up to the first unsure token
+    read: Read | None = None  # what was read of the prompt and draft, for a deeper tier elsewhere (`hand_depth`)
 
 
 def attempts_batched(served: ServedFamily, tier: str, prompts: list[list[int]], max_new_tokens: list[int],
@@ -41,20 +42,22 @@ def attempts_batched(served: ServedFamily, tier: str, prompts: list[list[int]], 
 
 
 def escalate(served: ServedFamily, prompt: list[int], max_new_tokens: int, threshold: float,
-             draft: list[int] | None = None) -> Attempt:
+             draft: list[int] | None = None, read: Read | None = None, hand_depth: int = 0) -> Attempt:
     """The answering attempt for one prompt: the shallowest tier answers first, and an answer whose confidence
     is below `threshold` (but the deepest tier's) is the next deeper tier's draft. That tier continues from
     it (decode.continue_reading) instead of starting over: it reuses the keys and values of the trunk the two
     share, checks the draft (the answer up to its first unsure token) in one pass and decodes on from the first
     token it would not have produced, so its answer is its own. The cost is the block-tokens every tier tried
     ran. A `draft` handed over (tokens only, by a server of shallower tiers) is the first tier's draft; the
-    attempt's own `draft` is what a deeper tier elsewhere would continue from."""
+    attempt's own `draft` is what a deeper tier elsewhere would continue from. `read`: what a server of
+    shallower tiers read of the prompt and that draft (a trunk-state hand-off, handoff.py); `hand_depth`: keep
+    what the deepest tier here reads at this depth, as the attempt's `read`, for a server of deeper tiers."""
     tiers = list(served.tiers.values())
-    read, cost = first_read(tiers[0], prompt + (draft or [])[:-1]), 0
     draft = draft or []
+    read, cost = read or first_read(tiers[0], prompt + draft[:-1]), 0
     for i, (tier, model) in enumerate(served.tiers.items()):
         nxt = tiers[i + 1] if i + 1 < len(tiers) else None
-        keep = shared_depth(model, nxt) if nxt is not None else read.depth
+        keep = shared_depth(model, nxt) if nxt is not None else hand_depth
         got = continue_reading(model, read, draft, max_new_tokens, served.eos, keep=max(keep, read.depth))
         cost += got.block_tokens
         confidence = min(got.confidence, default=1.0)
@@ -63,7 +66,8 @@ def escalate(served: ServedFamily, prompt: list[int], max_new_tokens: int, thres
         unsure = next((i for i, c in enumerate(got.confidence) if c < threshold), len(got.tokens) - 1)
         draft = got.tokens[:unsure + 1]
         if nxt is None or confidence >= threshold:
-            return Attempt(tier, got.tokens, confidence, cost, draft)
+            handed = got.read.crop(len(prompt) + len(draft) - 1) if hand_depth and nxt is None else None
+            return Attempt(tier, got.tokens, confidence, cost, draft, handed)
         read = got.read.crop(len(prompt) + len(draft) - 1)
         if keep < read.depth:  # a deeper tier that parts from this one below the reused trunk reads anew
             read = first_read(nxt, prompt + draft[:-1])
