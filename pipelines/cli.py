@@ -74,7 +74,7 @@ def _check_plan(spec: Path) -> None:
 
 def _print_tiers(tiers: list[dict], promotion: dict) -> None:
     """The run's end product: per-tier quality, size and speed, then what the registry now serves."""
-    from ruyi_core.report import depth_flags
+    from ruyi_core.report import depth_flags, depth_ties
 
     benches = sorted({b for t in tiers for b in t["evaluation"]["benchmarks"]})
     plain = not console.is_terminal
@@ -97,6 +97,8 @@ def _print_tiers(tiers: list[dict], promotion: dict) -> None:
         console.print(t)
     for flag in depth_flags(tiers):
         console.print(f"[yellow]warning:[/] {escape(str(flag))}", highlight=False)
+    for tie in depth_ties(tiers):
+        console.print(f"[dim]tie:[/] {escape(str(tie))}", highlight=False)
     for r in tiers:
         gate = r.get("gate") or {}
         if not gate.get("promoted"):

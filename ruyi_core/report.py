@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from dataclasses import dataclass, field
 
 from ruyi_core.plots import axes, png
@@ -160,9 +161,11 @@ def family_lines(tiers: list[dict]) -> list[str]:
     return (["", "Packaged tier vs the family at the same exit:", ""] + lines) if lines else []
 
 
-def depth_flags(tiers: list[dict]) -> list[str]:
-    """Deeper tiers should score at least as well as shallower ones: one line per benchmark where one does not."""
-    flags = []
+def _inversions(tiers: list[dict]):
+    """(benchmark, deeper row, shallower row, deeper result, shallower result, beyond noise) for every benchmark
+    where a deeper tier scores worse than a shallower one. An accuracy over n items is beyond noise when the gap
+    passes twice the standard error of the difference of two proportions (the items' sampling error); a
+    perplexity, or a score without its n, always is."""
     tiers = sorted(tiers, key=lambda r: r["exit_point"])
     for i, deep in enumerate(tiers):
         for b, r in (deep.get("evaluation") or {}).get("benchmarks", {}).items():
@@ -170,11 +173,27 @@ def depth_flags(tiers: list[dict]) -> list[str]:
                 s = (shallow.get("evaluation") or {}).get("benchmarks", {}).get(b)
                 if s is None:
                     continue
-                worse = r["value"] < s["value"] if r.get("higher_is_better", True) else r["value"] > s["value"]
-                if worse:
-                    flags.append(f"{b}: {deep['tier']} ({r['value']:.4g}) scores below the shallower "
-                                 f"{shallow['tier']} ({s['value']:.4g})")
-    return flags
+                higher = r.get("higher_is_better", True)
+                if not (r["value"] < s["value"] if higher else r["value"] > s["value"]):
+                    continue
+                n, p, q = r.get("n"), r["value"], s["value"]
+                noise = (2 * math.sqrt((p * (1 - p) + q * (1 - q)) / n)
+                         if n and higher and 0 <= p <= 1 and 0 <= q <= 1 else 0.0)
+                yield b, deep, shallow, r, s, abs(q - p) > noise
+
+
+def depth_flags(tiers: list[dict]) -> list[str]:
+    """Deeper tiers should score at least as well as shallower ones: one line per benchmark where one does not,
+    beyond the benchmark's sampling error."""
+    return [f"{b}: {deep['tier']} ({r['value']:.4g}) scores below the shallower {shallow['tier']} ({s['value']:.4g})"
+            for b, deep, shallow, r, s, beyond in _inversions(tiers) if beyond]
+
+
+def depth_ties(tiers: list[dict]) -> list[str]:
+    """The inversions within sampling error: a tie the benchmark cannot tell apart, not a failure of depth."""
+    return [f"{b}: {deep['tier']} ({r['value']:.4g}) below the shallower {shallow['tier']} ({s['value']:.4g}) "
+            f"within the sampling error of {r['n']} items" for b, deep, shallow, r, s, beyond in _inversions(tiers)
+            if not beyond]
 
 
 def speed_lines(tiers: list[dict]) -> list[str]:
@@ -265,7 +284,9 @@ def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Man
     md = [f"# Ruyi Flow run `{run_id}`", "", "## Tiers", "",
           "| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(str(r.get(k, "")).replace("|", "\\|") for k, _ in cols) + " |" for r in rows]
-    md += [""] + ([f"- ⚠ {f}" for f in flags] or ["- every deeper tier scores at least as well as the shallower ones"])
+    md += [""] + ([f"- ⚠ {f}" for f in flags] or ["- every deeper tier scores at least as well as the shallower ones"
+                                                   + (", within sampling error" if depth_ties(tiers) else "")])
+    md += [f"- tie: {t}" for t in depth_ties(tiers)]
     md += family_lines(tiers) + speed_lines(tiers)
     gate_lines = _gate_lines(tiers, promotion) + routing_lines(routing)
     md += gate_lines

@@ -1,5 +1,5 @@
 """The run report: the per-tier benchmark table, the deeper-vs-shallower check and the promotion outcome."""
-from ruyi_core.report import depth_flags, render
+from ruyi_core.report import depth_flags, depth_ties, render
 
 
 def tier(name: str, exit_point: int, acc: float, ppl: float, promoted: bool) -> dict:
@@ -24,6 +24,13 @@ def test_depth_check_flags_a_deeper_tier_that_scores_lower():
     assert any(f.startswith("facts_mc: cloud (0.4) scores below the shallower edge") for f in flags), flags
     assert any(f.startswith("heldout_text: cloud (7) scores below the shallower end") for f in flags), flags
     assert not any("edge (" in f.split("below")[0] for f in flags)  # edge beats end on both
+    # 2 of 29 questions: within the items' sampling error, a tie rather than a warning; 8 of 29 is beyond it
+    for t, acc in zip(good, (1.0, 1.0, 27 / 29)):
+        t["evaluation"]["benchmarks"]["facts_mc"].update(value=acc, n=29)
+    assert depth_flags(good) == [] and len(depth_ties(good)) == 2
+    assert "within the sampling error of 29 items" in depth_ties(good)[0]
+    good[2]["evaluation"]["benchmarks"]["facts_mc"]["value"] = 21 / 29
+    assert len(depth_flags(good)) == 2 and depth_ties(good) == []
 
     promotion = {"family": "f", "version": "v1", "promoted": {"end": "v1", "edge": "v1", "cloud": "v0"}}
     md, page, _ = render("f-v1", bad, [], [], promotion)
