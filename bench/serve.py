@@ -3,7 +3,7 @@ latency under N concurrent OpenAI-API clients, with held-out quality (the demo w
 two-hop questions); then self-speculative decoding of the deepest tier (identical tokens checked on every
 prompt) against the same tier decoding alone, per draft tier and draft length.
 
-    python bench/serve.py --family DIR | --registry FAMILY [--clients 8] [--requests 48] [--prompts 100]
+    python bench/serve.py --family DIR | --registry FAMILY [--version V] [--clients 8] [--requests 48] [--prompts 100]
                           [--out bench/results/serve.json]
 
 With --registry, the store comes from the RUYI_S3_* environment (the local server: source .ruyi/s3/s3.env).
@@ -85,29 +85,55 @@ async def load(url: str, model: str, qs, clients: int, max_tokens: int) -> dict:
             "quality": round(right / len(qs), 3)}
 
 
+def ceiling(served, draft: str, k: int, skip: int) -> float:
+    """The speedup if every draft were accepted and a pass cost its blocks alone: k + 1 tokens per round for k
+    draft steps (the shared trunk and the draft's own blocks) and one checking pass of the target's own blocks,
+    against k + 1 steps of the whole target. A check over k + 1 positions is taken to cost one step, as on a
+    machine bound by weight reads."""
+    from ruyi_core.serve.decode import shared_depth
+
+    t, d = served.tiers[served.deepest], served.tiers[draft]
+    s, depth = shared_depth(d, t), served.depth(served.deepest)
+    return (k + 1) * depth / (k * (served.depth(draft) - skip) + depth - s)
+
+
+def variants(served) -> list[tuple]:
+    """(draft tier, k, skip, min confidence): every shallower tier at several k; the shallowest also leaving out
+    its own blocks but one (DaE's added blocks) and stopping a round at a doubted token."""
+    from ruyi_core.serve.decode import shared_depth
+
+    out = [(d, k, 0, 0.0) for d in list(served.tiers)[:-1] for k in (4, 8, 12)]
+    first = next(iter(served.tiers))
+    own = served.depth(first) - max(shared_depth(served.tiers[first], served.tiers[served.deepest]), 0)
+    out += [(first, k, skip, 0.0) for skip in range(1, own) for k in (8, 12)]
+    out += [(first, 12, skip, 0.5) for skip in (0, own - 1) if own > 1 or skip == 0]
+    return out
+
+
 def speculative_rows(served, prompts: list[list[int]], max_new: int) -> list[dict]:
-    """The deepest tier alone and self-speculative with every shallower draft and k, interleaved prompt by
-    prompt (the order rotated each prompt), so the machine's drift hits every variant alike."""
+    """The deepest tier alone and self-speculative with every variant, interleaved prompt by prompt (the order
+    rotated each prompt), so the machine's drift hits every variant alike."""
     target = served.tiers[served.deepest]
-    variants = {(None, None): None, **{(d, k): SpecStats() for d in list(served.tiers)[:-1] for k in (2, 4, 6, 8, 12)}}
-    secs = dict.fromkeys(variants, 0.0)
-    same = dict.fromkeys(variants, 0)
-    names = list(variants)
+    stats = {None: None, **{v: SpecStats() for v in variants(served)}}
+    secs, same, names = dict.fromkeys(stats, 0.0), dict.fromkeys(stats, 0), list(stats)
     ref = [generate(target, [p], [max_new], served.eos)[0] for p in prompts]  # untimed: the tokens to match
     for j, p in enumerate(prompts):
-        for draft, k in names[j % len(names):] + names[: j % len(names)]:
+        for v in names[j % len(names):] + names[: j % len(names)]:
             t0 = time.perf_counter()
-            if draft is None:
+            if v is None:
                 got = generate(target, [p], [max_new], served.eos)[0]
             else:
-                got = speculative(served.tiers[draft], target, p, max_new, served.eos, k=k,
-                                  stats=variants[(draft, k)])
-            secs[(draft, k)] += time.perf_counter() - t0
-            same[(draft, k)] += got == ref[j]
-    base = secs[(None, None)]
-    return [{"draft": d, "k": k, "seconds": round(secs[(d, k)], 2), "speedup": round(base / secs[(d, k)], 3),
-             "acceptance": round(variants[(d, k)].acceptance, 3) if d else None,
-             "identical": same[(d, k)] == len(prompts), "identical_prompts": same[(d, k)]} for d, k in names]
+                draft, k, skip, conf = v
+                got = speculative(served.tiers[draft], target, p, max_new, served.eos, k=k, stats=stats[v],
+                                  skip=skip, min_confidence=conf)
+            secs[v] += time.perf_counter() - t0
+            same[v] += got == ref[j]
+    base = secs[None]
+    return [{"draft": v and v[0], "k": v and v[1], "skip": v and v[2], "min_confidence": v and v[3],
+             "seconds": round(secs[v], 2), "speedup": round(base / secs[v], 3),
+             "ceiling": round(ceiling(served, *v[:2], v[2]), 2) if v else None,
+             "acceptance": round(stats[v].acceptance, 3) if v else None,
+             "identical": same[v] == len(prompts), "identical_prompts": same[v]} for v in names]
 
 
 def main() -> None:
@@ -116,18 +142,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", type=Path)
     ap.add_argument("--registry")
+    ap.add_argument("--version", help="with --registry: this version (default: the promoted packages)")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=48, help="held-out questions per model")
     ap.add_argument("--prompts", type=int, default=100, help="prompts for the speculative comparison")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--out", default="bench/results/serve.json")
+    ap.add_argument("--speculative-only", action="store_true", help="skip the concurrent-clients part")
     a = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    served = load_served(a.family, a.registry, None, None, print)
+    served = load_served(a.family, a.registry, a.version, None, print)
     qs = questions(a.requests)[: a.requests]
     srv, url = start_server(served, max_batch=a.clients)
     rows = []
-    for model in [*served.tiers, "auto"]:
+    for model in [] if a.speculative_only else [*served.tiers, "auto"]:
         rows.append(asyncio.run(load(url, f"{served.name}:{model}", qs, a.clients, a.max_tokens)))
         r = rows[-1]
         print(f"{r['model']:<22} {r['requests_per_s']:7.2f} req/s {r['tokens_per_s']:8.1f} tok/s  "
@@ -140,8 +168,9 @@ def main() -> None:
     prompts = [tok(c)["input_ids"] for c in chats]
     spec = speculative_rows(served, prompts, a.max_tokens)
     for r in spec:
-        print(f"speculative {served.deepest} draft={r['draft']} k={r['k']}: {r['seconds']:.2f} s, speedup "
-              f"{r['speedup']:.2f}x, acceptance {r.get('acceptance', '-')}, identical {r['identical']}")
+        print(f"speculative {served.deepest} draft={r['draft']} k={r['k']} skip={r['skip']} "
+              f"min_p={r['min_confidence']}: {r['seconds']:.2f} s, speedup {r['speedup']:.2f}x (ceiling "
+              f"{r['ceiling']}), acceptance {r['acceptance']}, identical {r['identical']}")
     out = {"family": served.name, "tiers": {t: served.depth(t) for t in served.tiers}, "clients": a.clients,
            "requests": len(qs), "max_tokens": a.max_tokens, "threads": torch.get_num_threads(), "serve": rows,
            "speculative": spec}

@@ -184,9 +184,28 @@ def test_self_speculative_decoding_gives_the_target_tiers_greedy_tokens(served):
     for i in range(20):
         ids = chat_ids(tok, f"question {i}: {PROMPTS[i % len(PROMPTS)]}")
         want = generate(cloud, [ids], [24], served.eos)[0]
-        for draft, k in ((end, 3), (edge, 5)):
-            assert speculative(draft, cloud, ids, 24, served.eos, k=k, stats=stats) == want, (i, k)
+        for draft, k, conf in ((end, 3, 0.0), (edge, 5, 0.0), (edge, 8, 0.02)):
+            got = speculative(draft, cloud, ids, 24, served.eos, k=k, stats=stats, min_confidence=conf)
+            assert got == want, (i, k, conf)
     assert stats.rounds > 0 and 0 <= stats.acceptance <= 1
+
+
+def test_a_draft_that_skips_its_added_blocks_gives_the_targets_tokens(family_dir, tmp_path):
+    from ruyi_core.dae.expand import expand_tier
+    from ruyi_core.family.io import load_family
+
+    fam, tok = load_family(family_dir, CPU)
+    save_family(expand_tier(fam, "end", 2, init="clone"), tok, tmp_path / "expanded")  # clones: not identities
+    served = from_family(tmp_path / "expanded", CPU)
+    end, cloud = served.tiers["end"], served.tiers["cloud"]
+    stats = SpecStats()
+    for i, q in enumerate(PROMPTS):
+        ids = chat_ids(served.tokenizer, q)
+        want = generate(cloud, [ids], [16], served.eos)[0]
+        for skip in (0, 1, 2):
+            assert speculative(end, cloud, ids, 16, served.eos, k=4, stats=stats, skip=skip) == want, (i, skip)
+    with pytest.raises(ValueError, match="keep at least one"):
+        speculative(end, cloud, ids, 4, served.eos, skip=3)
 
 
 def test_packages_load_with_their_shared_blocks_once(package_dirs, packages):

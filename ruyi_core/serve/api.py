@@ -28,11 +28,12 @@ MIN_BODY = 1 << 20
 def create_app(family: ServedFamily, max_batch: int = 8, default_max_tokens: int = 256,
                draft: str | None = None, draft_tokens: int = 4, auto_threshold: float | None = None,
                api_key: str | None = None, max_body_bytes: int | None = None,
-               upstream: Upstream | None = None) -> FastAPI:
+               upstream: Upstream | None = None, draft_skip: int = 0, draft_min_p: float = 0.0) -> FastAPI:
     """The app over one engine (see Engine for `draft` and `auto_threshold`). `api_key`: /v1 answers only
     requests bearing it. `max_body_bytes`: the largest request body read (default: 32 bytes per token of
-    the longest context, at least 1 MiB). `upstream`: see Engine."""
-    engine = Engine(family, max_batch, default_max_tokens, draft, draft_tokens, auto_threshold, upstream)
+    the longest context, at least 1 MiB). `upstream`, `draft_skip`, `draft_min_p`: see Engine."""
+    engine = Engine(family, max_batch, default_max_tokens, draft, draft_tokens, auto_threshold, upstream,
+                    draft_skip, draft_min_p)
     app = FastAPI(title=f"ruyi serve: {family.name}")
     app.state.engine = engine
     app.router.on_shutdown.append(engine.close)

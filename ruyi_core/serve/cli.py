@@ -29,6 +29,20 @@ def load_served(family: Path | None, registry: str | None, version: str | None, 
     return from_registry(open_store(spec), registry, runtime, version, log=log, only=only)
 
 
+def _check_draft(served, draft: str | None, skip: int) -> None:
+    """Refused before serving: an unknown draft tier, or a skip that leaves it no block of its own."""
+    from ruyi_core.serve.decode import shared_depth
+
+    if draft is None:
+        return
+    if draft not in served.tiers:
+        raise RuyiError(f"--draft {draft}: {served.name} has tiers {', '.join(served.tiers)}")
+    own = served.depth(draft) - max(shared_depth(served.tiers[draft], served.tiers[served.deepest]), 0)
+    if skip >= own:
+        raise RuyiError(f"--draft-skip {skip}: the {draft} tier has {own} blocks of its own beside the "
+                        f"{served.deepest} tier; skip at most {own - 1}")
+
+
 def serve_command(family: Path | None = typer.Option(None, help="a family folder (all its tiers)"),
                   registry: str | None = typer.Option(None, help="a family in the model registry: its promoted "
                                                                  "package per tier"),
@@ -40,7 +54,12 @@ def serve_command(family: Path | None = typer.Option(None, help="a family folder
                   max_batch: int = typer.Option(8, min=1, help="requests decoded together at most"),
                   draft: str | None = typer.Option(None, help="decode greedy requests to deeper tiers "
                                                               "self-speculatively, this tier drafting"),
-                  draft_tokens: int = typer.Option(8, min=1, max=16, help="tokens drafted per round"),
+                  draft_tokens: int = typer.Option(8, min=1, max=16, help="tokens drafted per round, at most"),
+                  draft_skip: int = typer.Option(0, min=0, help="the draft leaves out its last N blocks (a cheaper "
+                                                                "draft, e.g. the end tier's DaE blocks)"),
+                  draft_min_p: float = typer.Option(0.0, min=0.0, max=1.0, help="a round stops drafting after a "
+                                                                                 "token the draft gives less "
+                                                                                 "probability than this"),
                   api_key: str | None = typer.Option(None, envvar="RUYI_API_KEY", show_envvar=True,
                                                      help="answer /v1 only for requests bearing this key "
                                                           "(Authorization: Bearer KEY; others get 401), as vLLM's "
@@ -74,17 +93,16 @@ def serve_command(family: Path | None = typer.Option(None, help="a family folder
 
     from transformers.utils import logging as hf_logging
 
+    if handoff not in ("tokens", "state", "auto"):
+        raise RuyiError(f"--handoff {handoff}: choose tokens, state or auto")
     hf_logging.disable_progress_bar()  # the server's own lines only
     c = Console(stderr=True)
     only = [t.strip() for t in tiers.split(",")] if tiers is not None else None
     served = load_served(family, registry, version, spec, lambda m: c.print(f"[dim]{m}[/]", highlight=False), only)
-    if draft is not None and draft not in served.tiers:
-        raise RuyiError(f"--draft {draft}: {served.name} has tiers {', '.join(served.tiers)}")
-    if handoff not in ("tokens", "state", "auto"):
-        raise RuyiError(f"--handoff {handoff}: choose tokens, state or auto")
+    _check_draft(served, draft, draft_skip)
     up = Upstream(upstream, upstream_timeout, upstream_key, handoff, link_mbps) if upstream else None
     app = create_app(served, max_batch=max_batch, draft=draft, draft_tokens=draft_tokens, api_key=api_key,
-                     max_body_bytes=max_body_bytes, upstream=up)
+                     max_body_bytes=max_body_bytes, upstream=up, draft_skip=draft_skip, draft_min_p=draft_min_p)
     own = sum(p.numel() for m in served.tiers.values() for p in m.parameters())
     c.print(f"serving {served.name}" + (f" {served.version}" if served.version else "") + " at "
             f"http://{host}:{port}/v1: " + ", ".join(f"{served.name}:{t}" for t in served.tiers)

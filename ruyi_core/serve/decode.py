@@ -181,15 +181,20 @@ class SpecStats:
 
 @torch.no_grad()
 def speculative(draft_model, target_model, prompt: list[int], max_new_tokens: int, eos: set[int], k: int = 4,
-                stats: SpecStats | None = None, on_token: Callable[[int], bool | None] = lambda t: None) -> list[int]:
-    """The target tier's greedy output for one prompt, drafted `k` tokens at a time by a shallower tier that
-    shares its first blocks (see the module doc). on_token(token) gets each token as it is accepted; a true
-    return stops decoding."""
+                stats: SpecStats | None = None, on_token: Callable[[int], bool | None] = lambda t: None,
+                skip: int = 0, min_confidence: float = 0.0) -> list[int]:
+    """The target tier's greedy output for one prompt, drafted up to `k` tokens at a time by a shallower tier
+    that shares its first blocks (see the module doc). on_token(token) gets each token as it is accepted; a true
+    return stops decoding. `skip`: the draft leaves out its last blocks (a cheaper draft, as LayerSkip and DEL
+    do: DaE's added blocks start as identities); `min_confidence`: a round stops drafting after a token the
+    draft gives less probability than this (a draft it doubts is mostly rejected)."""
     d, t = Tier(draft_model), Tier(target_model)
     s = shared_depth(draft_model, target_model)
     if s < 0:
         raise ValueError("the draft and target tiers share no trunk: load them as one family")
-    trunk, d_own, t_own = t.layers[:s], d.layers[s:], t.layers[s:]
+    if not 0 <= skip < len(d.layers) - s:
+        raise ValueError(f"skip {skip}: the draft has {len(d.layers) - s} blocks of its own; keep at least one")
+    trunk, d_own, t_own = t.layers[:s], d.layers[s:len(d.layers) - skip], t.layers[s:]
     stats = stats if stats is not None else SpecStats()
     device = next(target_model.parameters()).device
     sc, dc, tc = KV(), KV(), KV()  # the trunk's cache serves both tiers
@@ -210,9 +215,10 @@ def speculative(draft_model, target_model, prompt: list[int], max_new_tokens: in
         for j in range(min(k, max_new_tokens - len(out))):
             h = trunk_step(cur, n + j)
             states.append(h)
-            cur = int(d.logits(d.run(d_own, h, dc, torch.tensor([[n + j]], device=device), None)[:, -1]).argmax(-1))
+            logits = d.logits(d.run(d_own, h, dc, torch.tensor([[n + j]], device=device), None)[:, -1])
+            cur = int(logits.argmax(-1))
             drafts.append(cur)
-            if cur in eos:
+            if cur in eos or (min_confidence > 0 and float(torch.softmax(logits, -1)[0, cur]) < min_confidence):
                 break
         m = len(drafts)
         states.append(trunk_step(drafts[-1], n + m))

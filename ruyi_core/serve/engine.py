@@ -56,14 +56,16 @@ class _Answer:
 class Engine:
     def __init__(self, family: ServedFamily, max_batch: int = 8, default_max_tokens: int = 256,
                  draft: str | None = None, draft_tokens: int = 4, auto_threshold: float | None = None,
-                 upstream: Upstream | None = None):
+                 upstream: Upstream | None = None, draft_skip: int = 0, draft_min_p: float = 0.0):
         """`draft`: greedy requests to deeper tiers are decoded self-speculatively with this tier drafting
         `draft_tokens` at a time (one request at a time; same tokens, fewer passes through the deep blocks).
         `FAMILY:auto` routes each request (route.py) at `auto_threshold` (default: the family's calibrated
         operating point, else 0.5). `upstream`: a server of deeper tiers that `auto` hands on to when this
-        server's deepest tier is unsure (upstream.py)."""
+        server's deepest tier is unsure (upstream.py). `draft_skip`, `draft_min_p`: the draft leaves out its last
+        blocks, and a round stops at a token it doubts (decode.speculative)."""
         self.family, self.tok = family, family.tokenizer
         self.default_max_tokens, self.draft, self.draft_tokens = default_max_tokens, draft, draft_tokens
+        self.draft_skip, self.draft_min_p = draft_skip, draft_min_p
         point = (family.routing or {}).get("operating_point", {})
         self.auto_threshold = auto_threshold if auto_threshold is not None else point.get("threshold", 0.5)
         self.spec_stats, self.upstream = SpecStats(), upstream
@@ -213,4 +215,5 @@ class Engine:
             return
         for i, j in enumerate(jobs):
             speculative(fam.tiers[self.draft], model, j.prompt, j.max_new_tokens, fam.eos, k=self.draft_tokens,
-                        stats=self.spec_stats, on_token=lambda t, i=i: on_token(i, t))
+                        stats=self.spec_stats, on_token=lambda t, i=i: on_token(i, t), skip=self.draft_skip,
+                        min_confidence=self.draft_min_p)
