@@ -7,9 +7,13 @@ compared tier by tier with the spec's own family (its newest version: run `make 
 - familial_tax: the same tokens, the same steps, but only the deepest exit in the loss (a single-exit model).
   The family's deepest tier should lose little against it (the Ruyi2 report: within a few percent).
 - no_replay: SFT without the pretraining replay; the deep tiers' held-out text loss shows what replay protects.
+- dae_control: DaE's steps (the same CPT and SFT steps, batches and learning rates) train the DaE tier's own
+  block, norm and head without expanding it (`dae.expand: false`), so the family's DaE tier is compared with a
+  tier that got the same extra compute. GRPO runs in both; only the family's tier is SVD-compressed (the
+  control adds nothing to compress), which costs it a little.
 
-Both switch off DaE and GRPO in the ablated run: they train only the smallest tier, which neither comparison
-reads. Not part of `make test`: on 2 CPU cores each ablation is most of one `make demo`. Needs the store's
+familial_tax and no_replay switch off DaE and GRPO in the ablated run: they train only the smallest tier,
+which neither comparison reads. Not part of `make test`: on 2 CPU cores each ablation is most of one `make demo`. Needs the store's
 environment (`set -a; . .ruyi/s3/s3.env; set +a`).
 """
 from __future__ import annotations
@@ -25,13 +29,18 @@ import yaml
 from seeds import LOWER_IS_BETTER, run_spec, scores
 
 OFF = {"dae": {"enabled": False}, "rl": {"enabled": False}}
-# name -> what it measures, its switches (given the exit count), the tiers it compares (a slice of them).
+# name -> what it measures, its spec switches (given the exit count), the tiers it compares (given the spec).
 ABLATIONS = {
     "familial_tax": {"what": "the family's deepest exit vs a single-exit model on the same tokens",
-                     "train": lambda n: {s: {"loss": {"weights": [0.0] * (n - 1) + [1.0]}} for s in ("cpt", "sft")},
-                     "compare": slice(-1, None)},
+                     "switch": lambda n: {"train": {s: {"loss": {"weights": [0.0] * (n - 1) + [1.0]}}
+                                                       for s in ("cpt", "sft")}, **OFF},
+                     "compare": lambda d, tiers: tiers[-1:]},
     "no_replay": {"what": "SFT with replay (the family) vs without (the ablation)",
-                  "train": lambda n: {"sft": {"replay": 0.0}}, "compare": slice(1, None)},
+                  "switch": lambda n: {"train": {"sft": {"replay": 0.0}}, **OFF},
+                  "compare": lambda d, tiers: tiers[1:]},
+    "dae_control": {"what": "the DaE tier expanded (the family) vs the same DaE steps without expansion",
+                    "switch": lambda n: {"dae": {"expand": False}},
+                    "compare": lambda d, tiers: [(d.get("dae") or {}).get("tier", "end")]},
 }
 
 
@@ -44,8 +53,7 @@ def merged(base: dict, over: dict) -> dict:
 
 def ablated_spec(data: dict, name: str) -> dict:
     """The spec with the ablation's switches on, under the family name `<name>-<ablation>`."""
-    train = ABLATIONS[name]["train"](len(data["family"]["exit_points"]))
-    out = merged(data, {"train": train, **OFF})
+    out = merged(data, ABLATIONS[name]["switch"](len(data["family"]["exit_points"])))
     out["family"]["name"] = f"{data['family']['name']}-{name.replace('_', '-')}"
     return out
 
@@ -85,7 +93,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="ruyi-ablations-") as tmp:
         for name in args.only:
-            compared = tiers[ABLATIONS[name]["compare"]]
+            compared = ABLATIONS[name]["compare"](yaml.safe_load(args.spec.read_text()), tiers)
             results[name] = compare(base, scores(args.spec, run(args.spec, name, Path(tmp))), compared, formats)
     for name, rows in results.items():
         print(f"\n{name}: {ABLATIONS[name]['what']}")

@@ -171,7 +171,7 @@ def train_plan(name: str, a: Arch, exits: list[int], shared: bool, st, par, dev:
     tokens = st.seq_length * st.micro_batch_size
     n_micro = max(st.global_batch_size // (st.micro_batch_size * dp), 1)
     total = a.family(exits, shared) + added * a.block
-    trained = total if dae_exit is None else added * a.block + a.hidden + a.embedding
+    trained = total if dae_exit is None else (added or 1) * a.block + a.hidden + a.embedding  # the control: its own block
     worst = None
     for s, (params, blocks, heads) in enumerate(_stage_layout(a, exits, shared, pp, added, dae_exit)):
         share = trained / total
@@ -251,12 +251,14 @@ def plan_run(spec, device: str | None = None, store_config=None) -> tuple[Device
         rows.append(train_plan(stage, a, exits, fam.shared_heads, spec.train_stage(stage), par, dev, bf16=bf16))
     added = 0
     if dae.enabled:
-        added, p = dae.blocks, tiers[dae.tier]
+        added, p = dae.blocks if dae.expand else 0, tiers[dae.tier]
         for stage in training_stages("dae"):
             rows.append(train_plan(stage, a, exits, fam.shared_heads, spec.train_stage(stage), par, dev, added, p,
                                    bf16))
         n = a.tier(p, added)
-        rows.append(StagePlan("svd_compress", n, 0, 2 * n * wb, note=f"host; tier {dae.tier} and its compressed copy"))
+        if dae.expand:
+            rows.append(StagePlan("svd_compress", n, 0, 2 * n * wb,
+                                  note=f"host; tier {dae.tier} and its compressed copy"))
     if rl.enabled:
         p = tiers[rl.tier]
         rows.append(grpo_plan(a, p, added if dae.enabled and dae.tier == rl.tier else 0, rl, dev))

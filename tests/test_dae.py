@@ -74,9 +74,12 @@ def test_bad_expansions_are_one_line_errors(family):
         expand_tier(fam, "end", 5)
 
 
-def test_dae_training_on_megatron_moves_only_the_new_blocks_and_head(family, tmp_path):
+@pytest.mark.parametrize("expand", [True, False])
+def test_dae_training_on_megatron_moves_only_the_new_blocks_and_head(family, tmp_path, expand):
+    """Expanded, DaE trains the new blocks and the head; unexpanded (the control, dae.expand false), the same
+    steps train the tier's own block, norm and head."""
     fam, tok = family
-    save_family(expand_tier(fam, "end", 2), tok, tmp_path / "family")
+    save_family(expand_tier(fam, "end", 2) if expand else fam, tok, tmp_path / "family")
     from transformers import AutoTokenizer
 
     from ruyi_core.demo import world
@@ -85,7 +88,7 @@ def test_dae_training_on_megatron_moves_only_the_new_blocks_and_head(family, tmp
     prepare_corpus(world.pretrain_records(200), "pretrain", AutoTokenizer.from_pretrained(tmp_path / "family"),
                    tmp_path / "packed", 10**6)
     spec = {"family": {"name": "micro", "base": "micro", "exit_points": [1, 3]},
-            "dae": {"tier": "end", "blocks": 2, "cpt": {"steps": 3, "micro_batch_size": 4, "global_batch_size": 4,
+            "dae": {"tier": "end", "blocks": 2, "expand": expand, "cpt": {"steps": 3, "micro_batch_size": 4, "global_batch_size": 4,
                                                         "seq_length": 32, "save_every": 3, "lr": 1e-2, "warmup_steps": 0}}}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(with_demo(spec)))
 
@@ -105,7 +108,9 @@ def test_dae_training_on_megatron_moves_only_the_new_blocks_and_head(family, tmp
     trainable, _ = tier_trainable_prefixes(before.config, "end")
     changed = {k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])}
     assert changed and all(k.startswith(tuple(trainable)) for k in changed), sorted(changed)[:5]
-    assert any(k.startswith("model.expanded.1.") for k in changed) and "lm_head.0.weight" in changed
+    assert "lm_head.0.weight" in changed
+    assert any(k.startswith("model.expanded.1." if expand else "model.eelayers.0.") for k in changed)
+    assert expand or set(trainable) == {"model.eelayers.0.", "model.norms.0.", "lm_head.0."}
     # the stage computes and logs its tier's exit only (its forward stops there)
     log = [json.loads(line) for line in (tmp_path / "run" / "dae_cpt_losses.jsonl").read_text().splitlines()]
     assert [r["exit_points"] for r in log] == [[1]] * 3 and all(len(r["exits"]) == 1 for r in log)

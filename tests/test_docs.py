@@ -147,7 +147,7 @@ def test_the_stage_table_is_the_code_s():
     from ruyi_core.stages.table import STEPS
 
     rows = table(ROOT / "docs" / "architecture.md", "| step |")
-    got = [(code(r[0]), code(r[1]), None if r[2] == "always" else code(r[2]),
+    got = [(code(r[0]), code(r[1]), () if r[2] == "always" else tuple(code(f) for f in r[2].split(",")),
             () if r[3] == "—" else tuple(code(f) for f in r[3].split(",")), r[4] == "yes") for r in rows]
     want = [(s.name, s.component, s.when, s.stage.fields if s.stage else (), s.weights) for s in STEPS]
     assert got == want

@@ -68,11 +68,11 @@ def test_published_round_trip(family, micro_base):
 
 def test_dae_selections(family):
     cfg = family.config
-    assert names.trainable_prefixes(cfg, 1, "tier") == ["model.layers.2.", "model.layers.3.", "lm_head."]
-    assert names.trainable_prefixes(cfg, 1, "megatron") == [
+    assert names.own_prefixes(cfg, 1, "tier") == ["model.layers.2.", "model.layers.3.", "lm_head."]
+    assert names.own_prefixes(cfg, 1, "megatron") == [
         "branches.1.extra.0.", "branches.1.extra.1.", "branches.1.head.output_layer."]
     head = "lm_head.0." if cfg.shared_heads else "lm_head.1."
-    assert names.trainable_prefixes(cfg, 1, "family") == ["model.expanded.1.0.", "model.expanded.1.1.", head]
+    assert names.own_prefixes(cfg, 1, "family") == ["model.expanded.1.0.", "model.expanded.1.1.", head]
     assert names.own_prefixes(cfg, 0, "tier") == ["model.layers.0.", "model.norm.", "lm_head."]
     assert names.own_prefixes(cfg, 3, "family")[0] == "model.layers.3."  # the last exit's block is the trunk's
     linears = names.dae_linear_names(cfg, 1)

@@ -81,7 +81,7 @@ def tier_own_prefixes(cfg: RuyiConfig, tier: str) -> list[str]:
 
 def tier_trainable_prefixes(cfg: RuyiConfig, tier: str) -> tuple[list[str], list[str]]:
     """What trains after expansion, as family parameter prefixes and as the exported tier's prefixes."""
-    return names.trainable_prefixes(cfg, cfg.tiers[tier], "family"), tier_own_prefixes(cfg, tier)
+    return names.own_prefixes(cfg, cfg.tiers[tier], "family"), tier_own_prefixes(cfg, tier)
 
 
 def merge_tier(family: RuyiForCausalLM, tier: str, tier_state: dict, prefixes: list[str] | None = None):

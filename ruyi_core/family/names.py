@@ -204,17 +204,13 @@ def prefixes(cfg, layout: str, groups: tuple[str, ...], exit_point: int | None =
     return [s.names[layout] for s in slots(cfg, exit_point) if s.group in groups and s.names[layout] is not None]
 
 
-def trainable_prefixes(cfg, exit_point: int, layout: str) -> list[str]:
-    """What DaE trains for exit p: its added blocks and its head (the rest stays frozen)."""
-    return prefixes(cfg, layout, ("added", "head"), exit_point)
-
-
 def own_prefixes(cfg, exit_point: int, layout: str) -> list[str]:
-    """Exit p's own parameters, the rest being the shared trunk (what GRPO moves and merges back): DaE's
-    trainable ones when expanded, else its exit block (for the last exit, the trunk's last layer), norm and head."""
+    """Exit p's own parameters, the rest being the shared trunk: what DaE trains (the rest stays frozen) and
+    what GRPO moves and merges back. When expanded, its added blocks and head; else its exit block (for the last
+    exit, the trunk's last layer), norm and head."""
     fam = Family.of(cfg)
     if dict(fam.expansions).get(exit_point):
-        return trainable_prefixes(fam, exit_point, layout)
+        return prefixes(fam, layout, ("added", "head"), exit_point)
     return [s.names[layout] for s in slots(fam, exit_point) if s.depth == exit_point or s.group in ("norm", "head")]
 
 

@@ -223,10 +223,11 @@ class FamilyGPT(MegatronModule):
         self.input_tensor = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
 
     def train_only(self, exit_point: int) -> None:
-        """DaE: freeze everything but exit p's added blocks and output layer (on the stage that has them)."""
-        from ruyi_core.family.names import trainable_prefixes
+        """DaE: freeze everything but exit p's own parameters (names.own_prefixes: its added blocks and output
+        layer, or unexpanded, its block, norm and output layer), on the stage that has them."""
+        from ruyi_core.family.names import own_prefixes
 
-        train = tuple(trainable_prefixes(self.shape, exit_point, "megatron"))
+        train = tuple(own_prefixes(self.shape, exit_point, "megatron"))
         for prm in self.parameters():
             prm.requires_grad = False
         # An early exit's slots all live in its branch; branches are numbered per stage, the map's names by exit.

@@ -181,6 +181,9 @@ class DaeSpec(_Strict):
 
     enabled: bool = True
     tier: str = "end"  # an early exit's tier (not the deepest)
+    # false: the control with the same compute: DaE's steps train the tier's own block, norm and head, unexpanded
+    # (and nothing is compressed); bench/ablations.py compares the two
+    expand: bool = True
     blocks: int = Field(3, ge=1)  # decoder blocks appended after the tier's branch block
     init: Literal["zero", "clone"] = "zero"  # clone: copies of the branch block (the report's ablation)
     std: float = Field(0.02, gt=0)  # Gaussian init of the new blocks' q, k, v, gate and up projections

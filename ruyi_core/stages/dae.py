@@ -65,15 +65,16 @@ class Compressed(Artifact):
         return SvdResult.model_validate_json(self.read_text(store, SVD_RESULT))
 
 
-EXPAND = Stage("dae_expand", Expanded, ("dae.tier", "dae.blocks", "dae.init", "dae.std", "family.seed",
-                                        "data.heldout", "data.seed"))
+EXPAND = Stage("dae_expand", Expanded, ("dae.tier", "dae.expand", "dae.blocks", "dae.init", "dae.std",
+                                        "family.seed", "data.heldout", "data.seed"))
 # version 2: the measurements are in svd_result.json; the manifest names the tier
 SVD = Stage("svd_compress", Compressed, ("dae.tier", "dae.svd_ratio", "dae.sweep", "dae.calib_samples",
                                          "data.seq_length", "data.heldout", "data.seed"), version=2)
 
 
 def dae_expand(spec: RunSpec, store: ArtifactStore, family: str) -> Expanded:
-    """Stable Block Expansion of `dae.tier` (zero-residual random blocks)."""
+    """Stable Block Expansion of `dae.tier` (zero-residual random blocks); with `dae.expand` false (the
+    control), the family as it is, so that DaE's steps train the tier's own block, norm and head."""
 
     def build(run: StageRun) -> dict:
         from ruyi_core.dae.expand import expand_tier
@@ -85,9 +86,10 @@ def dae_expand(spec: RunSpec, store: ArtifactStore, family: str) -> Expanded:
         fam, tok = load_for_tier(run, "dae", d.tier)
         p = fam.config.tiers[d.tier]
         before = heldout_loss(fam, tok, heldout_texts(spec, run.work, run.store), exit_point=p)
-        out = expand_tier(fam, d.tier, d.blocks, d.init, d.std, seed=spec.family.seed, share_weights=True)
+        out = expand_tier(fam, d.tier, d.blocks, d.init, d.std, seed=spec.family.seed,
+                          share_weights=True) if d.expand else fam
         save_family(out, tok, run.out)
-        return {"tier": d.tier, "exit_point": p, "blocks": d.blocks, "init": d.init,
+        return {"tier": d.tier, "exit_point": p, "blocks": d.blocks if d.expand else 0, "init": d.init,
                 "added_parameters": out.tier_parameter_count(p) - fam.tier_parameter_count(p),
                 "heldout_loss_unexpanded": before}
 

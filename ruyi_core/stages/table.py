@@ -22,13 +22,13 @@ class Step:
     """One task of the pipeline. `component`: its KFP component (components/) and its key in
     pipeline.resources; `stage`: what it runs through the stage contract, if anything (its name is the step's
     name and tags the step's log lines); `weights`: the stage's fields and version name the model version, not
-    only the run; `when`: the spec flag that turns the step on; `figure`: the PNG its artifact may carry, shown
-    in the report under `caption`."""
+    only the run; `when`: the spec flags that turn the step on (all of them); `figure`: the PNG its artifact may
+    carry, shown in the report under `caption`."""
 
     component: str
     stage: Stage | None = None
     weights: bool = False
-    when: str | None = None
+    when: tuple[str, ...] = ()
     figure: str | None = None
     caption: str = ""
 
@@ -37,10 +37,10 @@ class Step:
         return self.stage.name if self.stage else self.component
 
     def enabled(self, spec: RunSpec) -> bool:
-        return self.when is None or bool(spec_slice(spec, (self.when,))[self.when])
+        return all(spec_slice(spec, self.when).values())
 
 
-def _training(stage: str, caption: str, when: str | None = None) -> Step:
+def _training(stage: str, caption: str, when: tuple[str, ...] = ()) -> Step:
     return Step("train", TRAIN[stage], weights=True, when=when, figure=f"{stage}_losses.png",
                 caption=f"{caption}: loss per exit")
 
@@ -52,11 +52,12 @@ STEPS = (
     Step("prepare_data", PREPARE, weights=True),
     _training("cpt", "CPT"),
     _training("sft", "SFT"),
-    Step("dae_expand", EXPAND, weights=True, when="dae.enabled"),
-    _training("dae_cpt", "DaE CPT", "dae.enabled"),
-    _training("dae_sft", "DaE SFT", "dae.enabled"),
-    Step("grpo", GRPO, weights=True, when="rl.enabled", figure="rewards.png", caption="GRPO: reward per step"),
-    Step("svd_compress", SVD, weights=True, when="dae.enabled", figure="sweep.png",
+    Step("dae_expand", EXPAND, weights=True, when=("dae.enabled",)),
+    _training("dae_cpt", "DaE CPT", ("dae.enabled",)),
+    _training("dae_sft", "DaE SFT", ("dae.enabled",)),
+    Step("grpo", GRPO, weights=True, when=("rl.enabled",), figure="rewards.png", caption="GRPO: reward per step"),
+    # the DaE control (dae.expand false) adds nothing, so there is nothing to compress
+    Step("svd_compress", SVD, weights=True, when=("dae.enabled", "dae.expand"), figure="sweep.png",
          caption="SVD sweep: held-out loss vs tier size"),
     Step("export_tier", EXPORT, weights=True),  # once per tier, as is package_tier
     Step("package_tier", PACKAGE),
@@ -77,7 +78,7 @@ def _fields(*stages: Stage) -> tuple[str, ...]:
 
 
 WEIGHT_STAGES = tuple(s.stage for s in STEPS if s.weights)
-PIPELINE_SHAPE = tuple(sorted({s.when for s in STEPS if s.when}))  # which stages run at all
+PIPELINE_SHAPE = tuple(sorted({w for s in STEPS for w in s.when}))  # which stages run at all
 WEIGHT_FIELDS = tuple(sorted({*_fields(*WEIGHT_STAGES), *PIPELINE_SHAPE}))
 REPORT_FIELDS = _fields(*(s.stage for s in STEPS if s.stage and not s.weights))
 # A weight stage whose code changes what it computes bumps its version: that is a new model version too.
