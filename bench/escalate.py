@@ -4,9 +4,11 @@ prompt alone; the routing before continuation) and by continuing from the shallo
 (route.escalate), at several thresholds across the routing curve (the family's calibrated one when it has
 one); every continued answer is checked to equal its restarted one.
 
-    python bench/escalate.py [--family DIR] [--requests 40] [--max-tokens 24] [--out bench/results/escalate.json]
+    python bench/escalate.py [--family DIR | --registry FAMILY [--version V]] [--requests 40] [--max-tokens 24]
+                             [--out bench/results/escalate.json]
 
-Without --family: the micro preset with random weights, as the tests build it (its tiers are unsure, p ~ 0.01,
+With --registry, the store comes from the RUYI_S3_* environment (the local server: source .ruyi/s3/s3.env).
+Without either: the micro preset with random weights, as the tests build it (its tiers are unsure, p ~ 0.01,
 and rarely agree, so its drafts are mostly rejected: the worst case for continuation).
 """
 from __future__ import annotations
@@ -92,17 +94,23 @@ def main() -> None:
     from serve import questions  # bench/serve.py: the demo world's held-out questions
 
     from ruyi_core.runtime import Runtime
+    from ruyi_core.serve.cli import load_served
     from ruyi_core.serve.tiers import from_family
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", type=Path)
+    ap.add_argument("--registry")
+    ap.add_argument("--version", help="with --registry: this version (default: the promoted packages)")
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--out", default="bench/results/escalate.json")
     a = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        family = a.family or micro_family(Path(tmp))
-        served = from_family(family, Runtime(torch.device("cpu"), torch.float32))
+    if a.registry:
+        served = load_served(None, a.registry, a.version, None, print)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            family = a.family or micro_family(Path(tmp))
+            served = from_family(family, Runtime(torch.device("cpu"), torch.float32))
     tok = served.tokenizer
     prompts = [tok(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                            tokenize=False))["input_ids"] for _, q, _ in questions(a.requests)]

@@ -1,6 +1,8 @@
 """Is the family graded on every seed? The whole demo pipeline once per training seed (the base's random weights,
 each training stage's data order), then every published tier's benchmarks as mean ± spread over the seeds, and
-per benchmark whether each deeper tier beats the shallower one by more than twice the spread.
+per benchmark whether each deeper tier beats the shallower one by more than twice the spread, and, paired by
+seed (a seed moves its whole family together), whether it beats it on every seed by a mean gain larger than the
+range of the per-seed gains.
 
     python bench/seeds.py [--spec specs/tiny.yaml] [--seeds 0 1 2] [--json PATH]
 
@@ -70,10 +72,14 @@ def summarise(runs: list[dict[str, dict[str, float]]], tiers: list[str], formats
             gain = stats[lo]["mean"] - stats[hi]["mean"] if fmt in LOWER_IS_BETTER else \
                 stats[hi]["mean"] - stats[lo]["mean"]
             noise = 2 * max(stats[lo]["spread"], stats[hi]["spread"])
-            seeds_ok = all((a - b if fmt in LOWER_IS_BETTER else b - a) > 0
-                           for a, b in zip(stats[lo]["values"], stats[hi]["values"]))
-            steps.append({"from": lo, "to": hi, "gain": gain, "noise": noise,
-                          "graded": gain > noise and seeds_ok, "inverted": gain < -noise})
+            # paired: the seed moves every tier of its family together, so each seed's own gain is compared
+            diffs = [a - b if fmt in LOWER_IS_BETTER else b - a
+                     for a, b in zip(stats[lo]["values"], stats[hi]["values"])]
+            seeds_ok = all(d > 0 for d in diffs)
+            paired_noise = max(diffs) - min(diffs)  # twice the spread of the per-seed gains
+            steps.append({"from": lo, "to": hi, "gain": gain, "noise": noise, "per_seed_gain": diffs,
+                          "graded": gain > noise and seeds_ok, "inverted": gain < -noise,
+                          "graded_paired": seeds_ok and statistics.fmean(diffs) > paired_noise})
         out[bench] = {"format": fmt, "tiers": stats, "steps": steps}
     return out
 
@@ -84,7 +90,8 @@ def show(summary: dict, tiers: list[str]) -> None:
         cells = "".join(f"{s['tiers'][t]['mean']:>12.4f} ±{s['tiers'][t]['spread']:<7.4f}" if t in s["tiers"]
                         else f"{'—':>20}" for t in tiers)
         verdict = ", ".join(f"{st['from']}→{st['to']} {'yes' if st['graded'] else 'INVERTED' if st['inverted'] else 'no'}"
-                            f" ({st['gain']:+.4f} vs noise {st['noise']:.4f})" for st in s["steps"])
+                            f" ({st['gain']:+.4f} vs noise {st['noise']:.4f}; paired "
+                            f"{'yes' if st['graded_paired'] else 'no'})" for st in s["steps"])
         print(f"{bench:<22}{cells}   {verdict}")
 
 

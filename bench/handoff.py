@@ -1,0 +1,109 @@
+"""A split deployment's hand-offs, measured side by side in one run: a server of the family's shallower tiers
+hands every `auto` request to a server of its deepest tier over simulated links, in each mode (tokens, state,
+auto), against asking the deepest tier's server directly. Per link and mode: latency per request (mean and
+p90), bytes on the wire, the share of requests `auto` sent as state, and whether every answer equals the
+deepest tier's own.
+
+    python bench/handoff.py --family DIR | --registry FAMILY [--version V] [--requests 30] [--max-tokens 24]
+                            [--out bench/results/handoff.json]
+
+A link is simulated on loopback: after each real hand-off the lower server waits the round trip and the
+hand-off's bytes over the link's bandwidth, as a real link would add. The threshold is above 1, so every
+request crosses to the upstream: this measures the hand-off, not routing.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from pathlib import Path
+
+from serve import questions, start_server
+
+from ruyi_core.serve.upstream import Upstream
+
+LINKS = {"1 Gbit/s, 1 ms": (1000.0, 0.001), "50 Mbit/s, 20 ms": (50.0, 0.020), "5 Mbit/s, 80 ms": (5.0, 0.080)}
+
+
+class SimulatedLink(Upstream):
+    """An upstream behind a link of `link_mbps` and `rtt` seconds: each hand-off waits what its bytes would take."""
+
+    def __init__(self, url: str, mode: str, link_mbps: float, rtt: float):
+        super().__init__(url, timeout=120, mode=mode, link_mbps=link_mbps)
+        self.rtt = rtt
+
+    def ask(self, *args, **kw):
+        got = super().ask(*args, **kw)
+        time.sleep(self.rtt + got.network_bytes * 8 / (self.link_mbps * 1e6))
+        return got
+
+
+async def run(url: str, model: str, prompts: list[str], max_tokens: int) -> list[dict]:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
+    out = []
+    for p in prompts:  # one at a time: latency, not throughput
+        start = time.perf_counter()
+        r = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": p}],
+                                                 max_tokens=max_tokens)
+        extra = r.usage.model_extra or {}
+        out.append({"s": time.perf_counter() - start, "text": r.choices[0].message.content,
+                    "bytes": extra.get("network_bytes") or 0, "handoff": extra.get("handoff"),
+                    "tier": r.system_fingerprint})
+    return out
+
+
+def summary(rows: list[dict], want: list[str]) -> dict:
+    s = sorted(r["s"] for r in rows)
+    return {"latency_ms": round(1000 * statistics.mean(s), 1), "p90_ms": round(1000 * s[int(0.9 * (len(s) - 1))], 1),
+            "bytes": round(statistics.mean(r["bytes"] for r in rows)),
+            "state_share": round(sum(r["handoff"] == "state" for r in rows) / len(rows), 3),
+            "exact": all(r["text"] == w for r, w in zip(rows, want))}
+
+
+def load(args):
+    """(the shallower tiers, the deepest), each loaded alone as its server would load it."""
+    from ruyi_core.serve.cli import load_served
+
+    tiers = list(load_served(args.family, args.registry, args.version, None, print).tiers)
+    return (load_served(args.family, args.registry, args.version, None, print, tiers[:-1]),
+            load_served(args.family, args.registry, args.version, None, print, tiers[-1:]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--family", type=Path)
+    ap.add_argument("--registry")
+    ap.add_argument("--version", help="with --registry: this version (default: the promoted packages)")
+    ap.add_argument("--requests", type=int, default=30)
+    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    if (args.family is None) == (args.registry is None):
+        ap.error("give --family DIR or --registry FAMILY")
+    lower, upper = load(args)
+    prompts = [q for _, q, _ in questions(args.requests)][:args.requests]
+    _, up = start_server(upper)
+    cloud = asyncio.run(run(up, f"{upper.name}:{upper.deepest}", prompts, args.max_tokens))
+    want = [r["text"] for r in cloud]
+    results = {"deepest alone": summary(cloud, want)}
+    for link, (mbps, rtt) in LINKS.items():
+        for mode in ("tokens", "state", "auto"):
+            srv, url = start_server(lower, auto_threshold=1.01, upstream=SimulatedLink(up, mode, mbps, rtt))
+            results[f"{link}: {mode}"] = summary(asyncio.run(run(url, f"{lower.name}:auto", prompts,
+                                                                 args.max_tokens)), want)
+            srv.should_exit = True
+    print(f"{'':<28}{'latency ms':>12}{'p90 ms':>10}{'bytes':>10}{'state':>8}{'exact':>7}")
+    for name, r in results.items():
+        print(f"{name:<28}{r['latency_ms']:>12.1f}{r['p90_ms']:>10.1f}{r['bytes']:>10}{r['state_share']:>8.0%}"
+              f"{str(r['exact']):>7}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
