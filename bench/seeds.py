@@ -89,7 +89,8 @@ def show(summary: dict, tiers: list[str]) -> None:
     for bench, s in summary.items():
         cells = "".join(f"{s['tiers'][t]['mean']:>12.4f} ±{s['tiers'][t]['spread']:<7.4f}" if t in s["tiers"]
                         else f"{'—':>20}" for t in tiers)
-        verdict = ", ".join(f"{st['from']}→{st['to']} {'yes' if st['graded'] else 'INVERTED' if st['inverted'] else 'no'}"
+        verdict = ", ".join(f"{st['from']}→{st['to']} "
+                            f"{'yes' if st['graded'] else 'INVERTED' if st['inverted'] else 'no'}"
                             f" ({st['gain']:+.4f} vs noise {st['noise']:.4f}; paired "
                             f"{'yes' if st['graded_paired'] else 'no'})" for st in s["steps"])
         print(f"{bench:<22}{cells}   {verdict}")

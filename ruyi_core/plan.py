@@ -171,7 +171,8 @@ def train_plan(name: str, a: Arch, exits: list[int], shared: bool, st, par, dev:
     tokens = st.seq_length * st.micro_batch_size
     n_micro = max(st.global_batch_size // (st.micro_batch_size * dp), 1)
     total = a.family(exits, shared) + added * a.block
-    trained = total if dae_exit is None else (added or 1) * a.block + a.hidden + a.embedding  # the control: its own block
+    # a DaE stage trains its added blocks, or unexpanded (the control) the tier's own block, and the head
+    trained = total if dae_exit is None else (added or 1) * a.block + a.hidden + a.embedding
     worst = None
     for s, (params, blocks, heads) in enumerate(_stage_layout(a, exits, shared, pp, added, dae_exit)):
         share = trained / total
