@@ -14,8 +14,7 @@ compared tier by tier with the spec's own family (its newest version: run `make 
 
 familial_tax and no_replay switch off DaE and GRPO in the ablated run: they train only the smallest tier,
 which neither comparison reads. Not part of `make test`: on 2 CPU cores each ablation is most of one
-`make demo`. Needs the store's
-environment (`set -a; . .ruyi/s3/s3.env; set +a`).
+`make demo`. Needs the store's environment (`set -a; . .ruyi/s3/s3.env; set +a`).
 """
 from __future__ import annotations
 
