@@ -53,6 +53,7 @@ async def run(url: str, model: str, prompts: list[str], max_tokens: int) -> list
         out.append({"s": time.perf_counter() - start, "text": r.choices[0].message.content,
                     "bytes": extra.get("network_bytes") or 0, "handoff": extra.get("handoff"),
                     "tier": r.system_fingerprint})
+    await client.close()
     return out
 
 
