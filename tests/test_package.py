@@ -1,6 +1,7 @@
 """Packages: an intact one verifies (also with coreutils), one changed byte is named; the promotion gate both ways;
 the registry from the command line: list, show, verify (independently of the store's own manifest check) and
 `generate --registry` from a verified cache."""
+import json
 import shutil
 import subprocess
 
@@ -66,6 +67,13 @@ def test_package_verifies_and_a_changed_byte_is_named(tier_dir, tmp_path, run_cl
     listed = [line.split("  ", 1)[1] for line in (pkg / "SHA256SUMS").read_text().splitlines()]
     assert listed == sorted(listed) == [f for f in files if f != "SHA256SUMS"]
     assert verify_package(pkg) == []
+    # the blocks' digest chain as stored is the chain of the model as loaded (in its stored dtype)
+    from transformers import AutoModelForCausalLM
+
+    from ruyi_core.family.tensors import digests
+
+    loaded = AutoModelForCausalLM.from_pretrained(pkg, dtype="auto")
+    assert json.loads((pkg / "trunk.json").read_text())["digests"] == digests(loaded)
     if shutil.which("sha256sum"):  # the GNU format: checkable without any Ruyi code
         subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=pkg, check=True)
     card = (pkg / "README.md").read_text()

@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -206,6 +207,22 @@ def test_a_draft_that_skips_its_added_blocks_gives_the_targets_tokens(family_dir
             assert speculative(end, cloud, ids, 16, served.eos, k=4, stats=stats, skip=skip) == want, (i, skip)
     with pytest.raises(ValueError, match="keep at least one"):
         speculative(end, cloud, ids, 4, served.eos, skip=3)
+
+
+def test_recorded_digest_chains_name_the_shared_trunk(package_dirs, tmp_path):
+    """A package's recorded chain (as packaging writes it) is what serving compares before a state hand-off."""
+    import shutil
+
+    from ruyi_core.family.tensors import TRUNK_FILE, digests, stored_digests
+    from ruyi_core.serve.handoff import common_depth
+
+    dirs = {t: Path(shutil.copytree(d, tmp_path / t)) for t, d in package_dirs.items()}
+    for d in dirs.values():
+        (d / TRUNK_FILE).write_text(json.dumps({"digests": stored_digests(d)}))
+    served = from_packages("micro", dirs, CPU)
+    assert served.chains == {t: digests(m) for t, m in served.tiers.items()}
+    assert common_depth(served.chains["edge"], served.chains["cloud"]) == 2  # the trunk's two blocks
+    assert common_depth(served.chains["end"], served.chains["edge"]) == 0  # the embedding only
 
 
 def test_packages_load_with_their_shared_blocks_once(package_dirs, packages):

@@ -20,7 +20,8 @@ from test_serve import CPU, chat_ids, family_dir, serving  # noqa: F401 - a fixt
 
 from ruyi_core.serve.api import create_app
 from ruyi_core.serve.decode import generate
-from ruyi_core.serve.handoff import digests, encode
+from ruyi_core.family.tensors import digests
+from ruyi_core.serve.handoff import encode
 from ruyi_core.serve.route import escalate
 from ruyi_core.serve.tiers import from_family
 from ruyi_core.serve.upstream import Upstream

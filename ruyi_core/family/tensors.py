@@ -1,8 +1,10 @@
 """A checkpoint's tensors on disk, one at a time: read lazily by name from its safetensors files, and written as
 they come into size-bounded shards with the index transformers reads. Conversions built on these hold one
-module's tensors beside the model they fill or empty, never a second copy of the model."""
+module's tensors beside the model they fill or empty, never a second copy of the model. And a model's blocks
+named by a chain of digests, in memory or as stored."""
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -73,3 +75,40 @@ class ShardWriter:
             index = {"metadata": {"total_size": self.total},
                      "weight_map": {k: names[i] for i, keys in enumerate(self.shards) for k in keys}}
             (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+# Block digests: serving hands a trunk's keys and values only to bit-identical blocks (serve/handoff.py).
+TRUNK_FILE = "trunk.json"  # in a package: its blocks' digest chain as stored
+
+
+def _digest(parent: str, tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(parent.encode())
+    for name, t in sorted(tensors.items()):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:32]
+
+
+def digests(model) -> list[str]:
+    """A tier's leading blocks as a chain: entry i names the embedding and blocks 0..i-1 (entry 0: the
+    embedding alone), so two tiers with equal entries at i hold bit-identical first i blocks."""
+    out = [_digest("", model.model.embed_tokens.state_dict())]
+    for layer in model.model.layers:
+        out.append(_digest(out[-1], layer.state_dict()))
+    return out
+
+
+def stored_digests(folder: Path) -> list[str]:
+    """The chain of a tier checkpoint's blocks as stored (what `digests` gives for the model loaded in its
+    stored dtype), read one block at a time: what a package records at packaging (TRUNK_FILE)."""
+    files = TensorFiles(folder)
+    depth = json.loads((Path(folder) / "config.json").read_text())["num_hidden_layers"]
+
+    def block(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: files[k] for k in files if k.startswith(prefix)}
+
+    out = [_digest("", block("model.embed_tokens."))]
+    for i in range(depth):
+        out.append(_digest(out[-1], block(f"model.layers.{i}.")))
+    return out

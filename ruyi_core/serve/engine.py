@@ -8,10 +8,11 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+from ruyi_core.family.tensors import digests
 from ruyi_core.serve.batcher import DONE, Batcher, Job
 from ruyi_core.serve.decode import SpecStats, generate, speculative
 from ruyi_core.serve.detok import Detokenizer, StopStrings
-from ruyi_core.serve.handoff import common_depth, digests, measure_block, state_bytes_per_token
+from ruyi_core.serve.handoff import common_depth, measure_block, state_bytes_per_token
 from ruyi_core.serve.protocol import ApiError
 from ruyi_core.serve.route import escalate
 from ruyi_core.serve.tiers import ServedFamily
@@ -174,9 +175,9 @@ class Engine:
         return got.tokens
 
     def chain(self, tier: str) -> list[str]:
-        """A tier's digest chain (handoff.digests), computed once."""
+        """A tier's digest chain (family.tensors.digests): its package's record, else computed once."""
         if tier not in self._chains:
-            self._chains[tier] = digests(self.family.tiers[tier])
+            self._chains[tier] = self.family.chains.get(tier) or digests(self.family.tiers[tier])
         return self._chains[tier]
 
     def _hand_depth(self) -> int:

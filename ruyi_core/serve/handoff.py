@@ -3,8 +3,8 @@ own tiers have already read of a request, the keys and values of the blocks both
 output (the state where the two servers' tiers part), so the upstream does not read the prompt and draft again.
 
 Exact only between bit-identical blocks: each side names its leading blocks by a digest chain over their
-tensors (`digests`), the upstream publishes its own (GET /v1/ruyi/trunk), and the state covers the longest
-common prefix. The upstream checks the digest, dtype, every shape and the byte count before it allocates a
+tensors (family.tensors.digests; a package records its chain at packaging), the upstream publishes its own
+(GET /v1/ruyi/trunk) with its dtype, and the state covers the longest common prefix. The upstream checks the digest, dtype, every shape and the byte count before it allocates a
 tensor (`decode`); anything else is a 400 and nothing is read. A state whose digest differs from the
 upstream's (its packages changed since) is dropped for the tokens, and the answer says so.
 
@@ -12,7 +12,6 @@ Wire format: one JSON line (the request and the state's header), then the tensor
 block by block, then the states."""
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -25,24 +24,6 @@ STATE_PATH = "/ruyi/continue-state"
 TRUNK_PATH = "/ruyi/trunk"
 HEADER_LIMIT = 1 << 20  # the JSON line: ids of a prompt and draft that fit any context
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _digest(parent: str, module: torch.nn.Module) -> str:
-    h = hashlib.sha256(parent.encode())
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().contiguous().cpu()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:32]
-
-
-def digests(model) -> list[str]:
-    """A tier's leading blocks as a chain: entry i names the embedding and blocks 0..i-1 (entry 0: the
-    embedding alone), so two tiers with equal entries at i hold bit-identical first i blocks."""
-    out = [_digest("", model.model.embed_tokens)]
-    for layer in model.model.layers:
-        out.append(_digest(out[-1], layer))
-    return out
 
 
 def common_depth(mine: list[str], theirs: list[str]) -> int:

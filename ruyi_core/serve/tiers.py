@@ -13,6 +13,7 @@ import torch
 
 from ruyi_core.errors import RuyiError
 from ruyi_core.family import names
+from ruyi_core.family.tensors import TRUNK_FILE
 
 
 @dataclass
@@ -23,6 +24,7 @@ class ServedFamily:
     version: str | None = None
     eos: set[int] = field(default_factory=set)
     routing: dict | None = None  # calibrated `auto` routing (route.calibrate), when the family has one
+    chains: dict[str, list[str]] = field(default_factory=dict)  # tier -> its package's digest chain (TRUNK_FILE)
 
     @property
     def deepest(self) -> str:
@@ -175,4 +177,6 @@ def from_packages(name: str, dirs: dict[str, Path], runtime, log: Callable[[str]
     tiers = _sort(loaded)
     log(f"{name}: {len(tiers)} tiers, {shared} shared blocks kept once")
     tok = AutoTokenizer.from_pretrained(dirs[list(tiers)[-1]])
-    return ServedFamily(name, tiers, tok, eos=_eos(tok, next(iter(tiers.values()))))
+    recorded = {t: Path(d) / TRUNK_FILE for t, d in dirs.items()}
+    chains = {t: json.loads(f.read_text())["digests"] for t, f in recorded.items() if f.is_file()}
+    return ServedFamily(name, tiers, tok, eos=_eos(tok, next(iter(tiers.values()))), chains=chains)
