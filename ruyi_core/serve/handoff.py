@@ -4,8 +4,9 @@ output (the state where the two servers' tiers part), so the upstream does not r
 
 Exact only between bit-identical blocks: each side names its leading blocks by a digest chain over their
 tensors (family.tensors.digests; a package records its chain at packaging), the upstream publishes its own
-(GET /v1/ruyi/trunk) with its dtype, and the state covers the longest common prefix. The upstream checks the digest, dtype, every shape and the byte count before it allocates a
-tensor (`decode`); anything else is a 400 and nothing is read. A state whose digest differs from the
+(GET /v1/ruyi/trunk) with its dtype, and the state covers the longest common prefix. The upstream checks the
+digest, dtype, every shape and the byte count before it allocates a tensor (`decode`); anything else is a 400
+and nothing is read. A state whose digest differs from the
 upstream's (its packages changed since) is dropped for the tokens, and the answer says so.
 
 Wire format: one JSON line (the request and the state's header), then the tensors' raw bytes, keys and values
