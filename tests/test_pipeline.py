@@ -198,6 +198,7 @@ def test_local_pipeline_end_to_end_then_cached(tmp_path, s3_server, monkeypatch)
     check_identity_follows_the_weights(tmp_path, spec, store, first, version)
     check_a_worse_version_is_kept(spec, store, end["init_family"].uri, version)
     check_concurrent_runs(tmp_path, spec, store, env)
+    check_warm_start(tmp_path, spec, store)
 
 
 def check_identity_follows_the_weights(tmp_path, spec, store, first, version):
@@ -218,6 +219,31 @@ def check_identity_follows_the_weights(tmp_path, spec, store, first, version):
     assert {"dae_sft", "grpo", "svd_compress", "export_tier", "package", "calibrate_routing",
             "report"} <= {s for s, v in lines.items() if v == {"built"}}, lines
     assert version not in {v["version"] for v in read_index(store, "micro")["versions"][1:]}
+
+
+def check_warm_start(tmp_path, spec, store):
+    """A scheduled run on the same family with `family.warm_start` begins from the promoted family as it left
+    joint training (the same tensors, so the same loss on any batch at step 0), trains on, and ends with a new
+    version judged by the gate."""
+    import torch
+
+    from ruyi_core.family.io import load_family
+    from ruyi_core.package import promoted_family, read_index
+
+    source = promoted_family(store, "micro")
+    before = {v["version"] for v in read_index(store, "micro")["versions"]}
+    warm, _ = rerun_with(tmp_path, spec, "warm", lambda d: d["family"].update(warm_start="micro"))
+    uris = {stage: uri for stage, what, uri in STAGE_LINE.findall(Path(warm["log"]).read_text(errors="replace"))}
+    assert "warm start from " + source in Path(warm["log"]).read_text(errors="replace")
+    families = []
+    for name, uri in (("source", source), ("init", uris["init_family"])):
+        store.get_artifact(uri, tmp_path / name)
+        families.append(load_family(tmp_path / name, stored_dtype=True)[0].state_dict())
+    assert families[0].keys() == families[1].keys()
+    assert all(torch.equal(families[0][k], families[1][k]) for k in families[0])
+    index = read_index(store, "micro")
+    new = [v for v in index["versions"] if v["version"] not in before]
+    assert len(new) == 1 and all(t["reason"] for t in new[0]["tiers"].values()), new
 
 
 def check_concurrent_runs(tmp_path, spec, store, env):

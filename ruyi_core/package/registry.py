@@ -250,3 +250,24 @@ def fetch(store: ArtifactStore, family: str, tier: str, version: str | None = No
     tmp.rename(dest)
     log(f"downloaded {uri} to {dest}")
     return dest
+
+
+def promoted_family(store: ArtifactStore, family: str) -> str:
+    """The URI of the jointly trained family (its `sft` stage's artifact: the trunk and every exit, before DaE)
+    behind `family`'s promoted version, the one most tiers are promoted from: what a warm-started run continues."""
+    index = read_index(store, family)
+    counts = {}
+    for v in index["promoted"].values():
+        counts[v] = counts.get(v, 0) + 1
+    if not counts:
+        raise RuyiError(f"{family} has no promoted version to warm-start from: run it once without "
+                        "family.warm_start")
+    order = [v["version"] for v in index["versions"]]
+    version = max(counts, key=lambda v: (counts[v], order.index(v) if v in order else -1))
+    tier = next(t for t, v in sorted(index["promoted"].items()) if v == version)
+    chain = lineage(store, tier_entry(index, version, tier)["uri"])
+    found = next((m.uri for m in chain if m.stage == "sft"), None)
+    if found is None:
+        raise RuyiError(f"{family} version {version}: its {tier} package's lineage holds no sft stage to "
+                        "continue from (a package published outside the pipeline)")
+    return found

@@ -47,6 +47,9 @@ class FamilySpec(_Strict):
     tiers: dict[str, int] | None = None  # tier name -> exit point; default: end / edge / cloud over the exits
     shared_heads: bool = False  # one LM head for every exit (the published layout's option); default one per exit
     seed: int = 0  # seeds a preset's random weights and DaE's new blocks
+    # A family in the registry: CPT continues its promoted version's jointly trained family (trunk, exits and
+    # tokenizer) instead of starting from `base`, which must have its shape (scheduled retraining on grown data)
+    warm_start: str | None = None
 
     @field_validator("exit_points")
     @classmethod

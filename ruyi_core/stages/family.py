@@ -49,11 +49,28 @@ def load_for_tier(run: StageRun, section: str, tier: str, stored: bool = False):
 
 
 def init_family(spec: RunSpec, store: ArtifactStore, pretrain: str) -> Family:
-    """The family from the spec's base; a preset's tokenizer is trained on the validated pretraining data."""
+    """The family from the spec's base (a preset's tokenizer is trained on the validated pretraining data), or,
+    with `family.warm_start`, the promoted family of that name as it left joint training. Its URI is an input,
+    so a newly promoted version makes a new initial family."""
+    warm = {}
+    if spec.family.warm_start:
+        from ruyi_core.package import promoted_family
+
+        warm = {"warm_start": promoted_family(store, spec.family.warm_start)}
 
     def build(run: StageRun) -> dict:
-        from ruyi_core.family.io import init_family as make, save_family
+        from ruyi_core.family.io import init_family as make, load_family, save_family
 
+        if warm:
+            fam, tok = load_family(run.fetch("warm_start"), stored_dtype=True)
+            if list(fam.config.early_exit_points) != spec.family.exit_points:
+                raise RuyiError(f"family.warm_start: {spec.family.warm_start} has exits "
+                                f"{list(fam.config.early_exit_points)}, this spec {spec.family.exit_points}: "
+                                "warm-start a family of the same shape")
+            run.log(f"[init_family] warm start from {run.inputs['warm_start']}")
+            save_family(fam, tok, run.out)
+            return {"exit_points": fam.config.early_exit_points, "tiers": fam.config.tiers,
+                    "parameters": fam.num_parameters(), "vocab_size": fam.config.vocab_size}
         records = corpus_records(run, "pretrain", "pretrain")
         fam_spec = spec.family
         if fam_spec.base.startswith("s3://"):  # a base in the store: fetched (and verified) into the work folder
@@ -65,7 +82,7 @@ def init_family(spec: RunSpec, store: ArtifactStore, pretrain: str) -> Family:
         return {"exit_points": fam.config.early_exit_points, "tiers": fam.config.tiers,
                 "parameters": fam.num_parameters(), "vocab_size": fam.config.vocab_size}
 
-    return run_stage(INIT, spec, store, build, inputs={"pretrain": pretrain})
+    return run_stage(INIT, spec, store, build, inputs={"pretrain": pretrain, **warm})
 
 
 def export_tier(spec: RunSpec, store: ArtifactStore, family: str, tier: str,
