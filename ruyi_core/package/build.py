@@ -11,7 +11,6 @@ from pathlib import Path
 import yaml
 
 from ruyi_core.errors import RuyiError
-from ruyi_core.family.tensors import TRUNK_FILE, stored_digests
 
 SUMS = "SHA256SUMS"
 # What transformers needs to load the checkpoint and its tokenizer (sharded weights come with their index).
@@ -94,6 +93,8 @@ def build_package(tier_dir: Path, out: Path, *, family: str, version: str, tier:
         raise RuyiError(f"{out} already exists: build a package into a new folder")
     out.mkdir(parents=True)
     _copy_checkpoint(tier_dir, out)
+    from ruyi_core.family.tensors import TRUNK_FILE, stored_digests  # torch: not for the registry's readers
+
     # the blocks' digest chain as stored: servers of this family hand trunk state only to bit-identical blocks
     (out / TRUNK_FILE).write_text(json.dumps({"digests": stored_digests(out)}, indent=2) + "\n")
     depth = json.loads((out / "config.json").read_text())["num_hidden_layers"]
