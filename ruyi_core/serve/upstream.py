@@ -10,6 +10,7 @@ the upstream re-reading those positions through the shared blocks (its measured 
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from dataclasses import dataclass
 from typing import Literal
@@ -17,6 +18,7 @@ from typing import Literal
 from ruyi_core.serve.handoff import STATE_PATH, TRUNK_PATH, encode
 
 PATH = "/ruyi/continue"
+RETRY_S = 30.0  # after the upstream's trunk could not be read, tokens only for this long
 Mode = Literal["tokens", "state", "auto"]
 
 
@@ -45,11 +47,13 @@ class Upstream:
         self.timeout, self.mode, self.link_mbps = timeout, mode, link_mbps
         self.auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._trunk: dict | None = None
+        self._failed_at = -RETRY_S
 
     def trunk(self) -> dict | None:
         """The upstream's digest chain (of its shallowest tier) and seconds per block-token, asked once; None
-        when it cannot say (a server without state hand-offs): tokens then."""
-        if self._trunk is None:
+        when it cannot say (down, or a server without state hand-offs): tokens then. A failed ask is not
+        repeated for RETRY_S, so an upstream that is down costs each request one timeout, not two."""
+        if self._trunk is None and time.monotonic() - self._failed_at > RETRY_S:
             try:
                 with urllib.request.urlopen(urllib.request.Request(self.url + TRUNK_PATH, headers=self.auth),
                                             timeout=self.timeout) as r:
@@ -57,7 +61,7 @@ class Upstream:
                 self._trunk = {"digests": [str(d) for d in got["digests"]], "dtype": str(got["dtype"]),
                                "block_token_s": float(got["block_token_s"])}
             except (OSError, ValueError, KeyError, TypeError):
-                return None
+                self._failed_at = time.monotonic()
         return self._trunk
 
     def wants_state(self, depth: int, positions: int, state_bytes: int) -> bool:
