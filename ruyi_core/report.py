@@ -284,8 +284,11 @@ def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Man
     md = [f"# Ruyi Flow run `{run_id}`", "", "## Tiers", "",
           "| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(str(r.get(k, "")).replace("|", "\\|") for k, _ in cols) + " |" for r in rows]
-    md += [""] + ([f"- ⚠ {f}" for f in flags] or ["- every deeper tier scores at least as well as the shallower ones"
-                                                   + (", within sampling error" if depth_ties(tiers) else "")])
+    ungraded = sorted({f.split(":")[0] for f in flags})
+    md += [""] + ([f"- The family is not graded on {', '.join(ungraded)}: a deeper tier scores below a shallower "
+                   "one there (beyond the items' sampling error for accuracies):"] if ungraded else [])
+    md += [f"- ⚠ {f}" for f in flags] or ["- every deeper tier scores at least as well as the shallower ones"
+                                          + (", within sampling error" if depth_ties(tiers) else "")]
     md += [f"- tie: {t}" for t in depth_ties(tiers)]
     md += family_lines(tiers) + speed_lines(tiers)
     gate_lines = _gate_lines(tiers, promotion) + routing_lines(routing)

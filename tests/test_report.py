@@ -36,6 +36,7 @@ def test_depth_check_flags_a_deeper_tier_that_scores_lower():
     md, page, _ = render("f-v1", bad, [], [], promotion)
     assert "| facts_mc | heldout_text | average | prefill tok/s | decode tok/s | peak MiB | promoted |" in md
     assert "⚠ facts_mc: cloud" in md and "cloud: kept, not promoted: not promoted, v0 stays" in md
+    assert "The family is not graded on facts_mc, heldout_text: a deeper tier scores below" in md
     assert "promoted now: cloud v0, edge v1, end v1" in md
     assert "Quality vs parameters" in page and page.count("<tr>") >= 4
     assert "- end: identical scores" in md
