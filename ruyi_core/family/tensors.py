@@ -90,13 +90,18 @@ def _digest(parent: str, tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:32]
 
 
+def _chain(blocks) -> list[str]:
+    """Entry i: the digest of block i's tensors after entry i - 1 (blocks read one at a time, as iterated)."""
+    out: list[str] = []
+    for tensors in blocks:
+        out.append(_digest(out[-1] if out else "", tensors))
+    return out
+
+
 def digests(model) -> list[str]:
     """A tier's leading blocks as a chain: entry i names the embedding and blocks 0..i-1 (entry 0: the
     embedding alone), so two tiers with equal entries at i hold bit-identical first i blocks."""
-    out = [_digest("", model.model.embed_tokens.state_dict())]
-    for layer in model.model.layers:
-        out.append(_digest(out[-1], layer.state_dict()))
-    return out
+    return _chain([model.model.embed_tokens.state_dict(), *(layer.state_dict() for layer in model.model.layers)])
 
 
 def stored_digests(folder: Path) -> list[str]:
@@ -108,7 +113,4 @@ def stored_digests(folder: Path) -> list[str]:
     def block(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix):]: files[k] for k in files if k.startswith(prefix)}
 
-    out = [_digest("", block("model.embed_tokens."))]
-    for i in range(depth):
-        out.append(_digest(out[-1], block(f"model.layers.{i}.")))
-    return out
+    return _chain([block("model.embed_tokens."), *(block(f"model.layers.{i}.") for i in range(depth))])

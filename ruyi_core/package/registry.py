@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+from collections import Counter
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -256,9 +257,7 @@ def promoted_family(store: ArtifactStore, family: str) -> str:
     """The URI of the jointly trained family (its `sft` stage's artifact: the trunk and every exit, before DaE)
     behind `family`'s promoted version, the one most tiers are promoted from: what a warm-started run continues."""
     index = read_index(store, family)
-    counts = {}
-    for v in index["promoted"].values():
-        counts[v] = counts.get(v, 0) + 1
+    counts = Counter(index["promoted"].values())
     if not counts:
         raise RuyiError(f"{family} has no promoted version to warm-start from: run it once without "
                         "family.warm_start")

@@ -14,11 +14,11 @@ from starlette.exceptions import HTTPException
 
 from ruyi_core.serve.engine import Engine
 from ruyi_core.serve.guard import Guard
+from ruyi_core.serve.handoff import STATE_PATH, TRUNK_PATH, decode, state_bytes_per_token
 from ruyi_core.serve.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, Continuation,
                                       SamplingRequest, StreamOptions, error_body)
 from ruyi_core.serve.respond import Reply, stream, whole
 from ruyi_core.serve.tiers import ServedFamily
-from ruyi_core.serve.handoff import STATE_PATH, TRUNK_PATH, decode, state_bytes_per_token
 from ruyi_core.serve.upstream import PATH, Upstream
 
 BYTES_PER_TOKEN = 32  # the body bound per context token: past any prompt that fits, even as escaped JSON
@@ -105,7 +105,8 @@ def _routes(app: FastAPI, engine: Engine) -> None:
             req = Continuation(**got.request)
         except (ValueError, TypeError) as e:  # pydantic's ValidationError and JSON errors are ValueErrors
             raise ApiError(400, f"malformed state hand-off: {str(e).splitlines()[0]}", "state") from None
-        return await _continue(engine, req, got.read, "state" if got.read is not None else f"tokens: {got.mismatch}")
+        how = "state" if got.read is not None else f"tokens: {got.mismatch}"
+        return await _continue(engine, req, got.read, how)
 
     @app.get("/v1" + TRUNK_PATH)
     async def trunk():

@@ -6,14 +6,15 @@ Exact only between bit-identical blocks: each side names its leading blocks by a
 tensors (family.tensors.digests; a package records its chain at packaging), the upstream publishes its own
 (GET /v1/ruyi/trunk) with its dtype, and the state covers the longest common prefix. The upstream checks the
 digest, dtype, every shape and the byte count before it allocates a tensor (`decode`); anything else is a 400
-and nothing is read. A state whose digest differs from the
-upstream's (its packages changed since) is dropped for the tokens, and the answer says so.
+and nothing is read. A state whose digest differs from the upstream's (its packages changed since) is dropped
+for the tokens, and the answer says so.
 
 Wire format: one JSON line (the request and the state's header), then the tensors' raw bytes, keys and values
 block by block, then the states."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 
@@ -47,7 +48,7 @@ def _layout(model, depth: int, length: int) -> list[tuple[int, ...]]:
 
 def state_bytes_per_token(model, depth: int) -> int:
     """Bytes a state at `depth` takes per position, in the model's dtype."""
-    return sum(s[-1] * (s[1] if len(s) == 4 else 1) for s in _layout(model, depth, 1)) * model.dtype.itemsize
+    return sum(math.prod(s) for s in _layout(model, depth, 1)) * model.dtype.itemsize
 
 
 def encode(request: dict, read: Read, digest: str) -> bytes:
@@ -86,7 +87,7 @@ def decode(body: bytes, model, chain: list[str]) -> Handoff:
         raise ValueError(f"the state covers {length} positions; the prompt and draft but its last token are "
                          f"{expected}")
     shapes = _layout(model, depth, length)
-    sizes = [torch.Size(s).numel() * dtype.itemsize for s in shapes]
+    sizes = [math.prod(s) * dtype.itemsize for s in shapes]
     if len(body) - end - 1 != sum(sizes):
         raise ValueError(f"the state's tensors take {len(body) - end - 1} bytes; its header promises {sum(sizes)}")
     if dtype != model.dtype or state.get("digest") != chain[depth]:

@@ -48,6 +48,11 @@ def load_for_tier(run: StageRun, section: str, tier: str, stored: bool = False):
     return fam, tok
 
 
+def _summary(fam) -> dict:
+    return {"exit_points": fam.config.early_exit_points, "tiers": fam.config.tiers,
+            "parameters": fam.num_parameters(), "vocab_size": fam.config.vocab_size}
+
+
 def init_family(spec: RunSpec, store: ArtifactStore, pretrain: str) -> Family:
     """The family from the spec's base (a preset's tokenizer is trained on the validated pretraining data), or,
     with `family.warm_start`, the promoted family of that name as it left joint training. Its URI is an input,
@@ -69,8 +74,7 @@ def init_family(spec: RunSpec, store: ArtifactStore, pretrain: str) -> Family:
                                 "warm-start a family of the same shape")
             run.log(f"[init_family] warm start from {run.inputs['warm_start']}")
             save_family(fam, tok, run.out)
-            return {"exit_points": fam.config.early_exit_points, "tiers": fam.config.tiers,
-                    "parameters": fam.num_parameters(), "vocab_size": fam.config.vocab_size}
+            return _summary(fam)
         records = corpus_records(run, "pretrain", "pretrain")
         fam_spec = spec.family
         if fam_spec.base.startswith("s3://"):  # a base in the store: fetched (and verified) into the work folder
@@ -79,8 +83,7 @@ def init_family(spec: RunSpec, store: ArtifactStore, pretrain: str) -> Family:
             fam_spec = fam_spec.model_copy(update={"base": str(run.work / "base")})
         fam, tok = make(fam_spec, texts=(r["text"] for r in records))
         save_family(fam, tok, run.out)
-        return {"exit_points": fam.config.early_exit_points, "tiers": fam.config.tiers,
-                "parameters": fam.num_parameters(), "vocab_size": fam.config.vocab_size}
+        return _summary(fam)
 
     return run_stage(INIT, spec, store, build, inputs={"pretrain": pretrain, **warm})
 
