@@ -16,7 +16,10 @@ TOL = 1e-5
 # What every spec must name, set to the demo world on the tiny preset: tests that vary other fields start here.
 DEMO_NAMED = {
     "family": {"base": "tiny", "exit_points": [1, 6, 11]},
-    "data": {k: ["demo"] for k in ("pretrain", "sft", "rl", "heldout", "rl_heldout")},
+    "data": {**{k: ["demo"] for k in ("pretrain", "sft", "rl", "heldout", "rl_heldout")},
+             # as specs/tiny.yaml: curation narrowed to the generated world
+             "curation": {"languages": ["en"], "quality": False, "near_dedup": False,
+                          "keep_overlap_with": ["data.heldout"]}},
     "rl": {"answer_pattern": r"The answer is ([+-]?\d+)"},
     "eval": {"benchmarks": {"arithmetic": {"format": "exact_match", "path": "demo:arithmetic"},
                             "facts_mc": {"format": "multiple_choice", "path": "demo:facts_mc", "template": "cloze"},

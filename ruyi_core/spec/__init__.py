@@ -74,6 +74,15 @@ class RunSpec(_Strict):
             raise ValueError(f"dae.tier: {self.dae.tier!r} is the deepest tier; DaE expands an early exit")
         return self
 
+    @model_validator(mode="after")
+    def _references(self) -> "RunSpec":
+        known = [*self.eval.benchmarks, "data.heldout", "data.rl_heldout"]
+        for name in self.data.curation.keep_overlap_with:
+            if name not in known:
+                raise ValueError(f"data.curation.keep_overlap_with: {name!r} is neither a benchmark nor a held-out "
+                                 f"set; use one of {', '.join(known)}")
+        return self
+
     def fingerprint(self) -> str:
         """Hash of the whole spec, recorded in every artifact manifest."""
         import hashlib

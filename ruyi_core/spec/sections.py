@@ -117,6 +117,30 @@ class KindThresholds(_Strict):
     max_bad_record_rate: float = Field(0.0, ge=0, le=1)  # unreadable lines (bad JSON/UTF-8, schema)
 
 
+class CurationSpec(_Strict):
+    """Curation of every training corpus after the data gate, with datatrove: language ID, Gopher's quality rules
+    (pretraining text only), exact and MinHash near-duplicate removal across the corpus's files, and n-gram
+    decontamination against every benchmark and held-out set of the spec (docs/data.md)."""
+
+    enabled: bool = True
+    # ISO 639-1 codes to keep; a record that language ID places elsewhere with at least language_score goes.
+    languages: list[str] | None = None  # None keeps every language
+    language_score: float = Field(0.65, ge=0, le=1)
+    # Gopher's rules on pretraining records (datatrove's defaults): words per record, mean word length,
+    # symbol and non-alphabetic word ratios, stop words.
+    quality: bool = True
+    min_words: int = Field(50, ge=0)
+    min_stop_words: int = Field(2, ge=0)
+    exact_dedup: bool = True
+    near_dedup: bool = True  # MinHash: 14 bands of 8 hashes over word n-grams (datatrove's defaults)
+    minhash_ngrams: int = Field(5, ge=1)
+    decontaminate: bool = True
+    decontamination_ngrams: int = Field(13, ge=4)  # GPT-3's choice; shorter items are matched whole
+    # Benchmarks (eval.benchmarks names) or held-out sets (data.heldout, data.rl_heldout) not to decontaminate
+    # against: only those that measure recall of the training corpus itself, where the overlap is the point.
+    keep_overlap_with: list[str] = []
+
+
 class DataSpec(_Strict):
     """Corpora by kind; a spec must name them (there is no default corpus). Each entry is a local JSONL/Parquet file
     or folder, an s3:// object or prefix, or `demo` (the generated demo world, deterministic in `seed`). Record
@@ -138,6 +162,7 @@ class DataSpec(_Strict):
     demo_records: dict[str, int] = {"pretrain": 4000, "sft": 1500, "rl": 300}  # sizes where a source is `demo`
     seq_length: int = Field(256, ge=8)  # tokens per SVD calibration sequence
     shard_tokens: int = Field(50_000_000, ge=1000)  # tokens per .bin/.idx shard
+    curation: CurationSpec = CurationSpec()
 
     @field_validator("pretrain", "sft", "rl", "heldout", "rl_heldout")
     @classmethod

@@ -1,0 +1,132 @@
+"""Curation with datatrove through the data stage and the real store: planted duplicates, near duplicates,
+off-language and junk lines and leaked benchmark items never reach the packed dataset, the gate's summary counts
+each kind, and the result does not depend on how the corpus is sharded."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from conftest import with_demo
+from ruyi_core.data.curate import curate, decontamination_index
+from ruyi_core.data.pack import prepare_corpus
+from ruyi_core.data.packed import read_documents
+from ruyi_core.errors import RuyiError
+from ruyi_core.family.tokenizer import build_tokenizer
+from ruyi_core.spec import RunSpec
+from ruyi_core.spec.sections import CurationSpec
+from ruyi_core.stages import validate_data
+
+_STOP = "the of and to a in that is was he for it with as his on be at by had not are but from or have".split()
+_NOUNS = ("river mountain garden market winter letter window kitchen captain village harbour lantern orchard "
+          "meadow bridge candle sailor shepherd").split()
+BENCH = "the quick brown fox jumps over the lazy dog while the farmer counts his seven golden apples"
+HELDOUT = "a quiet evening settled on the valley as the last train left the station for the northern coast"
+
+
+def _paragraph(rng: random.Random) -> str:
+    return " ".join(rng.choice(_STOP + _NOUNS * 2) for _ in range(rng.randint(60, 90))) + "."
+
+
+def _planted(rng: random.Random) -> tuple[list[str], dict[str, list[str]]]:
+    """Clean English-like paragraphs plus one or two records of each kind curation must remove."""
+    clean = [_paragraph(rng) for _ in range(48)]
+    near = clean[5].split()
+    near[10] = "zebra"
+    planted = {
+        "exact_duplicates": [clean[3], clean[7]],
+        "near_duplicates": [" ".join(near)],
+        "language": ["Der Hund läuft schnell über die Straße, und der Garten ist sehr schön, während die Katze den "
+                     "ganzen Tag im warmen Haus schläft und auf den Abend wartet."],
+        "quality": ["asdf qwer zxcv $$$ ### 1234 5678 !!!"],
+        "decontamination": [f"{_paragraph(rng)} {BENCH} {_paragraph(rng)}",
+                            f"{_paragraph(rng)} {HELDOUT}. {_paragraph(rng)}"],
+    }
+    return clean, planted
+
+
+def _write_shards(folder: Path, texts: list[str], n: int) -> list[Path]:
+    folder.mkdir(parents=True)
+    paths = []
+    for s in range(n):
+        p = folder / f"part-{s:02d}.jsonl"
+        p.write_text("".join(json.dumps({"text": t, "source": "web", "lang": "en"}) + "\n" for t in texts[s::n]))
+        paths.append(p)
+    return paths
+
+
+def _spec(tmp_path: Path, corpus: Path, **curation) -> RunSpec:
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"question": BENCH, "answer": "seven"}) + "\n")
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text(json.dumps({"text": HELDOUT, "source": "web", "lang": "en"}) + "\n")
+    return RunSpec.model_validate(with_demo({
+        "data": {"pretrain": [str(corpus)], "sft": ["demo"], "heldout": [str(heldout)],
+                 "curation": {"languages": ["en"], **curation}},
+        "rl": {"enabled": False},
+        "eval": {"benchmarks": {"leaky": {"format": "exact_match", "path": str(bench)}}}}))
+
+
+def test_planted_records_never_reach_the_packed_dataset_and_each_kind_is_counted(store, tmp_path):
+    clean, planted = _planted(random.Random(0))
+    texts = clean + [t for ts in planted.values() for t in ts]
+    random.Random(1).shuffle(texts)
+    _write_shards(tmp_path / "corpus", texts, 4)
+    spec = _spec(tmp_path, tmp_path / "corpus")
+
+    raw = validate_data(spec, store, "pretrain")
+    local = tmp_path / "stored"
+    store.get_folder(raw.uri, local)
+    summary = json.loads((local / "gate_summary.json").read_text())["curation"]
+    assert {k: v["count"] for k, v in summary["removed"].items()} == {k: len(v) for k, v in planted.items()}
+    assert summary["records_in"] == len(texts) and summary["records_kept"] == raw.n_records == len(clean)
+    assert "overlaps leaky" in json.dumps(summary["removed"]["decontamination"]["examples"])
+    assert "overlaps data.heldout" in json.dumps(summary["removed"]["decontamination"]["examples"])
+    assert sorted(p.name for p in local.glob("*.jsonl")) == [f"{i:03d}-part-{i:02d}.jsonl" for i in range(4)]
+
+    tok = build_tokenizer(512, clean[:20])
+    records = [json.loads(line) for p in sorted(local.glob("*.jsonl")) for line in p.read_text().splitlines()]
+    prepare_corpus(iter(records), "pretrain", tok, tmp_path / "packed", 100_000)
+    packed = [tok.decode(ids[:-1]) for ids, _ in read_documents(tmp_path / "packed", "pretrain")]
+    same = {t: tok.decode(tok(t)["input_ids"]) for t in texts}  # the tokenizer's round trip of each text
+    assert len(packed) == len(set(packed)) == len(clean)  # no copy twice
+    for kind in ("language", "quality", "decontamination"):
+        assert not {same[t] for t in planted[kind]} & set(packed)
+    pair = {same[clean[5]], same[planted["near_duplicates"][0]]}
+    assert len(pair & set(packed)) == 1  # one of the near duplicates is kept, whichever MinHash keeps
+
+    again = validate_data(spec, store, "pretrain")  # the same data under the same curation: reused
+    assert again.uri == raw.uri and again.fingerprint == raw.fingerprint
+
+
+def test_sharding_does_not_change_what_curation_keeps(tmp_path):
+    clean, planted = _planted(random.Random(2))
+    texts = clean + [t for ts in planted.values() for t in ts]
+    index = decontamination_index({"leaky": [BENCH], "data.heldout": [HELDOUT]}, 13)
+    kept = []
+    for n in (1, 4):
+        paths = _write_shards(tmp_path / f"in{n}", texts, n)
+        result = curate([[str(p)] for p in paths], "pretrain", CurationSpec(languages=["en"]), index,
+                        tmp_path / f"out{n}")
+        kept.append(sorted(json.loads(line)["text"] for f in result.files for line in f.read_text().splitlines()))
+    # Which member of a near-duplicate cluster survives follows datatrove's union-find over (shard, position);
+    # everything else is the same set.
+    near = {clean[5], planted["near_duplicates"][0]}
+    assert sorted(set(kept[0]) - near) == sorted(set(kept[1]) - near)
+    assert len(kept[0]) == len(kept[1]) and all(len(set(k) & near) == 1 for k in kept)
+
+
+def test_a_curation_that_leaves_too_little_is_one_line_and_stores_nothing(store, tmp_path):
+    clean, _ = _planted(random.Random(3))
+    _write_shards(tmp_path / "corpus", clean, 2)
+    spec = _spec(tmp_path, tmp_path / "corpus", min_words=500)  # every paragraph is shorter
+    with pytest.raises(RuyiError, match=r"curation kept 0 of 48 records.*quality removed 48: loosen data.curation"):
+        validate_data(spec, store, "pretrain")
+    assert not store.list_artifacts("datasets/")
+
+
+def test_keep_overlap_with_names_a_benchmark_or_held_out_set(tmp_path):
+    with pytest.raises(ValueError, match="'leaky_typo' is neither a benchmark nor a held-out set"):
+        _spec(tmp_path, tmp_path, keep_overlap_with=["leaky_typo"])
