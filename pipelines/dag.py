@@ -1,7 +1,8 @@
 """The DAG, readable on one screen. Its steps, their order and what turns them on are the stage table's
 (ruyi_core/stages/table.py); this module wires their inputs and outputs:
 
-    validate_data x kinds -> plan_run (data-fingerprint gate) -> init_family -> prepare_data (every kind)
+    plan_shards -> curate_shard x shards -> merge_data -> plan_run (data-fingerprint gate) -> init_family
+        -> prepare_data (every kind)
         -> train cpt -> train sft [-> dae_expand -> train dae_cpt -> train dae_sft] [-> grpo] [-> svd_compress]
         -> (export_tier -> package_tier) x tiers -> promote -> calibrate_routing -> report
 """
@@ -10,7 +11,7 @@ from kfp.dsl import Dataset
 
 import components
 from ruyi_core.spec import PipelineSpec, RunSpec, training_stages
-from ruyi_core.stages import KINDS, steps
+from ruyi_core.stages import steps
 
 
 def build_pipeline(spec: RunSpec, spec_yaml: str, cluster: bool = True):
@@ -21,9 +22,12 @@ def build_pipeline(spec: RunSpec, spec_yaml: str, cluster: bool = True):
     @dsl.pipeline(name="ruyi-flow", description="Train a familial LLM and ship one model per tier.")
     def ruyi_flow(spec_yaml: str = spec_yaml) -> Dataset:
         task = _tasks(spec, spec_yaml, cluster)
-        with dsl.ParallelFor(list(KINDS)) as kind:
-            gate = task("validate_data", kind=kind)
-        run = task("plan_run", datasets=dsl.Collected(gate.outputs["dataset"]))
+        shards = task("plan_shards")
+        shards.set_caching_options(False)  # the sources may have grown since
+        with dsl.ParallelFor(shards.output) as shard:  # on a cluster, a pod per shard
+            part = task("curate_shard", shard=shard)
+        merged = task("merge_data", shards=dsl.Collected(part.outputs["curated"]))
+        run = task("plan_run", datasets=merged.outputs["datasets"])
         run.set_caching_options(False)  # the gate must look at the store every time
         with dsl.If(run.outputs["Output"] == True):  # noqa: E712 (a KFP condition, not a Python comparison)
             train_and_ship(spec, task, run.outputs["plan"], cluster)

@@ -17,7 +17,8 @@ from ruyi_core.errors import RuyiError
 from ruyi_core.family.tokenizer import build_tokenizer
 from ruyi_core.spec import RunSpec
 from ruyi_core.spec.sections import CurationSpec
-from ruyi_core.stages import validate_data
+from ruyi_core.stages import gate_and_curate
+from ruyi_core.stages.data import dataset_records
 
 _STOP = "the of and to a in that is was he for it with as his on be at by had not are but from or have".split()
 _NOUNS = ("river mountain garden market winter letter window kitchen captain village harbour lantern orchard "
@@ -47,14 +48,18 @@ def _planted(rng: random.Random) -> tuple[list[str], dict[str, list[str]]]:
     return clean, planted
 
 
-def _write_shards(folder: Path, texts: list[str], n: int) -> list[Path]:
+def _write_lines(folder: Path, lines: list[str], n: int) -> list[Path]:
+    """JSON lines in `n` files of consecutive records, as a corpus is split: the corpus order stays."""
     folder.mkdir(parents=True)
-    paths = []
-    for s in range(n):
-        p = folder / f"part-{s:02d}.jsonl"
-        p.write_text("".join(json.dumps({"text": t, "source": "web", "lang": "en"}) + "\n" for t in texts[s::n]))
-        paths.append(p)
+    size = -(-len(lines) // n)
+    paths = [folder / f"part-{s:02d}.jsonl" for s in range(n)]
+    for s, p in enumerate(paths):
+        p.write_text("".join(x + "\n" for x in lines[s * size:(s + 1) * size]))
     return paths
+
+
+def _write_shards(folder: Path, texts: list[str], n: int) -> list[Path]:
+    return _write_lines(folder, [json.dumps({"text": t, "source": "web", "lang": "en"}) for t in texts], n)
 
 
 def _spec(tmp_path: Path, corpus: Path, **curation) -> RunSpec:
@@ -76,7 +81,7 @@ def test_planted_records_never_reach_the_packed_dataset_and_each_kind_is_counted
     _write_shards(tmp_path / "corpus", texts, 4)
     spec = _spec(tmp_path, tmp_path / "corpus")
 
-    raw = validate_data(spec, store, "pretrain")
+    [raw] = gate_and_curate(spec, store, kinds=("pretrain",))
     local = tmp_path / "stored"
     store.get_folder(raw.uri, local)
     summary = json.loads((local / "gate_summary.json").read_text())["curation"]
@@ -84,10 +89,11 @@ def test_planted_records_never_reach_the_packed_dataset_and_each_kind_is_counted
     assert summary["records_in"] == len(texts) and summary["records_kept"] == raw.n_records == len(clean)
     assert "overlaps leaky" in json.dumps(summary["removed"]["decontamination"]["examples"])
     assert "overlaps data.heldout" in json.dumps(summary["removed"]["decontamination"]["examples"])
-    assert sorted(p.name for p in local.glob("*.jsonl")) == [f"{i:03d}-part-{i:02d}.jsonl" for i in range(4)]
+    shards = json.loads((local / "dataset.json").read_text())["shards"]
+    assert [Path(s["source"]).name for s in shards] == [f"part-{i:02d}.jsonl" for i in range(4)]
 
     tok = build_tokenizer(512, clean[:20])
-    records = [json.loads(line) for p in sorted(local.glob("*.jsonl")) for line in p.read_text().splitlines()]
+    records = list(dataset_records(store, local, tmp_path / "read"))
     prepare_corpus(iter(records), "pretrain", tok, tmp_path / "packed", 100_000)
     packed = [tok.decode(ids[:-1]) for ids, _ in read_documents(tmp_path / "packed", "pretrain")]
     same = {t: tok.decode(tok(t)["input_ids"]) for t in texts}  # the tokenizer's round trip of each text
@@ -97,25 +103,23 @@ def test_planted_records_never_reach_the_packed_dataset_and_each_kind_is_counted
     pair = {same[clean[5]], same[planted["near_duplicates"][0]]}
     assert len(pair & set(packed)) == 1  # one of the near duplicates is kept, whichever MinHash keeps
 
-    again = validate_data(spec, store, "pretrain")  # the same data under the same curation: reused
+    [again] = gate_and_curate(spec, store, kinds=("pretrain",))  # the same data under the same curation: reused
     assert again.uri == raw.uri and again.fingerprint == raw.fingerprint
 
 
 def test_sharding_does_not_change_what_curation_keeps(tmp_path):
-    clean, planted = _planted(random.Random(2))
+    clean, planted = _planted(random.Random(0))
     texts = clean + [t for ts in planted.values() for t in ts]
+    random.Random(1).shuffle(texts)
     index = decontamination_index({"leaky": [BENCH], "data.heldout": [HELDOUT]}, 13)
     kept = []
     for n in (1, 4):
         paths = _write_shards(tmp_path / f"in{n}", texts, n)
-        result = curate([[str(p)] for p in paths], "pretrain", CurationSpec(languages=["en"]), index,
-                        tmp_path / f"out{n}")
-        kept.append(sorted(json.loads(line)["text"] for f in result.files for line in f.read_text().splitlines()))
-    # Which member of a near-duplicate cluster survives follows datatrove's union-find over (shard, position);
-    # everything else is the same set.
-    near = {clean[5], planted["near_duplicates"][0]}
-    assert sorted(set(kept[0]) - near) == sorted(set(kept[1]) - near)
-    assert len(kept[0]) == len(kept[1]) and all(len(set(k) & near) == 1 for k in kept)
+        records, result = curate([[str(p)] for p in paths], "pretrain", CurationSpec(languages=["en"]), index,
+                                 tmp_path / f"out{n}")
+        kept.append(sorted(r["text"] for shard in records for r in shard))
+        assert {k: v["count"] for k, v in result.removed.items()} == {k: len(v) for k, v in planted.items()}
+    assert kept[0] == kept[1]
 
 
 def test_a_curation_that_leaves_too_little_is_one_line_and_stores_nothing(store, tmp_path):
@@ -123,10 +127,43 @@ def test_a_curation_that_leaves_too_little_is_one_line_and_stores_nothing(store,
     _write_shards(tmp_path / "corpus", clean, 2)
     spec = _spec(tmp_path, tmp_path / "corpus", min_words=500)  # every paragraph is shorter
     with pytest.raises(RuyiError, match=r"curation kept 0 of 48 records.*quality removed 48: loosen data.curation"):
-        validate_data(spec, store, "pretrain")
-    assert not store.list_artifacts("datasets/")
+        gate_and_curate(spec, store, kinds=("pretrain",))
+    assert not store.list_artifacts("datasets/raw/")  # no dataset; the shards' filtering is kept for a re-run
 
 
 def test_keep_overlap_with_names_a_benchmark_or_held_out_set(tmp_path):
     with pytest.raises(ValueError, match="'leaky_typo' is neither a benchmark nor a held-out set"):
         _spec(tmp_path, tmp_path, keep_overlap_with=["leaky_typo"])
+
+
+def test_a_grown_corpus_rebuilds_only_its_new_shard_and_the_merge(store, tmp_path, capsys):
+    rng = random.Random(4)
+    texts = [_paragraph(rng) for _ in range(50)]
+    paths = _write_shards(tmp_path / "corpus", texts[:40], 4)
+    spec = _spec(tmp_path, tmp_path / "corpus")
+    [first] = gate_and_curate(spec, store, kinds=("pretrain",))
+    before = {u: store.read_manifest(u).created_at for u in store.list_artifacts("datasets/shards/pretrain")}
+    capsys.readouterr()
+
+    (paths[-1].parent / "part-04.jsonl").write_text(
+        "".join(json.dumps({"text": t, "source": "web", "lang": "en"}) + "\n" for t in texts[40:]))
+    [grown] = gate_and_curate(spec, store, kinds=("pretrain",))
+    log = capsys.readouterr().out
+    assert log.count("[curate_shard] reused") == 4 and log.count("[curate_shard] built") == 1
+    assert "[merge_data] built" in log and grown.uri != first.uri and grown.n_records > first.n_records
+    after = {u: store.read_manifest(u).created_at for u in store.list_artifacts("datasets/shards/pretrain")}
+    assert len(after) == 5 and all(after[u] == t for u, t in before.items())  # the old shards were not rewritten
+
+
+def test_the_demo_corpus_in_four_shards_curates_to_the_same_records_as_in_one(store, tmp_path):
+    from ruyi_core.demo import write_source
+
+    lines = write_source("demo", "pretrain", tmp_path / "whole", 0, {"pretrain": 400}).read_text().splitlines()
+    _write_lines(tmp_path / "four", lines, 4)
+    read = []
+    for name, source in (("one", "demo"), ("four", str(tmp_path / "four"))):
+        spec = RunSpec.model_validate(with_demo({"data": {"pretrain": [source], "demo_records": {"pretrain": 400}}}))
+        [raw] = gate_and_curate(spec, store, kinds=("pretrain",))
+        store.get_folder(raw.uri, tmp_path / name)
+        read.append(list(dataset_records(store, tmp_path / name, tmp_path / f"read-{name}")))
+    assert len(read[0]) > 300 and read[0] == read[1]  # the same records in the same order: the same packed tokens

@@ -129,7 +129,7 @@ def test_bad_record_rate_threshold_and_multiple_files(tmp_path):
 
 
 def test_the_stored_gate_summary_is_a_function_of_the_data(tmp_path):
-    """What validate_data stores names the files as stored, not where a run found them: two runs over the same
+    """What curate_shard stores names the files as stored, not where a run found them: two runs over the same
     data in different work folders store the same bytes."""
     from ruyi_core.stages.data import stored_summary
 

@@ -55,7 +55,7 @@ def test_compiled_pipeline_sets_images_resources_and_secret(tmp_path, monkeypatc
     docs = list(yaml.safe_load_all(text))
     ir, platform = docs[0], docs[1]
     executors = ir["deploymentSpec"]["executors"]
-    assert len(executors) == 16  # train runs 4 times (cpt, sft, dae_cpt, dae_sft)
+    assert len(executors) == 18  # train runs 4 times (cpt, sft, dae_cpt, dae_sft)
     for name, ex in executors.items():
         c = ex["container"]
         assert c["image"] == "registry.example/ruyi-base:test", name
@@ -69,6 +69,18 @@ def test_compiled_pipeline_sets_images_resources_and_secret(tmp_path, monkeypatc
 
 
 STAGE_LINE = re.compile(r"\[(\w+)\] (reused|built) (s3://\S+)")
+
+
+def split_demo_pretrain(folder: Path, n: int) -> Path:
+    """The micro spec's demo pretraining corpus as `n` files of consecutive records."""
+    from ruyi_core.demo import write_source
+
+    lines = write_source("demo", "pretrain", folder.parent / "whole", 0, {"pretrain": 300}).read_text().splitlines()
+    folder.mkdir()
+    size = -(-len(lines) // n)
+    for i in range(n):
+        (folder / f"part-{i}.jsonl").write_text("".join(x + "\n" for x in lines[i * size:(i + 1) * size]))
+    return folder
 
 
 def fresh_temp_dir(tmp_path: Path, monkeypatch) -> Path:
@@ -103,11 +115,11 @@ def test_local_pipeline_end_to_end_then_cached(tmp_path, s3_server, monkeypatch)
 
     for k, v in s3_server.env().items():
         monkeypatch.setenv(k, v)
-    spec = micro_spec(tmp_path, "e2e")
+    spec = micro_spec(tmp_path, "e2e", pretrain=[str(split_demo_pretrain(tmp_path / "pretrain", 4))])
     tmp = fresh_temp_dir(tmp_path, monkeypatch)
     first = run_local(spec, tmp_path / "kfp", show=lambda m: None)
     assert list(tmp.iterdir()) == []  # KFP's task scripts, torchrun's folders, the stages' work folders: all gone
-    # validate x3, plan, init, prepare, cpt, sft, dae_expand, dae_cpt, dae_sft, grpo, svd, export x2, package x2,
+    # plan_shards, curate_shard x3, merge_data, plan, init, prepare, cpt, sft, dae_expand, dae_cpt, dae_sft, grpo, svd, export x2, package x2,
     # promote, calibrate_routing, report
     # (parallel loop iterations may share a log line, so count at least the sequential ones)
     assert first["executed"] >= 1 + 1 + 1 + 2 + 3 + 1 + 1 + 1
@@ -130,10 +142,14 @@ def test_local_pipeline_end_to_end_then_cached(tmp_path, s3_server, monkeypatch)
         stages = [c.stage for c in chain]
         assert stages[:2] == ["package", "export_tier"] and chain[1].uri == uri
         assert {"sft", "cpt", "init_family", "prepare_data"} <= set(stages)
-        raws = [c for c in chain if c.stage == "validate_data"]
+        raws = [c for c in chain if c.stage == "merge_data"]
         assert {r.metadata["kind"] for r in raws} >= {"pretrain", "sft"}  # (+ rl for the GRPO tier)
-        for raw in raws:
-            assert any(f.path.endswith(".jsonl") for f in raw.files) and all(len(f.sha256) == 64 for f in raw.files)
+        shards = [c for c in chain if c.stage == "curate_shard"]  # the corpora's shards, down to their records
+        assert sorted(s.metadata["source"].rpartition("/")[2] for s in shards if s.metadata["kind"] == "pretrain") \
+            == [f"part-{i}.jsonl" for i in range(4)]  # four tasks of the pipeline's fan-out
+        assert {s.metadata["kind"] for s in shards} >= {"pretrain", "sft"}
+        for shard in shards:
+            assert "records.jsonl" in {f.path for f in shard.files} and all(len(f.sha256) == 64 for f in shard.files)
     # the first version of each tier is promoted, and every package verifies against its SHA256SUMS
     assert index["promoted"] == {"cloud": version, "end": version}
     env = {**s3_server.env(), "PATH": "/usr/bin:/bin", "COLUMNS": "250", "HF_HUB_OFFLINE": "1"}
@@ -188,11 +204,11 @@ def test_local_pipeline_end_to_end_then_cached(tmp_path, s3_server, monkeypatch)
     # the CLI prints the same chain
     r = subprocess.run([sys.executable, "-m", "ruyi_core.cli", "lineage", tiers[0], "--spec", str(spec)],
                        capture_output=True, text=True, env=env)
-    assert r.returncode == 0 and "validate_data" in r.stdout and "init_family" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "curate_shard" in r.stdout and "init_family" in r.stdout, r.stdout + r.stderr
 
     second = run_local(spec, tmp_path / "kfp", show=lambda m: None)
     # only the data-fingerprint gate runs: the data did not change, so the run stops there
-    assert second["executed"] == 1 and second["report_uri"] == first["report_uri"]
+    assert second["executed"] == 2 and second["report_uri"] == first["report_uri"], second["events"]
     assert any("plan-run" in e for e in second["events"]) and not any("train" in e for e in second["events"])
     assert store.read_manifest(first["report_uri"]).created_at == report.created_at
     check_identity_follows_the_weights(tmp_path, spec, store, first, version)
@@ -214,8 +230,9 @@ def check_identity_follows_the_weights(tmp_path, spec, store, first, version):
     # A training setting re-does its stage and everything after it; what comes before is reused.
     lr, _ = rerun_with(tmp_path, spec, "lr", lambda d: d["dae"]["sft"].update(lr=2e-3))
     lines = stage_lines(lr)
-    assert {s for s, v in lines.items() if v == {"reused"}} == {"validate_data", "init_family", "prepare_data",
-                                                                 "cpt", "sft", "dae_expand", "dae_cpt"}, lines
+    assert {s for s, v in lines.items() if v == {"reused"}} == {"curate_shard", "merge_data", "init_family",
+                                                                 "prepare_data", "cpt", "sft", "dae_expand",
+                                                                 "dae_cpt"}, lines
     assert {"dae_sft", "grpo", "svd_compress", "export_tier", "package", "calibrate_routing",
             "report"} <= {s for s, v in lines.items() if v == {"built"}}, lines
     assert version not in {v["version"] for v in read_index(store, "micro")["versions"][1:]}
@@ -268,8 +285,8 @@ def check_concurrent_runs(tmp_path, spec, store, env):
     for out in outs:
         lines = stage_lines({"log": tmp_path / re.search(r"^log\s+(\S+)", out, re.M).group(1)})
         assert {s for s, v in lines.items() if "built" in v} == {"package", "calibrate_routing", "report"}, lines
-        assert {"validate_data", "init_family", "prepare_data", "cpt", "sft", "dae_expand", "dae_cpt", "dae_sft",
-                "grpo", "svd_compress", "export_tier"} <= {s for s, v in lines.items() if v == {"reused"}}, lines
+        assert {"curate_shard", "merge_data", "init_family", "prepare_data", "cpt", "sft", "dae_expand", "dae_cpt",
+                "dae_sft", "grpo", "svd_compress", "export_tier"} <= {s for s, v in lines.items() if v == {"reused"}}, lines
     got = {v["version"]: v for v in read_index(store, "micro")["versions"]}
     for version in ("conc-a", "conc-b"):
         tiers = got[version]["tiers"]

@@ -1,12 +1,15 @@
 """Curation: a validated corpus, less what datatrove's filters and deduplication remove, counted with examples.
 
-The steps run as datatrove pipelines over the corpus's shards (rank r: shard r), in the field's multi-step way:
-filters first (language, quality, decontamination), then exact duplicates (signatures, find, filter) and near
-duplicates (MinHash signatures, buckets, clusters, filter) across every shard."""
+It runs in datatrove's multi-step way, split where a cluster fans out: `filter_shard` runs on each shard alone
+(language, quality and decontamination filters, then the shard's exact-dedup and MinHash signatures), and
+`deduplicate` runs once over every shard's signatures (datatrove's exact finder, MinHash buckets and clusters),
+returning which records of each shard go. `curate` composes the two in one process."""
 from __future__ import annotations
 
-import contextlib
 import json
+import shutil
+import struct
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,21 +17,29 @@ from ruyi_core.data.curate_steps import (Decontaminate, DecontaminationIndex, La
                                          ShardReader, ShardWriter, Words)
 from ruyi_core.spec.sections import CurationSpec
 
-FILTERS = ("language", "quality", "decontamination", "exact_duplicates", "near_duplicates")
-EXAMPLES = 3  # removed records shown per filter
+FILTERS = ("language", "quality", "decontamination")
+EXAMPLES = 3  # removed records shown per step
+RECORDS, IDS, SIGNATURES = "records.jsonl", "ids.txt", "signatures"  # a filtered shard's files
 
 
 @dataclass
 class Curation:
-    """The curated shards (one JSONL file per input shard, in order), and what each filter removed."""
+    """Records in and kept, and for each step that removed any: {count, examples: [[record id, why, text]]}."""
 
-    files: list[Path]
     n_in: int
     n_kept: int
-    removed: dict[str, dict] = field(default_factory=dict)  # filter -> {count, examples: [[id, why, text]]}
+    removed: dict[str, dict] = field(default_factory=dict)
 
     def summary(self) -> dict:
         return {"records_in": self.n_in, "records_kept": self.n_kept, "removed": self.removed}
+
+
+@dataclass
+class Dedup:
+    """What deduplication removes: positions in each shard's filtered records, and the counts with examples."""
+
+    remove: list[list[int]]
+    removed: dict[str, dict]
 
 
 def _content(doc) -> bytes:
@@ -36,80 +47,144 @@ def _content(doc) -> bytes:
     return " ".join(doc.text.split()).encode()
 
 
-def _run(pipeline: list, tasks: int, logs: Path) -> None:
-    """One datatrove stage; its log lines and stats tables go to `logs`, not the stage's own output."""
-    from datatrove.executor import LocalPipelineExecutor
+def _exact_config():
+    from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig
 
-    logs.mkdir(parents=True, exist_ok=True)
-    with open(logs / "stderr.log", "w") as err, contextlib.redirect_stderr(err):
-        LocalPipelineExecutor(pipeline, tasks=tasks, workers=1, logging_dir=str(logs), skip_completed=False).run()
+    return ExactDedupConfig(content_getter=_content)
 
 
-class _Stages:
-    """Runs one datatrove stage after another over the same shards, each reading the previous one's output."""
+def _minhash_config(spec: CurationSpec):
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+    from datatrove.utils.hashing import HashConfig
 
-    def __init__(self, work: Path, n_shards: int):
-        self.work, self.n, self.i = work, n_shards, 0
+    # sha1: datatrove's default xxhash is handed str by the MinHash steps, which xxhash 4 refuses
+    return MinhashConfig(n_grams=spec.minhash_ngrams, hash_config=HashConfig(hash_fc="sha1", precision=64))
 
-    def excluded(self, name: str):
-        from datatrove.pipeline.writers import JsonlWriter
 
-        return JsonlWriter(str(self.work / "removed" / name), output_filename="${rank}.jsonl", compression=None)
+def _run(pipeline: list, tasks: int = 1) -> None:
+    """One datatrove stage: each rank's documents piped through the steps, as datatrove's executors do, in this
+    process (its local executor starts a multiprocessing manager, which a long TMPDIR breaks). Its log lines stay
+    out of the stage's output."""
+    from datatrove.utils.logging import logger
 
-    def run(self, pipeline: list, tasks: int | None = None) -> None:
-        self.i += 1
-        _run(pipeline, tasks or self.n, self.work / "logs" / f"{self.i:02d}")
+    logger.disable("datatrove")
+    try:
+        for rank in range(tasks):
+            data = None
+            for step in pipeline:
+                data = step(data, rank, tasks)
+            deque(data or (), maxlen=0)
+    finally:
+        logger.enable("datatrove")
 
-    def step(self, *steps) -> Path:
-        """Shard by shard: the current documents through `steps`, written for the next stage."""
-        src, out = self.current, self.work / f"stage{self.i + 1:02d}"
-        self.run([ShardReader(src), *steps, ShardWriter(out)])
-        self.current = out
-        return out
+
+def filter_shard(files: list[str], kind: str, spec: CurationSpec, index: DecontaminationIndex | None, work: Path,
+                 out: Path) -> Curation:
+    """One shard through the filters; `out` gets the surviving records, their ids and their dedup signatures."""
+    from datatrove.pipeline.dedup import MinhashDedupSignature
+    from datatrove.pipeline.dedup.exact_dedup import ExactDedupSignature
+    from datatrove.pipeline.filters import GopherQualityFilter
+    from datatrove.pipeline.writers import JsonlWriter
+
+    def excluded(name: str):
+        return JsonlWriter(str(work / "removed" / name), output_filename="${rank}.jsonl", compression=None)
+
+    steps = []
+    if spec.enabled and spec.languages:
+        steps.append(LanguageID(spec.languages, spec.language_score, excluded("language")))
+    if spec.enabled and spec.quality and kind == "pretrain":
+        steps.append(GopherQualityFilter(min_doc_words=spec.min_words, min_stop_words=spec.min_stop_words,
+                                         language=Words(), exclusion_writer=excluded("quality")))
+    if spec.enabled and index is not None and index.by_length:
+        steps.append(Decontaminate(index, excluded("decontamination")))
+    docs = work / "docs"
+    _run([RecordReader([files], kind), *steps, ShardWriter(docs)])
+    out.mkdir(parents=True, exist_ok=True)
+    _run([ShardReader(docs), ShardWriter(out, records=True)])
+    (out / "00000.jsonl").rename(out / RECORDS)
+    with open(docs / "00000.jsonl", encoding="utf-8") as f, open(out / IDS, "w") as ids:
+        ids.writelines(json.loads(line)["id"] + "\n" for line in f)
+    if spec.enabled and spec.exact_dedup:
+        _run([ShardReader(docs), ExactDedupSignature(str(out / SIGNATURES / "exact"), _exact_config())])
+    if spec.enabled and spec.near_dedup:
+        _run([ShardReader(docs), MinhashDedupSignature(str(out / SIGNATURES / "minhash"),
+                                                       config=_minhash_config(spec), language=Words())])
+    kept = _lines(out / IDS)
+    removed = {name: _removed(work / "removed" / name) for name in FILTERS}
+    removed = {k: v for k, v in removed.items() if v["count"]}
+    return Curation(kept + sum(v["count"] for v in removed.values()), kept, removed)
+
+
+def deduplicate(shards: list[Path], spec: CurationSpec, work: Path) -> Dedup:
+    """Exact, then near duplicates across the filtered shards (folders filter_shard wrote, in corpus order). Of an
+    exact group the first copy stays (datatrove's finder); of a MinHash cluster the first member that is not an
+    exact duplicate stays, in (shard, position) order, so the choice does not depend on datatrove's union-find."""
+    from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster
+    from datatrove.pipeline.dedup.exact_dedup import ExactFindDedups
+
+    remove: list[set[int]] = [set() for _ in shards]
+    removed = {}
+    if spec.enabled and spec.exact_dedup:
+        for i, s in enumerate(shards):  # each shard's signatures, renamed to its position (datatrove's file id)
+            _copy(s / SIGNATURES / "exact" / "0000" / "00000.c4_sig", work / "exact" / "0000" / f"{i:05d}.c4_sig")
+        _run([ExactFindDedups(str(work / "exact"), str(work / "exact_dups"), _exact_config())])
+        for i in range(len(shards)):
+            dup = work / "exact_dups" / "00000" / f"{i:05d}.c4_dup"
+            if dup.exists():
+                remove[i] |= {doc for (doc,) in _unpack(dup, "<I")}
+        removed["exact_duplicates"] = _positions(shards, remove, "exact duplicate")
+    if spec.enabled and spec.near_dedup:
+        mh = _minhash_config(spec)
+        for i, s in enumerate(shards):
+            for b in range(mh.num_buckets):
+                name = f"bucket_{b:03d}"
+                _copy(s / SIGNATURES / "minhash" / name / "00000.minhash.sig",
+                      work / "minhash" / "sigs" / name / f"{i:05d}.minhash.sig")
+        sigs, buckets, clusters = (str(work / "minhash" / d) for d in ("sigs", "buckets", "clusters"))
+        _run([MinhashDedupBuckets(sigs, buckets, config=mh)], tasks=mh.num_buckets)
+        _run([MinhashDedupCluster(buckets, clusters, config=mh, save_cluster_id=True)])
+        near = [set() for _ in shards]
+        for members in _clusters(Path(clusters), len(shards)).values():
+            keep = min((m for m in members if m[1] not in remove[m[0]]), default=None)
+            for i, doc in members:
+                if (i, doc) != keep and doc not in remove[i]:
+                    near[i].add(doc)
+        removed["near_duplicates"] = _positions(shards, near, "near duplicate")
+        remove = [a | b for a, b in zip(remove, near)]
+    return Dedup([sorted(r) for r in remove], {k: v for k, v in removed.items() if v["count"]})
 
 
 def curate(shards: list[list[str]], kind: str, spec: CurationSpec, index: DecontaminationIndex | None,
-           work: Path) -> Curation:
-    """Curate a validated corpus of `kind` whose files are grouped into `shards`; results under `work`."""
-    from datatrove.pipeline.dedup import (MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter,
-                                          MinhashDedupSignature)
-    from datatrove.pipeline.dedup.exact_dedup import (ExactDedupConfig, ExactDedupFilter, ExactDedupSignature,
-                                                      ExactFindDedups)
-    from datatrove.pipeline.dedup.minhash import MinhashConfig
-    from datatrove.pipeline.filters import GopherQualityFilter
-    from datatrove.utils.hashing import HashConfig
+           work: Path) -> tuple[list[list[dict]], Curation]:
+    """The whole curation in one process: each shard's surviving records, and what each step removed."""
+    folders, parts = [], []
+    for i, files in enumerate(shards):
+        folders.append(work / f"shard{i:05d}")
+        parts.append(filter_shard(files, kind, spec, index, work / f"work{i:05d}", folders[-1]))
+    dedup = deduplicate(folders, spec, work / "dedup")
+    kept = [list(surviving(f, set(r))) for f, r in zip(folders, dedup.remove)]
+    return kept, combine(parts, dedup)
 
-    st, words = _Stages(work, len(shards)), Words()
-    filters = []
-    if spec.languages:
-        filters.append(LanguageID(spec.languages, spec.language_score, st.excluded("language")))
-    if spec.quality and kind == "pretrain":
-        filters.append(GopherQualityFilter(min_doc_words=spec.min_words, min_stop_words=spec.min_stop_words,
-                                           language=words, exclusion_writer=st.excluded("quality")))
-    if index is not None and index.by_length:
-        filters.append(Decontaminate(index, st.excluded("decontamination")))
-    st.current = work / "stage01"
-    st.run([RecordReader(shards, kind), *filters, ShardWriter(st.current)])
-    if spec.exact_dedup:
-        cfg, sigs, dups = ExactDedupConfig(content_getter=_content), str(work / "exact"), str(work / "exact_dups")
-        st.run([ShardReader(st.current), ExactDedupSignature(sigs, cfg)])
-        st.run([ExactFindDedups(sigs, dups, cfg)], tasks=1)
-        st.step(ExactDedupFilter(dups, cfg, exclusion_writer=st.excluded("exact_duplicates")))
-    if spec.near_dedup:
-        # sha1: datatrove's default xxhash is handed str here, which xxhash 4 refuses
-        mh = MinhashConfig(n_grams=spec.minhash_ngrams, hash_config=HashConfig(hash_fc="sha1", precision=64))
-        sigs, buckets, remove = (str(work / "minhash" / d) for d in ("sigs", "buckets", "remove"))
-        st.run([ShardReader(st.current), MinhashDedupSignature(sigs, config=mh, language=words)])
-        st.run([MinhashDedupBuckets(sigs, buckets, config=mh)], tasks=mh.num_buckets)
-        st.run([MinhashDedupCluster(buckets, remove, config=mh)], tasks=1)
-        st.step(MinhashDedupFilter(remove, exclusion_writer=st.excluded("near_duplicates")))
-    out = work / "curated"
-    st.run([ShardReader(st.current), ShardWriter(out, records=True)])
-    files = [out / f"{r:05d}.jsonl" for r in range(len(shards))]
-    kept = sum(_lines(f) for f in files)
-    removed = {name: _removed(work / "removed" / name) for name in FILTERS}
-    n_in = kept + sum(r["count"] for r in removed.values())
-    return Curation(files, n_in, kept, {k: v for k, v in removed.items() if v["count"]})
+
+def combine(parts: list[Curation], dedup: Dedup) -> Curation:
+    """The corpus's curation: every shard's filters, then deduplication across them."""
+    removed: dict[str, dict] = {}
+    for step in (*FILTERS, *dedup.removed):
+        found = [p.removed[step] for p in parts if step in p.removed] or ([dedup.removed[step]]
+                                                                          if step in dedup.removed else [])
+        if found:
+            removed[step] = {"count": sum(f["count"] for f in found),
+                             "examples": [e for f in found for e in f["examples"]][:EXAMPLES]}
+    n_in = sum(p.n_in for p in parts)
+    return Curation(n_in, n_in - sum(v["count"] for v in removed.values()), removed)
+
+
+def surviving(folder: Path, remove: set[int]):
+    """A filtered shard's records in order, less those deduplication removes (by position)."""
+    with open(folder / RECORDS, encoding="utf-8") as f:
+        for n, line in enumerate(f):
+            if n not in remove:
+                yield json.loads(line)
 
 
 def decontamination_index(refs: dict[str, list[str]], n: int) -> DecontaminationIndex:
@@ -119,6 +194,42 @@ def decontamination_index(refs: dict[str, list[str]], n: int) -> Decontamination
         for text in texts:
             index.add(name, text)
     return index
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """A shard's signature file under the name its position gives; an empty one when the shard has none, as
+    datatrove's MinHash buckets number their inputs by their place in the listing."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.exists():
+        shutil.copy(src, dst)
+    else:
+        dst.touch()
+
+
+def _unpack(path: Path, fmt: str) -> list[tuple[int, ...]]:
+    """A datatrove binary file of fixed-size little-endian records."""
+    return list(struct.iter_unpack(fmt, path.read_bytes()))
+
+
+def _clusters(folder: Path, n_shards: int) -> dict[int, list[tuple[int, int]]]:
+    """MinHash clusters: cluster id -> members (shard, position)."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    for i in range(n_shards):
+        path = folder / f"{i:06d}.clusters"
+        if path.exists():
+            for doc, cluster in _unpack(path, "<2I"):
+                out.setdefault(cluster, []).append((i, doc))
+    return out
+
+
+def _positions(shards: list[Path], remove: list[set[int]], why: str) -> dict:
+    """Counts and examples of removals given as positions, named by the records' ids."""
+    examples = []
+    for folder, r in zip(shards, remove):
+        if r and len(examples) < EXAMPLES:
+            ids = (folder / IDS).read_text().splitlines()
+            examples += [[ids[n], why, ""] for n in sorted(r)[: EXAMPLES - len(examples)]]
+    return {"count": sum(len(r) for r in remove), "examples": examples}
 
 
 def _lines(path: Path) -> int:

@@ -44,6 +44,42 @@ def resolve(entries: list[str], kind: str, work: Path, *, label: str, store=None
     return out
 
 
+def shard_sources(entries: list[str], *, label: str, store=None) -> list[str]:
+    """`entries` as shards, each a source of one file: a local folder or an s3:// prefix gives one per corpus file
+    (sorted by name); a file, an s3:// object or `demo` is one shard itself."""
+    out: list[str] = []
+    for entry in entries:
+        if is_demo(entry):
+            out.append(entry)
+        elif entry.startswith("s3://"):
+            if entry.rstrip("/").rpartition("/")[2].lower().endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES):
+                out.append(entry)
+                continue
+            if store is None:
+                raise RuyiError(f"{label}: {entry} is in the object store, but no store was given")
+            found = [u for u in store.list_objects(entry) if u.lower().endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES)]
+            if not found:
+                raise RuyiError(f"{label}: no .jsonl or .parquet objects under {entry}")
+            out += found
+        else:
+            try:
+                out += [str(p) for p in expand_paths([entry])]
+            except RuyiError as e:
+                raise RuyiError(f"{label}: {e} (a source is {SOURCE_FORMS})") from None
+    return out
+
+
+def source_version(source: str, store=None) -> str:
+    """What changes when a one-file source's content may have: size and mtime of a local file, an object's ETag.
+    A demo source's content follows the spec."""
+    if is_demo(source):
+        return ""
+    if source.startswith("s3://"):
+        return store.etag(source)
+    st = Path(source).stat()
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
 def _from_store(uri: str, dest: Path, label: str, store) -> list[Path]:
     if store is None:
         raise RuyiError(f"{label}: {uri} is in the object store, but no store was given")

@@ -195,7 +195,7 @@ class PipelineSpec(_Strict):
     image: str = "ghcr.io/ruyi-flow/ruyi-base:0.1.0"  # every component's image (images/)
     s3_secret: str = "ruyi-s3"  # Kubernetes Secret with keys access_key and secret_key
     resources: dict[str, Resources] = Field(default_factory=lambda: {
-        "default": Resources(), "validate_data": Resources(cpu="2", memory="4Gi"),
+        "default": Resources(), "curate_shard": Resources(cpu="2", memory="4Gi"),
         "report": Resources(cpu="1", memory="2Gi")})
     timeout_s: int = Field(6 * 3600, ge=60)  # per step
     retries: int = Field(1, ge=0, le=10)  # per step

@@ -1,17 +1,15 @@
-"""Data stages: the data gate (validate_data), the run plan behind it, and tokenize + pack (prepare_data)."""
+"""Data stages: what the gate's datasets are (the sharded stages that make them: shards.py), the run plan behind
+them, and tokenize + pack (prepare_data)."""
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from ruyi_core.errors import RuyiError
 from ruyi_core.spec import RunSpec
-from ruyi_core.stages.contract import Artifact, Stage, StageRun, run_stage, slice_hash, workdir
+from ruyi_core.stages.contract import Artifact, Stage, StageRun, run_stage, slice_hash
 from ruyi_core.store import ArtifactStore
 
 KINDS = ("pretrain", "sft", "rl")
@@ -42,69 +40,7 @@ class RunPlan(BaseModel):
         return next(d for d in self.datasets if d.kind == kind)
 
 
-# The raw corpus is keyed by its content (the fingerprint parameter), not by where the spec found it.
-VALIDATE = Stage("validate_data", RawDataset, ("data.allowed_sources", "data.allowed_langs", "data.thresholds",
-                                               "data.curation"), version=2, root="datasets/raw/{kind}")
 PREPARE = Stage("prepare_data", PackedDataset, ("data.shard_tokens",), root="datasets/packed/{kind}")
-
-
-def resolve_corpus(spec: RunSpec, kind: str, store: ArtifactStore, work: Path) -> list[Path]:
-    """Local files for a corpus kind (ruyi_core.data.sources)."""
-    from ruyi_core.data.sources import demo_sizes, resolve
-
-    return resolve(getattr(spec.data, kind), kind, work, label=f"data.{kind}", store=store, seed=spec.data.seed,
-                   demo_sizes=demo_sizes(spec))
-
-
-def validate_data(spec: RunSpec, store: ArtifactStore, kind: str, docs_dir: Path | None = None) -> RawDataset:
-    """The data gate, then curation. Only a corpus that passes reaches datasets/, as its curated files plus the
-    gate's summary with what curation removed. The gate always looks at the data; storing it is skipped when the
-    same content already passed under the same curation and references."""
-    from ruyi_core.data.validate import gate_or_raise, validate_corpus
-
-    cur = spec.data.curation
-    with workdir("validate") as work:
-        paths = resolve_corpus(spec, kind, store, work)
-        gate = validate_corpus(paths, kind, spec.data, docs_dir)
-        gate_or_raise(gate)
-        refs = reference_sets(spec, store, work / "references") if cur.enabled and cur.decontaminate else {}
-        digest = hashlib.sha256(json.dumps(refs, sort_keys=True).encode()).hexdigest()
-
-        def build(run: StageRun) -> dict:
-            stored = {str(p): f"{i:03d}-{p.name}" for i, p in enumerate(paths)}
-            summary = stored_summary(gate.summary, stored)
-            files = stored
-            if cur.enabled:
-                curation = curated(spec, kind, paths, refs, work / "curate")
-                files = {str(f): f"{i:03d}-{Path(p).stem}.jsonl" for i, (f, p) in
-                         enumerate(zip(curation.files, stored))}
-                summary["curation"] = curation.summary()
-            h = hashlib.sha256(f"ruyi-curated:{kind}\n".encode())
-            for p, name in files.items():
-                shutil.copy(p, run.out / name)
-                h.update(Path(p).read_bytes())
-            (run.out / "gate_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-            n = summary["curation"]["records_kept"] if cur.enabled else gate.n_records
-            return {"kind": kind, "n_records": n, "fingerprint": h.hexdigest() if cur.enabled else gate.fingerprint}
-
-        params = {"kind": kind, "fingerprint": gate.fingerprint, "references": digest}
-        return run_stage(VALIDATE, spec, store, build, params=params)
-
-
-def curated(spec: RunSpec, kind: str, paths: list[Path], refs: dict[str, list[str]], work: Path):
-    """The corpus through data.curation, one shard per file; refused when too little is left to train on."""
-    from ruyi_core.data.curate import curate, decontamination_index
-
-    cur = spec.data.curation
-    index = decontamination_index(refs, cur.decontamination_ngrams) if refs else None
-    result = curate([[str(p)] for p in paths], kind, cur, index, work)
-    need = spec.data.thresholds[kind].min_records if kind in spec.data.thresholds else 1
-    if result.n_kept < need:
-        worst = max(result.removed.items(), key=lambda kv: kv[1]["count"])
-        raise RuyiError(f"data.{kind}: curation kept {result.n_kept} of {result.n_in} records, fewer than "
-                        f"data.thresholds.{kind}.min_records={need}; {worst[0]} removed {worst[1]['count']}: "
-                        f"loosen data.curation or add data")
-    return result
 
 
 def reference_sets(spec: RunSpec, store: ArtifactStore, work: Path) -> dict[str, list[str]]:
@@ -159,11 +95,25 @@ def plan_run(spec: RunSpec, datasets: list[RawDataset]) -> RunPlan:
                    datasets=sorted(datasets, key=lambda d: d.kind))
 
 
-def corpus_records(run: StageRun, name: str, kind: str) -> Iterator[dict]:
-    """A validated corpus's records, streamed from its files."""
-    from ruyi_core.data.reader import BadRecords, iter_records
+def corpus_records(run: StageRun, name: str) -> Iterator[dict]:
+    """Input `name`'s curated records, streamed; the shards they come from join the stage's lineage."""
+    return dataset_records(run.store, run.fetch(name), run.work / "shards" / name, run.lineage)
 
-    return (rec for rec, _, _ in iter_records([run.fetch(name)], kind, BadRecords()))
+
+def dataset_records(store: ArtifactStore, dataset: Path, work: Path, shards: list[str] | None = None
+                    ) -> Iterator[dict]:
+    """A curated corpus's records in corpus order, shard by shard: merge_data's `dataset.json` (in the folder
+    `dataset`) names the shards and the positions of their records that deduplication removed."""
+    from ruyi_core.data.curate import RECORDS, surviving
+
+    listing = json.loads((dataset / "dataset.json").read_text())
+    for i, shard in enumerate(listing["shards"]):
+        folder = work / f"{i:05d}"
+        store.get_artifact(shard["uri"], folder, only=[RECORDS])
+        if shards is not None:
+            shards.append(shard["uri"])
+        yield from surviving(folder, set(shard["remove"]))
+        (folder / RECORDS).unlink()
 
 
 def prepare_data(spec: RunSpec, store: ArtifactStore, kind: str, raw: str, family: str) -> PackedDataset:
@@ -174,7 +124,7 @@ def prepare_data(spec: RunSpec, store: ArtifactStore, kind: str, raw: str, famil
 
         from ruyi_core.data.pack import prepare_corpus
 
-        records = corpus_records(run, "raw", kind)
+        records = corpus_records(run, "raw")
         tok = AutoTokenizer.from_pretrained(run.fetch("family"))
         res = prepare_corpus(records, kind, tok, run.out, spec.data.shard_tokens)
         return {"kind": res.kind, "n_docs": res.n_docs, "n_tokens": res.n_tokens, "fingerprint": res.fingerprint}

@@ -75,7 +75,7 @@ def init_family(spec: RunSpec, store: ArtifactStore, pretrain: str) -> Family:
             run.log(f"[init_family] warm start from {run.inputs['warm_start']}")
             save_family(fam, tok, run.out)
             return _summary(fam)
-        records = corpus_records(run, "pretrain", "pretrain")
+        records = corpus_records(run, "pretrain")
         fam_spec = spec.family
         if fam_spec.base.startswith("s3://"):  # a base in the store: fetched (and verified) into the work folder
             run.log(f"[init_family] fetching base {fam_spec.base}")

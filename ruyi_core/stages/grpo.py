@@ -59,7 +59,7 @@ def _write_prompts(run: StageRun, given: Path) -> None:
     from ruyi_core.rl.worker import INPUTS
 
     with (given / INPUTS["prompts"]).open("w") as f:
-        for rec in corpus_records(run, "rl", "rl"):
+        for rec in corpus_records(run, "rl"):
             f.write(json.dumps(rec) + "\n")
     (given / INPUTS["heldout"]).write_text(json.dumps(heldout_prompts(run.spec, run.work, run.store)))
     (given / INPUTS["heldout_text"]).write_text(json.dumps(heldout_texts(run.spec, run.work, run.store)))

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from ruyi_core.spec import RunSpec
 from ruyi_core.stages.contract import Stage, spec_slice
 from ruyi_core.stages.dae import EXPAND, SVD
-from ruyi_core.stages.data import PREPARE, VALIDATE
+from ruyi_core.stages.data import PREPARE
 from ruyi_core.stages.family import EXPORT, INIT
 from ruyi_core.stages.grpo import GRPO
 from ruyi_core.stages.report import REPORT
 from ruyi_core.stages.route import ROUTE
+from ruyi_core.stages.shards import CURATE, MERGE
 from ruyi_core.stages.ship import PACKAGE
 from ruyi_core.stages.train import TRAIN
 
@@ -46,7 +47,9 @@ def _training(stage: str, caption: str, when: tuple[str, ...] = ()) -> Step:
 
 
 STEPS = (
-    Step("validate_data", VALIDATE, weights=True),  # once per corpus kind
+    Step("plan_shards"),  # every corpus's files, one shard each
+    Step("curate_shard", CURATE, weights=True),  # once per shard: the data gate, then curation's filters
+    Step("merge_data", MERGE, weights=True),  # once per corpus: deduplication across its shards
     Step("plan_run"),  # the data-fingerprint gate: an unchanged run stops here
     Step("init_family", INIT, weights=True),
     Step("prepare_data", PREPARE, weights=True),

@@ -399,16 +399,29 @@ class ArtifactStore:
         when it has one). Returns the relative paths."""
         if self.has_artifact(uri):
             return [f.path for f in self.get_artifact(uri, local_dir).files]
+        uris = self.list_objects(uri)
+        if not uris:
+            raise StoreError(f"no objects under {self.normalize_uri(uri)}: upload the folder there first")
+        prefix = self.normalize_uri(uri).rstrip("/") + "/"
+        rels = [u[len(prefix):] for u in uris]
+        for u, rel in zip(uris, rels):
+            self.get_file(u, Path(local_dir) / rel)
+        return rels
+
+    def etag(self, uri: str) -> str:
+        """An object's ETag: it changes when the object does."""
         bucket, key = self.split(uri)
+        with self._errors(f"reading {self.uri(key, bucket)}", bucket):
+            return self.transfer.retry(self.client.stat_object, bucket, key).etag
+
+    def list_objects(self, uri: str) -> list[str]:
+        """URIs of the objects under a prefix, sorted."""
+        bucket, key = self.split(uri)
+        key = key.rstrip("/")
         with self._errors(f"listing {self.uri(key, bucket)}", bucket):
             names = self.transfer.retry(lambda: [o.object_name for o in self.client.list_objects(
                 bucket, prefix=f"{key}/", recursive=True)])
-        if not names:
-            raise StoreError(f"no objects under {self.uri(key, bucket)}: upload the folder there first")
-        rels = [n[len(key) + 1:] for n in names]
-        for n, rel in zip(names, rels):
-            self.get_file(self.uri(n, bucket), Path(local_dir) / rel)
-        return rels
+        return sorted(self.uri(n, bucket) for n in names)
 
     def get_file(self, key_or_uri: str, local_path: str | Path) -> FileEntry:
         """Download one object; verified against the sha256 in its metadata when it has one."""
