@@ -35,14 +35,18 @@ def curate_shard(spec_yaml: str, shard: str, curated: Output[Dataset], gate_docs
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def merge_data(spec_yaml: str, shards: Input[List[Dataset]], datasets: Output[Dataset]):
-    """Deduplication across each corpus's shards; one dataset per corpus kind, for the run plan."""
+def merge_data(spec_yaml: str, shards: Input[List[Dataset]], datasets: Output[Dataset], curation: Output[HTML]):
+    """Deduplication across each corpus's shards; one dataset per corpus kind, for the run plan, and a page of
+    what curation removed, per corpus and per shard."""
     import json
     from pathlib import Path
 
+    from ruyi_core.data.curate import curation_html
     from ruyi_core.stages import CuratedShard, merge_all, open_run
 
     with open_run(spec_yaml) as (spec, store):
         merged = merge_all(spec, store, [CuratedShard.of(s.metadata) for s in shards])
         datasets.metadata["datasets"] = [d.model_dump(mode="json") for d in merged]
         Path(datasets.path).write_text(json.dumps(datasets.metadata["datasets"]))
+        Path(curation.path).write_text(curation_html(
+            {d.kind: json.loads(d.read_text(store, "gate_summary.json")) for d in merged}))

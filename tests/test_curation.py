@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import with_demo
-from ruyi_core.data.curate import curate, decontamination_index
+from ruyi_core.data.curate import curate, curation_html, decontamination_index
 from ruyi_core.data.pack import prepare_corpus
 from ruyi_core.data.packed import read_documents
 from ruyi_core.errors import RuyiError
@@ -84,7 +84,12 @@ def test_planted_records_never_reach_the_packed_dataset_and_each_kind_is_counted
     [raw] = gate_and_curate(spec, store, kinds=("pretrain",))
     local = tmp_path / "stored"
     store.get_folder(raw.uri, local)
-    summary = json.loads((local / "gate_summary.json").read_text())["curation"]
+    stored = json.loads((local / "gate_summary.json").read_text())
+    summary = stored["curation"]
+    for step, v in summary["removed"].items():  # the totals are the shards' sums
+        assert sum(sh["removed"].get(step, 0) for sh in stored["shards"]) == v["count"]
+    page = curation_html({"pretrain": stored})
+    assert all(step in page for step in planted) and "part-03.jsonl" in page
     assert {k: v["count"] for k, v in summary["removed"].items()} == {k: len(v) for k, v in planted.items()}
     assert summary["records_in"] == len(texts) and summary["records_kept"] == raw.n_records == len(clean)
     assert "overlaps leaky" in json.dumps(summary["removed"]["decontamination"]["examples"])

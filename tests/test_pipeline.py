@@ -205,6 +205,7 @@ def test_local_pipeline_end_to_end_then_cached(tmp_path, s3_server, monkeypatch)
     r = subprocess.run([sys.executable, "-m", "ruyi_core.cli", "lineage", tiers[0], "--spec", str(spec)],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0 and "curate_shard" in r.stdout and "init_family" in r.stdout, r.stdout + r.stderr
+    assert re.search(r"shard part-3\.jsonl \(records [0-9a-f]{12}\): [\d,]+ records, \d+ removed", r.stdout), r.stdout
 
     second = run_local(spec, tmp_path / "kfp", show=lambda m: None)
     # only the data-fingerprint gate runs: the data did not change, so the run stops there

@@ -33,6 +33,9 @@ class Curation:
     def summary(self) -> dict:
         return {"records_in": self.n_in, "records_kept": self.n_kept, "removed": self.removed}
 
+    def removed_counts(self) -> dict[str, int]:
+        return {k: v["count"] for k, v in self.removed.items()}
+
 
 @dataclass
 class Dedup:
@@ -40,6 +43,7 @@ class Dedup:
 
     remove: list[list[int]]
     removed: dict[str, dict]
+    per_shard: list[dict[str, int]]  # each shard's count per step
 
 
 def _content(doc) -> bytes:
@@ -123,7 +127,7 @@ def deduplicate(shards: list[Path], spec: CurationSpec, work: Path) -> Dedup:
     from datatrove.pipeline.dedup.exact_dedup import ExactFindDedups
 
     remove: list[set[int]] = [set() for _ in shards]
-    removed = {}
+    removed, per_shard = {}, [{} for _ in shards]
     if spec.enabled and spec.exact_dedup:
         for i, s in enumerate(shards):  # each shard's signatures, renamed to its position (datatrove's file id)
             _copy(s / SIGNATURES / "exact" / "0000" / "00000.c4_sig", work / "exact" / "0000" / f"{i:05d}.c4_sig")
@@ -133,6 +137,8 @@ def deduplicate(shards: list[Path], spec: CurationSpec, work: Path) -> Dedup:
             if dup.exists():
                 remove[i] |= {doc for (doc,) in _unpack(dup, "<I")}
         removed["exact_duplicates"] = _positions(shards, remove, "exact duplicate")
+        for counts, r in zip(per_shard, remove):
+            counts["exact_duplicates"] = len(r)
     if spec.enabled and spec.near_dedup:
         mh = _minhash_config(spec)
         for i, s in enumerate(shards):
@@ -150,8 +156,11 @@ def deduplicate(shards: list[Path], spec: CurationSpec, work: Path) -> Dedup:
                 if (i, doc) != keep and doc not in remove[i]:
                     near[i].add(doc)
         removed["near_duplicates"] = _positions(shards, near, "near duplicate")
+        for counts, r in zip(per_shard, near):
+            counts["near_duplicates"] = len(r)
         remove = [a | b for a, b in zip(remove, near)]
-    return Dedup([sorted(r) for r in remove], {k: v for k, v in removed.items() if v["count"]})
+    return Dedup([sorted(r) for r in remove], {k: v for k, v in removed.items() if v["count"]},
+                 [{k: n for k, n in c.items() if n} for c in per_shard])
 
 
 def curate(shards: list[list[str]], kind: str, spec: CurationSpec, index: DecontaminationIndex | None,
@@ -177,6 +186,25 @@ def combine(parts: list[Curation], dedup: Dedup) -> Curation:
                              "examples": [e for f in found for e in f["examples"]][:EXAMPLES]}
     n_in = sum(p.n_in for p in parts)
     return Curation(n_in, n_in - sum(v["count"] for v in removed.values()), removed)
+
+
+def curation_html(summaries: dict[str, dict]) -> str:
+    """The curation of every corpus as one HTML page (a KFP UI output): totals, then per shard, with examples."""
+    import html
+
+    def table(rows: list[list], head: list[str]) -> str:
+        cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+        return "<table border=1 cellpadding=4><tr>" + "".join(f"<th>{h}</th>" for h in head) + f"</tr>{cells}</table>"
+
+    parts = ["<h1>Curation</h1>"]
+    for kind, s in summaries.items():
+        cur, steps = s["curation"], [*FILTERS, "exact_duplicates", "near_duplicates"]
+        parts.append(f"<h2>{kind}: {cur['records_kept']:,} of {cur['records_in']:,} records kept</h2>")
+        parts.append(table([[k, v["count"], "; ".join(" | ".join(map(str, e)) for e in v["examples"])]
+                            for k, v in cur["removed"].items()], ["step", "removed", "examples"]))
+        parts.append(table([[sh["source"], sh["records"], *(sh["removed"].get(k, 0) for k in steps), sh["kept"]]
+                            for sh in s["shards"]], ["shard", "records", *steps, "kept"]))
+    return "<html><body>" + "".join(parts) + "</body></html>"
 
 
 def surviving(folder: Path, remove: set[int]):

@@ -118,8 +118,8 @@ def merge_data(spec: RunSpec, store: ArtifactStore, kind: str, shards: list[Cura
         listing = [{"uri": s.uri, "source": s.source, "fingerprint": s.fingerprint, "remove": r}
                    for s, r in zip(shards, dedup.remove)]
         (run.out / "dataset.json").write_text(json.dumps({"kind": kind, "shards": listing}, indent=1))
-        per_shard = [{"source": s.source, "records": s.n_records, "kept": s.n_kept - len(r)}
-                     for s, r in zip(shards, dedup.remove)]
+        per_shard = [{"source": s.source, "records": s.n_records, "removed": {**p.removed_counts(), **d},
+                      "kept": s.n_kept - len(r)} for s, p, d, r in zip(shards, parts, dedup.per_shard, dedup.remove)]
         (run.out / "gate_summary.json").write_text(json.dumps({"curation": total.summary(), "shards": per_shard},
                                                               indent=2))
         content = [[s.fingerprint, s.references, r] for s, r in zip(shards, dedup.remove)]

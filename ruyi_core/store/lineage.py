@@ -50,8 +50,22 @@ def lineage_json(chain: list[Manifest]) -> dict:
     """The chain for scripts: the root's URI and every artifact with its hashes and the URIs it was built from."""
     return {"uri": chain[0].uri, "artifacts": [
         {"uri": m.uri, "stage": m.stage, "created_at": m.created_at, "files": len(m.files),
-         "size_bytes": m.total_size, "content_sha256": m.content_sha256(), "inputs": [r.uri for r in m.inputs]}
+         "size_bytes": m.total_size, "content_sha256": m.content_sha256(), "inputs": [r.uri for r in m.inputs],
+         "metadata": m.metadata}
         for m in chain]}
+
+
+def _detail(m: Manifest) -> str | None:
+    """What a data artifact holds, in words: a shard's source, its records' hash and what the filters removed; a
+    curated corpus's record count."""
+    meta = m.metadata
+    if m.stage == "curate_shard" and {"source", "n_records", "n_kept", "fingerprint"} <= set(meta):
+        name = str(meta["source"]).rstrip("/").rpartition("/")[2]
+        return (f"shard {name} (records {str(meta['fingerprint'])[:12]}): {meta['n_records']:,} records, "
+                f"{meta['n_records'] - meta['n_kept']:,} removed by curation's filters")
+    if m.stage == "merge_data" and "n_records" in meta:
+        return f"{meta.get('kind', '')} corpus: {meta['n_records']:,} records after deduplication across shards"
+    return None
 
 
 def lineage_tree(chain: list[Manifest]) -> list[str]:
@@ -70,6 +84,8 @@ def lineage_tree(chain: list[Manifest]) -> list[str]:
         lines.append(f"{lead}{branch}{m.stage}  {m.content_sha256()[:12]}  {len(m.files)} files, "
                      f"{_size(m.total_size)}  {when}")
         lines.append(f"{lead}{rest}  {m.uri.removeprefix(prefix)}")
+        if (detail := _detail(m)) is not None:
+            lines.append(f"{lead}{rest}  {detail}")
         parents = [by_uri[r.uri] for r in m.inputs if r.uri in by_uri]
         seen = [p for p in parents if p.uri in shown]
         new = [p for p in parents if p.uri not in shown]
