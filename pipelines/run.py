@@ -97,6 +97,10 @@ def run_local(spec_path: str | Path, root: str | Path = ".ruyi/kfp", show=None) 
     spec_path, root = Path(spec_path), Path(root).resolve()
     spec = load_spec(spec_path)
     store = ArtifactStore.from_spec(spec.store, env=os.environ)  # fail fast, one line, on a bad store/credentials
+    if spec.family.warm_start:  # refused here, not in init_family after the data stages ran
+        from ruyi_core.package.registry import promoted_family
+
+        promoted_family(store, spec.family.warm_start)
     root.mkdir(parents=True, exist_ok=True)
     log_path = root / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"  # concurrent runs: one log each
     # The tasks' temp dir, removed with the run (or swept once a killed run's process is gone): KFP's per-task

@@ -11,7 +11,6 @@ from pathlib import Path
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
-from datatrove.utils.hashing import HashConfig, create_hash_func
 from datatrove.utils.text import TextNormConfig, ngrams, simplify_text
 from datatrove.utils.word_tokenizers import WordTokenizer
 
@@ -128,7 +127,7 @@ class LanguageID(BaseFilter):
 
 
 class DecontaminationIndex:
-    """Hashed n-grams of every reference item (benchmark or held-out record), by length. An item of at least `n`
+    """The n-grams of every reference item (benchmark or held-out record), by length. An item of at least `n`
     words contributes its n-grams; a shorter one (a short question with its answer) contributes itself whole, when
     it has at least `min_words`: its exact words in a training text are a leak however short it is."""
 
@@ -136,8 +135,8 @@ class DecontaminationIndex:
         self.n, self.min_words = n, min_words
         # numbers kept: two arithmetic items that differ only in their numbers are different items
         self.norm, self.tokenizer = TextNormConfig(norm_numbers=False), Words()
-        self.hash = create_hash_func(HashConfig())
-        self.by_length: dict[int, dict[int, str]] = {}
+        # n-grams as text: the index lives in one process, so Python's own string hashing serves
+        self.by_length: dict[int, dict[str, str]] = {}
 
     def words(self, text: str) -> list[str]:
         return self.tokenizer.word_tokenize(simplify_text(text, self.norm))
@@ -149,14 +148,14 @@ class DecontaminationIndex:
         length = min(self.n, len(words))
         table = self.by_length.setdefault(length, {})
         for gram in ngrams(words, length):
-            table.setdefault(self.hash(" ".join(gram).encode()), reference)
+            table.setdefault(" ".join(gram), reference)
 
     def match(self, text: str) -> tuple[str, str] | None:
         """The first reference whose n-gram the text contains, with that n-gram's text."""
         words = self.words(text)
         for length, table in self.by_length.items():
             for gram in ngrams(words, length):
-                ref = table.get(self.hash(" ".join(gram).encode()))
+                ref = table.get(" ".join(gram))
                 if ref is not None:
                     return ref, " ".join(gram)
         return None
