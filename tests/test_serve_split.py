@@ -130,20 +130,42 @@ def test_the_cost_model_sends_state_on_a_fast_link_and_tokens_on_a_slow_one():
     assert not Upstream("http://x", mode="tokens").wants_state(20, 20, 1)
 
 
-@pytest.mark.parametrize("upstream", ["down", "silent"])
-def test_an_upstream_down_or_slow_leaves_the_lower_tiers_answer_flagged(family_dir, whole, upstream):  # noqa: F811
+def _dies_while_answering(listener: socket.socket) -> None:
+    """An upstream killed mid-answer: it reads a request, sends the start of a response, and is gone."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:  # the listener closed: the test is over
+            return
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 400\r\n\r\n{"tier": ')
+
+
+@pytest.mark.parametrize("upstream", ["down", "silent", "dies"])
+def test_an_upstream_down_slow_or_dying_leaves_the_lower_tiers_answer_flagged(family_dir, whole,  # noqa: F811
+                                                                               upstream):
+    import threading
+
     end = from_family(family_dir, CPU, name="micro", only=["end"])
-    with socket.socket() as silent:  # "silent" accepts connections and never answers
-        silent.bind(("127.0.0.1", 0))
-        silent.listen()
-        port = silent.getsockname()[1] if upstream == "silent" else _free_port()
+    with socket.socket() as listener:  # "silent" accepts connections and never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = _free_port() if upstream == "down" else listener.getsockname()[1]
+        if upstream == "dies":
+            threading.Thread(target=_dies_while_answering, args=(listener,), daemon=True).start()
         with serving(create_app(end, upstream=Upstream(f"http://127.0.0.1:{port}", timeout=1))) as url:
-            r = _ask(url, QUESTIONS[0])  # the client's own timeout (60 s) bounds the wait too
+            client = OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60)  # its timeout bounds the wait too
+            chunks = list(client.chat.completions.create(
+                model="micro:auto", messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=6,
+                temperature=0, stream=True, stream_options={"include_usage": True}))
     tok = whole.tokenizer
-    assert r.system_fingerprint == "micro:end"
-    assert r.choices[0].message.content == tok.decode(_alone(whole, "end", chat_ids(tok, QUESTIONS[0]), 6),
-                                                      skip_special_tokens=True)
-    assert "did not answer" in r.usage.model_extra["fallback"] and r.usage.model_extra["computed_at"] == "local"
+    # the role chunk goes out before the route is known; every chunk after it names the answering tier
+    assert {c.system_fingerprint for c in chunks[1:]} == {"micro:end"}
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == tok.decode(_alone(whole, "end", chat_ids(tok, QUESTIONS[0]), 6), skip_special_tokens=True)
+    usage = chunks[-1].usage.model_extra  # the stream's last event: complete, and flagged
+    assert "did not answer" in usage["fallback"] and usage["computed_at"] == "local"
 
 
 def test_malformed_hand_offs_get_4xx(family_dir):  # noqa: F811

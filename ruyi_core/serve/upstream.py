@@ -10,6 +10,7 @@ the upstream re-reading those positions through the shared blocks (its measured 
 from __future__ import annotations
 
 import json
+from http.client import HTTPException
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ class Upstream:
                     got = json.loads(r.read())
                 self._trunk = {"digests": [str(d) for d in got["digests"]], "dtype": str(got["dtype"]),
                                "block_token_s": float(got["block_token_s"])}
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, HTTPException, ValueError, KeyError, TypeError):
                 self._failed_at = time.monotonic()
         return self._trunk
 
@@ -91,5 +92,7 @@ class Upstream:
             return Handed(str(got["tier"]), [int(t) for t in got["tokens"]], where,
                           len(body) + len(content) + int(got["network_bytes"]), got.get("fallback"),
                           str(got.get("handoff", "tokens")))
-        except (OSError, ValueError, KeyError, TypeError) as e:  # URLError, HTTPError, timeouts are OSErrors
+        # URLError, HTTPError and timeouts are OSErrors; an upstream killed while answering leaves a cut response
+        # (http.client's IncompleteRead) or none at all (RemoteDisconnected)
+        except (OSError, HTTPException, ValueError, KeyError, TypeError) as e:
             raise Unreachable(f"upstream {self.url} did not answer ({type(e).__name__}: {e})") from None
