@@ -99,7 +99,7 @@ def ceiling(served, draft: str, k: int, skip: int) -> float:
 
 def variants(served) -> list[tuple]:
     """(draft tier, k, skip, min confidence): every shallower tier at several k; the shallowest also leaving out
-    its own blocks but one (DaE's added blocks) and stopping a round at a doubted token."""
+    its own blocks but one (DaE's added blocks), and stopping a round at a doubted token at several k."""
     from ruyi_core.serve.decode import shared_depth
 
     out = [(d, k, 0, 0.0) for d in list(served.tiers)[:-1] for k in (4, 8, 12)]
@@ -107,6 +107,7 @@ def variants(served) -> list[tuple]:
     own = served.depth(first) - max(shared_depth(served.tiers[first], served.tiers[served.deepest]), 0)
     out += [(first, k, skip, 0.0) for skip in range(1, own) for k in (8, 12)]
     out += [(first, 12, skip, 0.5) for skip in (0, own - 1) if own > 1 or skip == 0]
+    out += [(first, k, own - 1, 0.3) for k in (6, 8, 10) if own > 1]  # the cheapest draft, stopped when unsure
     return out
 
 

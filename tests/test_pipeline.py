@@ -250,7 +250,7 @@ def check_warm_start(tmp_path, spec, store):
 
     source = promoted_family(store, "micro")
     before = {v["version"] for v in read_index(store, "micro")["versions"]}
-    with pytest.raises(RuyiError, match="nobody has no promoted version to warm-start from"):  # before any task
+    with pytest.raises(RuyiError, match="no model family 'nobody'"):  # refused before any task
         rerun_with(tmp_path, spec, "cold", lambda d: d["family"].update(warm_start="nobody"))
     warm, _ = rerun_with(tmp_path, spec, "warm", lambda d: d["family"].update(warm_start="micro"))
     uris = {stage: uri for stage, what, uri in STAGE_LINE.findall(Path(warm["log"]).read_text(errors="replace"))}
