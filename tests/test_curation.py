@@ -172,3 +172,23 @@ def test_the_demo_corpus_in_four_shards_curates_to_the_same_records_as_in_one(st
         store.get_folder(raw.uri, tmp_path / name)
         read.append(list(dataset_records(store, tmp_path / name, tmp_path / f"read-{name}")))
     assert len(read[0]) > 300 and read[0] == read[1]  # the same records in the same order: the same packed tokens
+
+
+def test_the_cli_curates_files_as_the_pipeline_does(tmp_path):
+    from typer.testing import CliRunner
+
+    from ruyi_core.data.cli import data_app
+
+    clean, planted = _planted(random.Random(0))
+    texts = clean + [t for ts in planted.values() for t in ts]
+    random.Random(1).shuffle(texts)
+    _write_shards(tmp_path / "corpus", texts, 3)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(_spec(tmp_path, tmp_path / "corpus").model_dump_json())  # JSON is YAML
+    r = CliRunner().invoke(data_app, ["curate", str(tmp_path / "corpus"), "--kind", "pretrain", "--spec", str(spec),
+                                      "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "out" / "curation.json").read_text())
+    assert {k: v["count"] for k, v in summary["removed"].items()} == {k: len(v) for k, v in planted.items()}
+    kept = [line for i in range(3) for line in (tmp_path / "out" / f"part-{i:02d}.jsonl").read_text().splitlines()]
+    assert len(kept) == summary["records_kept"] == len(clean)

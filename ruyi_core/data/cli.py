@@ -1,4 +1,4 @@
-"""`ruyi data ...`: validate corpora against the data gate and pack them for training.
+"""`ruyi data ...`: validate corpora against the data gate, curate them and pack them for training.
 
 Gate failures are raised as DataGateError (a RuyiError): the top-level `ruyi` entry point prints its one line
 and exits 2.
@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 data_app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                       help="Validate corpora (the data gate) and pack them into megatron indexed datasets.")
+                       help="Validate corpora (the data gate), curate them and pack them into megatron indexed datasets.")
 console = Console()
 
 
@@ -115,3 +115,47 @@ def prepare(files: list[Path] = typer.Argument(..., help="JSONL / Parquet files 
     t.add_row(str(res.n_docs), str(res.n_tokens), str(len(res.shards)), res.dtype, res.fingerprint[:16])
     console.print(t)
     console.print(f"dataset    [bold]{res.manifest}[/]")
+
+
+@data_app.command("curate")
+def curate(files: list[Path] = typer.Argument(..., help="JSONL / Parquet files (or directories of them): a shard each"),
+           kind: Kind = typer.Option(..., help="corpus kind"),
+           out: Path = typer.Option(..., help="output directory: one curated JSONL file per input file"),
+           spec: Path = typer.Option(None, help="run spec YAML: its data.curation, and its benchmarks and held-out "
+                                                "sets to decontaminate against; curation's defaults if omitted")):
+    """Validate, then curate as the pipeline does (language, quality, decontamination, exact and MinHash dedup
+    across the files) and write what survives, with curation.json counting what each step removed."""
+    import tempfile
+
+    from ruyi_core.data.curate import curate as run_curation, decontamination_index
+    from ruyi_core.data.reader import expand_paths
+    from ruyi_core.spec.sections import CurationSpec
+
+    _validate(files, kind, spec, None, None)
+    run = None
+    if spec is not None:
+        from ruyi_core.spec import load_spec
+
+        run = load_spec(spec)
+    cur = run.data.curation if run is not None else CurationSpec()
+    paths = expand_paths(files)
+    with tempfile.TemporaryDirectory(prefix="ruyi-curate-") as tmp:
+        index = None
+        if run is not None and cur.enabled and cur.decontaminate:
+            from ruyi_core.stages.data import reference_sets
+
+            index = decontamination_index(reference_sets(run, None, Path(tmp) / "references"),
+                                          cur.decontamination_ngrams)
+        kept, result = run_curation([[str(p)] for p in paths], kind.value, cur, index, Path(tmp) / "work")
+    out.mkdir(parents=True, exist_ok=True)
+    for p, records in zip(paths, kept):
+        (out / f"{p.name.split('.')[0]}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                                   for r in records))
+    (out / "curation.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
+    t = Table(title=f"curation: {kind.value} ({result.n_kept} of {result.n_in} records kept)")
+    for c in ("step", "removed", "first example"):
+        t.add_column(c)
+    for step, v in result.removed.items():
+        t.add_row(step, str(v["count"]), " | ".join(str(x) for x in v["examples"][0][:2]) if v["examples"] else "")
+    console.print(t)
+    console.print(f"curated    [bold]{out}[/]")

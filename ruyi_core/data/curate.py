@@ -6,6 +6,8 @@ It runs in datatrove's multi-step way, split where a cluster fans out: `filter_s
 returning which records of each shard go. `curate` composes the two in one process."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import struct
@@ -67,17 +69,18 @@ def _minhash_config(spec: CurationSpec):
 
 def _run(pipeline: list, tasks: int = 1) -> None:
     """One datatrove stage: each rank's documents piped through the steps, as datatrove's executors do, in this
-    process (its local executor starts a multiprocessing manager, which a long TMPDIR breaks). Its log lines stay
-    out of the stage's output."""
+    process (its local executor starts a multiprocessing manager, which a long TMPDIR breaks). Its log lines and
+    progress bars stay out of the stage's output."""
     from datatrove.utils.logging import logger
 
     logger.disable("datatrove")
     try:
-        for rank in range(tasks):
-            data = None
-            for step in pipeline:
-                data = step(data, rank, tasks)
-            deque(data or (), maxlen=0)
+        with contextlib.redirect_stderr(io.StringIO()):  # the dedup steps' progress bars
+            for rank in range(tasks):
+                data = None
+                for step in pipeline:
+                    data = step(data, rank, tasks)
+                deque(data or (), maxlen=0)
     finally:
         logger.enable("datatrove")
 
