@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ruyi_core.data.cli import data_app
+from ruyi_core.data.cli import Kind, data_app, validate_files
 from ruyi_core.errors import RuyiError
 from ruyi_core.eval.cli import eval_app
 from ruyi_core.package.cli import models_app
@@ -32,6 +32,51 @@ app.add_typer(models_app, name="models", help="The model registry: packages per 
 app.add_typer(eval_app, name="eval", help="The spec's benchmarks as lm-evaluation-harness tasks.")
 app.command("lineage", help="The chain from an artifact back to the raw data files, with hashes.")(lineage_command)
 app.command("serve")(serve_command)
+
+
+def curate_command(files: list[Path] = typer.Argument(..., help="JSONL / Parquet files (or directories): a shard each"),
+                   kind: Kind = typer.Option(..., help="corpus kind"),
+                   out: Path = typer.Option(..., help="output directory: one curated JSONL file per input file"),
+                   spec: Path = typer.Option(None, help="run spec YAML: its data.curation, and its benchmarks and "
+                                                        "held-out sets to decontaminate against; curation's "
+                                                        "defaults if omitted")):
+    """Validate, then curate as the pipeline does (language, quality, decontamination, exact and MinHash dedup
+    across the files) and write what survives, with curation.json counting what each step removed."""
+    # here, not in `ruyi data`'s own module: decontamination reads the spec's benchmarks (ruyi_core.eval)
+    import json
+    import tempfile
+
+    from ruyi_core.data.curate import curate as run_curation, decontamination_index
+    from ruyi_core.data.reader import expand_paths
+    from ruyi_core.spec import load_spec
+    from ruyi_core.spec.sections import CurationSpec
+    from ruyi_core.stages.data import reference_sets
+
+    validate_files(files, kind, spec, None, None)
+    run = load_spec(spec) if spec is not None else None
+    cur = run.data.curation if run is not None else CurationSpec()
+    paths = expand_paths(files)
+    with tempfile.TemporaryDirectory(prefix="ruyi-curate-") as tmp:
+        index = None
+        if run is not None and cur.enabled and cur.decontaminate:
+            index = decontamination_index(reference_sets(run, None, Path(tmp) / "references"),
+                                          cur.decontamination_ngrams)
+        kept, result = run_curation([[str(p)] for p in paths], kind.value, cur, index, Path(tmp) / "work")
+    out.mkdir(parents=True, exist_ok=True)
+    for p, records in zip(paths, kept):
+        (out / f"{p.name.split('.')[0]}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                                   for r in records))
+    (out / "curation.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
+    t = Table(title=f"curation: {kind.value} ({result.n_kept} of {result.n_in} records kept)")
+    for c in ("step", "removed", "first example"):
+        t.add_column(c)
+    for step, v in result.removed.items():
+        t.add_row(step, str(v["count"]), " | ".join(str(x) for x in v["examples"][0][:2]) if v["examples"] else "")
+    console.print(t)
+    console.print(f"curated    [bold]{out}[/]")
+
+
+data_app.command("curate")(curate_command)
 
 
 def quiet_hf() -> None:

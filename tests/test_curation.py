@@ -177,7 +177,7 @@ def test_the_demo_corpus_in_four_shards_curates_to_the_same_records_as_in_one(st
 def test_the_cli_curates_files_as_the_pipeline_does(tmp_path):
     from typer.testing import CliRunner
 
-    from ruyi_core.data.cli import data_app
+    from ruyi_core.cli import app
 
     clean, planted = _planted(random.Random(0))
     texts = clean + [t for ts in planted.values() for t in ts]
@@ -185,8 +185,8 @@ def test_the_cli_curates_files_as_the_pipeline_does(tmp_path):
     _write_shards(tmp_path / "corpus", texts, 3)
     spec = tmp_path / "spec.yaml"
     spec.write_text(_spec(tmp_path, tmp_path / "corpus").model_dump_json())  # JSON is YAML
-    r = CliRunner().invoke(data_app, ["curate", str(tmp_path / "corpus"), "--kind", "pretrain", "--spec", str(spec),
-                                      "--out", str(tmp_path / "out")])
+    r = CliRunner().invoke(app, ["data", "curate", str(tmp_path / "corpus"), "--kind", "pretrain", "--spec", str(spec),
+                                 "--out", str(tmp_path / "out")])
     assert r.exit_code == 0, r.output
     summary = json.loads((tmp_path / "out" / "curation.json").read_text())
     assert {k: v["count"] for k, v in summary["removed"].items()} == {k: len(v) for k, v in planted.items()}

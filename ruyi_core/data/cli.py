@@ -63,7 +63,7 @@ def _checks_table(result) -> Table:
     return t
 
 
-def _validate(files: list[Path], kind: Kind, spec: Path | None, docs: Path | None, summary: Path | None):
+def validate_files(files: list[Path], kind: Kind, spec: Path | None, docs: Path | None, summary: Path | None):
     from ruyi_core.data.validate import gate_or_raise, validate_corpus
 
     result = validate_corpus(files, kind.value, _data_spec(spec), docs)
@@ -84,7 +84,7 @@ def validate(files: list[Path] = typer.Argument(..., help="JSONL / Parquet files
              docs: Path = typer.Option(None, help="build great-expectations Data Docs HTML here"),
              summary: Path = typer.Option(None, help="write the JSON gate summary here")):
     """Run the data gate; exits non-zero, naming every failed check, when the corpus does not pass."""
-    _validate(files, kind, spec, docs, summary)
+    validate_files(files, kind, spec, docs, summary)
     console.print("[green]data gate passed[/]")
 
 
@@ -105,7 +105,7 @@ def prepare(files: list[Path] = typer.Argument(..., help="JSONL / Parquet files 
 
     if not (tokenizer / "tokenizer.json").is_file() and not (tokenizer / "tokenizer_config.json").is_file():
         raise RuyiError(f"{tokenizer} holds no tokenizer (tokenizer.json): pass a tokenizer or model directory")
-    result = _validate(files, kind, spec, docs, summary)
+    result = validate_files(files, kind, spec, docs, summary)
     tok = AutoTokenizer.from_pretrained(tokenizer)
     n = shard_tokens if shard_tokens is not None else _data_spec(spec).shard_tokens
     res = prepare_corpus(result.iter_records(), kind.value, tok, out, n, total=result.n_records)
@@ -115,47 +115,3 @@ def prepare(files: list[Path] = typer.Argument(..., help="JSONL / Parquet files 
     t.add_row(str(res.n_docs), str(res.n_tokens), str(len(res.shards)), res.dtype, res.fingerprint[:16])
     console.print(t)
     console.print(f"dataset    [bold]{res.manifest}[/]")
-
-
-@data_app.command("curate")
-def curate(files: list[Path] = typer.Argument(..., help="JSONL / Parquet files (or directories of them): a shard each"),
-           kind: Kind = typer.Option(..., help="corpus kind"),
-           out: Path = typer.Option(..., help="output directory: one curated JSONL file per input file"),
-           spec: Path = typer.Option(None, help="run spec YAML: its data.curation, and its benchmarks and held-out "
-                                                "sets to decontaminate against; curation's defaults if omitted")):
-    """Validate, then curate as the pipeline does (language, quality, decontamination, exact and MinHash dedup
-    across the files) and write what survives, with curation.json counting what each step removed."""
-    import tempfile
-
-    from ruyi_core.data.curate import curate as run_curation, decontamination_index
-    from ruyi_core.data.reader import expand_paths
-    from ruyi_core.spec.sections import CurationSpec
-
-    _validate(files, kind, spec, None, None)
-    run = None
-    if spec is not None:
-        from ruyi_core.spec import load_spec
-
-        run = load_spec(spec)
-    cur = run.data.curation if run is not None else CurationSpec()
-    paths = expand_paths(files)
-    with tempfile.TemporaryDirectory(prefix="ruyi-curate-") as tmp:
-        index = None
-        if run is not None and cur.enabled and cur.decontaminate:
-            from ruyi_core.stages.data import reference_sets
-
-            index = decontamination_index(reference_sets(run, None, Path(tmp) / "references"),
-                                          cur.decontamination_ngrams)
-        kept, result = run_curation([[str(p)] for p in paths], kind.value, cur, index, Path(tmp) / "work")
-    out.mkdir(parents=True, exist_ok=True)
-    for p, records in zip(paths, kept):
-        (out / f"{p.name.split('.')[0]}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                                                   for r in records))
-    (out / "curation.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
-    t = Table(title=f"curation: {kind.value} ({result.n_kept} of {result.n_in} records kept)")
-    for c in ("step", "removed", "first example"):
-        t.add_column(c)
-    for step, v in result.removed.items():
-        t.add_row(step, str(v["count"]), " | ".join(str(x) for x in v["examples"][0][:2]) if v["examples"] else "")
-    console.print(t)
-    console.print(f"curated    [bold]{out}[/]")
