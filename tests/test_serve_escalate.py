@@ -65,3 +65,23 @@ def test_draft_acceptance_is_the_common_prefix_share_of_the_deepest_answers():
     per_tier = {"end": answers([1, 2, 3], [5], []), "edge": answers([1, 2, 4], [5, 6], [7]),
                 "cloud": answers([1, 2, 4], [5, 6], [8])}
     assert draft_acceptance(per_tier, "cloud") == {"end": 0.5, "edge": 0.8333}  # (2+1+0)/6, (3+2+0)/6
+
+
+def test_the_draft_policy_is_measured_and_served_with_draft_auto(served):  # noqa: F811
+    from types import SimpleNamespace
+
+    import pytest
+
+    from ruyi_core.errors import RuyiError
+    from ruyi_core.serve.cli import calibrated_draft
+    from ruyi_core.serve.route import choose_draft
+
+    prompts = [chat_ids(served.tokenizer, q) for q in ("Where does Ada live?", "What is 3 + 4?", "hi")]
+    d = choose_draft(served, prompts, 6, min_speedup=0.0)  # whichever is fastest here: timing is not asserted
+    assert d["tier"] in list(served.tiers)[:-1] and d["tokens"] == 8 and d["prompts"] == 3 and d["speedup"] > 0
+    own = served.depth(d["tier"]) - max(shared_depth(served.tiers[d["tier"]], served.tiers[served.deepest]), 0)
+    assert 0 <= d["skip"] < own
+    assert choose_draft(served, prompts, 6, min_speedup=1e9) is None  # none fast enough: no policy
+    assert calibrated_draft(SimpleNamespace(name="micro", routing={"draft": d})) == d
+    with pytest.raises(RuyiError, match="--draft auto: micro has no calibrated draft policy"):
+        calibrated_draft(SimpleNamespace(name="micro", routing=None))

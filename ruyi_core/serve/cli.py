@@ -29,6 +29,15 @@ def load_served(family: Path | None, registry: str | None, version: str | None, 
     return from_registry(open_store(spec), registry, runtime, version, log=log, only=only)
 
 
+def calibrated_draft(served) -> dict:
+    """`--draft auto`: the policy the family's routing calibration measured fastest (ruyi_core.serve.route)."""
+    draft = (served.routing or {}).get("draft")
+    if not draft:
+        raise RuyiError(f"--draft auto: {served.name} has no calibrated draft policy (its version's routing "
+                        "calibration found none faster, or there is none): name a draft tier")
+    return draft
+
+
 def _check_draft(served, draft: str | None, skip: int) -> None:
     """Refused before serving: an unknown draft tier, or a skip that leaves it no block of its own."""
     from ruyi_core.serve.decode import shared_depth
@@ -53,7 +62,9 @@ def serve_command(family: Path | None = typer.Option(None, help="a family folder
                   port: int = typer.Option(8000, min=1, max=65535),
                   max_batch: int = typer.Option(8, min=1, help="requests decoded together at most"),
                   draft: str | None = typer.Option(None, help="decode greedy requests to deeper tiers "
-                                                              "self-speculatively, this tier drafting"),
+                                                              "self-speculatively, this tier drafting (auto: "
+                                                              "the policy the routing calibration measured "
+                                                              "fastest, with its tokens, skip and min p)"),
                   draft_tokens: int = typer.Option(8, min=1, max=16, help="tokens drafted per round, at most"),
                   draft_skip: int = typer.Option(0, min=0, help="the draft leaves out its last N blocks (a cheaper "
                                                                 "draft, e.g. the end tier's DaE blocks)"),
@@ -99,6 +110,11 @@ def serve_command(family: Path | None = typer.Option(None, help="a family folder
     c = Console(stderr=True)
     only = [t.strip() for t in tiers.split(",")] if tiers is not None else None
     served = load_served(family, registry, version, spec, lambda m: c.print(f"[dim]{m}[/]", highlight=False), only)
+    if draft == "auto":
+        d = calibrated_draft(served)
+        draft, draft_tokens, draft_skip, draft_min_p = d["tier"], d["tokens"], d["skip"], d["min_p"]
+        c.print(f"[dim]draft policy from the calibration: {draft}, {draft_tokens} tokens, skip {draft_skip}, "
+                f"min p {draft_min_p} ({d['speedup']:.2f}x measured)[/]", highlight=False)
     _check_draft(served, draft, draft_skip)
     up = Upstream(upstream, upstream_timeout, upstream_key, handoff, link_mbps) if upstream else None
     app = create_app(served, max_batch=max_batch, draft=draft, draft_tokens=draft_tokens, api_key=api_key,

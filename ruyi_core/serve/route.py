@@ -133,3 +133,36 @@ def draft_acceptance(per_tier: dict[str, list[Attempt]], deepest: str) -> dict[s
 
     return {t: round(sum(kept(a.tokens, b.tokens) for a, b in zip(attempts, target)) / total, 4)
             for t, attempts in per_tier.items() if t != deepest}
+
+
+def choose_draft(served: ServedFamily, prompts: list[list[int]], max_new_tokens: int = 32,
+                 min_speedup: float = 1.05) -> dict | None:
+    """The self-speculation policy that decodes the deepest tier fastest on this machine: each shallower tier
+    drafting 8 tokens, whole or without its own blocks but one (DaE's added blocks), the cheapest also stopping a
+    round at a token it doubts; timed against the deepest tier alone, interleaved prompt by prompt. None when no
+    policy is `min_speedup` faster. The output is the deepest tier's own whatever is chosen."""
+    import time
+
+    from ruyi_core.serve.decode import speculative
+
+    target = served.tiers[served.deepest]
+    policies: list[tuple[str, int, int, float] | None] = [None]
+    for tier in list(served.tiers)[:-1]:
+        own = served.depth(tier) - max(shared_depth(served.tiers[tier], target), 0)
+        policies += [(tier, 8, skip, 0.0) for skip in sorted({0, own - 1})] + [(tier, 8, own - 1, 0.3)]
+    secs = dict.fromkeys(policies, 0.0)
+    for j, p in enumerate(prompts):
+        for policy in policies[j % len(policies):] + policies[: j % len(policies)]:
+            start = time.perf_counter()
+            if policy is None:
+                generate(target, [p], [max_new_tokens], served.eos)
+            else:
+                tier, k, skip, p_min = policy
+                speculative(served.tiers[tier], target, p, max_new_tokens, served.eos, k=k, skip=skip,
+                            min_confidence=p_min)
+            secs[policy] += time.perf_counter() - start
+    best = min(policies[1:], key=secs.get, default=None)
+    if best is None or secs[None] / secs[best] < min_speedup:
+        return None
+    return {"tier": best[0], "tokens": best[1], "skip": best[2], "min_p": best[3],
+            "speedup": round(secs[None] / secs[best], 3), "prompts": len(prompts)}

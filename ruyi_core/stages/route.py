@@ -12,6 +12,7 @@ from ruyi_core.stages.ship import Promotion
 from ruyi_core.store import ArtifactStore
 
 ROUTING_FILE = "routing.json"
+DRAFT_PROMPTS = 16  # routing questions that time the self-speculation policies
 
 
 class Routing(Artifact):
@@ -25,7 +26,7 @@ class Routing(Artifact):
 
 
 ROUTE = Stage("calibrate_routing", Routing, ("eval.benchmarks", "eval.max_new_tokens", "package.routing_questions",
-                                             "package.routing_tolerance"))
+                                             "package.routing_tolerance"), version=2)
 
 
 def calibrate_routing(spec: RunSpec, store: ArtifactStore, promotion: Promotion) -> Routing:
@@ -39,7 +40,7 @@ def _calibrate(run: StageRun, promotion: Promotion) -> dict:
     from ruyi_core.eval.tasks import GENERATIVE
     from ruyi_core.package.keys import routing_key
     from ruyi_core.runtime import for_spec
-    from ruyi_core.serve.route import calibrate
+    from ruyi_core.serve.route import calibrate, choose_draft
     from ruyi_core.serve.tiers import from_packages
 
     spec, n = run.spec, run.spec.package.routing_questions
@@ -54,14 +55,20 @@ def _calibrate(run: StageRun, promotion: Promotion) -> dict:
         run.store.get_artifact(p.uri, run.work / "packages" / p.tier)
         dirs[p.tier] = run.work / "packages" / p.tier
     served = from_packages(promotion.family, dirs, for_spec(spec))
-    routing = calibrate(served, _questions(run, benches, served.tokenizer), max_new_tokens=spec.eval.max_new_tokens,
+    questions = _questions(run, benches, served.tokenizer)
+    routing = calibrate(served, questions, max_new_tokens=spec.eval.max_new_tokens,
                         tolerance=spec.package.routing_tolerance)
+    # With nothing else running, as the package step's speed: `ruyi serve --draft auto` takes this policy.
+    routing["draft"] = choose_draft(served, [p for p, _ in questions[:DRAFT_PROMPTS]], spec.eval.max_new_tokens)
     text = json.dumps(routing, indent=2)
     (run.out / ROUTING_FILE).write_text(text)
     overwrite(run.store, routing_key(promotion.family, promotion.version), text)
     op = routing["operating_point"]
     run.log(f"[{ROUTE.name}] threshold {op['threshold']:.4f}, quality {op['quality']:.3f} at {op['compute']:.0%} "
             f"compute (deepest tier alone {list(routing['tier_quality'].values())[-1]:.3f})")
+    if d := routing["draft"]:
+        run.log(f"[{ROUTE.name}] self-speculation: {d['tier']} drafting {d['tokens']} tokens, leaving out "
+                f"{d['skip']} blocks, min p {d['min_p']}: {d['speedup']:.2f}x on {d['prompts']} prompts")
     return {**result, "questions": routing["questions"]}
 
 
