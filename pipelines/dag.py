@@ -2,7 +2,7 @@
 (ruyi_core/stages/table.py); this module wires their inputs and outputs:
 
     plan_shards -> curate_shard x shards -> merge_data -> plan_run (data-fingerprint gate) -> init_family
-        -> prepare_data (every kind)
+        -> plan_packs -> pack_shard x shards -> prepare_data
         -> train cpt -> train sft [-> dae_expand -> train dae_cpt -> train dae_sft] [-> grpo] [-> svd_compress]
         -> (export_tier -> package_tier) x tiers -> promote -> calibrate_routing -> report
 """
@@ -40,7 +40,10 @@ def train_and_ship(spec: RunSpec, task, plan, cluster: bool) -> None:
     """Everything after the data gate, for a run whose data or spec is new (`plan`: the validated datasets)."""
     on = {s.name for s in steps(spec)}
     family = task("init_family", plan=plan).outputs["family"]
-    packed = task("prepare_data", plan=plan, family=family).outputs["packed"]
+    pieces = task("plan_packs", plan=plan)
+    with dsl.ParallelFor(pieces.output) as piece:  # on a cluster, a pod per shard
+        part = task("pack_shard", piece=piece, family=family)
+    packed = task("prepare_data", parts=dsl.Collected(part.outputs["packed"])).outputs["packed"]
     for stage in training_stages("train"):
         family = task(stage, stage=stage, family=family, packed=packed).outputs["trained"]
     if "dae_expand" in on:  # the smallest tier grows, then trains alone on the frozen backbone

@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 
 from conftest import with_demo
-from ruyi_core.data.curate import curate, curation_html, decontamination_index
+from ruyi_core.data.curate import curate, decontamination_index
+from ruyi_core.data.curation_docs import corpus_docs, one_page
 from ruyi_core.data.pack import prepare_corpus
-from ruyi_core.data.packed import read_documents
+from ruyi_core.data.packed import fetch_packed, read_documents, read_manifest
 from ruyi_core.errors import RuyiError
 from ruyi_core.family.tokenizer import build_tokenizer
 from ruyi_core.spec import RunSpec
 from ruyi_core.spec.sections import CurationSpec
-from ruyi_core.stages import gate_and_curate
+from ruyi_core.stages import curate_shard, gate_and_curate, pack_all, plan_run, plan_shards
 from ruyi_core.stages.data import dataset_records
 
 _STOP = "the of and to a in that is was he for it with as his on be at by had not are but from or have".split()
@@ -88,8 +89,10 @@ def test_planted_records_never_reach_the_packed_dataset_and_each_kind_is_counted
     summary = stored["curation"]
     for step, v in summary["removed"].items():  # the totals are the shards' sums
         assert sum(sh["removed"].get(step, 0) for sh in stored["shards"]) == v["count"]
-    page = curation_html({"pretrain": stored})
-    assert all(step in page for step in planted) and "part-03.jsonl" in page
+    corpus_docs({"pretrain": stored}, tmp_path / "docs")  # Data Docs: the corpus in total, then each shard
+    page = one_page(tmp_path / "docs")
+    assert all(f"curation: {step} removed {len(v)} of {len(texts)} records" in page for step, v in planted.items())
+    assert "pretrain_curation_shard00003_part-03.jsonl" in page and "Der Hund" in page
     assert {k: v["count"] for k, v in summary["removed"].items()} == {k: len(v) for k, v in planted.items()}
     assert summary["records_in"] == len(texts) and summary["records_kept"] == raw.n_records == len(clean)
     assert "overlaps leaky" in json.dumps(summary["removed"]["decontamination"]["examples"])
@@ -97,10 +100,16 @@ def test_planted_records_never_reach_the_packed_dataset_and_each_kind_is_counted
     shards = json.loads((local / "dataset.json").read_text())["shards"]
     assert [Path(s["source"]).name for s in shards] == [f"part-{i:02d}.jsonl" for i in range(4)]
 
+    # packed as the pipeline packs, shard by shard, into one dataset whose parts are the shards' packs
     tok = build_tokenizer(512, clean[:20])
-    records = list(dataset_records(store, local, tmp_path / "read"))
-    prepare_corpus(iter(records), "pretrain", tok, tmp_path / "packed", 100_000)
-    packed = [tok.decode(ids[:-1]) for ids, _ in read_documents(tmp_path / "packed", "pretrain")]
+    tok.save_pretrained(tmp_path / "tok")
+    family = store.put_artifact("families/tok", tmp_path / "tok", stage="init_family", spec_hash="t").uri
+    [data] = pack_all(spec, store, plan_run(spec, [raw]), family)
+    folder = fetch_packed(store, data.uri, tmp_path / "packed")
+    assert len(read_manifest(folder)["parts"]) == 4 and data.n_docs == len(clean)
+    packed = [tok.decode(ids[:-1]) for ids, _ in read_documents(folder, "pretrain")]
+    whole = prepare_corpus(dataset_records(store, local, tmp_path / "read"), "pretrain", tok, tmp_path / "one", 10**5)
+    assert [d.tolist() for d, _ in read_documents(folder)] == [d.tolist() for d, _ in read_documents(whole.out_dir)]
     same = {t: tok.decode(tok(t)["input_ids"]) for t in texts}  # the tokenizer's round trip of each text
     assert len(packed) == len(set(packed)) == len(clean)  # no copy twice
     for kind in ("language", "quality", "decontamination"):
@@ -110,6 +119,10 @@ def test_planted_records_never_reach_the_packed_dataset_and_each_kind_is_counted
 
     [again] = gate_and_curate(spec, store, kinds=("pretrain",))  # the same data under the same curation: reused
     assert again.uri == raw.uri and again.fingerprint == raw.fingerprint
+    # a shard's Data Docs: the gate's checks, then what curation removed from it (a reused shard's as well)
+    curate_shard(spec, store, plan_shards(spec, store)[0], docs_dir=tmp_path / "shard-docs")
+    page = one_page(tmp_path / "shard-docs")
+    assert "pretrain_readable" in page and "pretrain_curation" in page and "curation: language removed" in page
 
 
 def test_sharding_does_not_change_what_curation_keeps(tmp_path):
@@ -146,7 +159,10 @@ def test_a_grown_corpus_rebuilds_only_its_new_shard_and_the_merge(store, tmp_pat
     texts = [_paragraph(rng) for _ in range(50)]
     paths = _write_shards(tmp_path / "corpus", texts[:40], 4)
     spec = _spec(tmp_path, tmp_path / "corpus")
+    build_tokenizer(512, texts[:20]).save_pretrained(tmp_path / "tok")
+    family = store.put_artifact("families/grown", tmp_path / "tok", stage="init_family", spec_hash="t").uri
     [first] = gate_and_curate(spec, store, kinds=("pretrain",))
+    pack_all(spec, store, plan_run(spec, [first]), family)
     before = {u: store.read_manifest(u).created_at for u in store.list_artifacts("datasets/shards/pretrain")}
     capsys.readouterr()
 
@@ -156,6 +172,10 @@ def test_a_grown_corpus_rebuilds_only_its_new_shard_and_the_merge(store, tmp_pat
     log = capsys.readouterr().out
     assert log.count("[curate_shard] reused") == 4 and log.count("[curate_shard] built") == 1
     assert "[merge_data] built" in log and grown.uri != first.uri and grown.n_records > first.n_records
+    [packed] = pack_all(spec, store, plan_run(spec, [grown]), family)  # and packing too packs only the new shard
+    log = capsys.readouterr().out
+    assert log.count("[pack_shard] reused") == 4 and log.count("[pack_shard] built") == 1
+    assert "[prepare_data] built" in log and packed.n_docs == grown.n_records
     after = {u: store.read_manifest(u).created_at for u in store.list_artifacts("datasets/shards/pretrain")}
     assert len(after) == 5 and all(after[u] == t for u, t in before.items())  # the old shards were not rewritten
 

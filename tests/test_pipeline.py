@@ -55,7 +55,7 @@ def test_compiled_pipeline_sets_images_resources_and_secret(tmp_path, monkeypatc
     docs = list(yaml.safe_load_all(text))
     ir, platform = docs[0], docs[1]
     executors = ir["deploymentSpec"]["executors"]
-    assert len(executors) == 18  # train runs 4 times (cpt, sft, dae_cpt, dae_sft)
+    assert len(executors) == 20  # train runs 4 times (cpt, sft, dae_cpt, dae_sft)
     for name, ex in executors.items():
         c = ex["container"]
         assert c["image"] == "registry.example/ruyi-base:test", name
@@ -119,8 +119,8 @@ def test_local_pipeline_end_to_end_then_cached(tmp_path, s3_server, monkeypatch)
     tmp = fresh_temp_dir(tmp_path, monkeypatch)
     first = run_local(spec, tmp_path / "kfp", show=lambda m: None)
     assert list(tmp.iterdir()) == []  # KFP's task scripts, torchrun's folders, the stages' work folders: all gone
-    # plan_shards, curate_shard x3, merge_data, plan, init, prepare, cpt, sft, dae_expand, dae_cpt, dae_sft, grpo, svd, export x2, package x2,
-    # promote, calibrate_routing, report
+    # plan_shards, curate_shard x6, merge_data, plan, init, plan_packs, pack_shard x6, prepare, cpt, sft, dae_expand,
+    # dae_cpt, dae_sft, grpo, svd, export x2, package x2, promote, calibrate_routing, report
     # (parallel loop iterations may share a log line, so count at least the sequential ones)
     assert first["executed"] >= 1 + 1 + 1 + 2 + 3 + 1 + 1 + 1
     assert all(v == {"built"} for v in stage_lines(first).values()), stage_lines(first)
@@ -232,8 +232,8 @@ def check_identity_follows_the_weights(tmp_path, spec, store, first, version):
     lr, _ = rerun_with(tmp_path, spec, "lr", lambda d: d["dae"]["sft"].update(lr=2e-3))
     lines = stage_lines(lr)
     assert {s for s, v in lines.items() if v == {"reused"}} == {"curate_shard", "merge_data", "init_family",
-                                                                 "prepare_data", "cpt", "sft", "dae_expand",
-                                                                 "dae_cpt"}, lines
+                                                                 "pack_shard", "prepare_data", "cpt", "sft",
+                                                                 "dae_expand", "dae_cpt"}, lines
     assert {"dae_sft", "grpo", "svd_compress", "export_tier", "package", "calibrate_routing",
             "report"} <= {s for s, v in lines.items() if v == {"built"}}, lines
     assert version not in {v["version"] for v in read_index(store, "micro")["versions"][1:]}

@@ -191,25 +191,6 @@ def combine(parts: list[Curation], dedup: Dedup) -> Curation:
     return Curation(n_in, n_in - sum(v["count"] for v in removed.values()), removed)
 
 
-def curation_html(summaries: dict[str, dict]) -> str:
-    """The curation of every corpus as one HTML page (a KFP UI output): totals, then per shard, with examples."""
-    import html
-
-    def table(rows: list[list], head: list[str]) -> str:
-        cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-        return "<table border=1 cellpadding=4><tr>" + "".join(f"<th>{h}</th>" for h in head) + f"</tr>{cells}</table>"
-
-    parts = ["<h1>Curation</h1>"]
-    for kind, s in summaries.items():
-        cur, steps = s["curation"], [*FILTERS, "exact_duplicates", "near_duplicates"]
-        parts.append(f"<h2>{kind}: {cur['records_kept']:,} of {cur['records_in']:,} records kept</h2>")
-        parts.append(table([[k, v["count"], "; ".join(" | ".join(map(str, e)) for e in v["examples"])]
-                            for k, v in cur["removed"].items()], ["step", "removed", "examples"]))
-        parts.append(table([[sh["source"], sh["records"], *(sh["removed"].get(k, 0) for k in steps), sh["kept"]]
-                            for sh in s["shards"]], ["shard", "records", *steps, "kept"]))
-    return "<html><body>" + "".join(parts) + "</body></html>"
-
-
 def surviving(folder: Path, remove: set[int]):
     """A filtered shard's records in order, less those deduplication removes (by position)."""
     with open(folder / RECORDS, encoding="utf-8") as f:

@@ -3,7 +3,8 @@
 Layout: `<kind>_00000.bin/.idx`, ... (one document per record, shards cut so that none passes `shard_tokens`
 unless one document does), for sft a parallel `<kind>_mask_00000.bin/.idx` (uint8, the loss mask), for rl
 `rl_answers.jsonl` (one {"doc", "prompt", "answer"} line per document) and `dataset.json`, written last: its
-presence means the dataset is complete.
+presence means the dataset is complete. A dataset packed in parts (the pipeline packs each shard of a corpus
+apart) keeps each part in `parts/<i>/` and its manifest lists their shards under those folders (compose).
 """
 from __future__ import annotations
 
@@ -181,3 +182,39 @@ def read_documents(packed_dir: str | Path, kind: str | None = None) -> Iterator[
         for i in range(len(toks)):
             # Copies: the arrays are views of an mmap that megatron closes when the dataset is collected.
             yield np.array(toks[i]), (np.array(masks[i]) if masks is not None else None)
+
+
+def compose(parts: list[dict], uris: list[str]) -> dict:
+    """One dataset's manifest from its parts' (packed shard by shard, each an artifact `uris[i]` that a reader
+    fetches into `parts/<i>`): the parts' shards in order, their counts summed, the parts' fingerprints hashed."""
+    import hashlib
+
+    dirs = [f"parts/{i:05d}" for i in range(len(parts))]
+    if not parts:
+        raise RuyiError("a packed dataset needs at least one part")
+    first = parts[0]
+    same = ("format", "kind", "dtype", "mask_dtype", "eos_token_id", "vocab_size", "vocab_hash")
+    for p in parts[1:]:
+        if (got := {k: p.get(k) for k in same}) != (want := {k: first.get(k) for k in same}):
+            raise RuyiError(f"packed parts disagree ({got} against {want}): pack every part with one tokenizer")
+    shards = [{**s, "prefix": f"{d}/{s['prefix']}",
+               "mask_prefix": f"{d}/{s['mask_prefix']}" if s.get("mask_prefix") else None}
+              for p, d in zip(parts, dirs) for s in p["shards"]]
+    h = hashlib.sha256(f"ruyi-packed-parts:{first['kind']}\n".encode())
+    for p in parts:
+        h.update(p["fingerprint"].encode())
+    sums = {k: sum(p[k] for p in parts) for k in ("n_docs", "n_tokens")}
+    if first["kind"] == "sft":
+        sums["n_assistant_tokens"] = sum(p["n_assistant_tokens"] for p in parts)
+    return {**{k: first.get(k) for k in same}, "shard_tokens": first["shard_tokens"], "answers": None,
+            "shards": shards,
+            "parts": [{"dir": d, "uri": u} for d, u in zip(dirs, uris)], **sums, "fingerprint": h.hexdigest()}
+
+
+def fetch_packed(store, uri: str, dest: Path) -> Path:
+    """A packed dataset from the store into `dest`, with the parts its manifest names (the pipeline packs a
+    corpus shard by shard, and its dataset is the parts' artifacts: compose)."""
+    store.get_artifact(uri, dest)
+    for part in read_manifest(dest).get("parts", []):
+        store.get_artifact(part["uri"], dest / part["dir"])
+    return dest

@@ -13,6 +13,7 @@ from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ruyi_core.data.reader import BadRecords, expand_paths, iter_records
 from ruyi_core.data.schema import DEFECTS, FIELDS, ROLE_ORDER_REGEX, canonical, check_kind, dedup_key, roles_string
@@ -38,6 +39,7 @@ class GateResult:
     n_records: int  # valid records (what would be packed)
     fingerprint: str  # sha256 over the normalized valid records
     files: list[str] = field(default_factory=list)
+    context: Any = field(default=None, repr=False)  # its great-expectations context: more suites join its Data Docs
 
     def iter_records(self) -> Iterator[dict]:
         """The valid records again, streamed from the files (the gate keeps none of them in memory)."""
@@ -181,7 +183,8 @@ def _expectations(kind: str, spec: DataSpec, columns: Iterable[str], n_rows: int
     return [e for e in exps if getattr(e, "column", None) in cols or getattr(e, "column", None) is None]
 
 
-def _context(docs_dir: Path | None):
+def gx_context(docs_dir: Path | None):
+    """An in-memory great-expectations context, with a Data Docs site in `docs_dir` when given."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -197,7 +200,7 @@ def _context(docs_dir: Path | None):
     return ctx
 
 
-def _run_suite(ctx, name: str, df, expectations: list):
+def run_suite(ctx, name: str, df, expectations: list):
     import great_expectations as gx
 
     source = ctx.data_sources.add_or_update_pandas("ruyi")
@@ -310,25 +313,17 @@ def validate_corpus(paths: Iterable[str | Path], kind: str, spec: DataSpec | Non
     scan = scan_corpus(paths, kind)
     df = build_frame(scan)
     docs = Path(docs_dir) if docs_dir is not None else None
-    ctx = _context(docs)
-    results = [_run_suite(ctx, kind, df, _expectations(kind, spec, df.columns, len(df)))]
+    ctx = gx_context(docs)
+    results = [run_suite(ctx, kind, df, _expectations(kind, spec, df.columns, len(df)))]
 
     # Every line read, valid or not: GX's `mostly` is exactly "unreadable rate <= max_bad_record_rate".
     defects = ["ok"] * scan.n_records + [d for d, n in scan.bad.counts.items() for _ in range(n)]
     readable = gx.expectations.ExpectColumnValuesToBeInSet(
         column="defect", value_set=["ok"], mostly=1 - th.max_bad_record_rate, meta={"check": "readable"})
-    results.append(_run_suite(ctx, f"{kind}_readable", pd.DataFrame({"defect": defects}), [readable]))
+    results.append(run_suite(ctx, f"{kind}_readable", pd.DataFrame({"defect": defects}), [readable]))
     rows, failures = _summarize(kind, df, scan, th, results)
 
-    docs_index = None
-    if docs is not None:
-        ctx.build_data_docs(site_names=[DOCS_SITE])
-        docs_index = docs / "index.html"
-        if not docs_index.is_file():  # GX decides the layout; ask it where the index went
-            from urllib.parse import unquote, urlparse
-
-            urls = ctx.get_docs_sites_urls(site_name=DOCS_SITE)
-            docs_index = Path(unquote(urlparse(urls[0]["site_url"]).path)) if urls else None
+    docs_index = build_docs(ctx, docs) if docs is not None else None
     passed = not failures
     summary = {
         "kind": kind, "passed": passed, "files": scan.files, "n_read": scan.n_read,
@@ -337,7 +332,19 @@ def validate_corpus(paths: Iterable[str | Path], kind: str, spec: DataSpec | Non
         "docs_index": str(docs_index) if docs_index else None,
     }
     return GateResult(kind, passed, _jsonable(summary), failures, docs_index, scan.n_records, scan.fingerprint,
-                      scan.files)
+                      scan.files, ctx)
+
+
+def build_docs(ctx, docs: Path) -> Path | None:
+    """(Re)builds the context's Data Docs site in `docs` from every validation it ran; returns its index page."""
+    ctx.build_data_docs(site_names=[DOCS_SITE])
+    index = docs / "index.html"
+    if not index.is_file():  # GX decides the layout; ask it where the index went
+        from urllib.parse import unquote, urlparse
+
+        urls = ctx.get_docs_sites_urls(site_name=DOCS_SITE)
+        index = Path(unquote(urlparse(urls[0]["site_url"]).path)) if urls else None
+    return index
 
 
 def _jsonable(v):

@@ -38,13 +38,19 @@ class StoreIO:
             self._store = ArtifactStore.from_spec(self.spec.store, env=os.environ, create_bucket=False)
         return self._store
 
-    def fetch(self, src: str, name: str, only: list[str] | None = None) -> Path:
-        """An input artifact's folder (`only` these files of it: the family's config, not its weights)."""
+    def fetch(self, src: str, name: str, only: list[str] | None = None, packed: bool = False) -> Path:
+        """An input artifact's folder (`only` these files of it: the family's config, not its weights); a
+        `packed` dataset with the parts its manifest names."""
         if not src.startswith("s3://"):
             return Path(src)
         dest = self.out / "inputs" / name
         if self.local0 and not (dest / ".fetched").is_file():
-            self.store.get_artifact(src, dest, only=only)
+            if packed:
+                from ruyi_core.data.packed import fetch_packed
+
+                fetch_packed(self.store, src, dest)
+            else:
+                self.store.get_artifact(src, dest, only=only)
             (dest / ".fetched").write_text(src)
         dist.barrier()
         return dest

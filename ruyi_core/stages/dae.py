@@ -137,10 +137,11 @@ def svd_compress(spec: RunSpec, store: ArtifactStore, family: str, packed_pretra
 
 def _calibration(run: StageRun, seq: int, n: int, vocab: int) -> list[dict]:
     """`n` windows of `seq` tokens, in batches whose fp32 logits stay within 256 MiB (8 windows at most)."""
+    from ruyi_core.data.packed import fetch_packed
     from ruyi_core.family.loss import rows_within
     from ruyi_core.megatron.data import TokenStream
 
-    stream = TokenStream(run.fetch("packed"), seq, seed=12345)
+    stream = TokenStream(fetch_packed(run.store, run.inputs["packed"], run.work / "packed"), seq, seed=12345)
     per = rows_within(8, vocab, seq)
     return [{"input_ids": stream.batch(i, min(per, n - i))["tokens"]} for i in range(0, n, per)]
 

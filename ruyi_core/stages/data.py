@@ -1,5 +1,5 @@
 """Data stages: what the gate's datasets are (the sharded stages that make them: shards.py), the run plan behind
-them, and tokenize + pack (prepare_data)."""
+them, and what packing makes of them (pack.py)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from ruyi_core.spec import RunSpec
-from ruyi_core.stages.contract import Artifact, Stage, StageRun, run_stage, slice_hash
+from ruyi_core.stages.contract import Artifact, StageRun, slice_hash
 from ruyi_core.store import ArtifactStore
 
 KINDS = ("pretrain", "sft", "rl")
@@ -38,9 +38,6 @@ class RunPlan(BaseModel):
 
     def dataset(self, kind: str) -> RawDataset:
         return next(d for d in self.datasets if d.kind == kind)
-
-
-PREPARE = Stage("prepare_data", PackedDataset, ("data.shard_tokens",), root="datasets/packed/{kind}")
 
 
 def reference_sets(spec: RunSpec, store: ArtifactStore, work: Path) -> dict[str, list[str]]:
@@ -114,19 +111,3 @@ def dataset_records(store: ArtifactStore, dataset: Path, work: Path, shards: lis
             shards.append(shard["uri"])
         yield from surviving(folder, set(shard["remove"]))
         (folder / RECORDS).unlink()
-
-
-def prepare_data(spec: RunSpec, store: ArtifactStore, kind: str, raw: str, family: str) -> PackedDataset:
-    """Tokenize and pack a validated corpus with the family's tokenizer (megatron indexed datasets)."""
-
-    def build(run: StageRun) -> dict:
-        from transformers import AutoTokenizer
-
-        from ruyi_core.data.pack import prepare_corpus
-
-        records = corpus_records(run, "raw")
-        tok = AutoTokenizer.from_pretrained(run.fetch("family"))
-        res = prepare_corpus(records, kind, tok, run.out, spec.data.shard_tokens)
-        return {"kind": res.kind, "n_docs": res.n_docs, "n_tokens": res.n_tokens, "fingerprint": res.fingerprint}
-
-    return run_stage(PREPARE, spec, store, build, inputs={"raw": raw, "family": family}, params={"kind": kind})

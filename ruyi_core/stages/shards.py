@@ -87,8 +87,16 @@ def curate_shard(spec: RunSpec, store: ArtifactStore, shard: Shard, docs_dir: Pa
                     "fingerprint": gate.fingerprint, "references": digest}
 
         params = {"kind": kind, "fingerprint": gate.fingerprint, "references": digest}
-        return run_stage(CURATE, spec, store, build, params=params).model_copy(
+        out = run_stage(CURATE, spec, store, build, params=params).model_copy(
             update={"index": shard.index, "source": shard.source})  # a reused artifact may come from elsewhere
+    if docs_dir is not None:  # what curation removed joins the gate's Data Docs (built or reused alike)
+        from ruyi_core.data.curation_docs import validate_curation
+        from ruyi_core.data.validate import build_docs
+
+        validate_curation(gate.context, f"{kind}_curation", json.loads(out.read_text(store, "gate_summary.json"))
+                          ["curation"])
+        build_docs(gate.context, docs_dir)
+    return out
 
 
 def merge_data(spec: RunSpec, store: ArtifactStore, kind: str, shards: list[CuratedShard]) -> RawDataset:

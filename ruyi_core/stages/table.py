@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from ruyi_core.spec import RunSpec
 from ruyi_core.stages.contract import Stage, spec_slice
 from ruyi_core.stages.dae import EXPAND, SVD
-from ruyi_core.stages.data import PREPARE
 from ruyi_core.stages.family import EXPORT, INIT
 from ruyi_core.stages.grpo import GRPO
+from ruyi_core.stages.pack import PACK, PREPARE
 from ruyi_core.stages.report import REPORT
 from ruyi_core.stages.route import ROUTE
 from ruyi_core.stages.shards import CURATE, MERGE
@@ -52,7 +52,9 @@ STEPS = (
     Step("merge_data", MERGE, weights=True),  # once per corpus: deduplication across its shards
     Step("plan_run"),  # the data-fingerprint gate: an unchanged run stops here
     Step("init_family", INIT, weights=True),
-    Step("prepare_data", PREPARE, weights=True),
+    Step("plan_packs"),  # every curated corpus's shards
+    Step("pack_shard", PACK, weights=True),  # once per shard: tokenize and pack with the family's tokenizer
+    Step("prepare_data", PREPARE, weights=True),  # once per corpus: a dataset whose parts are its packed shards
     _training("cpt", "CPT"),
     _training("sft", "SFT"),
     Step("dae_expand", EXPAND, weights=True, when=("dae.enabled",)),
