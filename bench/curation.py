@@ -1,6 +1,7 @@
-"""The curation data plane at growing size: peak memory of one shard's task and of the merge as the corpus grows
+"""The data plane at growing size: peak memory of one shard's curation task and of the merge as the corpus grows
 shard by shard, and throughput with 1, 2 and 4 shard tasks at once, each a process of its own, as the pipeline's
-fan-out runs them (here without the store, so what is measured is the curation itself).
+fan-out runs them, for curation (curate_shard, then merge_data) and for packing (pack_shard); here without the
+store, so what is measured is the work itself.
 
     python bench/curation.py [--records 8000] [--shards 1 2 4 8] [--parallel 1 2 4] [--json PATH]
 
@@ -58,11 +59,19 @@ def index():
 def worker(args: list[str]) -> None:
     """One task: `shard FILE OUT` filters a shard; `merge OUT...` deduplicates across the filtered shards. Prints
     its peak RSS in MiB."""
-    from ruyi_core.data.curate import deduplicate, filter_shard
+    from ruyi_core.data.curate import RECORDS, deduplicate, filter_shard, surviving
 
     with tempfile.TemporaryDirectory() as work:
         if args[0] == "shard":
             filter_shard([args[1]], "pretrain", spec(), index(), Path(work), Path(args[2]))
+        elif args[0] == "pack":  # `pack CURATED TOKENIZER OUT`: pack_shard's work on a curated shard
+            from transformers import AutoTokenizer
+
+            from ruyi_core.data.pack import prepare_corpus
+
+            assert (Path(args[1]) / RECORDS).is_file()
+            prepare_corpus(surviving(Path(args[1]), set()), "pretrain", AutoTokenizer.from_pretrained(args[2]),
+                           Path(args[3]), 50_000_000, progress=False)
         else:
             deduplicate([Path(a) for a in args[1:]], spec(), Path(work))
     print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -73,21 +82,42 @@ def run(args: list[str]) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
-def curate_all(files: list[Path], out: Path, parallel: int) -> tuple[float, float, float]:
-    """Every shard's task, `parallel` at a time, then the merge: (wall s, max shard-task peak MiB, merge peak)."""
-    start, peaks, pending, running = time.perf_counter(), [], list(enumerate(files)), []
+def fan_out(tasks: list[list[str]], parallel: int) -> list[float]:
+    """Each task's worker process, `parallel` at a time; their peaks (MiB)."""
+    peaks, pending, running = [], list(tasks), []
     while pending or running:
         while pending and len(running) < parallel:
-            i, f = pending.pop(0)
-            running.append(subprocess.Popen([sys.executable, __file__, "--worker", "shard", str(f),
-                                             str(out / f"s{i:03d}")], stdout=subprocess.PIPE, text=True))
+            running.append(subprocess.Popen([sys.executable, __file__, "--worker", *pending.pop(0)],
+                                            stdout=subprocess.PIPE, text=True))
         p = running.pop(0)
         stdout, _ = p.communicate()
         if p.returncode:
             raise SystemExit(f"a shard task failed ({p.returncode})")
         peaks.append(json.loads(stdout.strip().splitlines()[-1])["peak_mib"])
+    return peaks
+
+
+def curate_all(files: list[Path], out: Path, parallel: int) -> tuple[float, float, float]:
+    """Every shard's task, `parallel` at a time, then the merge: (wall s, max shard-task peak MiB, merge peak)."""
+    start = time.perf_counter()
+    peaks = fan_out([["shard", str(f), str(out / f"s{i:03d}")] for i, f in enumerate(files)], parallel)
     merge = run(["merge", *(str(out / f"s{i:03d}") for i in range(len(files)))])
     return time.perf_counter() - start, max(peaks), merge
+
+
+def pack_all(curated: list[Path], tok: Path, out: Path, parallel: int) -> tuple[float, float]:
+    """Every curated shard packed, `parallel` tasks at a time: (wall s, max task peak MiB)."""
+    start = time.perf_counter()
+    peaks = fan_out([["pack", str(c), str(tok), str(out / f"p{i:03d}")] for i, c in enumerate(curated)], parallel)
+    return time.perf_counter() - start, max(peaks)
+
+
+def tokenizer(files: list[Path], out: Path) -> Path:
+    from ruyi_core.family.tokenizer import build_tokenizer
+
+    texts = [json.loads(line)["text"] for line in files[0].read_text().splitlines()[:500]]
+    build_tokenizer(4096, texts).save_pretrained(out)
+    return out
 
 
 def main() -> None:
@@ -118,6 +148,15 @@ def main() -> None:
             base = base or wall
             result["parallel"].append({"tasks": p, "wall_s": wall, "mb_per_s": sum(mb[:n]) / wall})
             print(f"  {p} at once: {wall:6.1f} s  {sum(mb[:n]) / wall:5.2f} MB/s  speedup {base / wall:4.2f}x")
+        tok, curated = tokenizer(files, Path(tmp) / "tok"), [Path(tmp) / f"par1/s{i:03d}" for i in range(n)]
+        print(f"\n{n} curated shards packed, tasks at once: wall time, throughput (of the raw MB) and peak")
+        base, result["pack"] = None, []
+        for p in a.parallel:
+            wall, peak = pack_all(curated, tok, Path(tmp) / f"pack{p}", p)
+            base = base or wall
+            result["pack"].append({"tasks": p, "wall_s": wall, "mb_per_s": sum(mb[:n]) / wall, "peak_mib": peak})
+            print(f"  {p} at once: {wall:6.1f} s  {sum(mb[:n]) / wall:5.2f} MB/s  speedup {base / wall:4.2f}x  "
+                  f"task peak {peak:.0f} MiB")
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))
 

@@ -3,7 +3,8 @@ of its own on a cluster) with the family's tokenizer, and prepare_data makes one
 parts are the shards' artifacts (ruyi_core.data.packed.compose), so nothing is copied.
 
 A shard's pack is keyed by the curated shard's content, the records deduplication removes from it and the
-tokenizer: a run on grown data packs only the shards that are new or changed."""
+tokenizer's files: a run on grown data packs only the shards that are new or changed, and a warm-started run
+with the same tokenizer none."""
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from ruyi_core.spec import RunSpec
-from ruyi_core.stages.contract import Stage, StageRun, run_stage, workdir
+from ruyi_core.stages.contract import Stage, StageRun, manifest_of, run_stage, workdir
 from ruyi_core.stages.data import PackedDataset, RunPlan
 from ruyi_core.store import ArtifactStore
 
@@ -56,17 +57,20 @@ def pack_shard(spec: RunSpec, store: ArtifactStore, piece: PackPiece, family: st
         shard = _listing(store, piece.raw, work)[piece.index]
     remove = sorted(shard["remove"])
 
+    # The tokenizer's files only: a 14B family's weights are ~28 GB that a shard's task has no use for. They key
+    # the pack, not the family: a warm start or a new base with the same tokenizer reuses every shard's pack.
+    manifest = manifest_of(store, family)
+    tokenizer = {f.path: f.sha256 for f in manifest.files if "/" not in f.path and not f.path.endswith(_WEIGHTS)}
+
     def build(run: StageRun) -> dict:
         from transformers import AutoTokenizer
 
         from ruyi_core.data.pack import prepare_corpus
 
-        run.lineage.append(piece.raw)  # the corpus's merge, for lineage: not identity, so grown data reuses this
+        run.lineage += [piece.raw, family]  # the corpus's merge and the family: lineage, not identity
         folder = run.work / "shard"
         run.store.get_artifact(shard["uri"], folder, only=[RECORDS])
-        # the tokenizer's files only: a 14B family's weights are ~28 GB that a shard's task has no use for
-        files = [f.path for f in run.manifest("family").files if "/" not in f.path and not f.path.endswith(_WEIGHTS)]
-        run.store.get_artifact(run.inputs["family"], run.work / "tokenizer", only=files)
+        run.store.get_artifact(family, run.work / "tokenizer", only=list(tokenizer))
         tok = AutoTokenizer.from_pretrained(run.work / "tokenizer")
         res = prepare_corpus(surviving(folder, set(remove)), piece.kind, tok, run.out, spec.data.shard_tokens,
                              progress=False)
@@ -74,8 +78,10 @@ def pack_shard(spec: RunSpec, store: ArtifactStore, piece: PackPiece, family: st
                 "fingerprint": res.fingerprint}
 
     digest = hashlib.sha256(json.dumps(remove).encode()).hexdigest()
-    return run_stage(PACK, spec, store, build, inputs={"shard": shard["uri"], "family": family},
-                     params={"kind": piece.kind, "remove": digest}).model_copy(update={"index": piece.index})
+    tok_digest = hashlib.sha256(json.dumps(tokenizer, sort_keys=True).encode()).hexdigest()
+    return run_stage(PACK, spec, store, build, inputs={"shard": shard["uri"]},
+                     params={"kind": piece.kind, "remove": digest, "tokenizer": tok_digest}
+                     ).model_copy(update={"index": piece.index})
 
 
 def prepare_data(spec: RunSpec, store: ArtifactStore, kind: str, parts: list[PackedShard]) -> PackedDataset:
