@@ -15,5 +15,6 @@ from components.route import calibrate_routing
 from components.ship import package_tier, promote
 from components.train import train
 
-__all__ = ["plan_shards", "curate_shard", "merge_data", "plan_run", "init_family", "plan_packs", "pack_shard", "prepare_data", "train", "dae_expand", "grpo", "svd_compress",
-           "export_tier", "package_tier", "promote", "calibrate_routing", "report"]
+__all__ = ["plan_shards", "curate_shard", "merge_data", "plan_run", "init_family", "plan_packs", "pack_shard",
+           "prepare_data", "train", "dae_expand", "grpo", "svd_compress", "export_tier", "package_tier", "promote",
+           "calibrate_routing", "report"]
