@@ -251,6 +251,10 @@ def routing_lines(routing: dict | None) -> list[str]:
     if routing.get("draft_acceptance"):  # the price of grading: a deeper tier keeps less of a shallower one's draft
         lines.append("- draft acceptance (share of the deepest tier's answer tokens a tier's own answer drafts): "
                      + ", ".join(f"{t} {v:.3f}" for t, v in routing["draft_acceptance"].items()))
+    if d := routing.get("draft"):
+        lines.append(f"- self-speculation (`ruyi serve --draft auto`): {d['tier']} drafting {d['tokens']} tokens "
+                     f"without its last {d['skip']} blocks, a round stopped below p {d['min_p']}: "
+                     f"{d['speedup']:.2f}× the deepest tier alone on {d['prompts']} questions, the same answers")
     return lines
 
 
