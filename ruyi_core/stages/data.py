@@ -13,6 +13,7 @@ from ruyi_core.stages.contract import Artifact, StageRun, slice_hash
 from ruyi_core.store import ArtifactStore
 
 KINDS = ("pretrain", "sft", "rl")
+LISTING = "dataset.json"  # a curated corpus's shards (merge_data writes it)
 
 
 class RawDataset(Artifact):
@@ -97,14 +98,19 @@ def corpus_records(run: StageRun, name: str) -> Iterator[dict]:
     return dataset_records(run.store, run.fetch(name), run.work / "shards" / name, run.lineage)
 
 
+def shard_listing(dataset: Path) -> list[dict]:
+    """merge_data's `dataset.json` (in the folder `dataset`): each curated shard's URI, source and fingerprint,
+    and the positions of its records that deduplication removes."""
+    return json.loads((dataset / LISTING).read_text())["shards"]
+
+
 def dataset_records(store: ArtifactStore, dataset: Path, work: Path, shards: list[str] | None = None
                     ) -> Iterator[dict]:
     """A curated corpus's records in corpus order, shard by shard: merge_data's `dataset.json` (in the folder
     `dataset`) names the shards and the positions of their records that deduplication removed."""
     from ruyi_core.data.curate import RECORDS, surviving
 
-    listing = json.loads((dataset / "dataset.json").read_text())
-    for i, shard in enumerate(listing["shards"]):
+    for i, shard in enumerate(shard_listing(dataset)):
         folder = work / f"{i:05d}"
         store.get_artifact(shard["uri"], folder, only=[RECORDS])
         if shards is not None:

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from ruyi_core.spec import RunSpec
 from ruyi_core.stages.contract import Stage, StageRun, manifest_of, run_stage, workdir
-from ruyi_core.stages.data import PackedDataset, RunPlan
+from ruyi_core.stages.data import LISTING, PackedDataset, RunPlan, shard_listing
 from ruyi_core.store import ArtifactStore
 
 
@@ -37,9 +37,8 @@ PREPARE = Stage("prepare_data", PackedDataset, ("data.shard_tokens",), root="dat
 
 
 def _listing(store: ArtifactStore, raw: str, work: Path) -> list[dict]:
-    """merge_data's `dataset.json`: each curated shard's URI and the positions deduplication removes."""
-    store.get_artifact(raw, work, only=["dataset.json"])
-    return json.loads((work / "dataset.json").read_text())["shards"]
+    store.get_artifact(raw, work, only=[LISTING])
+    return shard_listing(work)
 
 
 def plan_packs(store: ArtifactStore, plan: RunPlan) -> list[PackPiece]:

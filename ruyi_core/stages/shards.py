@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from ruyi_core.errors import RuyiError
 from ruyi_core.spec import RunSpec
 from ruyi_core.stages.contract import Artifact, Stage, StageRun, run_stage, workdir
-from ruyi_core.stages.data import KINDS, RawDataset, reference_sets, stored_summary
+from ruyi_core.stages.data import KINDS, LISTING, RawDataset, reference_sets, stored_summary
 from ruyi_core.store import ArtifactStore
 
 GATE_FIELDS = ("data.allowed_sources", "data.allowed_langs", "data.thresholds", "data.curation")
@@ -125,7 +125,7 @@ def merge_data(spec: RunSpec, store: ArtifactStore, kind: str, shards: list[Cura
                             f"loosen data.curation or add data")
         listing = [{"uri": s.uri, "source": s.source, "fingerprint": s.fingerprint, "remove": r}
                    for s, r in zip(shards, dedup.remove)]
-        (run.out / "dataset.json").write_text(json.dumps({"kind": kind, "shards": listing}, indent=1))
+        (run.out / LISTING).write_text(json.dumps({"kind": kind, "shards": listing}, indent=1))
         per_shard = [{"source": s.source, "records": s.n_records, "removed": {**p.removed_counts(), **d},
                       "kept": s.n_kept - len(r)} for s, p, d, r in zip(shards, parts, dedup.per_shard, dedup.remove)]
         (run.out / "gate_summary.json").write_text(json.dumps({"curation": total.summary(), "shards": per_shard},
