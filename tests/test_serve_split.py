@@ -15,13 +15,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from openai import OpenAI
 from test_serve import CPU, chat_ids, family_dir, serving  # noqa: F401 - a fixture
 
 from ruyi_core.serve.api import create_app
 from ruyi_core.serve.decode import generate
 from ruyi_core.family.tensors import digests
+from ruyi_core.serve.decode import Read
 from ruyi_core.serve.handoff import encode
+from ruyi_core.serve.split import encode_step, trunk_step
 from ruyi_core.serve.route import escalate
 from ruyi_core.serve.tiers import from_family
 from ruyi_core.serve.upstream import Upstream
@@ -72,7 +75,7 @@ def test_end_hands_on_to_edge_and_cloud_with_their_own_answers(family_dir, whole
     assert "end" in seen and "cloud" in seen
 
 
-@pytest.mark.parametrize("mode", ["tokens", "state"])
+@pytest.mark.parametrize("mode", ["tokens", "state", "split"])
 def test_edge_hands_cloud_its_trunk_state_and_the_answers_stay_exact(family_dir, whole, mode):  # noqa: F811
     lower = from_family(family_dir, CPU, name="micro", only=["end", "edge"])
     cloud = from_family(family_dir, CPU, name="micro", only=["cloud"])
@@ -87,9 +90,10 @@ def test_edge_hands_cloud_its_trunk_state_and_the_answers_stay_exact(family_dir,
             assert escalate(whole, chat_ids(tok, q), 6, 0.5).tokens == want  # one process: the same tokens
             assert r.usage.model_extra["handoff"] == mode and r.usage.model_extra["computed_at"] == up
             sent.append(r.usage.model_extra["network_bytes"])
-    per_position = 2 * 2 * 2 * 16 * 4 + 64 * 4  # two blocks' k and v (2 heads x 16) and the states, fp32
+    # two blocks' k and v (2 heads x 16) and the states, fp32; split: the states alone
+    per_position = {"tokens": 0, "state": 2 * 2 * 2 * 16 * 4 + 64 * 4, "split": 64 * 4}[mode]
     prompt = min(len(chat_ids(tok, q)) for q in QUESTIONS)
-    assert min(sent) > (prompt * per_position if mode == "state" else 0) and max(sent) < 1 << 20
+    assert min(sent) > prompt * per_position and max(sent) < 1 << 20
 
 
 def test_a_state_for_another_trunk_is_read_as_tokens_and_a_malformed_one_is_a_400(family_dir, whole):  # noqa: F811
@@ -121,13 +125,63 @@ def test_a_state_for_another_trunk_is_read_as_tokens_and_a_malformed_one_is_a_40
         assert conn.getresponse().status == 413
 
 
-def test_the_cost_model_sends_state_on_a_fast_link_and_tokens_on_a_slow_one():
-    fast, slow = Upstream("http://x", mode="auto", link_mbps=1000), Upstream("http://x", mode="auto", link_mbps=5)
-    for up in (fast, slow):
-        up._trunk = {"digests": [], "dtype": "float32", "block_token_s": 2e-4}  # as GET /v1/ruyi/trunk says
-    # 20 positions, 20 blocks: re-reading costs 80 ms; 1 MB takes 8 ms at 1 Gbit/s and 1.6 s at 5 Mbit/s
-    assert fast.wants_state(20, 20, 1_000_000) and not slow.wants_state(20, 20, 1_000_000)
-    assert not Upstream("http://x", mode="tokens").wants_state(20, 20, 1)
+def test_split_sessions_answer_exactly_and_refuse_bad_steps_unknown_sessions_and_a_full_table(
+        family_dir, whole):  # noqa: F811
+    from test_serve import post
+
+    edge = from_family(family_dir, CPU, name="micro", only=["edge"])
+    ids = chat_ids(whole.tokenizer, QUESTIONS[1])
+    want = _alone(whole, "cloud", ids, 5)
+
+    def handed():  # the edge tier's unsure answer, read at the 2 blocks it shares with the cloud
+        a = escalate(edge, ids, 5, 1.01, hand_depth=2)
+        return a, trunk_step(edge.tiers["edge"], a.read)
+
+    app = create_app(from_family(family_dir, CPU, name="micro", only=["cloud"]))
+    with serving(app) as up:
+        a, step = handed()
+        got = Upstream(up, timeout=30).split("micro:auto", ids, a.draft, 5, a.read, digests(whole.tiers["edge"])[2],
+                                             step)
+        assert got.tokens == want and got.tier == "cloud" and got.handoff == "split"
+        a, step = handed()
+        states = torch.cat([a.read.states, step(a.draft[-1], a.read.length)], 1)
+        request = {"model": "micro:auto", "prompt": ids, "draft": a.draft, "max_tokens": 5}
+        body = encode(request, Read(a.read.model, 2, a.read.kv, states), digests(whole.tiers["edge"])[2], kv=False)
+        code, opened = post(f"{up}/ruyi/split", body, {"content-type": "application/octet-stream"})
+        assert code == 200 and not opened["done"] and opened["at"] == len(ids) + len(opened["tokens"]) - 1, opened
+        state = step(opened["tokens"][-1], opened["at"])
+        for bad in (encode_step(opened["at"] + 1, state), encode_step(opened["at"], state)[:-4], b"{}\n",
+                    encode_step(opened["at"], state) + b"\0" * 4, b"x" * 10_000):
+            code, got = post(f"{up}/ruyi/split/{opened['session']}", bad)
+            assert code == 400 and "split step" in got["error"]["message"], (bad[:40], got)
+        code, got = post(f"{up}/ruyi/split/{'0' * 32}", encode_step(opened["at"], state))
+        assert code == 404 and got["error"]["code"] == "session_not_found"
+        code, got = post(f"{up}/ruyi/split/{opened['session']}", encode_step(opened["at"], state))
+        assert code == 200 and got["at"] == opened["at"] + 1  # the session survived every bad step
+        code, got = post(f"{up}/ruyi/split", body[:-8])
+        assert code == 400 and "split hand-off" in got["error"]["message"]
+        app.state.engine.sessions.limit = 0  # a full table: the lower server hands over tokens instead
+        a, step = handed()
+        got = Upstream(up, timeout=30).split("micro:auto", ids, a.draft, 5, a.read, digests(whole.tiers["edge"])[2],
+                                             step)
+        assert got.tokens == want and got.handoff.startswith("tokens: the upstream's split sessions are full")
+
+
+def test_the_cost_model_picks_state_on_a_fast_link_tokens_on_a_slow_one_and_split_for_a_slow_upstream():
+    def up(mbps, rtt=1e-3, step=1e-4):
+        u = Upstream("http://x", mode="auto", link_mbps=mbps)
+        u._trunk = {"digests": [], "dtype": "float32", "block_token_s": 2e-4, "block_step_s": step, "rtt_s": rtt}
+        return u  # as GET /v1/ruyi/trunk says, and the round trip measured
+
+    per_position = {"state": 50_000, "split": 2_000}
+    # 20 positions, 20 blocks: re-reading costs 80 ms; 1 MB of state takes 8 ms at 1 Gbit/s and 1.6 s at 5 Mbit/s;
+    # 16 tokens ahead cost the upstream 32 ms of trunk, or split 16 round trips (16 ms at 1 ms, 1.3 s at 80 ms)
+    args = (20, 20, 32, per_position, 1e-4)
+    assert up(1000).choose(*args) == "state" and up(5, 0.08).choose(*args) == "tokens"
+    assert up(1000, step=5e-3).choose(*args) == "split"  # a loaded upstream: 100 ms of trunk per token
+    assert up(5, 0.08, step=2e-3).choose(*args) == "tokens"  # 40 ms per token: not worth an 80 ms round trip
+    assert Upstream("http://x", mode="tokens").choose(*args) == "tokens"
+    assert Upstream("http://x", mode="split").choose(0, 20, 32, per_position, 1e-4) == "tokens"  # nothing shared
 
 
 def _dies_while_answering(listener: socket.socket) -> None:

@@ -18,6 +18,7 @@ from ruyi_core.serve.handoff import STATE_PATH, TRUNK_PATH, decode, state_bytes_
 from ruyi_core.serve.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, Continuation,
                                       SamplingRequest, StreamOptions, error_body)
 from ruyi_core.serve.respond import Reply, stream, whole
+from ruyi_core.serve.split import SPLIT_PATH, Busy, Session
 from ruyi_core.serve.tiers import ServedFamily
 from ruyi_core.serve.upstream import PATH, Upstream
 
@@ -41,7 +42,9 @@ def create_app(family: ServedFamily, max_batch: int = 8, default_max_tokens: int
     shallowest = family.tiers[next(iter(family.tiers))]
     # a state hand-off: the whole trunk of the shallowest tier for a full context, and the ids
     state = bound + engine.longest_context * state_bytes_per_token(shallowest, len(shallowest.model.layers))
-    app.add_middleware(Guard, api_key=api_key, max_body=bound, larger={"/v1" + STATE_PATH: state})
+    split = bound + engine.longest_context * state_bytes_per_token(shallowest, 0, kv=False)
+    app.add_middleware(Guard, api_key=api_key, max_body=bound,
+                       larger={"/v1" + STATE_PATH: state, "/v1" + SPLIT_PATH: split})
     _errors(app)
     _routes(app, engine)
     return app
@@ -98,15 +101,36 @@ def _routes(app: FastAPI, engine: Engine) -> None:
     @app.post("/v1" + STATE_PATH)
     async def continuation_state(request: Request):
         """A trunk-state hand-off (handoff.py): checked whole before any tensor is made."""
-        shallowest = next(iter(engine.family.tiers))
-        try:
-            got = await asyncio.to_thread(decode, await request.body(), engine.family.tiers[shallowest],
-                                          engine.chain(shallowest))
-            req = Continuation(**got.request)
-        except (ValueError, TypeError) as e:  # pydantic's ValidationError and JSON errors are ValueErrors
-            raise ApiError(400, f"malformed state hand-off: {str(e).splitlines()[0]}", "state") from None
+        req, got = await _handoff(engine, request, kv=True)
         how = "state" if got.read is not None else f"tokens: {got.mismatch}"
         return await _continue(engine, req, got.read, how)
+
+    @app.post("/v1" + SPLIT_PATH)
+    async def split_open(request: Request):
+        """A split hand-off (split.py): the states of the prompt and draft where the servers part."""
+        req, got = await _handoff(engine, request, kv=False)
+        if got.read is None:
+            return {**await _continue(engine, req, None, f"tokens: {got.mismatch}"), "done": True}
+        _check(engine, req)
+        tier = next(iter(engine.family.tiers))
+        try:
+            sid, session, new = await asyncio.to_thread(engine.sessions.open, tier, engine.family.tiers[tier],
+                                                        req.model_dump(), got.read, engine.family.eos)
+        except Busy as e:
+            raise ApiError(503, f"busy: {e}; hand over tokens (POST /v1{PATH}) or retry", None, "busy") from None
+        return await _split_progress(engine, sid, session, new)
+
+    @app.post("/v1" + SPLIT_PATH + "/{sid}")
+    async def split_step(sid: str, request: Request):
+        """One token of a split session: the state of the answer's last token in, the next token out."""
+        try:
+            session = await asyncio.to_thread(engine.sessions.step, sid, await request.body())
+        except KeyError:
+            raise ApiError(404, "no such split session (finished, or idle too long): hand the request over "
+                                "again", "session", "session_not_found") from None
+        except ValueError as e:
+            raise ApiError(400, f"malformed split step: {e}", "state") from None
+        return await _split_progress(engine, None if session.done else sid, session, 1)
 
     @app.get("/v1" + TRUNK_PATH)
     async def trunk():
@@ -114,17 +138,48 @@ def _routes(app: FastAPI, engine: Engine) -> None:
         shallowest tier), the dtype of its states and its seconds per block-token."""
         shallowest = next(iter(engine.family.tiers))
         model = engine.family.tiers[shallowest]
-        chain, block_s = await asyncio.to_thread(lambda: (engine.chain(shallowest), engine.block_token_seconds()))
-        return {"digests": chain, "dtype": str(model.dtype).removeprefix("torch."), "block_token_s": block_s}
+        chain, (read_s, step_s) = await asyncio.to_thread(lambda: (engine.chain(shallowest),
+                                                                   engine.block_seconds()))
+        return {"digests": chain, "dtype": str(model.dtype).removeprefix("torch."), "block_token_s": read_s,
+                "block_step_s": step_s}
 
 
-async def _continue(engine: Engine, req: Continuation, read, handoff: str) -> dict:
+async def _handoff(engine: Engine, request: Request, kv: bool):
+    """A state or split hand-off's request and what it holds, checked whole before any tensor is made."""
+    shallowest = next(iter(engine.family.tiers))
+    try:
+        got = await asyncio.to_thread(decode, await request.body(), engine.family.tiers[shallowest],
+                                      engine.chain(shallowest), kv)
+        return Continuation(**got.request), got
+    except (ValueError, TypeError) as e:  # pydantic's ValidationError and JSON errors are ValueErrors
+        raise ApiError(400, f"malformed {'state' if kv else 'split'} hand-off: {str(e).splitlines()[0]}",
+                       "state") from None
+
+
+async def _split_progress(engine: Engine, sid: str | None, session: Session, new: int) -> dict:
+    """A split session's new tokens and the position of the state it needs next; once done, the answer (handed
+    on as tokens when this server's tier was unsure and deeper tiers are here or further up)."""
+    if sid is not None:
+        return {"done": False, "session": sid, "tokens": session.tokens[-new:], "at": session.at}
+    further = len(engine.family.tiers) > 1 or engine.upstream is not None
+    if further and min(session.confidence) < engine.auto_threshold:
+        req = Continuation(**{**session.request, "draft": session.tokens})
+        return {**await _continue(engine, req, None, "split"), "done": True}
+    return {"done": True, "tier": session.tier, "tokens": session.tokens, "computed_at": "local",
+            "network_bytes": 0, "fallback": None, "handoff": "split"}
+
+
+def _check(engine: Engine, req: Continuation) -> None:
     if engine.tier_of(req.model) != "auto":
         raise ApiError(400, f"hand-offs continue {engine.family.name}:auto, not {req.model}", "model")
     vocab = engine.family.tiers[engine.family.deepest].config.vocab_size
     if not all(0 <= t < vocab for t in [*req.prompt, *req.draft]) or len(req.draft) > req.max_tokens:
         raise ApiError(400, f"prompt and draft are token ids below {vocab}, the draft at most max_tokens long",
                        "draft")
+
+
+async def _continue(engine: Engine, req: Continuation, read, handoff: str) -> dict:
+    _check(engine, req)
     job = engine.submit(req.model, req.prompt, req.max_tokens, 0.0, None, draft=req.draft, read=read)[0]
     tokens = await engine.tokens(job)
     return {"tier": job.answered_by, "tokens": tokens, "computed_at": job.computed_at,

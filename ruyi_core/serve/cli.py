@@ -91,8 +91,10 @@ def serve_command(family: Path | None = typer.Option(None, help="a family folder
                   upstream_key: str | None = typer.Option(None, envvar="RUYI_UPSTREAM_KEY", show_envvar=True,
                                                           help="the upstream's API key"),
                   handoff: str = typer.Option("auto", help="what a hand-off sends upstream: tokens (the ids), "
-                                                           "state (also the shared trunk's keys and values, "
-                                                           "exact), or auto (the cheaper for --link-mbps)"),
+                                                           "state (also the shared trunk's keys and values), "
+                                                           "split (the trunk's output, token by token, while "
+                                                           "this server runs the trunk), or auto (the cheapest "
+                                                           "for --link-mbps); all exact"),
                   link_mbps: float = typer.Option(100.0, min=0.001, help="the link to the upstream, in Mbit/s, "
                                                                          "for --handoff auto")):
     """Serve every tier of a family over an OpenAI-compatible API (/v1/chat/completions, /v1/completions,
@@ -104,8 +106,8 @@ def serve_command(family: Path | None = typer.Option(None, help="a family folder
 
     from transformers.utils import logging as hf_logging
 
-    if handoff not in ("tokens", "state", "auto"):
-        raise RuyiError(f"--handoff {handoff}: choose tokens, state or auto")
+    if handoff not in ("tokens", "state", "split", "auto"):
+        raise RuyiError(f"--handoff {handoff}: choose tokens, state, split or auto")
     hf_logging.disable_progress_bar()  # the server's own lines only
     c = Console(stderr=True)
     only = [t.strip() for t in tiers.split(",")] if tiers is not None else None

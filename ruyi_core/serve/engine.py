@@ -15,6 +15,7 @@ from ruyi_core.serve.detok import Detokenizer, StopStrings
 from ruyi_core.serve.handoff import common_depth, measure_block, state_bytes_per_token
 from ruyi_core.serve.protocol import ApiError
 from ruyi_core.serve.route import escalate
+from ruyi_core.serve.split import Sessions, trunk_step
 from ruyi_core.serve.tiers import ServedFamily
 from ruyi_core.serve.upstream import Unreachable, Upstream
 
@@ -71,7 +72,8 @@ class Engine:
         self.auto_threshold = auto_threshold if auto_threshold is not None else point.get("threshold", 0.5)
         self.spec_stats, self.upstream = SpecStats(), upstream
         self._chains: dict[str, list[str]] = {}
-        self._block_s: float | None = None
+        self._block_s: tuple[float, float] | None = None
+        self.sessions = Sessions()
         self.names = [*family.tiers, "auto"]
         self.batcher = Batcher(self._run, max_batch)
 
@@ -159,14 +161,20 @@ class Engine:
         j.answered_by = a.tier
         if self.upstream is None or a.confidence >= self.auto_threshold:
             return a.tokens
-        state = a.read if a.read is not None and a.read.depth == depth else None
-        if state is not None and not self.upstream.wants_state(
-                depth, state.length, state.length * state_bytes_per_token(self.family.tiers[self.family.deepest],
-                                                                          depth)):
-            state = None
+        read = a.read if a.read is not None and a.read.depth == depth and depth > 0 else None
+        deep = self.family.tiers[self.family.deepest]
+        mode = "tokens" if read is None else self.upstream.choose(
+            depth, read.length + 1, j.max_new_tokens - len(a.draft) + 1,
+            {"state": state_bytes_per_token(deep, depth), "split": state_bytes_per_token(deep, depth, kv=False)},
+            self.block_seconds()[1])
+        model, digest = f"{self.family.name}:auto", self.chain(self.family.deepest)[depth]
         try:
-            got = self.upstream.ask(f"{self.family.name}:auto", j.prompt, a.draft, j.max_new_tokens, state,
-                                    self.chain(self.family.deepest)[depth] if state is not None else None)
+            if mode == "split":
+                got = self.upstream.split(model, j.prompt, a.draft, j.max_new_tokens, read, digest,
+                                          trunk_step(deep, read))
+            else:
+                got = self.upstream.ask(model, j.prompt, a.draft, j.max_new_tokens,
+                                        read if mode == "state" else None, digest)
         except Unreachable as e:
             j.fallback = str(e)
             return a.tokens
@@ -190,12 +198,12 @@ class Engine:
             return 0
         return max(common_depth(self.chain(self.family.deepest), trunk["digests"]), 0)
 
-    def block_token_seconds(self) -> float:
-        """Seconds the shallowest tier's first block takes per position when reading a prompt (the upstream side
-        of the hand-off cost model), measured once on 64 positions."""
+    def block_seconds(self) -> tuple[float, float]:
+        """Seconds the shallowest tier's first block takes per position reading a prompt, and per decoded token
+        (the cost model's compute: the upstream's, and this server's own), measured once."""
         if self._block_s is None:
             model = self.family.tiers[next(iter(self.family.tiers))]
-            self._block_s = measure_block(model)
+            self._block_s = (measure_block(model), measure_block(model, positions=1))
         return self._block_s
 
     def _run(self, tier: str, jobs: list[Job], on_token: Callable[[int, int], bool]) -> None:
@@ -218,3 +226,4 @@ class Engine:
             speculative(fam.tiers[self.draft], model, j.prompt, j.max_new_tokens, fam.eos, k=self.draft_tokens,
                         stats=self.spec_stats, on_token=lambda t, i=i: on_token(i, t), skip=self.draft_skip,
                         min_confidence=self.draft_min_p)
+

@@ -38,22 +38,24 @@ def common_depth(mine: list[str], theirs: list[str]) -> int:
     return n
 
 
-def _layout(model, depth: int, length: int) -> list[tuple[int, ...]]:
-    """The shapes a state of `length` positions at `depth` has for this model: (k, v) per block, then states."""
+def _layout(model, depth: int, length: int, kv: bool = True) -> list[tuple[int, ...]]:
+    """The shapes a state of `length` positions at `depth` has for this model: (k, v) per block (unless not
+    `kv`: a split hand-off sends the states alone), then states."""
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv = (1, cfg.num_key_value_heads, length, head_dim)
-    return [kv] * (2 * depth) + [(1, length, cfg.hidden_size)]
+    pair = (1, cfg.num_key_value_heads, length, head_dim)
+    return [pair] * (2 * depth * kv) + [(1, length, cfg.hidden_size)]
 
 
-def state_bytes_per_token(model, depth: int) -> int:
-    """Bytes a state at `depth` takes per position, in the model's dtype."""
-    return sum(math.prod(s) for s in _layout(model, depth, 1)) * model.dtype.itemsize
+def state_bytes_per_token(model, depth: int, kv: bool = True) -> int:
+    """Bytes a state at `depth` takes per position, in the model's dtype (without `kv`: the states alone)."""
+    return sum(math.prod(s) for s in _layout(model, depth, 1, kv)) * model.dtype.itemsize
 
 
-def encode(request: dict, read: Read, digest: str) -> bytes:
-    """A hand-off with `read` (what this server's tiers read, at its depth) as its state."""
-    tensors = [t for i in range(read.depth) for t in read.kv.kv[i]] + [read.states]
+def encode(request: dict, read: Read, digest: str, kv: bool = True) -> bytes:
+    """A hand-off with `read` (what this server's tiers read, at its depth) as its state; without `kv`, the
+    states alone (a split hand-off, split.py)."""
+    tensors = [t for i in range(read.depth * kv) for t in read.kv.kv[i]] + [read.states]
     header = {**request, "state": {"depth": read.depth, "length": read.length, "digest": digest,
                                    "dtype": str(read.states.dtype).removeprefix("torch.")}}
     return json.dumps(header).encode() + b"\n" + b"".join(
@@ -67,9 +69,10 @@ class Handoff:
     mismatch: str | None = None
 
 
-def decode(body: bytes, model, chain: list[str]) -> Handoff:
+def decode(body: bytes, model, chain: list[str], kv: bool = True) -> Handoff:
     """A hand-off for `model` (this server's shallowest tier, whose digest chain is `chain`). Raises ValueError
-    (a 400) on anything malformed, before allocating a tensor."""
+    (a 400) on anything malformed, before allocating a tensor. Without `kv`: a split hand-off's states alone,
+    for the prompt and the whole draft (the lower server has read its last token too)."""
     end = body.find(b"\n", 0, HEADER_LIMIT)
     if end < 0:
         raise ValueError("a state hand-off starts with one JSON line of at most 1 MiB")
@@ -82,11 +85,11 @@ def decode(body: bytes, model, chain: list[str]) -> Handoff:
             or length < 1 or dtype is None:
         raise ValueError(f"state depth {depth!r}, length {length!r} or dtype {state.get('dtype')!r} is not one "
                          f"this server's trunk ({len(model.model.layers)} blocks, {model.dtype}) can hold")
-    expected = len(head.get("prompt", [])) + len(head.get("draft", [])) - 1
+    expected = len(head.get("prompt", [])) + len(head.get("draft", [])) - kv
     if length != expected:
-        raise ValueError(f"the state covers {length} positions; the prompt and draft but its last token are "
-                         f"{expected}")
-    shapes = _layout(model, depth, length)
+        raise ValueError(f"the state covers {length} positions; the prompt and draft{' but its last token' * kv}"
+                         f" are {expected}")
+    shapes = _layout(model, depth, length, kv)
     sizes = [math.prod(s) * dtype.itemsize for s in shapes]
     if len(body) - end - 1 != sum(sizes):
         raise ValueError(f"the state's tensors take {len(body) - end - 1} bytes; its header promises {sum(sizes)}")
@@ -98,14 +101,15 @@ def decode(body: bytes, model, chain: list[str]) -> Handoff:
         raw = torch.frombuffer(bytearray(body[at:at + size]), dtype=torch.uint8)
         tensors.append(raw.view(dtype).reshape(shape).to(device))
         at += size
-    kv = KV()
-    kv.kv = {i: (tensors[2 * i], tensors[2 * i + 1]) for i in range(depth)}
-    return Handoff(head, Read(model, depth, kv, tensors[-1]))
+    cache = KV()
+    cache.kv = {i: (tensors[2 * i], tensors[2 * i + 1]) for i in range(depth * kv)}
+    return Handoff(head, Read(model, depth, cache, tensors[-1]))
 
 
 @torch.no_grad()
 def measure_block(model, positions: int = 64, repeats: int = 3) -> float:
-    """Seconds per position of the model's first block reading a prompt (the best of a few runs)."""
+    """Seconds per position of the model's first block reading a prompt (the best of a few runs); with one
+    position, what a block costs per decoded token."""
     t = Tier(model)
     device = next(model.parameters()).device
     h = torch.randn(1, positions, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(

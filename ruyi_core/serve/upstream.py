@@ -1,26 +1,36 @@
 """A split deployment's hand-off: a server of shallower tiers (`ruyi serve --tiers end --upstream URL`) sends an
 `auto` request its own tiers were unsure of to a server of deeper tiers: the prompt's ids and the draft (the
-answer up to its first unsure token), and in `state` mode what its tiers read of them in the trunk both servers
-hold (handoff.py), so the upstream does not read it again. The upstream continues from the draft as one process
-does (route.escalate) and answers with its answering tier's tokens. Routes: `POST /v1/ruyi/continue` (tokens),
-`POST /v1/ruyi/continue-state` (state), `GET /v1/ruyi/trunk` (the upstream's digest chain and block speed).
+answer up to its first unsure token), and, in the modes that share the trunk both servers hold bit for bit,
+either what its tiers read of them there (`state`, handoff.py) or the states where the servers part, token by
+token, while it keeps running the trunk itself (`split`, split.py). The upstream continues from the draft as one
+process does (route.escalate) and answers with its answering tier's tokens. Routes: `POST /v1/ruyi/continue`
+(tokens), `POST /v1/ruyi/continue-state` (state), `POST /v1/ruyi/split[/{session}]` (split), `GET /v1/ruyi/trunk`
+(the upstream's digest chain and block speeds).
 
-`auto` mode picks per request from a cost model: the state's extra bytes over the link (`link_mbps`) against
-the upstream re-reading those positions through the shared blocks (its measured seconds per block-token)."""
+`auto` mode picks per request from a cost model (`choose`): each mode's time on top of what all three share,
+from the link (`link_mbps`, and the round trip measured when the trunk is read), the upstream's measured
+seconds per block-token (reading a prompt, and decoding) and this server's per decoded token."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from http.client import HTTPException
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
+from ruyi_core.serve.decode import Read
 from ruyi_core.serve.handoff import STATE_PATH, TRUNK_PATH, encode
+from ruyi_core.serve.split import SPLIT_PATH, encode_step
 
 PATH = "/ruyi/continue"
 RETRY_S = 30.0  # after the upstream's trunk could not be read, tokens only for this long
-Mode = Literal["tokens", "state", "auto"]
+Mode = Literal["tokens", "state", "split", "auto"]
+OCTETS = "application/octet-stream"
 
 
 @dataclass
@@ -29,13 +39,17 @@ class Handed:
     tier: str
     tokens: list[int]
     computed_at: str  # the URL of the server that computed it
-    network_bytes: int  # this hand-off's request and answer, and every hand-off further up
+    network_bytes: int  # this hand-off's requests and answers, and every hand-off further up
     fallback: str | None  # why the upstream answered although unsure (its own upstream did not answer)
-    handoff: str  # "tokens", "state", or why a state was not used
+    handoff: str  # "tokens", "state", "split", or why a state was not used
 
 
 class Unreachable(Exception):
     """The upstream did not answer in time, or not well: the lower tier answers itself."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class Upstream:
@@ -43,37 +57,72 @@ class Upstream:
                  link_mbps: float = 100.0):
         """`url`: the upstream's /v1 base URL (http://HOST:PORT/v1; `/v1` is added when missing); `timeout`: the
         seconds a hand-off may wait to connect, and then for the answer, before the lower tier answers itself;
-        `mode`: tokens, state, or auto (the cheaper by the cost model, for a link of `link_mbps`)."""
+        `mode`: tokens, state, split, or auto (the cheapest by the cost model, for a link of `link_mbps`)."""
         self.url = url.rstrip("/") if url.rstrip("/").endswith("/v1") else url.rstrip("/") + "/v1"
         self.timeout, self.mode, self.link_mbps = timeout, mode, link_mbps
         self.auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._trunk: dict | None = None
         self._failed_at = -RETRY_S
+        self._answered = [0, 0]  # answers handed on, and their tokens past the draft: the decode ahead, estimated
+
+    def _call(self, path: str, body: bytes | None = None, kind: str = "application/json") -> bytes:
+        """One exchange with the upstream (a GET without a body); every hand-off goes through here."""
+        req = urllib.request.Request(self.url + path, data=body,
+                                     headers={**({"content-type": kind} if body is not None else {}), **self.auth})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                return r.read()
+        # URLError, HTTPError and timeouts are OSErrors; an upstream killed while answering leaves a cut response
+        # (http.client's IncompleteRead) or none at all (RemoteDisconnected)
+        except (OSError, HTTPException) as e:
+            raise Unreachable(f"upstream {self.url} did not answer ({type(e).__name__}: {e})",
+                              e.code if isinstance(e, urllib.error.HTTPError) else None) from None
 
     def trunk(self) -> dict | None:
-        """The upstream's digest chain (of its shallowest tier) and seconds per block-token, asked once; None
-        when it cannot say (down, or a server without state hand-offs): tokens then. A failed ask is not
-        repeated for RETRY_S, so an upstream that is down costs each request one timeout, not two."""
+        """The upstream's digest chain (of its shallowest tier), seconds per block-token reading a prompt and
+        decoding, and the round trip of an exchange (the best of three asks), asked once; None when it cannot
+        say (down, or a server without state hand-offs): tokens then. A failed ask is not repeated for RETRY_S,
+        so an upstream that is down costs each request one timeout, not two."""
         if self._trunk is None and time.monotonic() - self._failed_at > RETRY_S:
             try:
-                with urllib.request.urlopen(urllib.request.Request(self.url + TRUNK_PATH, headers=self.auth),
-                                            timeout=self.timeout) as r:
-                    got = json.loads(r.read())
+                got, rtt = json.loads(self._call(TRUNK_PATH)), []
+                for _ in range(3):
+                    start = time.perf_counter()
+                    self._call(TRUNK_PATH)
+                    rtt.append(time.perf_counter() - start)
                 self._trunk = {"digests": [str(d) for d in got["digests"]], "dtype": str(got["dtype"]),
-                               "block_token_s": float(got["block_token_s"])}
-            except (OSError, HTTPException, ValueError, KeyError, TypeError):
+                               "block_token_s": float(got["block_token_s"]), "block_step_s": float(got["block_step_s"]),
+                               "rtt_s": min(rtt)}
+            except (Unreachable, ValueError, KeyError, TypeError):
                 self._failed_at = time.monotonic()
         return self._trunk
 
-    def wants_state(self, depth: int, positions: int, state_bytes: int) -> bool:
-        """The cost model: send the state when moving its bytes over the link takes less time than the upstream
-        re-reading these positions through `depth` blocks."""
-        if self.mode != "auto":
-            return self.mode == "state"
+    def costs(self, depth: int, positions: int, budget: int, per_position: dict[str, int],
+              step_s: float) -> dict[str, float]:
+        """Each mode's seconds on top of what all three share (one exchange, the ids, the upstream's blocks
+        above the trunk) for a hand-off of `positions` read through `depth` shared blocks, `budget` tokens left to
+        decode: tokens re-reads the positions and decodes the trunk upstream; state sends `per_position["state"]`
+        bytes a position and decodes the trunk upstream; split sends `per_position["split"]` a position, then one
+        exchange a token while this server runs the trunk (`step_s` a block)."""
         trunk = self.trunk()
-        if trunk is None:
-            return False
-        return state_bytes * 8 / (self.link_mbps * 1e6) < depth * positions * trunk["block_token_s"]
+        if trunk is None or depth < 1:
+            return {"tokens": 0.0}
+        byte_s = 8 / (self.link_mbps * 1e6)
+        count, total = self._answered
+        ahead = min(budget, total / count if count else budget / 2)
+        upstream_decode = ahead * depth * trunk["block_step_s"]
+        return {"tokens": positions * depth * trunk["block_token_s"] + upstream_decode,
+                "state": positions * per_position["state"] * byte_s + upstream_decode,
+                "split": positions * per_position["split"] * byte_s
+                + ahead * (trunk["rtt_s"] + per_position["split"] * byte_s + depth * step_s)}
+
+    def choose(self, depth: int, *args) -> str:
+        """The mode of one hand-off (see `costs`): the fixed one, or auto's cheapest; tokens when the servers
+        share no block or the upstream cannot say."""
+        if self.mode != "auto":
+            return self.mode if depth > 0 else "tokens"
+        costs = self.costs(depth, *args)
+        return min(costs, key=costs.get)
 
     def ask(self, model: str, prompt: list[int], draft: list[int], max_tokens: int, state=None,
             digest: str | None = None) -> Handed:
@@ -82,17 +131,50 @@ class Upstream:
         if state is None:
             body, path, kind = json.dumps(request).encode(), PATH, "application/json"
         else:
-            body, path, kind = encode(request, state, digest), STATE_PATH, "application/octet-stream"
-        req = urllib.request.Request(self.url + path, data=body, headers={"content-type": kind, **self.auth})
+            body, path, kind = encode(request, state, digest), STATE_PATH, OCTETS
+        content = self._call(path, body, kind)
+        return self._handed(json.loads(content) if content else None, len(body) + len(content), len(draft))
+
+    def split(self, model: str, prompt: list[int], draft: list[int], max_tokens: int, read: Read, digest: str,
+              trunk_step: Callable[[int, int], torch.Tensor]) -> Handed:
+        """The upstream's answer, computed split per token (split.py): `read` is what this server read of the
+        prompt and draft but its last token at the depth whose digest is `digest`; `trunk_step(token, at)`
+        runs a token at a position through this server's shared blocks (on `read`'s keys and values, cut to
+        `at` positions) and returns its state there. A full session table upstream: tokens instead."""
+        request = {"model": model, "prompt": prompt, "draft": draft, "max_tokens": max_tokens}
+        whole = Read(read.model, read.depth, read.kv, torch.cat([read.states, trunk_step(draft[-1], read.length)], 1))
+        body = encode(request, whole, digest, kv=False)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                content = r.read()
+            content = self._call(SPLIT_PATH, body, OCTETS)
+        except Unreachable as e:
+            if e.status != 503:
+                raise
+            got = self.ask(model, prompt, draft, max_tokens)
+            got.handoff = f"tokens: the upstream's split sessions are full, then {got.handoff}"
+            return got
+        sent, got, tokens = len(body) + len(content), self._json(content), []
+        while not got.get("done"):
+            tokens += [int(t) for t in got["tokens"]]
+            body = encode_step(int(got["at"]), trunk_step(tokens[-1], int(got["at"])))
+            content = self._call(f"{SPLIT_PATH}/{got['session']}", body, OCTETS)
+            sent, got = sent + len(body) + len(content), self._json(content)
+        return self._handed(got, sent, len(draft))
+
+    def _json(self, content: bytes) -> dict:
+        try:
             got = json.loads(content)
+            if isinstance(got, dict):
+                return got
+        except ValueError:
+            pass
+        raise Unreachable(f"upstream {self.url} answered a hand-off with something else than a JSON object")
+
+    def _handed(self, got: dict | None, sent: int, drafted: int) -> Handed:
+        try:
             where = self.url if got["computed_at"] == "local" else str(got["computed_at"])
-            return Handed(str(got["tier"]), [int(t) for t in got["tokens"]], where,
-                          len(body) + len(content) + int(got["network_bytes"]), got.get("fallback"),
-                          str(got.get("handoff", "tokens")))
-        # URLError, HTTPError and timeouts are OSErrors; an upstream killed while answering leaves a cut response
-        # (http.client's IncompleteRead) or none at all (RemoteDisconnected)
-        except (OSError, HTTPException, ValueError, KeyError, TypeError) as e:
-            raise Unreachable(f"upstream {self.url} did not answer ({type(e).__name__}: {e})") from None
+            out = Handed(str(got["tier"]), [int(t) for t in got["tokens"]], where, sent + int(got["network_bytes"]),
+                         got.get("fallback"), str(got.get("handoff", "tokens")))
+        except (KeyError, TypeError, ValueError) as e:
+            raise Unreachable(f"upstream {self.url} answered a hand-off without {e}") from None
+        self._answered = [self._answered[0] + 1, self._answered[1] + max(len(out.tokens) - drafted, 0)]
+        return out
