@@ -1,14 +1,14 @@
 """A split deployment's hand-offs, measured side by side in one run: a server of the family's shallower tiers
 hands every `auto` request to a server of its deepest tier over simulated links, in each mode (tokens, state,
-auto), against asking the deepest tier's server directly. Per link and mode: latency per request (mean and
-p90), bytes on the wire, the share of requests `auto` sent as state, and whether every answer equals the
-deepest tier's own.
+split, auto), against asking the deepest tier's server directly. Per link and mode: latency per request (mean
+and p90), bytes on the wire, the modes `auto` chose, and whether every answer equals the deepest tier's own.
 
     python bench/handoff.py --family DIR | --registry FAMILY [--version V] [--requests 30] [--max-tokens 24]
                             [--out bench/results/handoff.json]
 
-A link is simulated on loopback: after each real hand-off the lower server waits the round trip and the
-hand-off's bytes over the link's bandwidth, as a real link would add. The threshold is above 1, so every
+A link is simulated on loopback: after each real exchange (a hand-off, each token of a split one, the trunk's
+description) the lower server waits the round trip and the exchange's bytes over the link's bandwidth, as a real
+link would add. The threshold is above 1, so every
 request crosses to the upstream: this measures the hand-off, not routing.
 """
 from __future__ import annotations
@@ -28,15 +28,15 @@ LINKS = {"1 Gbit/s, 1 ms": (1000.0, 0.001), "50 Mbit/s, 20 ms": (50.0, 0.020), "
 
 
 class SimulatedLink(Upstream):
-    """An upstream behind a link of `link_mbps` and `rtt` seconds: each hand-off waits what its bytes would take."""
+    """An upstream behind a link of `link_mbps` and `rtt` seconds: each exchange waits what its bytes would take."""
 
     def __init__(self, url: str, mode: str, link_mbps: float, rtt: float):
         super().__init__(url, timeout=120, mode=mode, link_mbps=link_mbps)
         self.rtt = rtt
 
-    def ask(self, *args, **kw):
-        got = super().ask(*args, **kw)
-        time.sleep(self.rtt + got.network_bytes * 8 / (self.link_mbps * 1e6))
+    def _call(self, path, body=None, kind="application/json"):
+        got = super()._call(path, body, kind)
+        time.sleep(self.rtt + (len(body or b"") + len(got)) * 8 / (self.link_mbps * 1e6))
         return got
 
 
@@ -59,9 +59,10 @@ async def run(url: str, model: str, prompts: list[str], max_tokens: int) -> list
 
 def summary(rows: list[dict], want: list[str]) -> dict:
     s = sorted(r["s"] for r in rows)
+    modes = [str(r["handoff"] or "-").split(":")[0] for r in rows]
     return {"latency_ms": round(1000 * statistics.mean(s), 1), "p90_ms": round(1000 * s[int(0.9 * (len(s) - 1))], 1),
             "bytes": round(statistics.mean(r["bytes"] for r in rows)),
-            "state_share": round(sum(r["handoff"] == "state" for r in rows) / len(rows), 3),
+            "modes": {m: round(modes.count(m) / len(rows), 3) for m in sorted(set(modes))},
             "exact": all(r["text"] == w for r, w in zip(rows, want))}
 
 
@@ -92,15 +93,19 @@ def main() -> None:
     want = [r["text"] for r in cloud]
     results = {"deepest alone": summary(cloud, want)}
     for link, (mbps, rtt) in LINKS.items():
-        for mode in ("tokens", "state", "auto"):
+        for mode in ("tokens", "state", "split", "auto"):
             srv, url = start_server(lower, auto_threshold=1.01, upstream=SimulatedLink(up, mode, mbps, rtt))
             results[f"{link}: {mode}"] = summary(asyncio.run(run(url, f"{lower.name}:auto", prompts,
                                                                  args.max_tokens)), want)
             srv.should_exit = True
-    print(f"{'':<28}{'latency ms':>12}{'p90 ms':>10}{'bytes':>10}{'state':>8}{'exact':>7}")
+    print(f"{'':<28}{'latency ms':>12}{'p90 ms':>10}{'bytes':>10}{'exact':>7}  modes")
     for name, r in results.items():
-        print(f"{name:<28}{r['latency_ms']:>12.1f}{r['p90_ms']:>10.1f}{r['bytes']:>10}{r['state_share']:>8.0%}"
-              f"{str(r['exact']):>7}")
+        modes = ", ".join(f"{m} {v:.0%}" for m, v in r["modes"].items())
+        print(f"{name:<28}{r['latency_ms']:>12.1f}{r['p90_ms']:>10.1f}{r['bytes']:>10}{str(r['exact']):>7}  {modes}")
+    for link in LINKS:
+        fixed = {m: results[f"{link}: {m}"]["latency_ms"] for m in ("tokens", "state", "split")}
+        best = min(fixed, key=fixed.get)
+        print(f"{link}: fastest fixed mode {best} ({fixed[best]:.0f} ms); auto {results[f'{link}: auto']['latency_ms']:.0f} ms")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))
