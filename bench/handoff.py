@@ -105,7 +105,8 @@ def main() -> None:
     for link in LINKS:
         fixed = {m: results[f"{link}: {m}"]["latency_ms"] for m in ("tokens", "state", "split")}
         best = min(fixed, key=fixed.get)
-        print(f"{link}: fastest fixed mode {best} ({fixed[best]:.0f} ms); auto {results[f'{link}: auto']['latency_ms']:.0f} ms")
+        auto = results[f"{link}: auto"]["latency_ms"]
+        print(f"{link}: fastest fixed mode {best} ({fixed[best]:.0f} ms); auto {auto:.0f} ms")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))

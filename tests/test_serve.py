@@ -19,6 +19,7 @@ from ruyi_core.family.convert import export_tier, family_from_base
 from ruyi_core.family.io import save_family
 from ruyi_core.runtime import Runtime
 from ruyi_core.serve.decode import SpecStats, generate, shared_depth, speculative
+from ruyi_core.serve.specbatch import speculative_batch
 from ruyi_core.serve.tiers import from_family, from_packages
 
 CPU = Runtime(torch.device("cpu"), torch.float32)
@@ -189,6 +190,26 @@ def test_self_speculative_decoding_gives_the_target_tiers_greedy_tokens(served):
             got = speculative(draft, cloud, ids, 24, served.eos, k=k, stats=stats, min_confidence=conf)
             assert got == want, (i, k, conf)
     assert stats.rounds > 0 and 0 <= stats.acceptance <= 1
+
+
+def test_batched_self_speculation_gives_each_prompt_the_targets_greedy_tokens(served):
+    """Prompts of different lengths and budgets speculated as one left-padded batch: each row's tokens are the
+    target's own (those of batched greedy decoding, and here of each prompt alone), whatever the draft's policy."""
+    end, edge, cloud = served.tiers.values()
+    tok = served.tokenizer
+    prompts = [chat_ids(tok, f"{'and ' * i}{PROMPTS[i % len(PROMPTS)]}") for i in range(6)]
+    budgets = [12, 3, 16, 7, 16, 1]
+    alone = [generate(cloud, [p], [n], served.eos)[0] for p, n in zip(prompts, budgets)]
+    assert generate(cloud, prompts, budgets, served.eos) == alone
+    for draft, k, conf in ((end, 3, 0.0), (edge, 5, 0.0), (edge, 8, 0.02)):
+        stats, seen = SpecStats(), []
+        got = speculative_batch(draft, cloud, prompts, budgets, served.eos, k=k, stats=stats, min_confidence=conf,
+                                on_token=lambda i, t: seen.append((i, t)))
+        assert got == alone, (k, conf)
+        assert [[t for i, t in seen if i == row] for row in range(len(prompts))] == got  # streamed as kept
+        assert stats.rounds > 0
+    stopped = speculative_batch(end, cloud, prompts, budgets, served.eos, k=3, on_token=lambda i, t: i == 0)
+    assert stopped[0] == alone[0][:1] and stopped[1:] == alone[1:]  # a stopped row leaves the batch alone
 
 
 def test_a_draft_that_skips_its_added_blocks_gives_the_targets_tokens(family_dir, tmp_path):

@@ -63,7 +63,7 @@ class Tier:
         return self.model.lm_head(self.model.model.norm(h)).float()
 
 
-def _mask(valid: torch.Tensor, q: int, dtype) -> torch.Tensor | None:
+def causal_mask(valid: torch.Tensor, q: int, dtype) -> torch.Tensor | None:
     """Additive [B, 1, q, n] mask for q new queries at the end of n positions, `valid` [B, n] marking real
     (not padding) keys. None where causal SDPA (or no mask, q = 1) is exactly right: no padding and either a
     single query or no past, which is what transformers passes too."""
@@ -111,7 +111,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: list[int], eos: se
         probs = torch.softmax(logits, -1).gather(-1, picked[:, None])[:, 0].tolist() if confidence is not None else None
         return picked, probs
 
-    h = tier.run(tier.layers, tier.embed(ids), cache, pos, _mask(valid, n, tier.model.dtype))
+    h = tier.run(tier.layers, tier.embed(ids), cache, pos, causal_mask(valid, n, tier.model.dtype))
     nxt, probs = step(h)
     while True:
         keep = []
@@ -131,7 +131,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: list[int], eos: se
             live = [live[r] for r in keep]
         valid = torch.cat([valid, torch.ones(len(live), 1, dtype=torch.bool, device=device)], dim=1)
         pos = pos[:, -1:] + 1
-        h = tier.run(tier.layers, tier.embed(nxt[:, None]), cache, pos, _mask(valid, 1, tier.model.dtype))
+        h = tier.run(tier.layers, tier.embed(nxt[:, None]), cache, pos, causal_mask(valid, 1, tier.model.dtype))
         nxt, probs = step(h)
 
 
@@ -157,7 +157,7 @@ def verify(t: Tier, own: list, cache: KV, states: torch.Tensor, at: int,
     q = states.shape[1]
     valid = torch.ones(1, at + q, dtype=torch.bool, device=states.device)
     pos = torch.arange(at, at + q, device=states.device)[None]
-    h = t.run(own, states, cache, pos, _mask(valid, q, t.model.dtype))
+    h = t.run(own, states, cache, pos, causal_mask(valid, q, t.model.dtype))
     logits = t.logits(h[:, q - len(drafts) - 1:])[0]
     picked = logits.argmax(-1)
     probs = torch.softmax(logits, -1).gather(-1, picked[:, None])[:, 0].tolist()

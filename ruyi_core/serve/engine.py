@@ -15,6 +15,7 @@ from ruyi_core.serve.detok import Detokenizer, StopStrings
 from ruyi_core.serve.handoff import common_depth, measure_block, state_bytes_per_token
 from ruyi_core.serve.protocol import ApiError
 from ruyi_core.serve.route import escalate
+from ruyi_core.serve.specbatch import speculative_batch
 from ruyi_core.serve.split import Sessions, trunk_step
 from ruyi_core.serve.tiers import ServedFamily
 from ruyi_core.serve.upstream import Unreachable, Upstream
@@ -60,7 +61,8 @@ class Engine:
                  draft: str | None = None, draft_tokens: int = 4, auto_threshold: float | None = None,
                  upstream: Upstream | None = None, draft_skip: int = 0, draft_min_p: float = 0.0):
         """`draft`: greedy requests to deeper tiers are decoded self-speculatively with this tier drafting
-        `draft_tokens` at a time (one request at a time; same tokens, fewer passes through the deep blocks).
+        `draft_tokens` at a time (concurrent requests as one batch; same tokens, fewer passes through the deep
+        blocks).
         `FAMILY:auto` routes each request (route.py) at `auto_threshold` (default: the family's calibrated
         operating point, else 0.5). `upstream`: a server of deeper tiers that `auto` hands on to when this
         server's deepest tier is unsure (upstream.py). `draft_skip`, `draft_min_p`: the draft leaves out its last
@@ -222,8 +224,11 @@ class Engine:
             generate(model, [j.prompt for j in jobs], [j.max_new_tokens for j in jobs], fam.eos,
                      temperature=temperature, seed=jobs[0].seed, on_token=on_token)
             return
-        for i, j in enumerate(jobs):
-            speculative(fam.tiers[self.draft], model, j.prompt, j.max_new_tokens, fam.eos, k=self.draft_tokens,
-                        stats=self.spec_stats, on_token=lambda t, i=i: on_token(i, t), skip=self.draft_skip,
-                        min_confidence=self.draft_min_p)
+        policy = dict(k=self.draft_tokens, stats=self.spec_stats, skip=self.draft_skip, min_confidence=self.draft_min_p)
+        if len(jobs) > 1:  # concurrent requests: drafted and verified as one batch
+            speculative_batch(fam.tiers[self.draft], model, [j.prompt for j in jobs], [j.max_new_tokens for j in jobs],
+                              fam.eos, on_token=on_token, **policy)
+            return
+        speculative(fam.tiers[self.draft], model, jobs[0].prompt, jobs[0].max_new_tokens, fam.eos,
+                    on_token=lambda t: on_token(0, t), **policy)
 

@@ -134,7 +134,8 @@ class Sessions:
 
 
 def encode_step(at: int, state: torch.Tensor) -> bytes:
-    return json.dumps({"at": at}).encode() + b"\n" + state.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    raw = state.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    return json.dumps({"at": at}).encode() + b"\n" + raw
 
 
 def trunk_step(model, read: Read) -> Callable[[int, int], torch.Tensor]:
