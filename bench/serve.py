@@ -1,10 +1,11 @@
 """Serving a family, measured in one run: per tier and for `auto`, requests/s, generated tokens/s and p50/p99
 latency under N concurrent OpenAI-API clients, with held-out quality (the demo world's arithmetic, fact and
 two-hop questions); then self-speculative decoding of the deepest tier (identical tokens checked on every
-prompt) against the same tier decoding alone, per draft tier and draft length.
+prompt) against the same tier decoding alone, per draft tier and draft length; then the same for batches of
+concurrent requests (--clients prompts at once) with the fastest policy, against batched greedy decoding.
 
     python bench/serve.py --family DIR | --registry FAMILY [--version V] [--clients 8] [--requests 48] [--prompts 100]
-                          [--out bench/results/serve.json]
+                          [--out bench/results/serve.json] [--batched-only]
 
 With --registry, the store comes from the RUYI_S3_* environment (the local server: source .ruyi/s3/s3.env).
 """
@@ -24,6 +25,7 @@ import torch
 from ruyi_core.demo import world
 from ruyi_core.eval.tasks import contains_results, exact_match_results, gold_answer
 from ruyi_core.serve.decode import SpecStats, generate, speculative
+from ruyi_core.serve.specbatch import speculative_batch
 
 
 def questions(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
@@ -137,6 +139,29 @@ def speculative_rows(served, prompts: list[list[int]], max_new: int) -> list[dic
              "identical": same[v] == len(prompts), "identical_prompts": same[v]} for v in names]
 
 
+def batched_rows(served, prompts: list[list[int]], max_new: int, batch: int, policy: dict) -> dict:
+    """The deepest tier decoding `batch` prompts at once, greedily and self-speculatively with `policy`, the two
+    interleaved batch by batch (the order alternating)."""
+    target, draft = served.tiers[served.deepest], served.tiers[policy["draft"]]
+    secs, same, stats, tokens = {"greedy": 0.0, "speculative": 0.0}, 0, SpecStats(), 0
+    for j in range(0, len(prompts), batch):
+        chunk, got = prompts[j:j + batch], {}
+        for name in (("greedy", "speculative") if j // batch % 2 == 0 else ("speculative", "greedy")):
+            t0 = time.perf_counter()
+            if name == "greedy":
+                got[name] = generate(target, chunk, [max_new] * len(chunk), served.eos)
+            else:
+                got[name] = speculative_batch(draft, target, chunk, [max_new] * len(chunk), served.eos,
+                                              k=policy["k"], stats=stats, skip=policy["skip"],
+                                              min_confidence=policy["min_confidence"])
+            secs[name] += time.perf_counter() - t0
+        same += sum(a == b for a, b in zip(got["greedy"], got["speculative"]))
+        tokens += sum(len(t) for t in got["greedy"])
+    return {**policy, "batch": batch, "tokens": tokens, "seconds": {k: round(v, 2) for k, v in secs.items()},
+            "speedup": round(secs["greedy"] / secs["speculative"], 3), "acceptance": round(stats.acceptance, 3),
+            "identical_prompts": same, "prompts": len(prompts)}
+
+
 def main() -> None:
     from ruyi_core.serve.cli import load_served
 
@@ -150,13 +175,15 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--out", default="bench/results/serve.json")
     ap.add_argument("--speculative-only", action="store_true", help="skip the concurrent-clients part")
+    ap.add_argument("--batched-only", action="store_true",
+                    help="only the batched comparison, with the drafting policy of the family's calibration")
     a = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     served = load_served(a.family, a.registry, a.version, None, print)
     qs = questions(a.requests)[: a.requests]
     srv, url = start_server(served, max_batch=a.clients)
     rows = []
-    for model in [] if a.speculative_only else [*served.tiers, "auto"]:
+    for model in [] if a.speculative_only or a.batched_only else [*served.tiers, "auto"]:
         rows.append(asyncio.run(load(url, f"{served.name}:{model}", qs, a.clients, a.max_tokens)))
         r = rows[-1]
         print(f"{r['model']:<22} {r['requests_per_s']:7.2f} req/s {r['tokens_per_s']:8.1f} tok/s  "
@@ -167,14 +194,26 @@ def main() -> None:
     chats = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
              for _, q, _ in questions(a.prompts)][: a.prompts]
     prompts = [tok(c)["input_ids"] for c in chats]
-    spec = speculative_rows(served, prompts, a.max_tokens)
+    spec = [] if a.batched_only else speculative_rows(served, prompts, a.max_tokens)
     for r in spec:
         print(f"speculative {served.deepest} draft={r['draft']} k={r['k']} skip={r['skip']} "
               f"min_p={r['min_confidence']}: {r['seconds']:.2f} s, speedup {r['speedup']:.2f}x (ceiling "
               f"{r['ceiling']}), acceptance {r['acceptance']}, identical {r['identical']}")
+    if spec:
+        best = max((r for r in spec if r["draft"]), key=lambda r: r["speedup"])
+        policy = {k: best[k] for k in ("draft", "k", "skip", "min_confidence")}
+    else:
+        d = (served.routing or {}).get("draft") or {"tier": next(iter(served.tiers)), "tokens": 8, "skip": 0,
+                                                    "min_p": 0.0}
+        policy = {"draft": d["tier"], "k": d["tokens"], "skip": d["skip"], "min_confidence": d["min_p"]}
+    batched = batched_rows(served, prompts, a.max_tokens, a.clients, policy)
+    print(f"speculative {served.deepest} in batches of {a.clients}, draft={policy['draft']} k={policy['k']} "
+          f"skip={policy['skip']} min_p={policy['min_confidence']}: greedy {batched['seconds']['greedy']:.2f} s, "
+          f"speculative {batched['seconds']['speculative']:.2f} s, speedup {batched['speedup']:.2f}x, acceptance "
+          f"{batched['acceptance']}, identical {batched['identical_prompts']}/{batched['prompts']}")
     out = {"family": served.name, "tiers": {t: served.depth(t) for t in served.tiers}, "clients": a.clients,
            "requests": len(qs), "max_tokens": a.max_tokens, "threads": torch.get_num_threads(), "serve": rows,
-           "speculative": spec}
+           "speculative": spec, "batched": batched}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {a.out}")
