@@ -238,8 +238,8 @@ def test_malformed_hand_offs_get_4xx(family_dir):  # noqa: F811
         assert code == 200 and got["tier"] in ("edge", "cloud") and len(got["tokens"]) <= 3
 
 
-def _start(args: list[str]) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+def _start(args: list[str], port: int | None = None) -> tuple[subprocess.Popen, str]:
+    port = port or _free_port()
     proc = subprocess.Popen([Path(sys.executable).parent / "ruyi", "serve", *args, "--port", str(port)],
                             env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for _ in range(1200):
@@ -252,31 +252,42 @@ def _start(args: list[str]) -> tuple[subprocess.Popen, str]:
     raise TimeoutError(args)
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+
+
 @pytest.mark.slow
 def test_three_ruyi_serve_processes_chain_end_edge_cloud(family_dir, whole):  # noqa: F811
-    procs = []
+    """device -> edge -> cloud as three `ruyi serve` processes, the edge handing the cloud over in every mode."""
+    procs, edge_port = [], _free_port()
     try:
         cloud, cloud_url = _start(["--family", str(family_dir), "--tiers", "cloud"])
         procs.append(cloud)
-        edge, edge_url = _start(["--family", str(family_dir), "--tiers", "edge", "--upstream", cloud_url,
-                                 "--handoff", "state"])
-        procs.append(edge)
+        edge_url = f"http://127.0.0.1:{edge_port}/v1"
         end, end_url = _start(["--family", str(family_dir), "--tiers", "end", "--upstream", edge_url])
         procs.append(end)
         tok = whole.tokenizer
-        for q in QUESTIONS:  # at the default threshold (0.5) the random family's tiers are all unsure
-            r = _ask(end_url, q, "micro-fam:auto")
-            assert r.system_fingerprint == "micro-fam:cloud"
-            assert r.choices[0].message.content == tok.decode(_alone(whole, "cloud", chat_ids(tok, q), 6),
-                                                              skip_special_tokens=True)
-            assert r.usage.model_extra["computed_at"] == cloud_url and r.usage.model_extra["network_bytes"] > 0
-            # the end tier shares only the embedding with the edge: tokens; the edge hands the cloud 2 blocks' state
-            assert r.usage.model_extra["handoff"] == "tokens, then state"
-        cloud.send_signal(signal.SIGINT)
-        cloud.wait(timeout=30)
+        for mode in ("tokens", "state", "split", "auto"):
+            edge, _ = _start(["--family", str(family_dir), "--tiers", "edge", "--upstream", cloud_url,
+                              "--handoff", mode], edge_port)
+            for q in QUESTIONS[:3]:  # at the default threshold (0.5) the random family's tiers are all unsure
+                r = _ask(end_url, q, "micro-fam:auto")
+                assert r.system_fingerprint == "micro-fam:cloud"
+                assert r.choices[0].message.content == tok.decode(_alone(whole, "cloud", chat_ids(tok, q), 6),
+                                                                  skip_special_tokens=True), mode
+                assert r.usage.model_extra["computed_at"] == cloud_url and r.usage.model_extra["network_bytes"] > 0
+                # the end tier shares only the embedding with the edge: tokens; the edge shares 2 blocks with the
+                # cloud, handed over as the edge's mode says (auto: whichever its cost model picks)
+                hops = r.usage.model_extra["handoff"].split(", then ")
+                assert hops[0] == "tokens" and (hops[1] == mode or mode == "auto"), hops
+            if mode != "auto":
+                _stop(edge)
+        procs.append(edge)
+        _stop(cloud)
         r = _ask(end_url, QUESTIONS[0], "micro-fam:auto")  # the cloud gone: the edge answers, flagged
         assert r.system_fingerprint == "micro-fam:edge" and r.usage.model_extra["fallback"]
     finally:
         for p in procs:
-            p.send_signal(signal.SIGINT)
-            p.wait(timeout=30)
+            if p.poll() is None:
+                _stop(p)
