@@ -88,15 +88,12 @@ async def load(url: str, model: str, qs, clients: int, max_tokens: int) -> dict:
 
 
 def ceiling(served, draft: str, k: int, skip: int) -> float:
-    """The speedup if every draft were accepted and a pass cost its blocks alone: k + 1 tokens per round for k
-    draft steps (the shared trunk and the draft's own blocks) and one checking pass of the target's own blocks,
-    against k + 1 steps of the whole target. A check over k + 1 positions is taken to cost one step, as on a
-    machine bound by weight reads."""
+    """route.speculation_ceiling for this family's tiers."""
     from ruyi_core.serve.decode import shared_depth
+    from ruyi_core.serve.route import speculation_ceiling
 
     t, d = served.tiers[served.deepest], served.tiers[draft]
-    s, depth = shared_depth(d, t), served.depth(served.deepest)
-    return (k + 1) * depth / (k * (served.depth(draft) - skip) + depth - s)
+    return speculation_ceiling(k, served.depth(draft) - skip, served.depth(served.deepest), shared_depth(d, t))
 
 
 def variants(served) -> list[tuple]:

@@ -254,7 +254,9 @@ def routing_lines(routing: dict | None) -> list[str]:
     if d := routing.get("draft"):
         lines.append(f"- self-speculation (`ruyi serve --draft auto`): {d['tier']} drafting {d['tokens']} tokens "
                      f"without its last {d['skip']} blocks, a round stopped below p {d['min_p']}: "
-                     f"{d['speedup']:.2f}× the deepest tier alone on {d['prompts']} questions, the same answers")
+                     f"{d['speedup']:.2f}× the deepest tier alone on {d['prompts']} questions, the same answers"
+                     + (f"; ceiling {d['ceiling']:.2f}× if every draft were accepted (at Ruyi2's proportions, exits "
+                        f"[2, 21, 39] of 40: {d['ceiling_at_ruyi2_proportions']:.2f}×)" if "ceiling" in d else ""))
     return lines
 
 

@@ -71,7 +71,8 @@ def test_report_shows_what_the_stages_measured():
                "questions": 12, "tier_quality": {"end": 0.25, "cloud": 0.5}, "operating_point": point,
                "curve": [{"threshold": 0.0, "quality": 0.25, "compute": 0.4, "answered_by": {"end": 1.0}}, point],
                "draft_acceptance": {"end": 0.625},
-               "draft": {"tier": "end", "tokens": 8, "skip": 3, "min_p": 0.3, "speedup": 2.105, "prompts": 16}}
+               "draft": {"tier": "end", "tokens": 8, "skip": 3, "min_p": 0.3, "speedup": 2.105, "prompts": 16,
+                         "ceiling": 4.0, "ceiling_at_ruyi2_proportions": 5.81}}
     svd = {"tier": "end", "ratio": 0.4, "removed_fraction": 0.41, "heldout_loss_unexpanded": 3.0,
            "heldout_loss_dense": 2.5, "heldout_loss_compressed": 2.6, "relative_drop": 0.04}
     grpo = {"tier": "end", "heldout_reward_before": 0.1, "heldout_reward_after": 0.3, "heldout_samples": 2,
@@ -83,6 +84,7 @@ def test_report_shows_what_the_stages_measured():
     assert "## Adaptive routing (`auto`)" in md and "calibrated on 12 held-out questions" in md
     assert "answer tokens a tier's own answer drafts): end 0.625" in md
     assert "end drafting 8 tokens without its last 3 blocks, a round stopped below p 0.3: 2.10× the deepest" in md
+    assert "ceiling 4.00× if every draft were accepted (at Ruyi2's proportions, exits [2, 21, 39] of 40: 5.81×)" in md
     assert "threshold 0.5000: quality 0.500 at 75% of the deepest tier's compute" in md
     assert "- DaE tier end: held-out loss 3.0000 unexpanded -> 2.7000 after DaE training -> 2.5000 after GRPO" in md
     assert "- SVD at ratio 0.4: removed 41.0% of the added parameters, held-out loss 2.6000 (+4.00% relative)" in md

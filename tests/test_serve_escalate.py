@@ -79,6 +79,7 @@ def test_the_draft_policy_is_measured_and_served_with_draft_auto(served):  # noq
     prompts = [chat_ids(served.tokenizer, q) for q in ("Where does Ada live?", "What is 3 + 4?", "hi")]
     d = choose_draft(served, prompts, 6, min_speedup=0.0)  # whichever is fastest here: timing is not asserted
     assert d["tier"] in list(served.tiers)[:-1] and d["tokens"] == 8 and d["prompts"] == 3 and d["speedup"] > 0
+    assert d["ceiling"] > 1 and d["ceiling_at_ruyi2_proportions"] > 1
     own = served.depth(d["tier"]) - max(shared_depth(served.tiers[d["tier"]], served.tiers[served.deepest]), 0)
     assert 0 <= d["skip"] < own
     assert choose_draft(served, prompts, 6, min_speedup=1e9) is None  # none fast enough: no policy

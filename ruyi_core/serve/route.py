@@ -135,6 +135,18 @@ def draft_acceptance(per_tier: dict[str, list[Attempt]], deepest: str) -> dict[s
             for t, attempts in per_tier.items() if t != deepest}
 
 
+# Ruyi2's smallest tier as a draft of its deepest: exit after block 2 of 40, its branch block and 3 DaE blocks
+RUYI2_DRAFT = {"blocks": 6, "own": 4, "shared": 2, "target": 40}
+
+
+def speculation_ceiling(k: int, draft_blocks: int, target_blocks: int, shared: int) -> float:
+    """The speedup if every draft were accepted and a pass cost its blocks alone: k + 1 tokens a round for k draft
+    steps (the shared trunk and the draft's own blocks it runs) and one check by the target's own blocks, against
+    k + 1 steps of the whole target. A check over k + 1 positions counts as one step, as on a machine bound by
+    weight reads."""
+    return (k + 1) * target_blocks / (k * draft_blocks + target_blocks - shared)
+
+
 def choose_draft(served: ServedFamily, prompts: list[list[int]], max_new_tokens: int = 32,
                  min_speedup: float = 1.05) -> dict | None:
     """The self-speculation policy that decodes the deepest tier fastest on this machine: each shallower tier
@@ -164,5 +176,12 @@ def choose_draft(served: ServedFamily, prompts: list[list[int]], max_new_tokens:
     best = min(policies[1:], key=secs.get, default=None)
     if best is None or secs[None] / secs[best] < min_speedup:
         return None
-    return {"tier": best[0], "tokens": best[1], "skip": best[2], "min_p": best[3],
-            "speedup": round(secs[None] / secs[best], 3), "prompts": len(prompts)}
+    tier, k, skip, _ = best
+    shared = shared_depth(served.tiers[tier], target)
+    ruyi2 = speculation_ceiling(k, RUYI2_DRAFT["blocks"] - min(skip, RUYI2_DRAFT["own"] - 1), RUYI2_DRAFT["target"],
+                                RUYI2_DRAFT["shared"])
+    return {"tier": tier, "tokens": k, "skip": skip, "min_p": best[3],
+            "speedup": round(secs[None] / secs[best], 3), "prompts": len(prompts),
+            "ceiling": round(speculation_ceiling(k, served.depth(tier) - skip, served.depth(served.deepest),
+                                                 shared), 2),
+            "ceiling_at_ruyi2_proportions": round(ruyi2, 2)}
