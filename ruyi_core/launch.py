@@ -79,11 +79,12 @@ def worker_main(body: Callable[[], None], cleanup: Callable[[], None] | None = N
     # torch_dist strategy always does): ask again in every child, or a writer killed mid-save outlives the run.
     # The hook is process-wide, which is right here: this process is the worker, and every fork of it should go.
     os.register_at_fork(after_in_child=die_with_parent)
+    code = 0
     try:
         body()
     except RuyiError as e:  # the user can fix it: one line, no traceback
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        code = 2
     except (SystemExit, KeyboardInterrupt):
         raise
     except BaseException as e:  # a bug: the whole traceback for the run log, then one line naming it
@@ -91,7 +92,14 @@ def worker_main(body: Callable[[], None], cleanup: Callable[[], None] | None = N
         traceback.print_exc()
         first = (str(e).strip().splitlines() or [""])[0]
         print(f"internal error: {type(e).__name__}: {first}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        code = 1
     finally:
         if cleanup is not None:
             cleanup()
+    if code:
+        # A run that failed midway can leave a C++ thread joinable (a checkpoint reader's, the process group's):
+        # the interpreter's teardown then aborts ("terminate called without an active exception", SIGABRT) and
+        # the exit code that says whose error it was is lost. Nothing is left to tear down that matters.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
