@@ -212,6 +212,27 @@ def test_batched_self_speculation_gives_each_prompt_the_targets_greedy_tokens(se
     assert stopped[0] == alone[0][:1] and stopped[1:] == alone[1:]  # a stopped row leaves the batch alone
 
 
+def test_tiers_are_ordered_by_exit_even_when_dae_makes_the_end_tier_deeper_than_the_edge(family_dir, tmp_path):
+    """With 3 DaE blocks the end tier has 4 blocks, the edge 3: serving (routing, hand-offs) still goes end, edge,
+    cloud, from a family folder and from packages (which record their exit)."""
+    from ruyi_core.dae.expand import expand_tier
+    from ruyi_core.family.io import load_family
+    from ruyi_core.package import build_package
+
+    fam, tok = load_family(family_dir, CPU)
+    save_family(expand_tier(fam, "end", 3), tok, tmp_path / "expanded")
+    served = from_family(tmp_path / "expanded", CPU)
+    assert list(served.tiers) == ["end", "edge", "cloud"] and served.depth("end") > served.depth("edge")
+    fam, _ = load_family(tmp_path / "expanded")
+    dirs = {}
+    for tier in ("edge", "end"):
+        exported = export_tier(fam, tier, tmp_path / "export" / tier, tok)
+        dirs[tier] = build_package(exported, tmp_path / "pkg" / tier, family="micro", version="v1", tier=tier,
+                                   target=tier, evaluation={}, lineage=[], run_id="r", spec_hash="h",
+                                   exit_point=fam.config.tiers[tier])
+    assert list(from_packages("micro", dirs, CPU).tiers) == ["end", "edge"]
+
+
 def test_a_draft_that_skips_its_added_blocks_gives_the_targets_tokens(family_dir, tmp_path):
     from ruyi_core.dae.expand import expand_tier
     from ruyi_core.family.io import load_family

@@ -84,7 +84,8 @@ def model_card(*, family: str, version: str, tier: str, target: str, evaluation:
 
 
 def build_package(tier_dir: Path, out: Path, *, family: str, version: str, tier: str, target: str,
-                  evaluation: dict, lineage: list[dict], run_id: str, spec_hash: str) -> Path:
+                  evaluation: dict, lineage: list[dict], run_id: str, spec_hash: str,
+                  exit_point: int | None = None) -> Path:
     """Assemble the package for one exported tier in `out` (created; must not exist). `lineage` entries are
     {"stage", "uri", "sha256"} (see registry.lineage_entries). Nothing time-dependent goes in, so building the
     same inputs twice gives identical bytes."""
@@ -95,8 +96,10 @@ def build_package(tier_dir: Path, out: Path, *, family: str, version: str, tier:
     _copy_checkpoint(tier_dir, out)
     from ruyi_core.family.tensors import TRUNK_FILE, stored_digests  # torch: not for the registry's readers
 
-    # the blocks' digest chain as stored: servers of this family hand trunk state only to bit-identical blocks
-    (out / TRUNK_FILE).write_text(json.dumps({"digests": stored_digests(out)}, indent=2) + "\n")
+    # the blocks' digest chain as stored: servers of this family hand trunk state only to bit-identical blocks;
+    # the exit orders a server's tiers (DaE's blocks can make a small tier as deep as the next)
+    trunk = {"digests": stored_digests(out), **({"exit": exit_point} if exit_point is not None else {})}
+    (out / TRUNK_FILE).write_text(json.dumps(trunk, indent=2) + "\n")
     depth = json.loads((out / "config.json").read_text())["num_hidden_layers"]
     (out / "README.md").write_text(model_card(
         family=family, version=version, tier=tier, target=target, evaluation=evaluation, lineage=lineage,

@@ -49,7 +49,11 @@ def _eos(tok, model) -> set[int]:
     return ids | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
 
 
-def _sort(tiers: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
+def _sort(tiers: dict[str, torch.nn.Module], exits: dict[str, int]) -> dict[str, torch.nn.Module]:
+    """Shallowest first: by exit point where every tier's is known (DaE's blocks can make a small tier as deep
+    as the next one, or deeper), else by layer count."""
+    if all(t in exits for t in tiers):
+        return dict(sorted(tiers.items(), key=lambda kv: exits[kv[0]]))
     return dict(sorted(tiers.items(), key=lambda kv: len(kv[1].model.layers)))
 
 
@@ -84,7 +88,7 @@ def from_family(path: str | Path, runtime, name: str | None = None, only: list[s
         m.model.rotary_emb = fam.model.rotary_emb  # the same rope: computed from the same config fields
         m.generation_config = generation_config(tok, cfg)
         tiers[tier] = m.eval()
-    tiers = _sort(tiers)
+    tiers = _sort(tiers, fam.config.tiers)
     return ServedFamily(name or Path(path).resolve().name, tiers, tok,
                         eos=_eos(tok, next(iter(tiers.values()))))
 
@@ -174,9 +178,10 @@ def from_packages(name: str, dirs: dict[str, Path], runtime, log: Callable[[str]
     for t in sorted(dirs, key=lambda t: -depth[t]):
         loaded[t], n = load_sharing(dirs[t], runtime, list(loaded.values()))
         shared += n
-    tiers = _sort(loaded)
+    files = {t: Path(d) / TRUNK_FILE for t, d in dirs.items()}
+    recorded = {t: json.loads(f.read_text()) for t, f in files.items() if f.is_file()}
+    tiers = _sort(loaded, {t: r["exit"] for t, r in recorded.items() if isinstance(r.get("exit"), int)})
     log(f"{name}: {len(tiers)} tiers, {shared} shared blocks kept once")
     tok = AutoTokenizer.from_pretrained(dirs[list(tiers)[-1]])
-    recorded = {t: Path(d) / TRUNK_FILE for t, d in dirs.items()}
-    chains = {t: json.loads(f.read_text())["digests"] for t, f in recorded.items() if f.is_file()}
+    chains = {t: r["digests"] for t, r in recorded.items()}
     return ServedFamily(name, tiers, tok, eos=_eos(tok, next(iter(tiers.values()))), chains=chains)

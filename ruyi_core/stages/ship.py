@@ -96,7 +96,7 @@ def _package(run: StageRun, plan: RunPlan, row: dict) -> dict:
     pkg = build_package(run.fetch("export"), run.work / "package", family=family, version=plan.version, tier=tier,
                         target=spec.package.targets.get(tier, tier), evaluation=evaluation,
                         lineage=lineage_entries(store, run.inputs["export"]), run_id=plan.run_id,
-                        spec_hash=spec.fingerprint())
+                        spec_hash=spec.fingerprint(), exit_point=spec.family.tiers[tier])
     for f in pkg.iterdir():
         f.rename(run.out / f.name)
     return {"family": family, "version": plan.version, "tier": tier, "run_id": plan.run_id,
