@@ -4,12 +4,14 @@ split, auto), against asking the deepest tier's server directly. Per link and mo
 and p90), bytes on the wire, the modes `auto` chose, and whether every answer equals the deepest tier's own.
 
     python bench/handoff.py --family DIR | --registry FAMILY [--version V] [--requests 30] [--max-tokens 24]
-                            [--out bench/results/handoff.json]
+                            [--busy-upstream-ms 3] [--out bench/results/handoff.json]
 
 A link is simulated on loopback: after each real exchange (a hand-off, each token of a split one, the trunk's
 description) the lower server waits the round trip and the exchange's bytes over the link's bandwidth, as a real
 link would add. The threshold is above 1, so every
-request crosses to the upstream: this measures the hand-off, not routing.
+request crosses to the upstream: this measures the hand-off, not routing. With --busy-upstream-ms, the two faster
+links again with an upstream whose every block call first waits that long (an accelerator busy with other
+requests), the case split computation is for.
 """
 from __future__ import annotations
 
@@ -66,6 +68,26 @@ def summary(rows: list[dict], want: list[str]) -> dict:
             "exact": all(r["text"] == w for r, w in zip(rows, want))}
 
 
+def busy(served, ms: float) -> None:
+    """Every block call of `served` waits `ms` first (each shared block once)."""
+    layers = {id(layer): layer for model in served.tiers.values() for layer in model.model.layers}
+    for layer in layers.values():
+        layer.register_forward_pre_hook(lambda *_: time.sleep(ms / 1000))
+
+
+def compare(results: dict, lower, up: str, links: dict, prompts, want, max_tokens: int, suffix: str = "") -> None:
+    """Every mode over every link, a fresh lower server each (its cost model asks the upstream anew)."""
+    for link, (mbps, rtt) in links.items():
+        for mode in ("tokens", "state", "split", "auto"):
+            srv, url = start_server(lower, auto_threshold=1.01, upstream=SimulatedLink(up, mode, mbps, rtt))
+            results[f"{link}{suffix}: {mode}"] = summary(asyncio.run(run(url, f"{lower.name}:auto", prompts,
+                                                                         max_tokens)), want)
+            srv.should_exit = True
+        fixed = {m: results[f"{link}{suffix}: {m}"]["latency_ms"] for m in ("tokens", "state", "split")}
+        best = min(fixed, key=fixed.get)
+        results[f"{link}{suffix}: auto"]["fastest_fixed"] = best
+
+
 def load(args):
     """(the shallower tiers, the deepest), each loaded alone as its server would load it."""
     from ruyi_core.serve.cli import load_served
@@ -82,6 +104,7 @@ def main() -> None:
     ap.add_argument("--version", help="with --registry: this version (default: the promoted packages)")
     ap.add_argument("--requests", type=int, default=30)
     ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--busy-upstream-ms", type=float, default=0.0)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if (args.family is None) == (args.registry is None):
@@ -92,21 +115,18 @@ def main() -> None:
     cloud = asyncio.run(run(up, f"{upper.name}:{upper.deepest}", prompts, args.max_tokens))
     want = [r["text"] for r in cloud]
     results = {"deepest alone": summary(cloud, want)}
-    for link, (mbps, rtt) in LINKS.items():
-        for mode in ("tokens", "state", "split", "auto"):
-            srv, url = start_server(lower, auto_threshold=1.01, upstream=SimulatedLink(up, mode, mbps, rtt))
-            results[f"{link}: {mode}"] = summary(asyncio.run(run(url, f"{lower.name}:auto", prompts,
-                                                                 args.max_tokens)), want)
-            srv.should_exit = True
-    print(f"{'':<28}{'latency ms':>12}{'p90 ms':>10}{'bytes':>10}{'exact':>7}  modes")
+    compare(results, lower, up, LINKS, prompts, want, args.max_tokens)
+    if args.busy_upstream_ms:
+        busy(upper, args.busy_upstream_ms)
+        _, up = start_server(upper)  # a new engine: it measures its (now slower) blocks again
+        compare(results, lower, up, dict(list(LINKS.items())[:2]), prompts, want, args.max_tokens,
+                f", upstream +{args.busy_upstream_ms:g} ms a block")
+    width = max(map(len, results)) + 2
+    print(f"{'':<{width}}{'latency ms':>12}{'p90 ms':>10}{'bytes':>10}{'exact':>7}  modes")
     for name, r in results.items():
         modes = ", ".join(f"{m} {v:.0%}" for m, v in r["modes"].items())
-        print(f"{name:<28}{r['latency_ms']:>12.1f}{r['p90_ms']:>10.1f}{r['bytes']:>10}{str(r['exact']):>7}  {modes}")
-    for link in LINKS:
-        fixed = {m: results[f"{link}: {m}"]["latency_ms"] for m in ("tokens", "state", "split")}
-        best = min(fixed, key=fixed.get)
-        auto = results[f"{link}: auto"]["latency_ms"]
-        print(f"{link}: fastest fixed mode {best} ({fixed[best]:.0f} ms); auto {auto:.0f} ms")
+        print(f"{name:<{width}}{r['latency_ms']:>12.1f}{r['p90_ms']:>10.1f}{r['bytes']:>10}{str(r['exact']):>7}  "
+              f"{modes}" + (f" (fastest fixed: {r['fastest_fixed']})" if "fastest_fixed" in r else ""))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))
