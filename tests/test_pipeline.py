@@ -212,31 +212,21 @@ def test_local_pipeline_end_to_end_then_cached(tmp_path, s3_server, monkeypatch)
     assert second["executed"] == 2 and second["report_uri"] == first["report_uri"], second["events"]
     assert any("plan-run" in e for e in second["events"]) and not any("train" in e for e in second["events"])
     assert store.read_manifest(first["report_uri"]).created_at == report.created_at
-    check_identity_follows_the_weights(tmp_path, spec, store, first, version)
+    check_identity_follows_the_weights(tmp_path, spec, first)
     check_a_worse_version_is_kept(spec, store, end["init_family"].uri, version)
-    check_concurrent_runs(tmp_path, spec, store, env)
+    check_concurrent_runs(tmp_path, spec, store, env, version)
     check_warm_start(tmp_path, spec, store)
 
 
-def check_identity_follows_the_weights(tmp_path, spec, store, first, version):
-    from ruyi_core.package import read_index
-
-    # Operational fields rebuild nothing: the gate finds this run's report and stops.
+def check_identity_follows_the_weights(tmp_path, spec, first):
+    """Operational fields rebuild nothing: the gate finds this run's report and stops. (A training setting re-does
+    its stage and what follows it: check_concurrent_runs.)"""
     def operational(d):
         d["pipeline"].update(image="registry.example/ruyi-base:other", timeout_s=1234)
 
     ops, _ = rerun_with(tmp_path, spec, "ops", operational)
     assert ops["report_uri"] == first["report_uri"] and not any("train" in e for e in ops["events"])
     assert all(v == {"reused"} for v in stage_lines(ops).values()), stage_lines(ops)
-    # A training setting re-does its stage and everything after it; what comes before is reused.
-    lr, _ = rerun_with(tmp_path, spec, "lr", lambda d: d["dae"]["sft"].update(lr=2e-3))
-    lines = stage_lines(lr)
-    assert {s for s, v in lines.items() if v == {"reused"}} == {"curate_shard", "merge_data", "init_family",
-                                                                 "pack_shard", "prepare_data", "cpt", "sft",
-                                                                 "dae_expand", "dae_cpt"}, lines
-    assert {"dae_sft", "grpo", "svd_compress", "export_tier", "package", "calibrate_routing",
-            "report"} <= {s for s, v in lines.items() if v == {"built"}}, lines
-    assert version not in {v["version"] for v in read_index(store, "micro")["versions"][1:]}
 
 
 def check_warm_start(tmp_path, spec, store):
@@ -271,18 +261,20 @@ def check_warm_start(tmp_path, spec, store):
     assert len(new) == 1 and all(t["reason"] for t in new[0]["tiers"].values()), new
 
 
-def check_concurrent_runs(tmp_path, spec, store, env):
+def check_concurrent_runs(tmp_path, spec, store, env, first_version):
     """Two pipeline runs at once against one store and in one folder, each publishing its own version of the same
-    family with changed evaluation settings: both finish, training is reused and only packaging (evaluation),
-    routing and the report are built again, and the registry index holds both versions, every tier with its gate
-    decision."""
+    family: one with changed evaluation settings (only packaging, routing and the report are built again), one
+    with a changed training setting (that stage and everything after it is built again, what comes before is
+    reused). Both finish, and the registry index holds both versions, every tier with its gate decision."""
     from ruyi_core.package import read_index
 
+    changes = {"conc-a": lambda d: d.setdefault("eval", {}).update(batch_size=3),
+               "conc-b": lambda d: d["dae"]["sft"].update(lr=2e-3)}
     procs = []
-    for version in ("conc-a", "conc-b"):
+    for version, change in changes.items():
         data = yaml.safe_load(spec.read_text())
         data.setdefault("package", {})["version"] = version
-        data.setdefault("eval", {})["batch_size"] = 3
+        change(data)
         path = tmp_path / f"{version}.yaml"
         path.write_text(yaml.safe_dump(data))
         procs.append(subprocess.Popen([sys.executable, "-m", "pipelines.cli", "pipeline", "run", "--local", "--spec",
@@ -290,16 +282,21 @@ def check_concurrent_runs(tmp_path, spec, store, env):
                                       stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=1200)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
-    for out in outs:
-        lines = stage_lines({"log": tmp_path / re.search(r"^log\s+(\S+)", out, re.M).group(1)})
-        assert {s for s, v in lines.items() if "built" in v} == {"package", "calibrate_routing", "report"}, lines
-        assert {"curate_shard", "merge_data", "init_family", "prepare_data", "cpt", "sft", "dae_expand", "dae_cpt",
-                "dae_sft", "grpo", "svd_compress", "export_tier"} <= {s for s, v in lines.items() if v == {"reused"}}, lines
+    training = {"curate_shard", "merge_data", "init_family", "pack_shard", "prepare_data", "cpt", "sft",
+                "dae_expand", "dae_cpt"}
+    lines = [stage_lines({"log": tmp_path / re.search(r"^log\s+(\S+)", out, re.M).group(1)}) for out in outs]
+    built = [{s for s, v in ln.items() if "built" in v} for ln in lines]  # a loop's tasks may share a line
+    reused = [{s for s, v in ln.items() if v == {"reused"}} for ln in lines]
+    assert built[0] == {"package", "calibrate_routing", "report"}, lines[0]
+    assert training | {"dae_sft", "grpo", "svd_compress", "export_tier"} <= reused[0], lines[0]
+    assert reused[1] == training, lines[1]
+    assert {"dae_sft", "grpo", "svd_compress", "export_tier", "package", "calibrate_routing", "report"} <= built[1]
     got = {v["version"]: v for v in read_index(store, "micro")["versions"]}
-    for version in ("conc-a", "conc-b"):
+    for version in changes:
         tiers = got[version]["tiers"]
         assert set(tiers) == {"cloud", "end"} and all(isinstance(t["promoted"], bool) and t["reason"]
                                                       for t in tiers.values()), got[version]
+    assert first_version in got
 
 
 def check_a_worse_version_is_kept(spec, store, init_uri, version):
