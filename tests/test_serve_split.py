@@ -160,6 +160,9 @@ def test_split_sessions_answer_exactly_and_refuse_bad_steps_unknown_sessions_and
         assert code == 200 and got["at"] == opened["at"] + 1  # the session survived every bad step
         code, got = post(f"{up}/ruyi/split", body[:-8])
         assert code == 400 and "split hand-off" in got["error"]["message"]
+        other = encode(request, Read(a.read.model, 2, a.read.kv, states), "0" * 32, kv=False)  # another version's
+        code, got = post(f"{up}/ruyi/split", other)
+        assert code == 200 and got["done"] and got["handoff"].startswith("tokens: ") and got["tokens"] == want
         app.state.engine.sessions.limit = 0  # a full table: the lower server hands over tokens instead
         a, step = handed()
         got = Upstream(up, timeout=30).split("micro:auto", ids, a.draft, 5, a.read, digests(whole.tiers["edge"])[2],
