@@ -36,8 +36,8 @@ class SimulatedLink(Upstream):
         super().__init__(url, timeout=120, mode=mode, link_mbps=link_mbps)
         self.rtt = rtt
 
-    def _call(self, path, body=None, kind="application/json"):
-        got = super()._call(path, body, kind)
+    def _call(self, path, body=None, kind="application/json", conn=None):
+        got = super()._call(path, body, kind, conn)
         time.sleep(self.rtt + (len(body or b"") + len(got)) * 8 / (self.link_mbps * 1e6))
         return got
 

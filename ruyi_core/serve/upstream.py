@@ -13,13 +13,14 @@ seconds per block-token (reading a prompt, and decoding) and this server's per d
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from http.client import HTTPException
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
+from http.client import HTTPConnection, HTTPException, HTTPSConnection
 from typing import Literal
+from urllib.parse import urlsplit
 
 import torch
 
@@ -65,18 +66,33 @@ class Upstream:
         self._failed_at = -RETRY_S
         self._answered = [0, 0]  # answers handed on, and their tokens past the draft: the decode ahead, estimated
 
-    def _call(self, path: str, body: bytes | None = None, kind: str = "application/json") -> bytes:
-        """One exchange with the upstream (a GET without a body); every hand-off goes through here."""
-        req = urllib.request.Request(self.url + path, data=body,
-                                     headers={**({"content-type": kind} if body is not None else {}), **self.auth})
+    def _call(self, path: str, body: bytes | None = None, kind: str = "application/json",
+              conn: HTTPConnection | None = None) -> bytes:
+        """One exchange with the upstream (a GET without a body), on `conn` when given: a split hand-off's
+        exchanges share one connection, as a new one per token would add a round trip each. Every hand-off goes
+        through here."""
+        headers = {**({"content-type": kind} if body is not None else {}), **self.auth}
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                return r.read()
+            if conn is None:
+                with urllib.request.urlopen(urllib.request.Request(self.url + path, data=body, headers=headers),
+                                            timeout=self.timeout) as r:
+                    return r.read()
+            conn.request("GET" if body is None else "POST", urlsplit(self.url).path + path, body, headers)
+            r = conn.getresponse()
+            content = r.read()
+            if r.status >= 400:
+                raise Unreachable(f"upstream {self.url} did not answer (HTTP {r.status}: {content[:200]!r})",
+                                  r.status)
+            return content
         # URLError, HTTPError and timeouts are OSErrors; an upstream killed while answering leaves a cut response
         # (http.client's IncompleteRead) or none at all (RemoteDisconnected)
         except (OSError, HTTPException) as e:
             raise Unreachable(f"upstream {self.url} did not answer ({type(e).__name__}: {e})",
                               e.code if isinstance(e, urllib.error.HTTPError) else None) from None
+
+    def _connect(self) -> HTTPConnection:
+        u = urlsplit(self.url)
+        return (HTTPSConnection if u.scheme == "https" else HTTPConnection)(u.hostname, u.port, timeout=self.timeout)
 
     def trunk(self) -> dict | None:
         """The upstream's digest chain (of its shallowest tier), seconds per block-token reading a prompt and
@@ -144,20 +160,24 @@ class Upstream:
         request = {"model": model, "prompt": prompt, "draft": draft, "max_tokens": max_tokens}
         whole = Read(read.model, read.depth, read.kv, torch.cat([read.states, trunk_step(draft[-1], read.length)], 1))
         body = encode(request, whole, digest, kv=False)
+        conn = self._connect()
         try:
-            content = self._call(SPLIT_PATH, body, OCTETS)
-        except Unreachable as e:
-            if e.status != 503:
-                raise
-            got = self.ask(model, prompt, draft, max_tokens)
-            got.handoff = f"tokens: the upstream's split sessions are full, then {got.handoff}"
-            return got
-        sent, got, tokens = len(body) + len(content), self._json(content), []
-        while not got.get("done"):
-            tokens += [int(t) for t in got["tokens"]]
-            body = encode_step(int(got["at"]), trunk_step(tokens[-1], int(got["at"])))
-            content = self._call(f"{SPLIT_PATH}/{got['session']}", body, OCTETS)
-            sent, got = sent + len(body) + len(content), self._json(content)
+            try:
+                content = self._call(SPLIT_PATH, body, OCTETS, conn)
+            except Unreachable as e:
+                if e.status != 503:
+                    raise
+                got = self.ask(model, prompt, draft, max_tokens)
+                got.handoff = f"tokens: the upstream's split sessions are full, then {got.handoff}"
+                return got
+            sent, got, tokens = len(body) + len(content), self._json(content), []
+            while not got.get("done"):
+                tokens += [int(t) for t in got["tokens"]]
+                body = encode_step(int(got["at"]), trunk_step(tokens[-1], int(got["at"])))
+                content = self._call(f"{SPLIT_PATH}/{got['session']}", body, OCTETS, conn)
+                sent, got = sent + len(body) + len(content), self._json(content)
+        finally:
+            conn.close()
         return self._handed(got, sent, len(draft))
 
     def _json(self, content: bytes) -> dict:
