@@ -27,7 +27,7 @@ from ruyi_core.serve.handoff import encode
 from ruyi_core.serve.split import encode_step, trunk_step
 from ruyi_core.serve.route import escalate
 from ruyi_core.serve.tiers import from_family
-from ruyi_core.serve.upstream import Upstream
+from ruyi_core.serve.upstream import REFRESH_S, Upstream
 
 QUESTIONS = ["Where does Ada live?", "What is 3 + 4?", "Tell me about Oslo.", "hi", "Who is Bo?"]
 
@@ -174,7 +174,8 @@ def test_the_cost_model_picks_state_on_a_fast_link_tokens_on_a_slow_one_and_spli
     def up(mbps, rtt=1e-3, step=1e-4):
         u = Upstream("http://x", mode="auto", link_mbps=mbps)
         u._trunk = {"digests": [], "dtype": "float32", "block_token_s": 2e-4, "block_step_s": step, "rtt_s": rtt}
-        return u  # as GET /v1/ruyi/trunk says, and the round trip measured
+        u._asked_at = time.monotonic()
+        return u  # as GET /v1/ruyi/trunk says, and the round trip measured, just now
 
     per_position = {"state": 50_000, "split": 2_000}
     # 20 positions, 20 blocks: re-reading costs 80 ms; 1 MB of state takes 8 ms at 1 Gbit/s and 1.6 s at 5 Mbit/s;
@@ -185,6 +186,24 @@ def test_the_cost_model_picks_state_on_a_fast_link_tokens_on_a_slow_one_and_spli
     assert up(5, 0.08, step=2e-3).choose(*args) == "tokens"  # 40 ms per token: not worth an 80 ms round trip
     assert Upstream("http://x", mode="tokens").choose(*args) == "tokens"
     assert Upstream("http://x", mode="split").choose(0, 20, 32, per_position, 1e-4) == "tokens"  # nothing shared
+
+
+def test_the_cost_model_follows_the_upstreams_load():
+    class Upstream_(Upstream):  # answers GET /v1/ruyi/trunk with its current speed
+        step, asks = 1e-4, 0
+
+        def _call(self, path, body=None, kind="application/json", conn=None):
+            self.asks += 1
+            return json.dumps({"digests": [], "dtype": "float32", "block_token_s": 2e-4,
+                               "block_step_s": self.step}).encode()
+
+    up = Upstream_("http://x", link_mbps=1000)
+    args = (20, 20, 32, {"state": 50_000, "split": 2_000}, 5e-4)  # this server: 0.5 ms a block per token
+    assert up.choose(*args) == "state"
+    up.step = 5e-3  # the upstream got busy
+    assert up.choose(*args) == "state" and up.asks == 4  # asked once (and three round trips) per REFRESH_S
+    up._asked_at -= REFRESH_S + 1
+    assert up.choose(*args) == "split" and up.asks == 8
 
 
 def _dies_while_answering(listener: socket.socket) -> None:

@@ -5,6 +5,7 @@ decoding a batch of one tier (decode.generate), self-speculatively through a sha
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from ruyi_core.serve.route import escalate
 from ruyi_core.serve.specbatch import speculative_batch
 from ruyi_core.serve.split import Sessions, trunk_step
 from ruyi_core.serve.tiers import ServedFamily
-from ruyi_core.serve.upstream import Unreachable, Upstream
+from ruyi_core.serve.upstream import REFRESH_S, Unreachable, Upstream
 
 
 @dataclass
@@ -74,7 +75,7 @@ class Engine:
         self.auto_threshold = auto_threshold if auto_threshold is not None else point.get("threshold", 0.5)
         self.spec_stats, self.upstream = SpecStats(), upstream
         self._chains: dict[str, list[str]] = {}
-        self._block_s: tuple[float, float] | None = None
+        self._block_s: tuple[float, float, float] | None = None  # when measured, and the two speeds
         self.sessions = Sessions()
         self.names = [*family.tiers, "auto"]
         self.batcher = Batcher(self._run, max_batch)
@@ -202,11 +203,13 @@ class Engine:
 
     def block_seconds(self) -> tuple[float, float]:
         """Seconds the shallowest tier's first block takes per position reading a prompt, and per decoded token
-        (the cost model's compute: the upstream's, and this server's own), measured once."""
-        if self._block_s is None:
+        (the cost model's compute: the upstream's, and this server's own), measured again every REFRESH_S: the
+        load on this server changes them."""
+        now = time.monotonic()
+        if self._block_s is None or now - self._block_s[0] > REFRESH_S:
             model = self.family.tiers[next(iter(self.family.tiers))]
-            self._block_s = (measure_block(model), measure_block(model, positions=1))
-        return self._block_s
+            self._block_s = (now, measure_block(model), measure_block(model, positions=1))
+        return self._block_s[1:]
 
     def _run(self, tier: str, jobs: list[Job], on_token: Callable[[int, int], bool]) -> None:
         """Decodes one batch (same tier and sampling), on the batcher's thread."""

@@ -30,6 +30,7 @@ from ruyi_core.serve.split import SPLIT_PATH, encode_step
 
 PATH = "/ruyi/continue"
 RETRY_S = 30.0  # after the upstream's trunk could not be read, tokens only for this long
+REFRESH_S = 30.0  # the upstream's speeds and round trip are asked again this often: its load changes
 Mode = Literal["tokens", "state", "split", "auto"]
 OCTETS = "application/octet-stream"
 
@@ -63,7 +64,7 @@ class Upstream:
         self.timeout, self.mode, self.link_mbps = timeout, mode, link_mbps
         self.auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._trunk: dict | None = None
-        self._failed_at = -RETRY_S
+        self._failed_at, self._asked_at = -RETRY_S, 0.0
         self._answered = [0, 0]  # answers handed on, and their tokens past the draft: the decode ahead, estimated
 
     def _call(self, path: str, body: bytes | None = None, kind: str = "application/json",
@@ -96,10 +97,13 @@ class Upstream:
 
     def trunk(self) -> dict | None:
         """The upstream's digest chain (of its shallowest tier), seconds per block-token reading a prompt and
-        decoding, and the round trip of an exchange (the best of three asks), asked once; None when it cannot
-        say (down, or a server without state hand-offs): tokens then. A failed ask is not repeated for RETRY_S,
-        so an upstream that is down costs each request one timeout, not two."""
-        if self._trunk is None and time.monotonic() - self._failed_at > RETRY_S:
+        decoding, and the round trip of an exchange (the best of three asks), asked again every REFRESH_S (a busy
+        upstream is slower); None when it cannot say (down, or a server without state hand-offs): tokens then. A
+        failed ask is not repeated for RETRY_S, so an upstream that is down costs each request one timeout, not
+        two."""
+        now = time.monotonic()
+        stale = self._trunk is None or now - self._asked_at > REFRESH_S
+        if stale and now - self._failed_at > RETRY_S:
             try:
                 got, rtt = json.loads(self._call(TRUNK_PATH)), []
                 for _ in range(3):
@@ -109,8 +113,9 @@ class Upstream:
                 self._trunk = {"digests": [str(d) for d in got["digests"]], "dtype": str(got["dtype"]),
                                "block_token_s": float(got["block_token_s"]), "block_step_s": float(got["block_step_s"]),
                                "rtt_s": min(rtt)}
+                self._asked_at = time.monotonic()
             except (Unreachable, ValueError, KeyError, TypeError):
-                self._failed_at = time.monotonic()
+                self._trunk, self._failed_at = None, time.monotonic()
         return self._trunk
 
     def costs(self, depth: int, positions: int, budget: int, per_position: dict[str, int],
