@@ -170,7 +170,8 @@ class Engine:
             depth, read.length + 1, j.max_new_tokens - len(a.draft) + 1,
             {"state": state_bytes_per_token(deep, depth), "split": state_bytes_per_token(deep, depth, kv=False)},
             self.block_seconds()[1])
-        model, digest = f"{self.family.name}:auto", self.chain(self.family.deepest)[depth]
+        model = f"{self.family.name}:auto"
+        digest = self.chain(self.family.deepest)[depth] if mode != "tokens" else None
         try:
             if mode == "split":
                 got = self.upstream.split(model, j.prompt, a.draft, j.max_new_tokens, read, digest,
@@ -234,4 +235,3 @@ class Engine:
             return
         speculative(fam.tiers[self.draft], model, jobs[0].prompt, jobs[0].max_new_tokens, fam.eos,
                     on_token=lambda t: on_token(0, t), **policy)
-

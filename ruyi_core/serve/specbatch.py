@@ -71,16 +71,13 @@ def speculative_batch(draft_model, target_model, prompts: list[list[int]], max_n
     d.run(d_own, hs, dc, b.pos, mask)
     x = t.logits(t.run(t_own, hs, tc, b.pos, mask)[:, -1]).argmax(-1)
     out: list[list[int]] = [[] for _ in prompts]
-    stopped = set()
 
     def emit(row: int, tokens: list[int]) -> bool:
-        """Keeps a row's tokens until it ends; whether it goes on."""
+        """Keeps a row's tokens until it ends (a stop, EOS, its budget); whether it goes on."""
         i = b.live[row]
         for tok in tokens:
             out[i].append(tok)
-            if on_token(i, tok):
-                stopped.add(i)
-            if i in stopped or tok in eos or len(out[i]) >= max_new_tokens[i]:
+            if on_token(i, tok) or tok in eos or len(out[i]) >= max_new_tokens[i]:
                 return False
         return True
 

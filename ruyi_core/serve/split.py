@@ -82,16 +82,21 @@ class Sessions:
         decode.continue_reading does. Returns (session id, or None when already done; the session; how many of
         its tokens are new)."""
         s = Session(tier, request, model, read.depth, eos)
-        t, draft = Tier(model), request["draft"]
-        a, preds, probs = verify(t, s.own, s.kv, read.states, 0, draft)
-        for tok, p in zip(draft[:a] + [preds[a]], probs):
-            if s.done:
-                break
-            s.tokens.append(tok)
-            s.confidence.append(p)
-        s.at = read.length - len(draft) + len(s.tokens) - 1
-        s.kv.crop(s.at)
-        return (None if s.done else self._admit(s)), s, len(s.tokens)
+        sid = self._admit(s)  # before any compute: a full table refuses at no cost
+        try:
+            t, draft = Tier(model), request["draft"]
+            a, preds, probs = verify(t, s.own, s.kv, read.states, 0, draft)
+            for tok, p in zip(draft[:a] + [preds[a]], probs):
+                if s.done:
+                    break
+                s.tokens.append(tok)
+                s.confidence.append(p)
+            s.at = read.length - len(draft) + len(s.tokens) - 1
+            s.kv.crop(s.at)
+        finally:
+            if not s.tokens or s.done:
+                self.end(sid)
+        return (None if s.done else sid), s, len(s.tokens)
 
     @torch.no_grad()
     def step(self, sid: str, body: bytes) -> Session:
