@@ -11,6 +11,9 @@ compared tier by tier with the spec's own family (its newest version: run `make 
   block, norm and head without expanding it (`dae.expand: false`), so the family's DaE tier is compared with a
   tier that got the same extra compute. GRPO runs in both; only the family's tier is SVD-compressed (the
   control adds nothing to compress), which costs it a little.
+- grpo_control: GRPO's steps on the same tier and parameters, as SFT on the SFT corpus's turns (`rl.method: sft`),
+  so the tuned tier is compared with a tier that got the same extra steps; the held-out reward is GRPO's own
+  measure (its stage's manifest), and every other tier must stay bit-identical in both.
 
 familial_tax and no_replay switch off DaE and GRPO in the ablated run: they train only the smallest tier,
 which neither comparison reads. Not part of `make test`: on 2 CPU cores each ablation is most of one
@@ -41,7 +44,13 @@ ABLATIONS = {
     "dae_control": {"what": "the DaE tier expanded (the family) vs the same DaE steps without expansion",
                     "switch": lambda n: {"dae": {"expand": False}},
                     "compare": lambda d, tiers: [(d.get("dae") or {}).get("tier", "end")]},
+    "grpo_control": {"what": "GRPO on its tier (the family) vs the same steps of SFT on the same parameters",
+                     "switch": lambda n: {"rl": {"method": "sft"}},
+                     "compare": lambda d, tiers: [(d.get("rl") or {}).get("tier", "end")]},
 }
+# The GRPO stage's own measures, compared beside the benchmarks (its manifest's metadata).
+GRPO_MEASURES = {"heldout_reward_after": "held-out reward", "heldout_exact_greedy_after": "held-out exact (greedy)",
+                 "heldout_text_loss_after": "held-out text loss"}
 
 
 def merged(base: dict, over: dict) -> dict:
@@ -61,6 +70,18 @@ def ablated_spec(data: dict, name: str) -> dict:
 def run(spec_path: Path, name: str, work: Path) -> str:
     data = ablated_spec(yaml.safe_load(spec_path.read_text()), name)
     return run_spec(data, work / f"{name}.yaml", f"{name} ({ABLATIONS[name]['what']})")
+
+
+def grpo_measures(spec_path: Path, family: str, tier: str) -> dict[str, float]:
+    """The GRPO stage's held-out measures behind the newest version's `tier` package ({} without GRPO)."""
+    from ruyi_core.package import read_index
+    from ruyi_core.spec import load_spec
+    from ruyi_core.store import ArtifactStore, lineage
+
+    store = ArtifactStore.from_spec(load_spec(spec_path).store)
+    uri = read_index(store, family)["versions"][-1]["tiers"][tier]["uri"]
+    grpo = next((m.metadata for m in lineage(store, uri) if m.stage == "grpo"), {})
+    return {name: grpo[k] for k, name in GRPO_MEASURES.items() if grpo.get(k) is not None}
 
 
 def compare(family: dict, ablated: dict, tiers: list[str], formats: dict[str, str]) -> list[dict]:
@@ -94,7 +115,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ruyi-ablations-") as tmp:
         for name in args.only:
             compared = ABLATIONS[name]["compare"](yaml.safe_load(args.spec.read_text()), tiers)
-            results[name] = compare(base, scores(args.spec, run(args.spec, name, Path(tmp))), compared, formats)
+            ablated = run(args.spec, name, Path(tmp))
+            results[name] = compare(base, scores(args.spec, ablated), compared, formats)
+            if name == "grpo_control":
+                fam, abl = ({t: grpo_measures(args.spec, f, t) for t in compared} for f in (spec.family.name, ablated))
+                results[name] += compare(fam, abl, compared, {m: "perplexity" if "loss" in m else "accuracy"
+                                                              for m in GRPO_MEASURES.values()})
     for name, rows in results.items():
         print(f"\n{name}: {ABLATIONS[name]['what']}")
         print(f"{'tier':<8}{'benchmark':<22}{'family':>12}{'ablation':>12}{'family better by':>18}")

@@ -10,5 +10,6 @@ def grpo(spec_yaml: str, family: Input[Model], plan: Input[Dataset], policy: Out
     from ruyi_core.stages import RunPlan, grpo, open_run
 
     with open_run(spec_yaml) as (spec, store):
-        rl = RunPlan.model_validate(plan.metadata).dataset("rl").uri
-        grpo(spec, store, family.metadata["uri"], rl).emit(policy)
+        datasets = RunPlan.model_validate(plan.metadata)
+        sft = datasets.dataset("sft").uri if spec.rl.method == "sft" else None  # GRPO's control trains on it
+        grpo(spec, store, family.metadata["uri"], datasets.dataset("rl").uri, sft).emit(policy)

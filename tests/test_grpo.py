@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import with_demo
 from ruyi_core.demo import tokenizer_texts
-from ruyi_core.demo.world import rl_records
+from ruyi_core.demo.world import rl_records, sft_records
 from ruyi_core.errors import RuyiError
 from ruyi_core.family.loss import heldout_loss
 from ruyi_core.family.convert import build_preset_base, export_tier, family_from_base
@@ -151,6 +151,24 @@ def test_grpo_trains_only_the_tier(tier, prompts, tmp_path):
     for when, src in (("before", tier), ("after", out)):
         m = AutoModelForCausalLM.from_pretrained(src)
         assert heldout_loss(m, AutoTokenizer.from_pretrained(src), texts) == res[f"heldout_text_loss_{when}"]
+
+
+def test_grpo_control_trains_the_same_parameters_by_sft(tier, prompts, tmp_path):
+    """rl.method sft: GRPO's steps, batch and parameters, trained by SFT on chat turns; the rest bit-identical."""
+    train, heldout = prompts
+    turns = sft_records(24, seed=0)
+    res = run_grpo(tier, tmp_path / "out", train, heldout, TRAINABLE, _spec(method="sft", steps=4, lr=3e-3),
+                   log=lambda *_: None, sft_turns=turns)
+    assert res["method"] == "sft" and res["steps"] == 4
+    assert {"heldout_reward_before", "heldout_reward_after", "heldout_exact_greedy_after"} <= res.keys()
+    before, after = load_file(tier / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    moved = [not torch.equal(t, after[n]) for n, t in before.items() if any(n.startswith(p) for p in TRAINABLE)]
+    assert any(moved)
+    assert all(torch.equal(t, after[n]) for n, t in before.items() if not any(n.startswith(p) for p in TRAINABLE))
+    rows = [json.loads(x) for x in (tmp_path / "out" / "rewards.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] < rows[0]["loss"]
+    with pytest.raises(RuyiError, match="no chat turns"):
+        run_grpo(tier, tmp_path / "none", train, heldout, TRAINABLE, _spec(method="sft"), log=lambda *_: None)
 
 
 def test_grpo_uses_the_spec_rewards(tier, prompts, tmp_path):

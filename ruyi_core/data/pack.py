@@ -112,6 +112,11 @@ def _tokenize_batch(tokenizer, recs: list[dict], kind: str, eos: int,
     return out
 
 
+def sft_examples(tokenizer, records: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Chat records ({messages}) as (token ids, assistant mask) pairs, exactly as SFT packs them."""
+    return _tokenize_batch(tokenizer, records, "sft", tokenizer.eos_token_id, _special_strings(tokenizer))
+
+
 def _progress(enabled: bool | None, total: int | None):
     if enabled is None:
         enabled = sys.stderr.isatty()

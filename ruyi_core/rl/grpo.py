@@ -9,6 +9,7 @@ import json
 import random
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +179,21 @@ def _reward_rows(log_history: list[dict], names: list[str]) -> list[dict]:
     return rows
 
 
+def _write_rows(out_dir: Path, rows: list[dict], spec: RlSpec) -> None:
+    """rewards.jsonl and rewards.png: GRPO's rewards per step, or its control's SFT loss."""
+    with (out_dir / "rewards.jsonl").open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    steps = [r["step"] for r in rows]
+    if spec.method == "sft":
+        curves(out_dir / "rewards.png", steps, {"loss": [r["loss"] for r in rows]}, "step", "SFT loss",
+               "GRPO's control: the same steps by SFT", marker="o", ms=3)
+        return
+    series = {"total" if k == "reward" else k: [r[k] for r in rows] for k in ["reward", *spec.rewards]}
+    curves(out_dir / "rewards.png", steps, series, "GRPO step", "mean reward",
+           f"GRPO, G={spec.group_size}, {spec.prompts_per_step} prompts/step", marker="o", ms=3)
+
+
 def _generation_config(tier_dir: Path, tok, cfg) -> GenerationConfig:
     """The tier's own generation config (else the family default), never with a max_new_tokens: a saved one
     overrides evaluation harnesses' own limits."""
@@ -189,58 +205,16 @@ def _generation_config(tier_dir: Path, tok, cfg) -> GenerationConfig:
     return gen
 
 
-def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: list[dict], trainable: list[str],
-             spec: RlSpec, log=print, runtime=None, heldout_texts: list[str] = ()) -> dict:
-    """GRPO on the tier at `tier_dir`; the trained policy (safetensors, config, tokenizer), rewards.jsonl and
-    rewards.png go to `out_dir`. Returns held-out rewards before/after, the held-out loss of `heldout_texts`
-    before/after (what GRPO costs plain-text modelling) and parameter counts. The rewards and their weights are
-    `spec.rewards`; `runtime` (ruyi_core.runtime: device and dtype) defaults to CPU fp32."""
+def _train_grpo(model, tok, train_prompts: list[dict], spec: RlSpec, rt, out_dir: Path, result: dict, log
+                ) -> tuple[torch.nn.Module, list[dict], float | None]:
+    """TRL's GRPOTrainer on `model` (its trainable parameters); (the trained model, one row per step, seconds)."""
     from datasets import Dataset  # heavy imports only when RL actually runs
     from trl import GRPOConfig, GRPOTrainer
 
-    tier_dir, out_dir, names = Path(tier_dir).resolve(), Path(out_dir), list(spec.rewards)
-    if not (tier_dir / "config.json").is_file():
-        raise RuyiError(f"rl: {tier_dir} is not a checkpoint folder (no config.json): export the tier first")
-    if len(train_prompts) < spec.prompts_per_step:
-        raise RuyiError(f"rl: {len(train_prompts)} training prompts, fewer than rl.prompts_per_step="
-                        f"{spec.prompts_per_step}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    from ruyi_core.runtime import Runtime
-
-    rt = runtime or Runtime(torch.device("cpu"), torch.float32)
-    model, dtype, cuda = rt.load(AutoModelForCausalLM, tier_dir), rt.dtype, rt.cuda  # the trainer sets train mode
-    tok = AutoTokenizer.from_pretrained(tier_dir)
-    if tok.chat_template is None:
-        raise RuyiError(f"rl: the tokenizer in {tier_dir} has no chat template (GRPO prompts are chat turns)")
-    gen_cfg = _generation_config(tier_dir, tok, model.config)
-    n_train, n_frozen = freeze_except(model, trainable)
-    frozen_before = _digest(model)
-    log(f"[grpo] {n_train:,} trainable / {n_frozen:,} frozen parameters (prefixes {trainable})")
-
-    def held_out(when: str) -> dict:
-        return evaluate_reward(model, tok, heldout, spec.max_new_tokens, spec.seed, samples=spec.heldout_samples,
-                               temperature=spec.temperature, rewards=spec.rewards,
-                               answer_pattern=spec.answer_pattern,
-                               log=lambda m: log(f"[grpo] held-out {when}: {m}"))
-
-    def said(r: dict) -> str:
-        return (f"mean reward {r['reward']:.3f} ({spec.heldout_samples} samples/prompt at T={spec.temperature:g}), "
-                f"greedy exact answers {r['exact_greedy']:.3f}, {len(heldout)} prompts")
-
-    def text_loss(when: str) -> dict:
-        if not heldout_texts:
-            return {}
-        loss = heldout_loss(model, tok, list(heldout_texts))
-        log(f"[grpo] held-out text {when}: loss {loss:.4f} ({len(heldout_texts)} texts)")
-        return {"text_loss": loss}
-
-    before = held_out("before") | text_loss("before")
-    log(f"[grpo] held-out before: {said(before)}")
-
+    names, dtype, cuda = list(spec.rewards), rt.dtype, rt.cuda
     # Conversational dataset: TRL applies the tokenizer's chat template; `answer` reaches the reward functions.
     ds = Dataset.from_list([{"prompt": _messages(r["prompt"]), "answer": str(r["answer"])} for r in train_prompts])
     work = Path(tempfile.mkdtemp(prefix=".grpo-", dir=out_dir))  # trainer scratch + reference copy
-    result: dict = {}
     try:
         if spec.beta > 0:
             # TRL builds the KL reference with from_pretrained(model.config._name_or_path) (DESIGN §5): save
@@ -280,15 +254,68 @@ def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: 
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    return model, _reward_rows(history, names), train_out.metrics.get("train_runtime")
+
+
+def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: list[dict], trainable: list[str],
+             spec: RlSpec, log=print, runtime=None, heldout_texts: list[str] = (), sft_turns: list[dict] = ()) -> dict:
+    """GRPO on the tier at `tier_dir`; the trained policy (safetensors, config, tokenizer), rewards.jsonl and
+    rewards.png go to `out_dir`. Returns held-out rewards before/after, the held-out loss of `heldout_texts`
+    before/after (what GRPO costs plain-text modelling) and parameter counts. The rewards and their weights are
+    `spec.rewards`; `runtime` (ruyi_core.runtime: device and dtype) defaults to CPU fp32. With `spec.method`
+    "sft" the same steps train the same parameters by SFT on `sft_turns` instead: GRPO's control."""
+    tier_dir, out_dir = Path(tier_dir).resolve(), Path(out_dir)
+    if not (tier_dir / "config.json").is_file():
+        raise RuyiError(f"rl: {tier_dir} is not a checkpoint folder (no config.json): export the tier first")
+    if len(train_prompts) < spec.prompts_per_step:
+        raise RuyiError(f"rl: {len(train_prompts)} training prompts, fewer than rl.prompts_per_step="
+                        f"{spec.prompts_per_step}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from ruyi_core.runtime import Runtime
+
+    rt = runtime or Runtime(torch.device("cpu"), torch.float32)
+    model = rt.load(AutoModelForCausalLM, tier_dir)  # the trainer sets train mode
+    tok = AutoTokenizer.from_pretrained(tier_dir)
+    if tok.chat_template is None:
+        raise RuyiError(f"rl: the tokenizer in {tier_dir} has no chat template (GRPO prompts are chat turns)")
+    gen_cfg = _generation_config(tier_dir, tok, model.config)
+    n_train, n_frozen = freeze_except(model, trainable)
+    frozen_before = _digest(model)
+    log(f"[grpo] {n_train:,} trainable / {n_frozen:,} frozen parameters (prefixes {trainable})")
+
+    def held_out(when: str) -> dict:
+        return evaluate_reward(model, tok, heldout, spec.max_new_tokens, spec.seed, samples=spec.heldout_samples,
+                               temperature=spec.temperature, rewards=spec.rewards,
+                               answer_pattern=spec.answer_pattern,
+                               log=lambda m: log(f"[grpo] held-out {when}: {m}"))
+
+    def said(r: dict) -> str:
+        return (f"mean reward {r['reward']:.3f} ({spec.heldout_samples} samples/prompt at T={spec.temperature:g}), "
+                f"greedy exact answers {r['exact_greedy']:.3f}, {len(heldout)} prompts")
+
+    def text_loss(when: str) -> dict:
+        if not heldout_texts:
+            return {}
+        loss = heldout_loss(model, tok, list(heldout_texts))
+        log(f"[grpo] held-out text {when}: loss {loss:.4f} ({len(heldout_texts)} texts)")
+        return {"text_loss": loss}
+
+    before = held_out("before") | text_loss("before")
+    log(f"[grpo] held-out before: {said(before)}")
+
+    result: dict = {}
+    if spec.method == "sft":
+        from ruyi_core.rl.control import train_sft_control
+
+        started = time.perf_counter()
+        rows = train_sft_control(model, tok, list(sft_turns), spec, log)
+        train_s = time.perf_counter() - started
+    else:
+        model, rows, train_s = _train_grpo(model, tok, train_prompts, spec, rt, out_dir, result, log)
+
     if _digest(model) != frozen_before:
         raise RuyiError("rl: a frozen parameter changed during GRPO; the other tiers would no longer match")
-    rows = _reward_rows(history, names)
-    with (out_dir / "rewards.jsonl").open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    curves(out_dir / "rewards.png", [r["step"] for r in rows],
-           {"total" if k == "reward" else k: [r[k] for r in rows] for k in ["reward", *names]}, "GRPO step",
-           "mean reward", f"GRPO, G={spec.group_size}, {spec.prompts_per_step} prompts/step", marker="o", ms=3)
+    _write_rows(out_dir, rows, spec)
 
     after = held_out("after") | text_loss("after")
     log(f"[grpo] held-out after: {said(after)}")
@@ -307,8 +334,8 @@ def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: 
         **{f"heldout_{k}_{when}": v for when, r in (("before", before), ("after", after)) for k, v in r.items()},
         "heldout_samples": spec.heldout_samples, "temperature": spec.temperature, "steps": len(rows),
         "trainable_params": n_train, "frozen_params": n_frozen, "trainable_prefixes": list(trainable),
-        "train_reward_first": first.get("reward"), "train_reward_last": rows[-1]["reward"] if rows else None,
-        "kl_first": first.get("kl"), "train_runtime_s": train_out.metrics.get("train_runtime"),
+        "train_reward_first": first.get("reward"), "train_reward_last": rows[-1].get("reward") if rows else None,
+        "kl_first": first.get("kl"), "train_runtime_s": train_s, "method": spec.method,
         "heldout_prompts": len(heldout), "train_prompts": len(train_prompts), "path": str(out_dir),
     })
     return result

@@ -2,11 +2,11 @@
 generation batch over them), the same error protocol and the same death with its parent.
 
     torchrun --nproc-per-node N -m ruyi_core.rl.worker --spec SPEC --tier DIR --out DIR --prompts JSONL \\
-        --heldout JSON [--heldout-text JSON] --trainable JSON
+        --heldout JSON [--heldout-text JSON] [--sft JSONL] --trainable JSON
 
 Rank 0 writes the trained policy, rewards.jsonl / .png and result.json (the held-out rewards) to --out. On a
 cluster (a TrainJob) the inputs come as one artifact, `--inputs URI` (tier/, prompts.jsonl, heldout.json,
-heldout_text.json), and rank 0 publishes --out as the artifact `--publish URI`.
+heldout_text.json, sft.jsonl), and rank 0 publishes --out as the artifact `--publish URI`.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--heldout", type=Path, help="held-out prompts, a JSON list")
     ap.add_argument("--heldout-text", type=Path,
                     help="held-out texts, a JSON list: their loss before and after GRPO (GRPO's cost on plain text)")
+    ap.add_argument("--sft", type=Path, help="SFT chat turns, JSONL {messages}: what rl.method sft trains on")
     ap.add_argument("--inputs", help="instead of the above: an artifact with tier/, prompts.jsonl, heldout.json, "
                                      "heldout_text.json")
     ap.add_argument("--publish", help="rank 0 uploads --out as this artifact")
@@ -36,7 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # An --inputs artifact's layout, and the worker's options for its parts (--heldout_text as --heldout-text).
-INPUTS = {"tier": "tier", "prompts": "prompts.jsonl", "heldout": "heldout.json", "heldout_text": "heldout_text.json"}
+INPUTS = {"tier": "tier", "prompts": "prompts.jsonl", "heldout": "heldout.json", "heldout_text": "heldout_text.json",
+          "sft": "sft.jsonl"}
 
 
 def run(args: argparse.Namespace) -> None:
@@ -54,13 +56,14 @@ def run(args: argparse.Namespace) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if args.inputs:
         _fetch_inputs(spec, args)
-    prompts = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()]
+    prompts = _jsonl(args.prompts)
     heldout = json.loads(args.heldout.read_text())
     texts = json.loads(args.heldout_text.read_text()) if args.heldout_text and args.heldout_text.is_file() else []
+    turns = _jsonl(args.sft) if args.sft and args.sft.is_file() else []
     with tempfile.TemporaryDirectory(prefix="ruyi-grpo-rank-") as scratch:
         out = args.out if rank == 0 else Path(scratch)  # one writer
         res = run_grpo(args.tier, out, prompts, heldout, json.loads(args.trainable), spec.rl,
-                       log=_print if rank == 0 else (lambda m: None), runtime=for_spec(spec), heldout_texts=texts)
+                       log=_print if rank == 0 else (lambda m: None), runtime=for_spec(spec), heldout_texts=texts, sft_turns=turns)
     if rank == 0:
         (args.out / "result.json").write_text(json.dumps(res))
         if args.publish:
@@ -69,6 +72,10 @@ def run(args: argparse.Namespace) -> None:
             ArtifactStore.from_spec(spec.store).put_artifact(
                 args.publish, args.out, stage="grpo_policy", spec_hash=spec.fingerprint(),
                 inputs=[args.inputs] if args.inputs else [])
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _fetch_inputs(spec, args: argparse.Namespace) -> None:

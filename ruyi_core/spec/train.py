@@ -212,6 +212,9 @@ class RlSpec(_Strict):
     the form of a final answer in the SFT data: a regular expression whose one group captures the integer."""
 
     enabled: bool = True
+    # grpo, or sft: GRPO's control, the same steps on the same parameters by SFT on data.sft's turns (as many
+    # turns per step as GRPO has completions), so that what GRPO gains over it is the method's
+    method: Literal["grpo", "sft"] = "grpo"
     tier: str = "end"  # the tier GRPO trains (only its own parameters; the trunk stays frozen)
     group_size: int = Field(8, ge=2)  # G completions per prompt
     steps: int = Field(30, ge=1)  # optimizer steps

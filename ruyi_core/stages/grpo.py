@@ -21,10 +21,13 @@ class Grpo(Artifact):
 GRPO = Stage("grpo", Grpo, ("rl", "data.rl_heldout", "data.heldout", "data.seed"))
 
 
-def grpo(spec: RunSpec, store: ArtifactStore, family: str, rl_raw: str) -> Grpo:
+def grpo(spec: RunSpec, store: ArtifactStore, family: str, rl_raw: str, sft_raw: str | None = None) -> Grpo:
     """GRPO (TRL) on the exported tier with only its own parameters trainable, merged back into the family. It runs
     as training does, on the training launcher: torchrun here, or a TrainJob on the cluster; one worker per GPU
-    the `grpo` step is given (one on the CPU)."""
+    the `grpo` step is given (one on the CPU). `rl.method: sft` (GRPO's control) trains the same parameters for
+    the same steps by SFT on `sft_raw`'s turns instead."""
+    if spec.rl.method == "sft" and sft_raw is None:
+        raise ValueError("rl.method sft trains on the SFT corpus: pass its dataset")
 
     def build(run: StageRun) -> dict:
         from ruyi_core.dae.expand import merge_tier, tier_own_prefixes
@@ -50,11 +53,12 @@ def grpo(spec: RunSpec, store: ArtifactStore, family: str, rl_raw: str) -> Grpo:
                 (run.out / f).write_bytes((policy / f).read_bytes())
         return {"tier": tier, **{k: v for k, v in res.items() if isinstance(v, (int, float, str)) and k != "path"}}
 
-    return run_stage(GRPO, spec, store, build, inputs={"family": family, "rl": rl_raw})
+    inputs = {"family": family, "rl": rl_raw} | ({"sft": sft_raw} if spec.rl.method == "sft" else {})
+    return run_stage(GRPO, spec, store, build, inputs=inputs)
 
 
 def _write_prompts(run: StageRun, given: Path) -> None:
-    """The worker's prompts and held-out sets, beside the exported tier."""
+    """The worker's prompts and held-out sets (and the SFT turns its control trains on), beside the exported tier."""
     from ruyi_core.eval.heldout import heldout_prompts, heldout_texts
     from ruyi_core.rl.worker import INPUTS
 
@@ -63,6 +67,10 @@ def _write_prompts(run: StageRun, given: Path) -> None:
             f.write(json.dumps(rec) + "\n")
     (given / INPUTS["heldout"]).write_text(json.dumps(heldout_prompts(run.spec, run.work, run.store)))
     (given / INPUTS["heldout_text"]).write_text(json.dumps(heldout_texts(run.spec, run.work, run.store)))
+    if run.spec.rl.method == "sft":
+        with (given / INPUTS["sft"]).open("w") as f:
+            for rec in corpus_records(run, "sft"):
+                f.write(json.dumps({"messages": rec["messages"]}) + "\n")
 
 
 def _train_policy(run: StageRun, given: Path, policy: Path, args: list[str]) -> None:
