@@ -1,6 +1,8 @@
 """What each part of the recipe buys, against a control that gets the same compute without it. Each ablation is a
 spec switch over the given spec (so a user can run it at scale), run as its own family `<name>-<ablation>`, and
-compared tier by tier with the spec's own family (its newest version: run `make demo` or the spec first).
+compared tier by tier with the spec's own family (its newest version: run `make demo` or the spec first). The
+comparisons are recorded with that version in the registry (models/<family>/<version>/ablations.json), and the
+spec runs once more, reusing every stage, so that the run's report shows them.
 
     python bench/ablations.py [--spec specs/tiny.yaml] [--only familial_tax no_replay] [--json PATH]
 
@@ -99,6 +101,24 @@ def compare(family: dict, ablated: dict, tiers: list[str], formats: dict[str, st
     return rows
 
 
+def record(spec_path: Path, family: str, results: dict, ablated: dict[str, str]) -> None:
+    """Records each ablation with the family's newest version in the registry, then runs the spec again: every
+    stage is reused and the run's report is rendered again, now with the ablations."""
+    from ruyi_core.package import read_index
+    from ruyi_core.package.registry import record_ablation
+    from ruyi_core.spec import load_spec
+    from ruyi_core.store import ArtifactStore
+
+    store = ArtifactStore.from_spec(load_spec(spec_path).store)
+    version = read_index(store, family)["versions"][-1]["version"]
+    for name, rows in results.items():
+        entry = {"what": ABLATIONS[name]["what"], "ablated_family": ablated[name], "rows": rows}
+        record_ablation(store, family, version, name, entry)
+    with tempfile.TemporaryDirectory(prefix="ruyi-ablations-") as tmp:
+        run_spec(yaml.safe_load(spec_path.read_text()), Path(tmp) / "spec.yaml", f"{family}: the report again")
+    print(f"recorded with {family} version {version}; the run's report shows them")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--spec", type=Path, default=Path("specs/tiny.yaml"))
@@ -111,16 +131,17 @@ def main() -> None:
     tiers = sorted(spec.family.tiers, key=spec.family.tiers.get)
     formats = {n: b.format for n, b in spec.eval.benchmarks.items()}
     base = scores(args.spec, spec.family.name)
-    results = {}
+    results, ablated_names = {}, {}
     with tempfile.TemporaryDirectory(prefix="ruyi-ablations-") as tmp:
         for name in args.only:
             compared = ABLATIONS[name]["compare"](yaml.safe_load(args.spec.read_text()), tiers)
-            ablated = run(args.spec, name, Path(tmp))
+            ablated = ablated_names[name] = run(args.spec, name, Path(tmp))
             results[name] = compare(base, scores(args.spec, ablated), compared, formats)
             if name == "grpo_control":
                 fam, abl = ({t: grpo_measures(args.spec, f, t) for t in compared} for f in (spec.family.name, ablated))
                 results[name] += compare(fam, abl, compared, {m: "perplexity" if "loss" in m else "accuracy"
                                                               for m in GRPO_MEASURES.values()})
+    record(args.spec, spec.family.name, results, ablated_names)
     for name, rows in results.items():
         print(f"\n{name}: {ABLATIONS[name]['what']}")
         print(f"{'tier':<8}{'benchmark':<22}{'family':>12}{'ablation':>12}{'family better by':>18}")

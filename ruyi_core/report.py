@@ -21,6 +21,29 @@ class Measured:
     svd: dict | None = None
     routing: dict | None = None
     figures: dict[str, bytes] = field(default_factory=dict)
+    ablations: dict = field(default_factory=dict)  # the version's recorded ablations (package/registry.py)
+
+
+ABLATION_COLS = [("tier", "tier"), ("benchmark", "benchmark"), ("family", "family"), ("ablation", "control"),
+                 ("better", "family better by")]
+
+
+def ablation_rows(entry: dict) -> list[dict]:
+    def num(v: float) -> str:
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+
+    return [{"tier": r["tier"], "benchmark": r["benchmark"], "family": num(r["family"]), "ablation": num(r["ablation"]),
+             "better": f"{r['family_better_by']:+.1%}"} for r in entry["rows"]]
+
+
+def ablation_lines(ablations: dict) -> list[str]:
+    """Each ablation against its control (the same compute without the method), as Markdown tables."""
+    md = []
+    for name, entry in ablations.items():
+        md += ["", f"### {name}: {entry['what']} (control family {entry['ablated_family']})", "",
+               "| " + " | ".join(h for _, h in ABLATION_COLS) + " |", "|" + "---|" * len(ABLATION_COLS)]
+        md += ["| " + " | ".join(r[k] for k, _ in ABLATION_COLS) + " |" for r in ablation_rows(entry)]
+    return (["", "## Ablations"] + md) if md else []
 
 
 def _label(uri: str) -> str:
@@ -304,7 +327,7 @@ def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Man
     md += [f"| {d['kind']} | {d.get('n_docs', '')} | {d.get('fingerprint', '')[:16]} | {d.get('n_tokens', '')} "
            f"| {d['uri']} |" for d in datasets]
     dae = _dae_lines(measured.grpo, measured.svd)
-    md += training_lines(measured.trained) + dae + time_lines(chain)
+    md += training_lines(measured.trained) + dae + ablation_lines(measured.ablations) + time_lines(chain)
     md += ["", "## Lineage", ""] + [f"- `{m.stage}` {m.uri} (content sha256 {m.content_sha256()[:16]})" for m in chain]
     png = lineage_png(chain) if chain else b""
 
@@ -325,6 +348,8 @@ def render(run_id: str, tiers: list[dict], datasets: list[dict], chain: list[Man
              for m in sorted(chain, key=lambda m: m.created_at) if m.build_seconds is not None]
     cols = [("stage", "stage"), ("s", "seconds"), ("peak", "peak MiB"), ("uri", "artifact")]
     times = f"<h2>Stage wall times</h2>{table(timed, cols)}" if timed else ""
+    ablations = "".join(f"<h3>{html.escape(n)}: {html.escape(e['what'])}</h3>{table(ablation_rows(e), ABLATION_COLS)}"
+                        for n, e in measured.ablations.items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Ruyi Flow {html.escape(run_id)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}th{{background:#f3f6fa}}
@@ -333,6 +358,7 @@ figure{{display:inline-block;margin:0 1em 1em 0}}</style></head><body>
 {items([f"- ⚠ {f}" for f in flags] or ["- every deeper tier scores at least as well as the shallower ones"])}
 {items(family_lines(tiers) + speed_lines(tiers))}{f"<h2>Promotion</h2>{items(gate_lines)}" if gate_lines else ""}
 <h2>Charts</h2>{figs or "<p>no charts</p>"}{f"<h2>DaE and GRPO</h2>{items(dae)}" if dae else ""}
+{f"<h2>Ablations</h2>{ablations}" if ablations else ""}
 <h2>Data</h2>{table(datasets, data_cols)}{times}<h2>Lineage</h2>{img}</body></html>"""
     return "\n".join(md) + "\n", page, png
 

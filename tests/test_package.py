@@ -163,12 +163,25 @@ def test_registry_keys_keep_their_layout_and_parse_back():
     assert keys.index_key("micro") == "models/micro/index.json"
     assert keys.deploy_key("micro") == "models/micro/deploy.yaml"
     assert keys.routing_key("micro", "v1") == "models/micro/v1/routing.json"
+    assert keys.ablations_key("micro", "v1") == "models/micro/v1/ablations.json"
     assert keys.family_prefix("micro") == "models/micro"
     assert keys.parse_package(package_key("micro", "v1.2", "end")) == ("micro", "v1.2", "end")
     assert keys.parse_package(package_key("micro", "v1", "end") + "/") == ("micro", "v1", "end")
     for other in (keys.index_key("micro"), keys.deploy_key("micro"), keys.routing_key("micro", "v1"),
                   "stages/micro/export/0123456789abcdef", "models/micro/v1/end/extra"):
         assert keys.parse_package(other) is None, other
+
+
+def test_ablations_are_recorded_per_version_and_kept_together(store):
+    from ruyi_core.package.registry import read_ablations, record_ablation
+
+    assert read_ablations(store, FAMILY, "v1") == {}
+    record_ablation(store, FAMILY, "v1", "dae_control", {"what": "a", "ablated_family": "x", "rows": []})
+    record_ablation(store, FAMILY, "v1", "grpo_control", {"what": "b", "ablated_family": "y", "rows": []})
+    record_ablation(store, FAMILY, "v1", "dae_control", {"what": "a2", "ablated_family": "x", "rows": []})
+    got = read_ablations(store, FAMILY, "v1")
+    assert list(got) == ["dae_control", "grpo_control"] and got["dae_control"]["what"] == "a2"
+    assert read_ablations(store, FAMILY, "v2") == {}
 
 
 def test_gate_ignores_benchmarks_missing_on_one_side():
@@ -278,3 +291,8 @@ def test_a_corrupt_promoted_package_fails_verify_until_a_rerun_heals_it(store, s
     publish(store, pkg, FAMILY, "v1", "end", run_id="run-v1", spec_hash="0" * 16, weights=weights)  # still fine
     with pytest.raises(RuyiError, match="already holds other end weights"):
         check_publishable(store, FAMILY, "v1", "end", "other" + weights[5:])
+    # an ablation recorded since the report: the run goes again (every stage reused) to show it in the report
+    from ruyi_core.package.registry import record_ablation
+
+    record_ablation(store, FAMILY, "v1", "grpo_control", {"what": "w", "ablated_family": "c", "rows": []})
+    assert not run_finished(run, store, plan)

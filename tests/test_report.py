@@ -79,7 +79,11 @@ def test_report_shows_what_the_stages_measured():
             "temperature": 1.0, "heldout_prompts": 4, "heldout_exact_greedy_before": 0.0,
             "heldout_exact_greedy_after": 0.25, "heldout_text_loss_before": 2.7, "heldout_text_loss_after": 2.5}
     tiers = [tier("end", 1, 0.3, 9.0, True), tier("cloud", 3, 0.5, 7.0, True)]
-    measured = Measured(grpo=grpo, svd=svd, routing=routing, figures={"GRPO: reward per step": b"png"})
+    ablations = {"grpo_control": {"what": "GRPO vs the same steps of SFT", "ablated_family": "f-grpo-control",
+                                  "rows": [{"tier": "end", "benchmark": "literature", "family": 16810.4,
+                                            "ablation": 17002.0, "family_better_by": 0.0113}]}}
+    measured = Measured(grpo=grpo, svd=svd, routing=routing, figures={"GRPO: reward per step": b"png"},
+                        ablations=ablations)
     md, page, _ = render("f-v1", tiers, [], [], {"family": "f", "version": "v1", "promoted": {}}, measured)
     assert "## Adaptive routing (`auto`)" in md and "calibrated on 12 held-out questions" in md
     assert "answer tokens a tier's own answer drafts): end 0.625" in md
@@ -90,6 +94,8 @@ def test_report_shows_what_the_stages_measured():
     assert "- SVD at ratio 0.4: removed 41.0% of the added parameters, held-out loss 2.6000 (+4.00% relative)" in md
     assert "GRPO on tier end: held-out mean reward 0.100 -> 0.300" in md
     assert "<figcaption>GRPO: reward per step</figcaption>" in page and "Adaptive routing (FAMILY:auto)" in page
+    assert "### grpo_control: GRPO vs the same steps of SFT (control family f-grpo-control)" in md
+    assert "| end | literature | 16,810 | 17,002 | +1.1% |" in md and "<h2>Ablations</h2>" in page
     assert "Adaptive routing" not in render("f-v1", tiers, [], [], None, Measured(svd=svd))[0]
 
 

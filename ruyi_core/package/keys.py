@@ -2,6 +2,7 @@
 
     models/<family>/<version>/<tier>/        one package per tier (an artifact)
     models/<family>/<version>/routing.json   the version's calibrated `auto` routing
+    models/<family>/<version>/ablations.json the version's ablations, each against its control (bench/ablations.py)
     models/<family>/index.json               every version's gate decisions and each tier's promoted version
     models/<family>/deploy.yaml              KServe services for the promoted tiers
 
@@ -16,7 +17,7 @@ from ruyi_core.store.artifact import clean_key
 ROOT = "models"
 # A template, so the package stage's key (formatted by the stage contract) is this very layout.
 PACKAGE = ROOT + "/{family}/{version}/{tier}"
-INDEX, DEPLOY, ROUTING = "index.json", "deploy.yaml", "routing.json"
+INDEX, DEPLOY, ROUTING, ABLATIONS = "index.json", "deploy.yaml", "routing.json", "ablations.json"
 
 
 class PackageKey(NamedTuple):
@@ -44,6 +45,10 @@ def deploy_key(family: str) -> str:
 
 def routing_key(family: str, version: str) -> str:
     return f"{family_prefix(family)}/{clean_key(version, 'version')}/{ROUTING}"
+
+
+def ablations_key(family: str, version: str) -> str:
+    return f"{family_prefix(family)}/{clean_key(version, 'version')}/{ABLATIONS}"
 
 
 def parse_package(key: str) -> PackageKey | None:

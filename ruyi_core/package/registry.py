@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ruyi_core.errors import RuyiError
 from ruyi_core.package.build import SUMS, verify_package
-from ruyi_core.package.keys import ROOT, index_key, package_key, parse_package
+from ruyi_core.package.keys import ROOT, ablations_key, index_key, package_key, parse_package
 from ruyi_core.spec import PackageSpec
 from ruyi_core.store import ArtifactStore, lineage
 from ruyi_core.store.client import hash_file
@@ -84,6 +84,24 @@ def _read_index(store: ArtifactStore, family: str) -> tuple[dict, str] | None:
     except ValueError:
         raise RuyiError(f"{store.uri(index_key(family))} is not valid JSON: restore it from a copy, or delete it "
                         "and promote the family's versions again") from None
+
+
+def read_ablations(store: ArtifactStore, family: str, version: str) -> dict:
+    """The version's recorded ablations, {name: {"what", "ablated_family", "rows"}} ({} when none ran)."""
+    got = store.read_object(ablations_key(family, version))
+    return json.loads(got[0]) if got else {}
+
+
+def record_ablation(store: ArtifactStore, family: str, version: str, name: str, entry: dict) -> None:
+    """Adds (or replaces) one ablation of `version`; a concurrent writer's ablations are kept (read, merge, write
+    if unchanged, retry)."""
+    key = ablations_key(family, version)
+    for _ in range(10):
+        got = store.read_object(key)
+        merged = (json.loads(got[0]) if got else {}) | {name: entry}
+        if store.write_object_if(key, json.dumps(merged, indent=2).encode(), got[1] if got else None):
+            return
+    raise RuyiError(f"{store.uri(key)} kept changing while recording ablation {name!r}: record it again")
 
 
 def _find(index: dict, version: str) -> dict | None:

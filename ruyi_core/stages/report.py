@@ -4,6 +4,7 @@ finished. It only reads: the packages, the promotion's outcome, the routing cali
 behind them measured."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 from ruyi_core.report import Measured, render
@@ -18,6 +19,7 @@ from ruyi_core.store import ArtifactStore, Manifest, lineage
 class Report(Artifact):
     run_id: str
     tiers: list[str]
+    ablations_sha: str = ""  # the ablations it shows (a report from before they were recorded shows none)
 
 
 # version 3: the routing calibration is an input (calibrate_routing's), not computed here
@@ -31,8 +33,12 @@ def run_finished(spec: RunSpec, store: ArtifactStore, plan: RunPlan) -> bool:
     other stage is reused) and publishes it again."""
     from ruyi_core.package.registry import absent_packages, read_index
 
-    if not store.has_artifact(store.uri(REPORT.root.format(run_id=plan.run_id))):
+    made = store.read_manifest(store.uri(REPORT.root.format(run_id=plan.run_id)))
+    if made is None:
         return False
+    shown = made.metadata.get("ablations_sha") or _ablations_sha({})  # a report from before ablations: none
+    if shown != _ablations_sha(_ablations(spec, store, plan)):
+        return False  # ablations recorded since: the report is rendered again (every other stage is reused)
     index = read_index(store, spec.family.name, missing_ok=True)
     return index is not None and any(v["version"] == plan.version for v in index["versions"]) \
         and not absent_packages(store, index, plan.version)
@@ -44,13 +50,25 @@ def report(spec: RunSpec, store: ArtifactStore, plan: RunPlan, promotion: Promot
     `routing` is calibrate_routing's."""
     inputs = {**{f"package/{p.tier}": p.uri for p in promotion.packages}, "routing": routing.uri,
               **{f"dataset/{d.kind}": d.uri for d in datasets}}
-    params = {"run_id": plan.run_id, "promotion": promotion.model_dump(mode="json", exclude={"packages"})}
-    return run_stage(REPORT, spec, store, lambda run: _report(run, plan, promotion, routing, datasets),
+    ablations = _ablations(spec, store, plan)
+    params = {"run_id": plan.run_id, "promotion": promotion.model_dump(mode="json", exclude={"packages"}),
+              "ablations": ablations}
+    return run_stage(REPORT, spec, store, lambda run: _report(run, plan, promotion, routing, datasets, ablations),
                      inputs=inputs, params=params)
 
 
+def _ablations(spec: RunSpec, store: ArtifactStore, plan: RunPlan) -> dict:
+    from ruyi_core.package.registry import read_ablations
+
+    return read_ablations(store, spec.family.name, plan.version)
+
+
+def _ablations_sha(ablations: dict) -> str:
+    return hashlib.sha256(json.dumps(ablations, sort_keys=True).encode()).hexdigest()
+
+
 def _report(run: StageRun, plan: RunPlan, promotion: Promotion, routing: Routing,
-            datasets: list[PackedDataset]) -> dict:
+            datasets: list[PackedDataset], ablations: dict) -> dict:
     store, tiers = run.store, []
     for p in promotion.packages:
         # Rows come from the manifests: typed, whatever the orchestrator did to the metadata on the way.
@@ -66,13 +84,15 @@ def _report(run: StageRun, plan: RunPlan, promotion: Promotion, routing: Routing
                 seen.add(m.uri)
                 chain.append(m)
     promo = promotion.model_dump(mode="json")
-    md, page, png = render(plan.run_id, tiers, rows, chain, promo, _measured(run, chain, routing))
+    measured = _measured(run, chain, routing)
+    measured.ablations = ablations
+    md, page, png = render(plan.run_id, tiers, rows, chain, promo, measured)
     (run.out / "report.md").write_text(md)
     (run.out / "report.html").write_text(page)
     (run.out / "lineage.png").write_bytes(png)
     (run.out / "tiers.json").write_text(json.dumps(tiers, indent=2))
     (run.out / "promotion.json").write_text(json.dumps(promo, indent=2))
-    return {"run_id": plan.run_id, "tiers": [t["tier"] for t in tiers]}
+    return {"run_id": plan.run_id, "tiers": [t["tier"] for t in tiers], "ablations_sha": _ablations_sha(ablations)}
 
 
 def _measured(run: StageRun, chain: list[Manifest], routing: Routing) -> Measured:
