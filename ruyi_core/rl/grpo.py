@@ -205,6 +205,30 @@ def _generation_config(tier_dir: Path, tok, cfg) -> GenerationConfig:
     return gen
 
 
+def _measure(model, tok, heldout: list[dict], texts, spec: RlSpec, when: str, log) -> dict:
+    """The held-out rewards (and the held-out texts' loss, when there are texts), logged."""
+    r = evaluate_reward(model, tok, heldout, spec.max_new_tokens, spec.seed, samples=spec.heldout_samples,
+                        temperature=spec.temperature, rewards=spec.rewards, answer_pattern=spec.answer_pattern,
+                        log=lambda m: log(f"[grpo] held-out {when}: {m}"))
+    if texts:
+        r["text_loss"] = heldout_loss(model, tok, list(texts))
+        log(f"[grpo] held-out text {when}: loss {r['text_loss']:.4f} ({len(texts)} texts)")
+    log(f"[grpo] held-out {when}: mean reward {r['reward']:.3f} ({spec.heldout_samples} samples/prompt at "
+        f"T={spec.temperature:g}), greedy exact answers {r['exact_greedy']:.3f}, {len(heldout)} prompts")
+    return r
+
+
+def _save_policy(model, tok, gen_cfg: GenerationConfig, out_dir: Path) -> None:
+    """A plain checkpoint again: no trainer traces in config, generation config without a length cap."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.config._name_or_path = str(out_dir)
+    model.config.use_cache = True
+    model.generation_config = gen_cfg
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+
+
 def _train_grpo(model, tok, train_prompts: list[dict], spec: RlSpec, rt, out_dir: Path, result: dict, log
                 ) -> tuple[torch.nn.Module, list[dict], float | None]:
     """TRL's GRPOTrainer on `model` (its trainable parameters); (the trained model, one row per step, seconds)."""
@@ -283,26 +307,10 @@ def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: 
     frozen_before = _digest(model)
     log(f"[grpo] {n_train:,} trainable / {n_frozen:,} frozen parameters (prefixes {trainable})")
 
-    def held_out(when: str) -> dict:
-        return evaluate_reward(model, tok, heldout, spec.max_new_tokens, spec.seed, samples=spec.heldout_samples,
-                               temperature=spec.temperature, rewards=spec.rewards,
-                               answer_pattern=spec.answer_pattern,
-                               log=lambda m: log(f"[grpo] held-out {when}: {m}"))
+    def measured(when: str) -> dict:
+        return _measure(model, tok, heldout, heldout_texts, spec, when, log)
 
-    def said(r: dict) -> str:
-        return (f"mean reward {r['reward']:.3f} ({spec.heldout_samples} samples/prompt at T={spec.temperature:g}), "
-                f"greedy exact answers {r['exact_greedy']:.3f}, {len(heldout)} prompts")
-
-    def text_loss(when: str) -> dict:
-        if not heldout_texts:
-            return {}
-        loss = heldout_loss(model, tok, list(heldout_texts))
-        log(f"[grpo] held-out text {when}: loss {loss:.4f} ({len(heldout_texts)} texts)")
-        return {"text_loss": loss}
-
-    before = held_out("before") | text_loss("before")
-    log(f"[grpo] held-out before: {said(before)}")
-
+    before = measured("before")
     result: dict = {}
     if spec.method == "sft":
         from ruyi_core.rl.control import train_sft_control
@@ -317,17 +325,8 @@ def run_grpo(tier_dir: Path, out_dir: Path, train_prompts: list[dict], heldout: 
         raise RuyiError("rl: a frozen parameter changed during GRPO; the other tiers would no longer match")
     _write_rows(out_dir, rows, spec)
 
-    after = held_out("after") | text_loss("after")
-    log(f"[grpo] held-out after: {said(after)}")
-
-    # A plain checkpoint again: no trainer traces in config, generation config without a length cap.
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.config._name_or_path = str(out_dir)
-    model.config.use_cache = True
-    model.generation_config = gen_cfg
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
+    after = measured("after")
+    _save_policy(model, tok, gen_cfg, out_dir)
 
     first = rows[0] if rows else {}
     result.update({
