@@ -264,8 +264,9 @@ def _train_grpo(model, tok, train_prompts: list[dict], spec: RlSpec, rt, out_dir
             use_vllm=rt.vllm, vllm_mode="colocate",
         )
         with _rng_sandbox():
-            trainer = GRPOTrainer(model=model, reward_funcs=[rewards_for(spec.answer_pattern)[n] for n in names], args=args,
-                                  train_dataset=ds, processing_class=tok, callbacks=[_LogTo(log, names)])
+            funcs = [rewards_for(spec.answer_pattern)[n] for n in names]
+            trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=ds, processing_class=tok,
+                                  callbacks=[_LogTo(log, names)])
             trainer.remove_callback(PrinterCallback)  # raw metric dicts on stdout; _LogTo reports instead
             if spec.beta > 0:
                 if _digest(trainer.ref_model, frozen_only=False) != _digest(model, frozen_only=False):

@@ -27,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="held-out texts, a JSON list: their loss before and after GRPO (GRPO's cost on plain text)")
     ap.add_argument("--sft", type=Path, help="SFT chat turns, JSONL {messages}: what rl.method sft trains on")
     ap.add_argument("--inputs", help="instead of the above: an artifact with tier/, prompts.jsonl, heldout.json, "
-                                     "heldout_text.json")
+                                     "heldout_text.json and sft.jsonl")
     ap.add_argument("--publish", help="rank 0 uploads --out as this artifact")
     ap.add_argument("--trainable", required=True, help="JSON list of the parameter-name prefixes that train")
     args = ap.parse_args(argv)
@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="ruyi-grpo-rank-") as scratch:
         out = args.out if rank == 0 else Path(scratch)  # one writer
         res = run_grpo(args.tier, out, prompts, heldout, json.loads(args.trainable), spec.rl,
-                       log=_print if rank == 0 else (lambda m: None), runtime=for_spec(spec), heldout_texts=texts, sft_turns=turns)
+                       log=_print if rank == 0 else (lambda m: None), runtime=for_spec(spec), heldout_texts=texts,
+                       sft_turns=turns)
     if rank == 0:
         (args.out / "result.json").write_text(json.dumps(res))
         if args.publish:

@@ -89,7 +89,7 @@ def _train_policy(run: StageRun, given: Path, policy: Path, args: list[str]) -> 
     from ruyi_core.megatron.trainjob import grpo_workers, run_trainjob
 
     sent, got = store.uri(f"{run.key}/inputs"), store.uri(f"{run.key}/policy")
-    store.put_artifact(sent, given, stage="grpo_inputs", spec_hash="", inputs=[run.inputs["family"], run.inputs["rl"]])
+    store.put_artifact(sent, given, stage="grpo_inputs", spec_hash="", inputs=list(run.inputs.values()))
     run.scratch += [sent, got]
     run_trainjob(spec, "grpo", f"{spec.family.name}-grpo-{run.key.rsplit('/', 1)[-1][:8]}",
                  [*args, "--inputs", sent, "--publish", got, "--out", "/scratch/grpo"],
