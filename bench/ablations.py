@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from seeds import LOWER_IS_BETTER, run_spec, scores
+from seeds import LOWER_IS_BETTER, run_spec, scores, store_for
 
 OFF = {"dae": {"enabled": False}, "rl": {"enabled": False}}
 # name -> what it measures, its spec switches (given the exit count), the tiers it compares (given the spec).
@@ -77,10 +77,9 @@ def run(spec_path: Path, name: str, work: Path) -> str:
 def grpo_measures(spec_path: Path, family: str, tier: str) -> dict[str, float]:
     """The GRPO stage's held-out measures behind the newest version's `tier` package ({} without GRPO)."""
     from ruyi_core.package import read_index
-    from ruyi_core.spec import load_spec
-    from ruyi_core.store import ArtifactStore, lineage
+    from ruyi_core.store import lineage
 
-    store = ArtifactStore.from_spec(load_spec(spec_path).store)
+    store = store_for(spec_path)
     uri = read_index(store, family)["versions"][-1]["tiers"][tier]["uri"]
     grpo = next((m.metadata for m in lineage(store, uri) if m.stage == "grpo"), {})
     return {name: grpo[k] for k, name in GRPO_MEASURES.items() if grpo.get(k) is not None}
@@ -106,10 +105,8 @@ def record(spec_path: Path, family: str, results: dict, ablated: dict[str, str])
     stage is reused and the run's report is rendered again, now with the ablations."""
     from ruyi_core.package import read_index
     from ruyi_core.package.registry import record_ablation
-    from ruyi_core.spec import load_spec
-    from ruyi_core.store import ArtifactStore
 
-    store = ArtifactStore.from_spec(load_spec(spec_path).store)
+    store = store_for(spec_path)
     version = read_index(store, family)["versions"][-1]["version"]
     for name, rows in results.items():
         entry = {"what": ABLATIONS[name]["what"], "ablated_family": ablated[name], "rows": rows}

@@ -47,14 +47,19 @@ def run_spec(data: dict, path: Path, label: str) -> str:
     return data["family"]["name"]
 
 
-def scores(spec_path: Path, family: str) -> dict[str, dict[str, float]]:
-    """{tier: {benchmark: value}} of the family's newest version."""
-    from ruyi_core.package import read_index
+def store_for(spec_path: Path):
+    """The spec's store (its credentials from the environment)."""
     from ruyi_core.spec import load_spec
     from ruyi_core.store import ArtifactStore
 
-    store = ArtifactStore.from_spec(load_spec(spec_path).store)
-    newest = read_index(store, family)["versions"][-1]
+    return ArtifactStore.from_spec(load_spec(spec_path).store)
+
+
+def scores(spec_path: Path, family: str) -> dict[str, dict[str, float]]:
+    """{tier: {benchmark: value}} of the family's newest version."""
+    from ruyi_core.package import read_index
+
+    newest = read_index(store_for(spec_path), family)["versions"][-1]
     return {tier: t["metrics"] for tier, t in newest["tiers"].items()}
 
 

@@ -52,7 +52,7 @@ def report(spec: RunSpec, store: ArtifactStore, plan: RunPlan, promotion: Promot
               **{f"dataset/{d.kind}": d.uri for d in datasets}}
     ablations = _ablations(spec, store, plan)
     params = {"run_id": plan.run_id, "promotion": promotion.model_dump(mode="json", exclude={"packages"}),
-              "ablations": ablations}
+              **({"ablations": ablations} if ablations else {})}  # none: the identity reports had before
     return run_stage(REPORT, spec, store, lambda run: _report(run, plan, promotion, routing, datasets, ablations),
                      inputs=inputs, params=params)
 
@@ -84,9 +84,7 @@ def _report(run: StageRun, plan: RunPlan, promotion: Promotion, routing: Routing
                 seen.add(m.uri)
                 chain.append(m)
     promo = promotion.model_dump(mode="json")
-    measured = _measured(run, chain, routing)
-    measured.ablations = ablations
-    md, page, png = render(plan.run_id, tiers, rows, chain, promo, measured)
+    md, page, png = render(plan.run_id, tiers, rows, chain, promo, _measured(run, chain, routing, ablations))
     (run.out / "report.md").write_text(md)
     (run.out / "report.html").write_text(page)
     (run.out / "lineage.png").write_bytes(png)
@@ -95,7 +93,7 @@ def _report(run: StageRun, plan: RunPlan, promotion: Promotion, routing: Routing
     return {"run_id": plan.run_id, "tiers": [t["tier"] for t in tiers], "ablations_sha": _ablations_sha(ablations)}
 
 
-def _measured(run: StageRun, chain: list[Manifest], routing: Routing) -> Measured:
+def _measured(run: StageRun, chain: list[Manifest], routing: Routing, ablations: dict) -> Measured:
     """What the stages behind this run measured, picked out of the chain by the stage table."""
     from ruyi_core.stages.dae import SVD
     from ruyi_core.stages.grpo import GRPO
@@ -113,4 +111,4 @@ def _measured(run: StageRun, chain: list[Manifest], routing: Routing) -> Measure
     return Measured(trained=[by_stage[n] for n in TRAINING if n in by_stage],
                     grpo=by_stage[GRPO.name].metadata if GRPO.name in by_stage else None,
                     svd=SVD.result(uri=svd.uri, **svd.metadata).read_result(run.store).model_dump() if svd else None,
-                    routing=routing.read(run.store), figures=figures)
+                    routing=routing.read(run.store), figures=figures, ablations=ablations)
