@@ -33,8 +33,11 @@ def test_deterministic_and_held_out():
     problems = {shape(q) for q in re.findall(r"[^.?]*\d[^.?]*\. How many [^?]*\?", train_text)}
     assert len({shape(r["question"]) for r in sets["arithmetic"]} & problems) >= 5  # the trained phrasings
     assert sets["arithmetic_rephrased"] and not {shape(r["question"]) for r in sets["arithmetic_rephrased"]} & problems
-    questions = {shape(q) for q in re.findall(r"[^.?]*\?", train_text)}
-    assert sets["facts_rephrased"] and not {shape(r["question"]) for r in sets["facts_rephrased"]} & questions
+    asked = {shape(q) for q in re.findall(r"[^.?]*[.?]", train_text)}
+    assert sets["facts_rephrased"] and not {shape(r["question"]) for r in sets["facts_rephrased"]} & asked
+    # ... while each of their frames is trained with every other attribute: only the pair is new
+    for attr, f in world.UNSEEN_FRAME.items():
+        assert all(shape(world.FRAMES[f].format(a=world.NOUNS[b], n="_")) in asked for b in world.NOUNS if b != attr)
 
 
 def test_literature_holds_out_whole_plays(tmp_path):

@@ -39,9 +39,15 @@ ASKED = {"city": "What is the home city of {n}?", "color": "What color does {n} 
 # different BPE token ("Alice") from the name in the question (" Alice") and so has to be learnt per name.
 ANSWERS = {"city": "The home of {n} is {v}.", "color": "The favorite color of {n} is {v}.",
            "pet": "The pet of {n} is a {v}.", "job": "The job of {n} is {v}."}
-# Fact questions in a phrasing no training text uses (the rephrased chat benchmark): known words, new sentences.
-UNSEEN = {"city": "Where is the home of {n}?", "color": "Which color is the favorite of {n}?",
-          "pet": "What is the pet of {n}?", "job": "Which job does {n} have?"}
+# Question frames shared by every attribute, so that only the attribute's noun says what is asked (with a frame per
+# attribute, a model can answer from the frame alone and never learn to read the noun). One cell per attribute and
+# per frame never appears in training: the rephrased chat benchmark asks in those (known frame, known noun, new
+# pair).
+NOUNS = {"city": "home city", "color": "favorite color", "pet": "pet", "job": "job"}
+FRAMES = ("What is the {a} of {n}?", "Which {a} does {n} have?", "Tell me the {a} of {n}.",
+          "Do you know the {a} of {n}?", "Say what the {a} of {n} is.")
+UNSEEN_FRAME = {"pet": 0, "job": 1, "city": 2, "color": 3}
+UNSEEN = {a: FRAMES[f].replace("{a}", NOUNS[a]) for a, f in UNSEEN_FRAME.items()}
 HOME = "The person who lives in {v} is {n}."  # a city fact read backwards: a two-hop question's first hop
 TWO_HOP = {"color": "What is the favorite color of the person who lives in {c}?",
            "pet": "Which pet does the person who lives in {c} have?",
@@ -159,10 +165,19 @@ def _two_hop_held_out(p: Person, attr: str) -> bool:
 
 
 def _fact_question(rng: random.Random, people: list[Person]) -> tuple[str, str]:
-    """A question about one fact of one person, in either phrasing, and its answer sentence."""
+    """A question about one fact of one person, in one of the phrasings training uses for its attribute, and its
+    answer sentence."""
     p, a = rng.choice(people), rng.choice(list(ATTRS))
-    asked = rng.choice([QUESTIONS, REPHRASED, ASKED])[a].format(n=p.name)
-    return asked, ANSWERS[a].format(n=p.name, v=getattr(p, a))
+    return rng.choice(_trained_phrasings(a)).format(n=p.name), ANSWERS[a].format(n=p.name, v=getattr(p, a))
+
+
+def _trained_phrasings(attr: str) -> list[str]:
+    """The attribute's own phrasings and its trained frames, each once: a frame that is also an attribute's own
+    phrasing ("Which pet does {n} have?") is drawn no more often for it than for the frame's other attributes,
+    which would teach the frame to mean that attribute."""
+    own = [QUESTIONS[attr], REPHRASED[attr], ASKED[attr]]
+    framed = [f.replace("{a}", NOUNS[attr]) for i, f in enumerate(FRAMES) if i != UNSEEN_FRAME[attr]]
+    return list(dict.fromkeys(own + framed))
 
 
 def _qa_text(rng: random.Random, people: list[Person], hops: list) -> str:
