@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ruyi_core.errors import RuyiError
+from ruyi_core.launch import RUNNER_PID_ENV
 from ruyi_core.spec import RunSpec, load_spec
 from ruyi_core.stages import STEPS
 from ruyi_core.stages.contract import ERROR_DIR_ENV, INTERNAL_ERROR, USER_ERROR, workdir
@@ -105,7 +106,8 @@ def run_local(spec_path: str | Path, root: str | Path = ".ruyi/kfp", show=None) 
     log_path = root / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"  # concurrent runs: one log each
     # The tasks' temp dir, removed with the run (or swept once a killed run's process is gone): KFP's per-task
     # scripts, torch's folders and the tasks' own scratch never reach the user's temp dir.
-    with workdir("pipeline") as tmp, _environ(TMPDIR=str(tmp), **{ERROR_DIR_ENV: str(tmp / "errors")}):
+    with workdir("pipeline") as tmp, _environ(TMPDIR=str(tmp), **{ERROR_DIR_ENV: str(tmp / "errors"),
+                                                                RUNNER_PID_ENV: str(os.getpid())}):
         (tmp / "errors").mkdir()
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                    workspace_root=str(tmp / "workspace"), enable_caching=True, raise_on_error=True)

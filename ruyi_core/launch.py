@@ -19,8 +19,9 @@ def run_child(cmd: list[str], log, env: dict | None = None) -> None:
     error), or an internal error pointing at the traceback the log now holds."""
     tail: deque[str] = deque(maxlen=40)
     errs, bugs = [], []  # the workers' own one-line verdicts, however long torchrun's report after them is
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
+    # through this module's trampoline: the child (torchrun, which does not ask for it) dies with this process
+    proc = subprocess.Popen([sys.executable, "-m", "ruyi_core.launch", *cmd], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
     assert proc.stdout is not None
     for line in proc.stdout:
         line = line.rstrip()
@@ -55,6 +56,37 @@ def die_with_parent() -> None:
         return
     if os.getppid() == 1:  # the parent died before the request took effect
         os._exit(1)
+
+
+RUNNER_PID_ENV = "RUYI_RUNNER_PID"  # the local pipeline runner's pid, which its tasks stop with
+
+
+def stop_with_runner() -> None:
+    """A local task's process sits under KFP's shell, not under `ruyi pipeline run`, so the kernel cannot tie it
+    to the runner: watch the runner (its pid and start time, so a recycled pid does not count) and stop this
+    process when it is gone. The task's own children (run_child) then die with it. No-op without a runner."""
+    import signal
+    import threading
+    import time
+
+    pid = os.environ.get(RUNNER_PID_ENV)
+    born = _start_time(int(pid)) if pid else None
+    if born is None:
+        return
+
+    def watch() -> None:
+        while _start_time(int(pid)) == born:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGKILL)  # as if killed with the runner: the next stage sweeps the work folder
+
+    threading.Thread(target=watch, name="stop-with-runner", daemon=True).start()
+
+
+def _start_time(pid: int) -> str | None:
+    try:  # /proc/<pid>/stat: the fields after the command's closing parenthesis; start time is the 22nd field
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 def torchrun(nproc: int, module: str, args: list[str], log_dir: Path) -> list[str]:
@@ -103,3 +135,8 @@ def worker_main(body: Callable[[], None], cleanup: Callable[[], None] | None = N
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+if __name__ == "__main__":  # run_child's trampoline: the kernel's request survives exec
+    die_with_parent()
+    os.execv(sys.argv[1], sys.argv[1:])

@@ -72,6 +72,43 @@ def test_killed_runs_leave_no_work_folders(tmp_path, monkeypatch):
     assert sweep_workdirs(tmp_path) == 0 and not list(tmp_path.glob(f"{WORK_PREFIX}*"))
 
 
+def test_a_killed_runner_leaves_no_task_or_child_running(tmp_path):
+    """`kill` of `ruyi pipeline run`: its tasks (under KFP's shell, not under the runner) stop when the runner is
+    gone, and a task's child (torchrun in a real stage, which asks for nothing itself) dies with the task."""
+    import time
+
+    from ruyi_core.launch import RUNNER_PID_ENV
+
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    task = ("from ruyi_core.launch import run_child, stop_with_runner\nstop_with_runner()\n"
+            f"run_child({[sys.executable, '-c', child]!r}, print)")
+    runner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    proc = subprocess.Popen([sys.executable, "-c", task], env={**os.environ, RUNNER_PID_ENV: str(runner.pid)})
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        runner.kill()
+        runner.wait()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _alive(int(pid_file.read_text())) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(int(pid_file.read_text()))
+    finally:
+        runner.kill()
+        proc.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie (dead, not yet reaped by init) counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
 def test_torchrun_and_the_local_store_leave_nothing_in_the_temp_dir(tmp_path, monkeypatch):
     """torchrun's own folder goes where its caller says (a stage's work folder); the local store writes its glog
     files under its root. The temp dir is as it was."""

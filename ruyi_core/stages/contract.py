@@ -238,6 +238,9 @@ def open_run(spec_yaml: str) -> Iterator[tuple[RunSpec, ArtifactStore]]:
     """What every component does: the spec from its YAML text and the store from spec + environment.
     An error inside is also written, as one line, to $RUYI_ERROR_DIR for the local runner to show: a user error's
     message, or an internal error's type and first line (its traceback stays in the task's log)."""
+    from ruyi_core.launch import stop_with_runner
+
+    stop_with_runner()  # a local run's task stops when `ruyi pipeline run` is killed
     try:
         spec = parse_spec_yaml(spec_yaml)
         yield spec, ArtifactStore.from_spec(spec.store, env=os.environ)
