@@ -55,3 +55,21 @@ def eval_json(line):
     import json
 
     return json.loads(line)
+
+
+def test_a_changed_world_is_a_new_demo_source(tmp_path, monkeypatch):
+    """A `demo` shard carries the demo code's version: after an upgrade that changes the world, a rerun curates
+    and trains again instead of stopping at the data gate (or taking KFP's cached tasks)."""
+    import shutil
+    from pathlib import Path
+
+    import ruyi_core.demo as demo
+    from ruyi_core.data.sources import source_version
+
+    before = source_version("demo")
+    copy = tmp_path / "demo"
+    shutil.copytree(Path(demo.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(demo, "__file__", str(copy / "__init__.py"))
+    assert source_version("demo") == before
+    (copy / "world.py").write_text((copy / "world.py").read_text() + "\n# another world\n")
+    assert source_version("demo") != before

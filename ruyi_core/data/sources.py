@@ -71,9 +71,11 @@ def shard_sources(entries: list[str], *, label: str, store=None) -> list[str]:
 
 def source_version(source: str, store=None) -> str:
     """What changes when a one-file source's content may have: size and mtime of a local file, an object's ETag.
-    A demo source's content follows the spec."""
+    A demo source's content follows the spec and the demo's code."""
     if is_demo(source):
-        return ""
+        from ruyi_core.demo import version
+
+        return f"demo-{version()}"
     if source.startswith("s3://"):
         return store.etag(source)
     st = Path(source).stat()
