@@ -69,13 +69,13 @@ def stop_with_runner() -> None:
     import threading
     import time
 
-    pid = os.environ.get(RUNNER_PID_ENV)
-    born = _start_time(int(pid)) if pid else None
+    pid = int(os.environ.get(RUNNER_PID_ENV) or 0)
+    born = _start_time(pid) if pid else None
     if born is None:
         return
 
     def watch() -> None:
-        while _start_time(int(pid)) == born:
+        while _start_time(pid) == born:
             time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGKILL)  # as if killed with the runner: the next stage sweeps the work folder
 

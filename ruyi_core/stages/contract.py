@@ -24,6 +24,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 from ruyi_core.errors import RuyiError
+from ruyi_core.launch import stop_with_runner
 from ruyi_core.measure import peak_rss_mib, reset_peak
 from ruyi_core.spec import RunSpec, parse_spec_yaml
 from ruyi_core.store import ArtifactStore, Manifest
@@ -238,8 +239,6 @@ def open_run(spec_yaml: str) -> Iterator[tuple[RunSpec, ArtifactStore]]:
     """What every component does: the spec from its YAML text and the store from spec + environment.
     An error inside is also written, as one line, to $RUYI_ERROR_DIR for the local runner to show: a user error's
     message, or an internal error's type and first line (its traceback stays in the task's log)."""
-    from ruyi_core.launch import stop_with_runner
-
     stop_with_runner()  # a local run's task stops when `ruyi pipeline run` is killed
     try:
         spec = parse_spec_yaml(spec_yaml)
