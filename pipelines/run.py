@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ruyi_core.codeversion import code_version
 from ruyi_core.errors import RuyiError
 from ruyi_core.launch import RUNNER_PID_ENV
 from ruyi_core.spec import RunSpec, load_spec
@@ -109,8 +110,11 @@ def run_local(spec_path: str | Path, root: str | Path = ".ruyi/kfp", show=None) 
     with workdir("pipeline") as tmp, _environ(TMPDIR=str(tmp), **{ERROR_DIR_ENV: str(tmp / "errors"),
                                                                 RUNNER_PID_ENV: str(os.getpid())}):
         (tmp / "errors").mkdir()
+        # KFP keys a cached task on its inputs, not on the library that runs it: one cache per version of the code,
+        # so an upgraded stage runs again instead of being served what the old one made.
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
-                   workspace_root=str(tmp / "workspace"), enable_caching=True, raise_on_error=True)
+                   workspace_root=str(tmp / "workspace"), enable_caching=True, raise_on_error=True,
+                   cache_root=str(task_cache(root)))
         pipeline = build_pipeline(spec, spec.model_dump_json(), cluster=False)
         with open(log_path, "w") as log:
             tee = _TaskLog(log, show)
@@ -125,6 +129,15 @@ def run_local(spec_path: str | Path, root: str | Path = ".ruyi/kfp", show=None) 
     report_uri = store.uri(REPORT.root.format(run_id=task.output.metadata["run_id"]))
     executed = sum(1 for e in tee.events if e.startswith("Task ") and "finished with status" in e)
     return {"report_uri": report_uri, "log": str(log_path), "events": tee.events, "executed": executed}
+
+
+def task_cache(root: Path) -> Path:
+    """The local runner's task cache under `root` for this version of the library, components and pipeline."""
+    import components
+    import ruyi_core
+
+    code = [Path(m.__file__).parent for m in (ruyi_core, components)] + [Path(__file__).parent]
+    return Path(root) / ".kfp_cache" / code_version(*code)
 
 
 @contextlib.contextmanager

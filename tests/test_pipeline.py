@@ -349,3 +349,21 @@ def test_gpu_spec_requests_gpus_on_training_steps_only(tmp_path):
         assert executors[n]["container"]["resources"]["accelerator"]["resourceCount"] == "8"
     k8s = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert {n for n, c in k8s.items() if c.get("tolerations") or c.get("nodeSelector")} == with_gpus
+
+
+def test_an_upgraded_library_gets_its_own_task_cache(tmp_path, monkeypatch):
+    """KFP's local cache keys a task on its inputs: a changed component (or library) must not be served what the
+    old code made for the same spec and data, so each version of the code has its own cache."""
+    import shutil
+
+    import components
+    from pipelines.run import task_cache
+
+    before = task_cache(tmp_path)
+    assert before.parent == tmp_path / ".kfp_cache"
+    copy = tmp_path / "components"
+    shutil.copytree(Path(components.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(components, "__file__", str(copy / "__init__.py"))
+    assert task_cache(tmp_path) == before
+    (copy / "train.py").write_text((copy / "train.py").read_text() + "\n# a new trainer\n")
+    assert task_cache(tmp_path) != before

