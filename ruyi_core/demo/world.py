@@ -128,9 +128,11 @@ def _problem(rng: random.Random, held_out: bool, unseen_phrasing: bool = False) 
     acts = [rng.choice(GAINS if sign > 0 else LOSSES).format(k=k) for sign, k in ops]
     q = (f"{OPENINGS[opening].format(n=name, s=start, item=item)}, {', '.join(acts[:-1])} and {acts[-1]}. "
          + ASKS[ask].format(item=item, n=name))
-    work, x = [], start
-    for sign, k in ops:
-        work.append(f"{x} {'+' if sign > 0 else '-'} {k} = {x + sign * k}.")
+    # The solution restates each step's clause as the question words it, then computes it: the operand is then
+    # next to its clause, and the next clause is found by matching the one just restated, not by counting steps.
+    work, x = [f"Start: {start} {item}."], start
+    for act, (sign, k) in zip(acts, ops):
+        work.append(f"Then {act}: {x} {'+' if sign > 0 else '-'} {k} = {x + sign * k}.")
         x += sign * k
     return q, x, " ".join(work) + f" The answer is {x}."
 
@@ -233,8 +235,10 @@ def sft_records(n: int, seed: int = 0) -> list[dict]:
     hops = _trained_hops(people)
 
     def draw() -> dict:
+        # The loss is a token mean and a worked 3-step answer has ~5x a fact answer's tokens: fact questions are
+        # drawn more often than two-hop ones (whose answers restate two facts) to keep their share of the tokens.
         r = rng.random()
-        if r < 0.35:
+        if r < 0.42:
             q, ans = _fact_question(rng, people)
         elif r < 0.5:
             q, ans = _two_hop(*rng.choice(hops))
