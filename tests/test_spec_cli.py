@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_shipped_specs_load():
     tiny = load_spec(ROOT / "specs/tiny.yaml")
-    assert tiny.family.exit_points == [1, 6, 11] and tiny.family.tiers == {"end": 1, "edge": 6, "cloud": 11}
+    assert tiny.family.exit_points == [1, 4, 11] and tiny.family.tiers == {"end": 1, "edge": 4, "cloud": 11}
     big = load_spec(ROOT / "specs/ruyi2-14b.yaml")
     assert big.family.exit_points == [2, 21, 39]
     assert big.eval.benchmarks["gsm8k"].path.startswith("s3://") and big.package.tolerance == 0.01

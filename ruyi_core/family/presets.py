@@ -26,7 +26,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # The demo: 12 layers, exits [1, 6, 11] in Ruyi2's proportions ([2, 21, 39] of 40).
+    # The demo: 12 layers, exits [1, 4, 11]: the edge holds Ruyi2's share of the cloud's parameters (specs/tiny.yaml).
     "tiny": Preset(tokenizer_vocab=4096, hidden_size=192, intermediate_size=512, num_hidden_layers=12,
                    num_attention_heads=6, num_key_value_heads=2, head_dim=32),
     # Tests: small enough that a forward pass is a few milliseconds.
