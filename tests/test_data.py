@@ -309,3 +309,33 @@ def test_any_source_by_default_and_allow_lists_when_a_spec_sets_them(tmp_path):
     assert validate_corpus([path], "pretrain", DataSpec()).passed
     res = validate_corpus([path], "pretrain", DataSpec(allowed_sources=["facts"], allowed_langs=["en"]))
     assert sorted(f["check"] for f in res.failures) == ["unknown_lang", "unknown_source"]
+
+
+def test_whole_packing_trains_every_text_from_its_beginning(tok, tmp_path):
+    """Pretraining windows packed whole: a text that fits a window is never split across two (a worked solution
+    is never trained without the question it copies from), a longer one comes in window-sized pieces, and an epoch
+    still trains every token exactly once; the stream packing, by contrast, splits most short texts."""
+    from ruyi_core.megatron.data import TokenStream
+
+    recs = world.pretrain_records(80, seed=0) + [{"text": " ".join(["The river runs to the sea."] * 30),
+                                                  "source": "literature", "lang": "en"}]
+    _pack(recs, "pretrain", tok, tmp_path / "pre")
+    docs = [ids.tolist() for ids, _ in read_documents(tmp_path / "pre")]
+    seq = 96
+    assert max(map(len, docs)) > 2 * (seq + 1) and sum(len(d) <= seq + 1 for d in docs) > 60
+
+    def windows(stream):
+        out = [stream.window(i) for i in range(stream.n_windows)]
+        return [[int(t[0]), *lab.tolist()] for t, lab, _ in out], sum(int(m.sum()) for *_, m in out)
+
+    def whole_in_a_window(rows, doc):
+        return any(any(r[i:i + len(doc)] == doc for i in range(len(r) - len(doc) + 1)) for r in rows)
+
+    whole = TokenStream(tmp_path / "pre", seq, seed=3, packing="whole")
+    rows, trained = windows(whole)
+    # every token once: each window trains all it holds but its first token (which has no context)
+    assert trained == sum(map(len, docs)) - whole.n_windows
+    assert all(whole_in_a_window(rows, d) for d in docs if len(d) <= seq + 1)
+    assert [whole.window(i)[0].tolist() for i in range(3)] == [r[:seq] for r in rows[:3]]  # a pure function
+    rows, _ = windows(TokenStream(tmp_path / "pre", seq, seed=3, packing="stream"))
+    assert sum(not whole_in_a_window(rows, d) for d in docs if len(d) <= seq + 1) > 20

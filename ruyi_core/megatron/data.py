@@ -1,11 +1,14 @@
 """Training batches from packed megatron indexed datasets, a pure function of (seed, sample index), so resuming
 needs only the number of samples consumed.
 
-Pretraining text: each epoch, the documents of every shard (each ends with EOS) form one token stream in a seeded
-order, cut into windows of seq_length + 1 that are visited in a seeded order. Conversations (SFT): every window
-holds whole conversations, drawn in a fresh seeded order each epoch and padded at the end. A conversation cut by a
-window edge would train its answer without its question (the model learns to ignore questions), and fixed cuts
-would put the same texts side by side every epoch (the model memorises contexts); reshuffling avoids both."""
+Pretraining text, packing "stream" (megatron's GPT dataset): each epoch, the documents of every shard (each ends
+with EOS) form one token stream in a seeded order, cut into windows of seq_length + 1 that are visited in a seeded
+order. Packing "whole", and conversations (SFT) always: every window holds whole documents (a text longer than a
+window in window-sized pieces), drawn in a fresh seeded order each epoch and padded at the end. A text cut by a
+window edge trains its continuation without its beginning: an answer without its question, a worked solution
+without the numbers it copies, so the model learns to guess instead of read (Ding et al. 2024, "Fewer Truncations
+Improve Language Modeling"). Fixed cuts would put the same texts side by side every epoch (the model memorises
+contexts); reshuffling avoids that."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,11 +19,11 @@ import torch
 from ruyi_core.data.packed import open_shards, read_manifest
 from ruyi_core.errors import RuyiError
 
-_OPEN_WINDOWS = 8  # conversations: windows still being filled while packing an epoch
+_OPEN_WINDOWS = 8  # whole packing: windows still being filled while packing an epoch
 
 
 class TokenStream:
-    def __init__(self, packed_dir: str | Path, seq_length: int, seed: int):
+    def __init__(self, packed_dir: str | Path, seq_length: int, seed: int, packing: str = "stream"):
         meta = read_manifest(packed_dir)
         self.kind, self.seq, self.seed, self.eos = meta["kind"], seq_length, seed, int(meta["eos_token_id"])
         self.parts = list(open_shards(packed_dir, meta))  # (IndexedDataset, mask IndexedDataset | None) per shard
@@ -29,13 +32,25 @@ class TokenStream:
         self.doc_shard = np.concatenate([np.full(len(n), i) for i, n in enumerate(lengths)])
         self.doc_local = np.concatenate([np.arange(len(n)) for n in lengths])
         total = int(self.doc_len.sum())
-        self.conversations = self.parts[0][1] is not None
-        self.n_windows = len(self._packing(0)[0]) if self.conversations else (total - 1) // seq_length
+        conversations = self.parts[0][1] is not None
+        self.whole = conversations or packing == "whole"
+        self.pieces = self._pieces(split=self.whole and not conversations)
+        self.n_windows = len(self._packing(0)[0]) if self.whole else (total - 1) // seq_length
         if self.n_windows < 1:
             raise RuyiError(f"{packed_dir}: {total} tokens are fewer than one window of {seq_length}: "
                             "pack more text or lower seq_length")
         self._cache: dict = {}  # epoch -> its stream or packing (O(documents) to draw: once per epoch)
-        self._epoch_starts = [0]  # conversations: the first sample of each epoch (epochs differ in length)
+        self._epoch_starts = [0]  # whole packing: the first sample of each epoch (epochs differ in length)
+
+    def _pieces(self, split: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(document, offset, length) of what whole packing places: every document, or (split) every window-sized
+        piece of one. A conversation is never split: its answer needs its question, so one longer than a window
+        is cut once, in a window of its own."""
+        counts = -(-self.doc_len // (self.seq + 1)) if split else np.ones(len(self.doc_len), dtype=np.int64)
+        doc = np.repeat(np.arange(len(self.doc_len)), counts)
+        offset = (np.arange(len(doc)) - np.repeat(np.cumsum(counts) - counts, counts)) * (self.seq + 1)
+        length = self.doc_len[doc] - offset
+        return doc, offset, np.minimum(length, self.seq + 1) if split else length
 
     def _doc(self, d: int, offset: int, length: int) -> tuple[np.ndarray, np.ndarray]:
         tok, mask = self.parts[self.doc_shard[d]]
@@ -64,13 +79,13 @@ class TokenStream:
         return order, np.concatenate([[0], np.cumsum(self.doc_len[order])]), rng.permutation(self.n_windows)
 
     def _packing(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(windows, order): conversations in this epoch's order, first-fit into the last few open windows of
+        """(windows, order): pieces in this epoch's order, first-fit into the last few open windows of
         seq + 1 tokens (so little is padding); row k of `windows` is the (first, end) slice of `order` that
         window k holds."""
-        cap, open_ = self.seq + 1, []  # open windows: [room, their conversations]
+        cap, open_ = self.seq + 1, []  # open windows: [room, their pieces]
         done = []
-        for d in np.random.default_rng(self.seed + epoch).permutation(len(self.doc_len)).tolist():
-            n = int(self.doc_len[d])
+        for d in np.random.default_rng(self.seed + epoch).permutation(len(self.pieces[0])).tolist():
+            n = int(self.pieces[2][d])
             slot = next((w for w in open_ if w[0] >= n), None)
             if slot is None:  # a conversation longer than a window gets one to itself, cut
                 slot = [cap, []]
@@ -86,11 +101,11 @@ class TokenStream:
 
     def _epoch(self, epoch: int):
         if epoch not in self._cache:
-            self._cache = {epoch: self._packing(epoch) if self.conversations else self._stream(epoch)}
+            self._cache = {epoch: self._packing(epoch) if self.whole else self._stream(epoch)}
         return self._cache[epoch]
 
     def _locate(self, sample: int) -> tuple[int, int]:
-        if not self.conversations:
+        if not self.whole:
             return divmod(sample, self.n_windows)
         while self._epoch_starts[-1] <= sample:
             e = len(self._epoch_starts) - 1
@@ -101,9 +116,9 @@ class TokenStream:
     def window(self, sample: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(tokens, labels, loss_mask) of global sample index `sample` (epochs wrap in a new order)."""
         epoch, i = self._locate(sample)
-        if self.conversations:
+        if self.whole:
             (first, end), order = self._epoch(epoch)[0][i], self._epoch(epoch)[1]
-            pieces = [self._doc(int(d), 0, int(self.doc_len[d])) for d in order[first:end]]
+            pieces = [self._doc(*(int(a[p]) for a in self.pieces)) for p in order[first:end]]
             toks = np.concatenate([p[0] for p in pieces]).astype(np.int64)[: self.seq + 1]
             mask = np.concatenate([p[1] for p in pieces])[: self.seq + 1]
             pad = self.seq + 1 - len(toks)  # padding: end-of-text tokens that are never trained

@@ -162,9 +162,12 @@ class Trainer:
             raise RuyiError(f"train.{self.args.stage}.global_batch_size = {st.global_batch_size} must be a multiple "
                             f"of micro_batch_size x dp = {st.micro_batch_size * dp}")
         self.n_micro, self.dp_rank = st.global_batch_size // (st.micro_batch_size * dp), ps.get_data_parallel_rank()
-        self.stream = TokenStream(self.io.fetch(self.args.data, "data", packed=True), st.seq_length, st.seed)
+        def stream(ref: str, name: str) -> TokenStream:
+            return TokenStream(self.io.fetch(ref, name, packed=True), st.seq_length, st.seed, st.packing)
+
+        self.stream = stream(self.args.data, "data")
         if st.replay:
-            extra = TokenStream(self.io.fetch(self.args.replay, "replay", packed=True), st.seq_length, st.seed)
+            extra = stream(self.args.replay, "replay")
             self.stream = ReplayStream(self.stream, extra, st.replay)
         # SDPA's causal kernel (the CPU spec) needs no mask; Transformer Engine's path keeps the explicit one.
         self.mask = None if self.ddp.module.implicit_causal else causal_mask(st.seq_length, self.device)

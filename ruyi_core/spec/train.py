@@ -34,6 +34,11 @@ class TrainStageSpec(_Strict):
     micro_batch_size: int = Field(8, ge=1)  # sequences per forward/backward pass on one rank
     global_batch_size: int = Field(16, ge=1)  # sequences per optimizer step: micro_batch_size x DP x accumulation
     seq_length: int = Field(128, ge=8)  # tokens per training window
+    # How pretraining text fills windows: one "stream" cut every seq_length tokens (megatron's GPT dataset: no
+    # padding; most documents shorter than a window are split across two), or "whole" documents, padded (a text is
+    # cut only where it is longer than a window, so none is trained without its beginning). Conversations are
+    # always packed whole.
+    packing: Literal["stream", "whole"] = "stream"
     lr: float = Field(3e-3, gt=0)  # peak learning rate, after warm-up; cosine decay to min_lr
     min_lr: float = Field(3e-4, ge=0)
     warmup_steps: int = Field(5, ge=0)
