@@ -12,6 +12,7 @@ contexts); reshuffling avoids that."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -23,7 +24,8 @@ _OPEN_WINDOWS = 8  # whole packing: windows still being filled while packing an 
 
 
 class TokenStream:
-    def __init__(self, packed_dir: str | Path, seq_length: int, seed: int, packing: str = "stream"):
+    def __init__(self, packed_dir: str | Path, seq_length: int, seed: int,
+                 packing: Literal["stream", "whole"] = "stream"):
         meta = read_manifest(packed_dir)
         self.kind, self.seq, self.seed, self.eos = meta["kind"], seq_length, seed, int(meta["eos_token_id"])
         self.parts = list(open_shards(packed_dir, meta))  # (IndexedDataset, mask IndexedDataset | None) per shard
