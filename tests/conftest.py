@@ -1,4 +1,5 @@
 import os
+import contextlib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -81,8 +82,19 @@ def store(s3_server):
     from ruyi_core.spec import StoreSpec
     from ruyi_core.store import ArtifactStore
 
-    return ArtifactStore.from_spec(StoreSpec(bucket=f"t-{uuid.uuid4().hex[:16]}", part_size_mb=5),
-                                   env=s3_server.env())
+    store = ArtifactStore.from_spec(StoreSpec(bucket=f"t-{uuid.uuid4().hex[:16]}", part_size_mb=5),
+                                    env=s3_server.env())
+    yield store
+    drop_bucket(store.client, store.bucket)
+
+
+def drop_bucket(client, bucket: str) -> None:
+    """SeaweedFS gives every bucket its own volume and caps volumes at free disk / 128 MiB: a suite that kept its
+    buckets would run out of volumes on a small CI disk (InternalError on every upload from then on)."""
+    with contextlib.suppress(Exception):
+        for o in client.list_objects(bucket, recursive=True):
+            client.remove_object(bucket, o.object_name)
+        client.remove_bucket(bucket)
 
 
 @pytest.fixture
