@@ -231,7 +231,7 @@ def check_identity_follows_the_weights(tmp_path, spec, first):
 def check_concurrent_runs(tmp_path, spec, store, env, first_version):
     """Two pipeline runs at once against one store and in one folder, each publishing its own version of the same
     family: one with changed evaluation settings (only packaging, routing and the report are built again), one a
-    scheduled retraining warm-started from the promoted family (the merged data is reused; the family's init, which
+    scheduled retraining warm-started from the promoted family (the merged and packed data are reused; the family's init, which
     holds the promoted family's tensors, and every stage after it are built again). Both finish, and the registry
     index holds both versions, every tier with its gate decision."""
     import torch
@@ -267,7 +267,7 @@ def check_concurrent_runs(tmp_path, spec, store, env, first_version):
     reused = [{s for s, v in ln.items() if v == {"reused"}} for ln in lines]
     assert built[0] == {"package", "calibrate_routing", "report"}, lines[0]
     assert {"curate_shard", "merge_data", "init_family", "cpt", "sft", "dae_sft", "grpo", "export_tier"} <= reused[0]
-    assert "merge_data" in reused[1], lines[1]
+    assert {"merge_data", "pack_shard", "prepare_data"} <= reused[1], lines[1]  # the same tokenizer: no re-packing
     assert {"init_family", "cpt", "sft", "export_tier", "package", "report"} <= built[1], lines[1]
     warm_log = logs[1].read_text(errors="replace")
     assert "warm start from " + source in warm_log

@@ -29,3 +29,16 @@ def build_tokenizer(vocab_size: int, texts: Iterable[str]) -> PreTrainedTokenize
         tokenizer_object=tok, eos_token=EOS, pad_token=EOS, chat_template=CHAT_TEMPLATE,
         model_max_length=1024, padding_side="left",
     )
+
+
+def tokenizer_digest(tok) -> str:
+    """What a tokenizer does, as a digest: its model, normalizer and pre/post-processing, special tokens and chat
+    template. Not its files' bytes, which each save rewrites (transformers adds loading flags to the config)."""
+    import hashlib
+    import json
+
+    doc = {"backend": json.loads(tok.backend_tokenizer.to_str()), "chat_template": tok.chat_template,
+           "special": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())}}
+    for part in ("padding", "truncation"):  # call-time settings, not the tokenizer
+        doc["backend"].pop(part, None)
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()

@@ -31,7 +31,9 @@ class PackedShard(PackedDataset):
     index: int  # its place in the corpus (the artifact is keyed by content)
 
 
-_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+# What a tokenizer is saved as (HF's fast and slow tokenizers, sentencepiece, the chat template packing applies).
+_TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+              "chat_template.jinja", "chat_template.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model")
 PACK = Stage("pack_shard", PackedShard, ("data.shard_tokens",), root="datasets/packed/shards/{kind}")
 PREPARE = Stage("prepare_data", PackedDataset, ("data.shard_tokens",), root="datasets/packed/{kind}", version=2)
 
@@ -50,36 +52,38 @@ def plan_packs(store: ArtifactStore, plan: RunPlan) -> list[PackPiece]:
 
 def pack_shard(spec: RunSpec, store: ArtifactStore, piece: PackPiece, family: str) -> PackedShard:
     """One curated shard's surviving records, tokenized with the family's tokenizer and packed."""
+    from transformers import AutoTokenizer
+
     from ruyi_core.data.curate import RECORDS, surviving
+    from ruyi_core.family.tokenizer import tokenizer_digest
 
     with workdir("pack") as work:
         shard = _listing(store, piece.raw, work)[piece.index]
+        # The tokenizer's files only: a 14B family's weights are ~28 GB that a shard's task has no use for.
+        files = [f.path for f in manifest_of(store, family).files if f.path in _TOKENIZER]
+        store.get_artifact(family, work / "tokenizer", only=files)
+        tok = AutoTokenizer.from_pretrained(work / "tokenizer")
     remove = sorted(shard["remove"])
-
-    # The tokenizer's files only: a 14B family's weights are ~28 GB that a shard's task has no use for. They key
-    # the pack, not the family: a warm start or a new base with the same tokenizer reuses every shard's pack.
-    manifest = manifest_of(store, family)
-    tokenizer = {f.path: f.sha256 for f in manifest.files if "/" not in f.path and not f.path.endswith(_WEIGHTS)}
+    # What the pack reads keys it: the shard's records file (curation re-run against other references, as in a run
+    # without RL, rewrites the shard's summary, not always its records), what is removed, and what the tokenizer
+    # does (not the family's weights or files): a scheduled retraining warm-started from the promoted family, or a
+    # new base with the same tokenizer, reuses every shard's pack.
+    records = {f.path: f.sha256 for f in manifest_of(store, shard["uri"]).files}[RECORDS]
 
     def build(run: StageRun) -> dict:
-        from transformers import AutoTokenizer
-
         from ruyi_core.data.pack import prepare_corpus
 
-        run.lineage += [piece.raw, family]  # the corpus's merge and the family: lineage, not identity
+        run.lineage += [shard["uri"], piece.raw, family]  # the shard, the corpus's merge, the family: lineage
         folder = run.work / "shard"
         run.store.get_artifact(shard["uri"], folder, only=[RECORDS])
-        run.store.get_artifact(family, run.work / "tokenizer", only=list(tokenizer))
-        tok = AutoTokenizer.from_pretrained(run.work / "tokenizer")
         res = prepare_corpus(surviving(folder, set(remove)), piece.kind, tok, run.out, spec.data.shard_tokens,
                              progress=False)
         return {"kind": res.kind, "index": piece.index, "n_docs": res.n_docs, "n_tokens": res.n_tokens,
                 "fingerprint": res.fingerprint}
 
     digest = hashlib.sha256(json.dumps(remove).encode()).hexdigest()
-    tok_digest = hashlib.sha256(json.dumps(tokenizer, sort_keys=True).encode()).hexdigest()
-    return run_stage(PACK, spec, store, build, inputs={"shard": shard["uri"]},
-                     params={"kind": piece.kind, "remove": digest, "tokenizer": tok_digest}
+    return run_stage(PACK, spec, store, build, params={"kind": piece.kind, "records": records, "remove": digest,
+                                                       "tokenizer": tokenizer_digest(tok)}
                      ).model_copy(update={"index": piece.index})
 
 
