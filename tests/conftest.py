@@ -1,5 +1,5 @@
-import os
 import contextlib
+import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

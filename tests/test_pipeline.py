@@ -231,9 +231,9 @@ def check_identity_follows_the_weights(tmp_path, spec, first):
 def check_concurrent_runs(tmp_path, spec, store, env, first_version):
     """Two pipeline runs at once against one store and in one folder, each publishing its own version of the same
     family: one with changed evaluation settings (only packaging, routing and the report are built again), one a
-    scheduled retraining warm-started from the promoted family (the merged and packed data are reused; the family's init, which
-    holds the promoted family's tensors, and every stage after it are built again). Both finish, and the registry
-    index holds both versions, every tier with its gate decision."""
+    scheduled retraining warm-started from the promoted family (the merged and packed data are reused; the family's
+    init, which holds the promoted family's tensors, and every stage after it are built again). Both finish, and
+    the registry index holds both versions, every tier with its gate decision."""
     import torch
 
     from ruyi_core.family.io import load_family
