@@ -2,11 +2,17 @@
 template. Deterministic for a given vocabulary size and texts."""
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+# What a tokenizer is saved as (HF's fast and slow tokenizers, sentencepiece, the chat template).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "vocab.txt", "merges.txt",
+                   "tokenizer.model")
 EOS, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 CHAT_TEMPLATE = (
     "{% for m in messages %}" + IM_START + "{{ m['role'] }}\n{{ m['content'] }}" + IM_END + "\n{% endfor %}"
@@ -34,9 +40,6 @@ def build_tokenizer(vocab_size: int, texts: Iterable[str]) -> PreTrainedTokenize
 def tokenizer_digest(tok) -> str:
     """What a tokenizer does, as a digest: its model, normalizer and pre/post-processing, special tokens and chat
     template. Not its files' bytes, which each save rewrites (transformers adds loading flags to the config)."""
-    import hashlib
-    import json
-
     doc = {"backend": json.loads(tok.backend_tokenizer.to_str()), "chat_template": tok.chat_template,
            "special": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())}}
     for part in ("padding", "truncation"):  # call-time settings, not the tokenizer

@@ -31,9 +31,6 @@ class PackedShard(PackedDataset):
     index: int  # its place in the corpus (the artifact is keyed by content)
 
 
-# What a tokenizer is saved as (HF's fast and slow tokenizers, sentencepiece, the chat template packing applies).
-_TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-              "chat_template.jinja", "chat_template.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model")
 PACK = Stage("pack_shard", PackedShard, ("data.shard_tokens",), root="datasets/packed/shards/{kind}")
 PREPARE = Stage("prepare_data", PackedDataset, ("data.shard_tokens",), root="datasets/packed/{kind}", version=2)
 
@@ -55,12 +52,12 @@ def pack_shard(spec: RunSpec, store: ArtifactStore, piece: PackPiece, family: st
     from transformers import AutoTokenizer
 
     from ruyi_core.data.curate import RECORDS, surviving
-    from ruyi_core.family.tokenizer import tokenizer_digest
+    from ruyi_core.family.tokenizer import TOKENIZER_FILES, tokenizer_digest
 
     with workdir("pack") as work:
         shard = _listing(store, piece.raw, work)[piece.index]
         # The tokenizer's files only: a 14B family's weights are ~28 GB that a shard's task has no use for.
-        files = [f.path for f in manifest_of(store, family).files if f.path in _TOKENIZER]
+        files = [f.path for f in manifest_of(store, family).files if f.path in TOKENIZER_FILES]
         store.get_artifact(family, work / "tokenizer", only=files)
         tok = AutoTokenizer.from_pretrained(work / "tokenizer")
     remove = sorted(shard["remove"])
