@@ -71,6 +71,8 @@ def test_bad_specs_one_line(tmp_path, run_cli, family, field, words):
     ({"package": {"tolerance": -0.1}}, "package.tolerance: Input should be greater than or equal to 0"),
     # known before any work from the spec and the base's config (tiny: 12 layers, 6 heads, 2 KV heads, 1024 positions)
     ({"train": {"cpt": {"lr": float("nan")}}}, "train.cpt.lr: Input should be a finite number"),
+    ({"train": {"cpt": {"steps": 10, "warmup_steps": 5, "lr_schedule": "wsd", "lr_decay_fraction": 0.9}}},
+     "lr_decay_fraction (0.9) gives 9 decay steps, more than the 5 after warm-up"),
     ({"train": {"parallel": {"tp": 3}}}, "train.parallel.tp = 3 must divide the base's 6 attention heads and 2"),
     ({"train": {"parallel": {"pp": 5}}}, "train.parallel.pp = 5 must divide the base's 12 layers"),
     ({"train": {"sft": {"seq_length": 4096}}}, "train.sft.seq_length (4096) exceeds the base's 1024 positions"),
@@ -87,6 +89,28 @@ def test_bad_specs_one_line(tmp_path, run_cli, family, field, words):
 def test_bad_stage_specs_one_line(section, words):
     with pytest.raises(SpecError, match=re.escape(words)):
         parse_spec(with_demo(section))
+
+
+def test_wsd_holds_the_peak_rate_then_anneals_as_cosine_ends():
+    """The trainer's scheduler (megatron's): warm-up, then "wsd" stays at lr until its last fifth and decays to the
+    same min_lr as "cosine", which is down by more than a third at mid-run."""
+    import torch
+
+    from ruyi_core.megatron.trainer import lr_scheduler
+
+    lrs = {}
+    for schedule in ("cosine", "wsd"):
+        spec = parse_spec(with_demo({"train": {"cpt": {"steps": 100, "warmup_steps": 10, "lr": 2e-3, "min_lr": 2e-4,
+                                                       "lr_schedule": schedule}}}))
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+        sched, lrs[schedule] = lr_scheduler(opt, spec.train.cpt), []
+        for _ in range(100):
+            sched.step(1)
+            lrs[schedule].append(opt.param_groups[0]["lr"])
+    wsd, cos = lrs["wsd"], lrs["cosine"]
+    assert wsd[:10] == cos[:10] and wsd[9] == 2e-3  # the same warm-up
+    assert all(lr == 2e-3 for lr in wsd[9:80]) and cos[49] < 1.3e-3
+    assert wsd[89] == pytest.approx(1.1e-3) and wsd[99] == cos[99] == pytest.approx(2e-4)
 
 
 def test_spec_selects_rewards():

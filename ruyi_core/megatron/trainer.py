@@ -25,7 +25,7 @@ from ruyi_core.megatron.cpu import cpu_shim, fuse_cpu_adam, native_torch, seed_e
 from ruyi_core.megatron.loss import exit_weights
 from ruyi_core.megatron.losslog import LossLog
 from ruyi_core.megatron.storage import CheckpointStore, StoreIO
-from ruyi_core.spec.train import TRAINING_STAGES
+from ruyi_core.spec.train import TRAINING_STAGES, TrainStageSpec
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,6 +50,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _rank0() -> bool:
     return dist.get_rank() == 0
+
+
+def lr_scheduler(opt, st: TrainStageSpec):
+    """megatron's scheduler for a stage: linear warm-up to st.lr, then st.lr_schedule's decay to st.min_lr."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    wsd = st.lr_schedule == "wsd"
+    return OptimizerParamScheduler(
+        opt, init_lr=0.0, max_lr=st.lr, min_lr=st.min_lr, lr_warmup_steps=st.warmup_steps, lr_decay_steps=st.steps,
+        lr_decay_style="WSD" if wsd else "cosine", wsd_decay_steps=st.wsd_decay_steps if wsd else None,
+        lr_wsd_decay_style="cosine" if wsd else None, start_wd=st.weight_decay, end_wd=st.weight_decay,
+        wd_incr_steps=st.steps, wd_incr_style="constant")
 
 
 class ExitLossMeter:
@@ -121,7 +133,6 @@ class Trainer:
         from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                                finalize_model_grads)
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         from ruyi_core.megatron.model import build_model
@@ -142,10 +153,7 @@ class Trainer:
             adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, bf16=self.bf16, params_dtype=model.config.params_dtype,
             use_distributed_optimizer=dist_opt), [self.ddp])
         fuse_cpu_adam(self.opt)
-        self.sched = OptimizerParamScheduler(
-            self.opt, init_lr=0.0, max_lr=st.lr, min_lr=st.min_lr, lr_warmup_steps=st.warmup_steps,
-            lr_decay_steps=st.steps, lr_decay_style="cosine", start_wd=st.weight_decay, end_wd=st.weight_decay,
-            wd_incr_steps=st.steps, wd_incr_style="constant")
+        self.sched = lr_scheduler(self.opt, st)
         model.config.grad_scale_func = self.opt.scale_loss
         model.config.finalize_model_grads_func = finalize_model_grads
         model.config.no_sync_func = self.ddp.no_sync

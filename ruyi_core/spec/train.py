@@ -39,8 +39,12 @@ class TrainStageSpec(_Strict):
     # cut only where it is longer than a window, so none is trained without its beginning). Conversations are
     # always packed whole.
     packing: Literal["stream", "whole"] = "stream"
-    lr: float = Field(3e-3, gt=0)  # peak learning rate, after warm-up; cosine decay to min_lr
+    lr: float = Field(3e-3, gt=0)  # peak learning rate, after warm-up; then decayed to min_lr by lr_schedule
     min_lr: float = Field(3e-4, ge=0)
+    # "cosine": decay over every step after warm-up. "wsd" (warmup-stable-decay): held at lr, then a cosine decay over
+    # the last lr_decay_fraction of the steps: more of the run at the peak rate, the same annealing at the end.
+    lr_schedule: Literal["cosine", "wsd"] = "cosine"
+    lr_decay_fraction: float = Field(0.2, gt=0, le=1)  # "wsd" only
     warmup_steps: int = Field(5, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     clip_grad: float = Field(1.0, ge=0)  # 0 disables clipping
@@ -61,12 +65,20 @@ class TrainStageSpec(_Strict):
     def _schedule(self) -> "TrainStageSpec":
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        if self.lr_schedule == "wsd" and self.wsd_decay_steps > self.steps - self.warmup_steps:
+            raise ValueError(f"lr_decay_fraction ({self.lr_decay_fraction}) gives {self.wsd_decay_steps} decay steps, "
+                             f"more than the {self.steps - self.warmup_steps} after warm-up: lower it or warmup_steps")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"global_batch_size ({self.global_batch_size}) must be a multiple of "
                              f"micro_batch_size ({self.micro_batch_size})")
         return self
+
+    @property
+    def wsd_decay_steps(self) -> int:
+        """The steps of the "wsd" schedule's final decay."""
+        return max(1, round(self.steps * self.lr_decay_fraction))
 
 
 class ParallelSpec(_Strict):
