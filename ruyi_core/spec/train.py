@@ -42,7 +42,7 @@ class TrainStageSpec(_Strict):
     lr: float = Field(3e-3, gt=0)  # peak learning rate, after warm-up; then decayed to min_lr by lr_schedule
     min_lr: float = Field(3e-4, ge=0)
     # "cosine": decay over every step after warm-up. "wsd" (warmup-stable-decay): held at lr, then a cosine decay over
-    # the last lr_decay_fraction of the steps: more of the run at the peak rate, the same annealing at the end.
+    # the last lr_decay_fraction of the steps: more of the run at the peak rate, ending at the same min_lr.
     lr_schedule: Literal["cosine", "wsd"] = "cosine"
     lr_decay_fraction: float = Field(0.2, gt=0, le=1)  # "wsd" only
     warmup_steps: int = Field(5, ge=0)
