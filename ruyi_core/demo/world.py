@@ -39,15 +39,13 @@ ASKED = {"city": "What is the home city of {n}?", "color": "What color does {n} 
 # different BPE token ("Alice") from the name in the question (" Alice") and so has to be learnt per name.
 ANSWERS = {"city": "The home of {n} is {v}.", "color": "The favorite color of {n} is {v}.",
            "pet": "The pet of {n} is a {v}.", "job": "The job of {n} is {v}."}
-# Question frames shared by every attribute, so that only the attribute's noun says what is asked (with a frame per
-# attribute, a model can answer from the frame alone and never learn to read the noun). One cell per attribute and
-# per frame never appears in training: the rephrased chat benchmark asks in those (known frame, known noun, new
-# pair).
+# Question frames that training asks every attribute in, so that only the attribute's noun says what is asked: a
+# frame trained with some attributes only teaches the deep exits to answer one of those, whatever the noun. The
+# rephrased chat benchmark asks in frames no training text uses.
 NOUNS = {"city": "home city", "color": "favorite color", "pet": "pet", "job": "job"}
 FRAMES = ("What is the {a} of {n}?", "Which {a} does {n} have?", "Tell me the {a} of {n}.",
           "Do you know the {a} of {n}?", "Say what the {a} of {n} is.")
-UNSEEN_FRAME = {"pet": 0, "job": 1, "city": 2, "color": 3}
-UNSEEN = {a: FRAMES[f].replace("{a}", NOUNS[a]) for a, f in UNSEEN_FRAME.items()}
+UNSEEN_FRAMES = ("Could you name the {a} of {n}?", "I would like to know the {a} of {n}.")
 HOME = "The person who lives in {v} is {n}."  # a city fact read backwards: a two-hop question's first hop
 TWO_HOP = {"color": "What is the favorite color of the person who lives in {c}?",
            "pet": "Which pet does the person who lives in {c} have?",
@@ -58,6 +56,7 @@ MAX_VALUE = 18  # word problems keep every number in 0..18; operands are 1..9
 OPENINGS = ("{n} has {s} {item}", "{n} starts with {s} {item}", "{n} owns {s} {item}", "At first {n} has {s} {item}")
 GAINS = ("gets {k} more", "finds {k} more", "buys {k} more")
 LOSSES = ("gives away {k}", "loses {k}", "sells {k}")
+STEP_COUNTS = {2: "two", 3: "three"}
 ASKS = ("How many {item} are left?", "How many {item} does {n} have now?", "How many {item} remain?")
 
 
@@ -125,14 +124,19 @@ def _problem(rng: random.Random, held_out: bool, unseen_phrasing: bool = False) 
         if _unseen_phrasing(opening, ask) == unseen_phrasing:
             break
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    acts = [rng.choice(GAINS if sign > 0 else LOSSES).format(k=k) for sign, k in ops]
+    # No verb twice in a problem: each clause's verb then names its number, a copy that needs no counting.
+    verbs = {1: rng.sample(GAINS, len(GAINS)), -1: rng.sample(LOSSES, len(LOSSES))}
+    acts = [verbs[sign].pop().format(k=k) for sign, k in ops]
     q = (f"{OPENINGS[opening].format(n=name, s=start, item=item)}, {', '.join(acts[:-1])} and {acts[-1]}. "
          + ASKS[ask].format(item=item, n=name))
-    # The solution restates each step's clause as the question words it, then computes it: the operand is then
-    # next to its clause, and the next clause is found by matching the one just restated, not by counting steps.
-    work, x = [f"Start: {start} {item}."], start
-    for act, (sign, k) in zip(acts, ops):
-        work.append(f"Then {act}: {x} {'+' if sign > 0 else '-'} {k} = {x + sign * k}.")
+    # The solution first counts the changes, then restates each step's clause as the question words it and
+    # computes it. Each step opens with an ordinal that names one place in the question: the first clause follows
+    # the opening, the last follows " and", the second (three steps only) precedes it. Without the count, "the
+    # clause before ' and'" is the first of two steps but the second of three, and the model copies the wrong one.
+    work, x = [f"Start: {start} {item}, {STEP_COUNTS[len(ops)]} changes."], start
+    for i, (act, (sign, k)) in enumerate(zip(acts, ops)):
+        ordinal = "First" if i == 0 else "Last" if i == len(ops) - 1 else "Second"
+        work.append(f"{ordinal} {act}: {x} {'+' if sign > 0 else '-'} {k} = {x + sign * k}.")
         x += sign * k
     return q, x, " ".join(work) + f" The answer is {x}."
 
@@ -178,7 +182,7 @@ def _trained_phrasings(attr: str) -> list[str]:
     phrasing ("Which pet does {n} have?") is drawn no more often for it than for the frame's other attributes,
     which would teach the frame to mean that attribute."""
     own = [QUESTIONS[attr], REPHRASED[attr], ASKED[attr]]
-    framed = [f.replace("{a}", NOUNS[attr]) for i, f in enumerate(FRAMES) if i != UNSEEN_FRAME[attr]]
+    framed = [f.replace("{a}", NOUNS[attr]) for f in FRAMES]
     return list(dict.fromkeys(own + framed))
 
 
@@ -297,7 +301,7 @@ def eval_sets(seed: int = 0, n: int = 50) -> dict[str, list[dict]]:
     # The same skills asked in phrasings no training text uses: capability, not a memorised template.
     rephrased = [_problem(rng, held_out=True, unseen_phrasing=True) for _ in range(n)]
     arith_new = [{"question": q, "answer": str(a)} for q, a, _ in rephrased]
-    qa_new = [{"question": UNSEEN[a].format(n=p.name), "answer": getattr(p, a)}
+    qa_new = [{"question": rng.choice(UNSEEN_FRAMES).format(a=NOUNS[a], n=p.name), "answer": getattr(p, a)}
               for p, a in ((rng.choice(people), rng.choice(list(ATTRS))) for _ in range(n))]
     return dict(zip(EVAL_SETS, (arith, mc, ppl, qa, two, arith_new, qa_new), strict=True))
 

@@ -242,7 +242,7 @@ class RlSpec(_Strict):
     lr: float = Field(1e-4, gt=0)
     beta: float = Field(0.04, ge=0)  # KL to the reference policy (the tier before GRPO)
     clip_eps: float = Field(0.2, gt=0)  # the policy ratio's clip
-    max_new_tokens: int = Field(64, ge=1)  # a 3-step worked answer is ~30 tokens; generation stops at EOS
+    max_new_tokens: int = Field(64, ge=1)  # the demo's 3-step worked answer is ~52 tokens; generation stops at EOS
     temperature: float = Field(1.0, gt=0)  # sampling temperature of the completions
     heldout_prompts: int = Field(128, ge=1)  # of data.rl_heldout, for the reward before and after
     heldout_samples: int = Field(8, ge=1)  # completions per held-out prompt for the mean reward
