@@ -1,5 +1,6 @@
 """The demo's data is deterministic, and its held-out problems, phrasings, two-hop questions and plays never leak
 into training."""
+import random
 import re
 
 from ruyi_core.demo import literature, world, write_source
@@ -72,3 +73,18 @@ def test_a_changed_world_is_a_new_demo_source(tmp_path, monkeypatch):
     assert source_version("demo") == before
     (copy / "world.py").write_text((copy / "world.py").read_text() + "\n# another world\n")
     assert source_version("demo") != before
+
+
+def test_a_worked_solution_counts_the_steps_and_names_each_by_its_place():
+    """Each verb appears once in a problem, so the clause a step restates names its number; the ordinals say which
+    clause of the question each step copies."""
+    rng = random.Random(0)
+    for _ in range(200):
+        q, answer, work = world._problem(rng, held_out=False)
+        clauses = q.split(". ")[0].split(", ", 1)[1].replace(" and ", ", ").split(", ")
+        verbs = [re.sub(r" \d+", "", c) for c in clauses]
+        assert len(set(verbs)) == len(verbs), q
+        ordinals = ["First", *["Second"] * (len(clauses) - 2), "Last"]
+        steps = re.findall(r"(First|Second|Last) ([^:]+): (\d+) ([+-]) (\d+) = (\d+)\.", work)
+        assert [s[0] for s in steps] == ordinals and [s[1] for s in steps] == clauses, (q, work)
+        assert f"{world.STEP_COUNTS[len(clauses)]} changes" in work and work.endswith(f"The answer is {answer}.")
